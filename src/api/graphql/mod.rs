@@ -1,0 +1,54 @@
+//! The GraphQL schema, built without the web framework so tests can execute it
+//! in-process.
+
+pub mod error;
+pub mod mutation;
+pub mod query;
+pub mod subscription;
+pub mod types;
+
+use std::sync::Arc;
+
+use async_graphql::{Context, Schema};
+
+use crate::app::Engine;
+use crate::config::Settings;
+
+pub type TailorSchema = Schema<query::Query, mutation::Mutation, subscription::Subscription>;
+
+/// Most nesting of lists inside lists (fragments, input objects) a query may use.
+const MAX_RECURSIVE_DEPTH: usize = 64;
+const MAX_DIRECTIVES: usize = 16;
+
+pub fn schema(engine: Arc<Engine>) -> TailorSchema {
+    let builder = builder(&engine.settings).data(engine);
+    builder.finish()
+}
+
+fn builder(
+    settings: &Settings,
+) -> async_graphql::SchemaBuilder<query::Query, mutation::Mutation, subscription::Subscription> {
+    let mut builder = Schema::build(
+        query::Query::default(),
+        mutation::Mutation::default(),
+        subscription::Subscription,
+    )
+    .limit_depth(settings.limits.max_query_depth)
+    .limit_complexity(settings.limits.max_query_complexity)
+    .limit_recursive_depth(MAX_RECURSIVE_DEPTH)
+    .limit_directives(MAX_DIRECTIVES);
+    if !settings.api.introspection {
+        builder = builder.disable_introspection();
+    }
+    builder
+}
+
+/// The SDL of the schema, as committed in `schema/schema.graphql`.
+pub fn sdl() -> String {
+    builder(&Settings::default()).finish().sdl()
+}
+
+pub(crate) fn engine<'a>(ctx: &Context<'a>) -> &'a Arc<Engine> {
+    // The schema is only ever built by `schema()`, which sets this data.
+    ctx.data_unchecked::<Arc<Engine>>()
+}

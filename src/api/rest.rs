@@ -1,0 +1,212 @@
+//! REST routes for clients that do not speak GraphQL; the same engine underneath.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::app::Engine;
+use crate::customers::CustomerId;
+use crate::decision::pipeline::PersonalizeRequest;
+use crate::error::Error;
+
+/// An error as a REST response: 400/404 with `{error: {code, field, message}}`, and
+/// 500 with only an id for anything internal.
+pub struct ApiError(Error);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = match &self.0 {
+            Error::Invalid { field, message } => (
+                StatusCode::BAD_REQUEST,
+                json!({"code": "BAD_USER_INPUT", "field": field, "message": format!("{field}: {message}")}),
+            ),
+            Error::NotFound { field, .. } => (
+                StatusCode::NOT_FOUND,
+                json!({"code": "NOT_FOUND", "field": field, "message": self.0.to_string()}),
+            ),
+            Error::Storage(_) | Error::Internal(_) => {
+                let id = uuid::Uuid::now_v7();
+                tracing::error!(error_id = %id, error = %self.0, "Request failed");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"code": "INTERNAL", "message": format!("internal error (id {id})")}),
+                )
+            }
+        };
+        (status, Json(json!({ "error": body }))).into_response()
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let field = if e.is_data() { "body" } else { "body (malformed JSON)" };
+        ApiError(Error::invalid(field, e.to_string()))
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PersonalizeBody {
+    customer_id: String,
+    #[serde(default)]
+    available_items: Option<Vec<String>>,
+    #[serde(default)]
+    placement: Option<String>,
+    #[serde(default)]
+    content_type: Option<String>,
+    #[serde(default)]
+    context: Option<Value>,
+    #[serde(default)]
+    count: Option<usize>,
+    #[serde(default)]
+    explain: Option<bool>,
+}
+
+/// `POST /api/v1/personalize`, answering in the seed's shape.
+pub async fn personalize(State(engine): State<Arc<Engine>>, body: Bytes) -> Result<Response, ApiError> {
+    let body: PersonalizeBody = parse_json(&body)?;
+    let req = PersonalizeRequest {
+        customer_id: CustomerId::parse("customer_id", &body.customer_id)?,
+        placement: body.placement,
+        available_items: body.available_items,
+        content_type: body.content_type,
+        context: body.context.unwrap_or_default(),
+        count: body.count.unwrap_or(1),
+        explain: body.explain.unwrap_or(false),
+    };
+    let d = engine.decisions.personalize(req).await?;
+    let selected = d.selected();
+    Ok(Json(json!({
+        "decision_id": d.id,
+        "selected_item": selected.item.id,
+        "selected_items": d.items.iter().map(|s| json!({"item_id": s.item.id, "score": s.score})).collect::<Vec<_>>(),
+        "confidence_score": d.confidence_score,
+        "alternative_options": d.alternatives.iter().map(|s| json!({"item_id": s.item.id, "score": s.score})).collect::<Vec<_>>(),
+        "reasoning": d.reasoning,
+        "latency_ms": d.latency_ms,
+        "policy": d.policy,
+        "propensity": d.propensity,
+        "segments": d.segments,
+        "degraded": d.degraded,
+        "explanation": d.explanation,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+pub struct ContentParams {
+    segment: Option<String>,
+    #[serde(rename = "type")]
+    content_type: Option<String>,
+    limit: Option<usize>,
+    include_metadata: Option<bool>,
+}
+
+/// `GET /api/v2/content/personalized?segment=&type=&limit=&include_metadata=`.
+pub async fn content(
+    State(engine): State<Arc<Engine>>,
+    Query(params): Query<ContentParams>,
+) -> Result<Response, ApiError> {
+    let limit = params.limit.unwrap_or(20);
+    if !(1..=1000).contains(&limit) {
+        return Err(Error::invalid("limit", "must be between 1 and 1000").into());
+    }
+    let items = engine
+        .content(params.segment.as_deref(), params.content_type.as_deref(), limit)
+        .await?;
+    let metadata = params.include_metadata.unwrap_or(false);
+    let content_items: Vec<Value> = items
+        .into_iter()
+        .map(|i| {
+            let mut v = json!({"id": i.id, "type": i.content_type, "title": i.title, "priority": i.priority});
+            if metadata {
+                v["placements"] = json!(i.placements);
+                v["tags"] = json!(i.tags);
+                v["segments"] = json!(i.segments);
+                v["attributes"] = Value::Object(i.attributes);
+                v["active_from"] = json!(i.active_from);
+                v["active_until"] = json!(i.active_until);
+            }
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "content_items": content_items })).into_response())
+}
+
+/// `POST /api/v1/events`: a JSON array of events, one event object, or NDJSON (one
+/// event per line). A malformed NDJSON line is rejected by index; the others go on.
+pub async fn events(
+    State(engine): State<Arc<Engine>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let ndjson = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.contains("ndjson") || ct.contains("jsonlines"));
+    let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
+    let mut malformed = Vec::new();
+    let raw: Vec<Value> = if !ndjson && first == Some(b'[') {
+        parse_json(&body)?
+    } else if !ndjson && first == Some(b'{') && serde_json::from_slice::<Value>(&body).is_ok() {
+        vec![parse_json(&body)?]
+    } else {
+        let text = std::str::from_utf8(&body)
+            .map_err(|_| ApiError(Error::invalid("body", "is not UTF-8")))?;
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .enumerate()
+            .map(|(i, line)| {
+                serde_json::from_str(line).unwrap_or_else(|e| {
+                    malformed.push((i, e.to_string()));
+                    Value::Null
+                })
+            })
+            .collect()
+    };
+    if raw.is_empty() {
+        return Err(Error::invalid("body", "holds no events").into());
+    }
+    let mut report = engine.ingestor.ingest(raw).await?;
+    for (index, message) in malformed {
+        if let Some(r) = report.rejected.iter_mut().find(|r| r.index == index) {
+            r.message = format!("malformed JSON: {message}");
+        }
+    }
+    Ok(Json(report).into_response())
+}
+
+pub async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        engine.metrics.render(),
+    )
+        .into_response()
+}
+
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Ready when every backend answers.
+pub async fn readyz(State(engine): State<Arc<Engine>>) -> Response {
+    match engine.stores.events.last_seq().await {
+        Ok(_) => (StatusCode::OK, "ready").into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "Readiness check failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "event log unavailable").into_response()
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! Builds the engine from settings and serves it: `Engine::open` wires the stores and
+//! services, `serve` runs the HTTP server and the background tasks until shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Settings;
+use crate::content::ContentItem;
+use crate::customers::{Customer, CustomerId, CustomerUpdate};
+use crate::decision::pipeline::DecisionEngine;
+use crate::error::Result;
+use crate::events::ingest::Ingestor;
+use crate::events::processor::Processor;
+use crate::features::FeatureService;
+use crate::segments::SegmentService;
+use crate::storage::embedded::EmbeddedStore;
+use crate::storage::Stores;
+use crate::telemetry::Metrics;
+
+/// Everything the API serves, built once.
+pub struct Engine {
+    pub settings: Settings,
+    pub stores: Stores,
+    pub metrics: Arc<Metrics>,
+    pub features: Arc<FeatureService>,
+    pub segments: Arc<SegmentService>,
+    pub processor: Arc<Processor>,
+    pub ingestor: Ingestor,
+    pub decisions: DecisionEngine,
+}
+
+impl Engine {
+    /// Opens the configured backends in `settings.data_dir` and loads the definitions.
+    pub async fn open(settings: Settings) -> anyhow::Result<Arc<Engine>> {
+        let store = EmbeddedStore::open(&settings.data_dir)?;
+        Ok(Self::with_stores(settings, store.stores()).await?)
+    }
+
+    pub async fn with_stores(settings: Settings, stores: Stores) -> Result<Arc<Engine>> {
+        let metrics = Arc::new(Metrics::new()?);
+        let features = FeatureService::start(
+            stores.clone(),
+            settings.features.clone(),
+            Duration::from_millis(settings.timeouts.feature_read_ms),
+            metrics.clone(),
+        )
+        .await?;
+        let segments = SegmentService::start(stores.clone(), features.clone(), metrics.clone()).await?;
+        let processor = Processor::new(stores.clone(), features.clone(), segments.clone()).await?;
+        let ingestor = Ingestor::new(
+            stores.clone(),
+            processor.clone(),
+            metrics.clone(),
+            Duration::from_millis(settings.timeouts.ingest_apply_ms),
+            settings.limits.max_events_per_request,
+        );
+        let decisions = DecisionEngine::new(
+            stores.clone(),
+            features.clone(),
+            settings.policy.clone(),
+            settings.consent.default_personalization,
+            settings.limits.max_candidates,
+            metrics.clone(),
+        );
+        Ok(Arc::new(Engine {
+            settings,
+            stores,
+            metrics,
+            features,
+            segments,
+            processor,
+            ingestor,
+            decisions,
+        }))
+    }
+
+    /// Starts the event processor and the segment refresher; they stop with `shutdown`.
+    pub fn spawn_background(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+        let processor = tokio::spawn(self.processor.clone().run(shutdown.clone()));
+        let engine = self.clone();
+        let mut stop = shutdown;
+        let period = Duration::from_secs(self.settings.segments.refresh_interval_secs.max(1));
+        let refresher = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if let Err(e) = engine.segments.refresh_time_dependent().await {
+                            tracing::warn!(error = %e, "Failed to refresh time-dependent segments");
+                        }
+                    }
+                    _ = stop.changed() => return,
+                }
+            }
+        });
+        vec![processor, refresher]
+    }
+
+    /// Applies a partial profile update and re-evaluates the customer's segments.
+    pub async fn upsert_customer(&self, update: CustomerUpdate) -> Result<Customer> {
+        let id = update.id.clone();
+        let existing = self.stores.profiles.get(&id).await?;
+        let customer = update.apply(existing, Utc::now());
+        self.stores.profiles.put(&customer).await?;
+        self.segments.evaluate_customers(&[id], None).await?;
+        Ok(customer)
+    }
+
+    pub async fn customer(&self, id: &CustomerId) -> Result<Option<Customer>> {
+        Ok(self.stores.profiles.get(id).await?)
+    }
+
+    pub async fn upsert_content(&self, item: ContentItem) -> Result<ContentItem> {
+        item.validate("input")?;
+        self.stores.content.upsert(&item).await?;
+        Ok(item)
+    }
+
+    /// Catalog items for a segment (items targeting it or everyone) and type, best
+    /// priority first.
+    pub async fn content(
+        &self,
+        segment: Option<&str>,
+        content_type: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ContentItem>> {
+        let now = Utc::now();
+        let mut items: Vec<ContentItem> = self
+            .stores
+            .content
+            .list()
+            .await?
+            .into_iter()
+            .filter(|i| i.is_active(now))
+            .filter(|i| segment.is_none_or(|s| i.targets_segment(s)))
+            .filter(|i| content_type.is_none_or(|t| i.content_type == t))
+            .collect();
+        items.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.id.cmp(&b.id)));
+        items.truncate(limit);
+        Ok(items)
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, then stops the background
+/// tasks and returns.
+pub async fn serve(
+    engine: Arc<Engine>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let tasks = engine.spawn_background(stop_rx);
+    let router = crate::api::router(engine.clone());
+    tracing::info!(addr = %listener.local_addr()?, "Tailor is listening");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(())
+}

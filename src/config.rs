@@ -1,0 +1,370 @@
+//! Settings: compiled-in defaults (the embedded shape) → `tailor.toml` → `TAILOR_*`
+//! environment variables (`TAILOR_<SECTION>__<KEY>`), then command-line flags.
+//!
+//! Unknown keys are rejected with their name, wherever they come from.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub backends: Backends,
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+    pub api: ApiSettings,
+    pub policy: PolicySettings,
+    pub features: FeatureSettings,
+    pub segments: SegmentSettings,
+    pub consent: ConsentSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./data"),
+            backends: Backends::default(),
+            limits: Limits::default(),
+            timeouts: Timeouts::default(),
+            api: ApiSettings::default(),
+            policy: PolicySettings::default(),
+            features: FeatureSettings::default(),
+            segments: SegmentSettings::default(),
+            consent: ConsentSettings::default(),
+        }
+    }
+}
+
+/// The backend of each capability: `embedded` or a URL of a scaled-out store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Backends {
+    pub profiles: String,
+    pub features: String,
+    pub segments: String,
+    pub bandit: String,
+    pub events: String,
+    pub search: String,
+}
+
+impl Default for Backends {
+    fn default() -> Self {
+        let embedded = || "embedded".to_string();
+        Backends {
+            profiles: embedded(),
+            features: embedded(),
+            segments: embedded(),
+            bandit: embedded(),
+            events: embedded(),
+            search: "none".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Request bodies above this are answered 413 before they are read.
+    pub max_body_bytes: usize,
+    pub max_query_depth: usize,
+    pub max_query_complexity: usize,
+    pub max_events_per_request: usize,
+    /// Most candidates a decision considers.
+    pub max_candidates: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 2 * 1024 * 1024,
+            max_query_depth: 16,
+            max_query_complexity: 5_000,
+            max_events_per_request: 10_000,
+            max_candidates: 500,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timeouts {
+    /// Deadline for loading a decision's features; past it the decision uses defaults
+    /// and is marked degraded.
+    pub feature_read_ms: u64,
+    /// Whole-request deadline.
+    pub request_ms: u64,
+    /// How long `trackEvents` waits for features and segments to reflect its events
+    /// (they are durable before that either way).
+    pub ingest_apply_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            feature_read_ms: 20,
+            request_ms: 10_000,
+            ingest_apply_ms: 2_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiSettings {
+    pub graphiql: bool,
+    pub introspection: bool,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        ApiSettings {
+            graphiql: true,
+            introspection: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyKind {
+    /// Beta-Bernoulli Thompson sampling per (placement, item).
+    Thompson,
+    /// The seed's policy: explore uniformly with probability `epsilon`, else greedy.
+    EpsilonGreedy,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicySettings {
+    pub default: PolicyKind,
+    pub epsilon: f64,
+    /// Posterior draws used to estimate a Thompson pick's propensity.
+    pub propensity_samples: usize,
+}
+
+impl Default for PolicySettings {
+    fn default() -> Self {
+        PolicySettings {
+            default: PolicyKind::Thompson,
+            epsilon: 0.1,
+            propensity_samples: 200,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FeatureSettings {
+    /// Customers sampled by an activation's health check.
+    pub health_sample: usize,
+    /// Share of sampled values that may fail to compute (NaN, infinite) before rollback.
+    pub max_error_rate: f64,
+    /// Largest Kolmogorov–Smirnov distance between the new and the replaced version's
+    /// values before rollback.
+    pub max_distribution_shift: f64,
+}
+
+impl Default for FeatureSettings {
+    fn default() -> Self {
+        FeatureSettings {
+            health_sample: 1_000,
+            max_error_rate: 0.01,
+            max_distribution_shift: 0.5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SegmentSettings {
+    /// How often segments whose conditions depend on time are re-evaluated, so that a
+    /// window sliding past an event moves customers without any new event.
+    pub refresh_interval_secs: u64,
+}
+
+impl Default for SegmentSettings {
+    fn default() -> Self {
+        SegmentSettings {
+            refresh_interval_secs: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsentSettings {
+    /// Whether a customer who never said anything about personalization gets it.
+    pub default_personalization: bool,
+}
+
+impl Default for ConsentSettings {
+    fn default() -> Self {
+        ConsentSettings {
+            default_personalization: true,
+        }
+    }
+}
+
+/// Environment variables with the `TAILOR_` prefix that are not settings.
+const NOT_SETTINGS: &[&str] = &["api_key"];
+
+impl Settings {
+    /// Defaults, then the file (if given; `tailor.toml` in the working directory when it
+    /// exists otherwise), then the environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        match file {
+            Some(path) => {
+                if !path.exists() {
+                    anyhow::bail!("config file {} does not exist", path.display());
+                }
+                figment = figment.merge(Toml::file_exact(path));
+            }
+            None => figment = figment.merge(Toml::file_exact("tailor.toml")),
+        }
+        figment = figment.merge(Env::prefixed("TAILOR_").split("__").ignore(NOT_SETTINGS));
+        Self::extract(figment)
+    }
+
+    fn extract(figment: Figment) -> anyhow::Result<Self> {
+        let settings: Settings = figment.extract().map_err(|e| {
+            let messages: Vec<String> = e.into_iter().map(describe).collect();
+            anyhow::anyhow!("invalid configuration: {}", messages.join("; "))
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let b = &self.backends;
+        for (key, value) in [
+            ("backends.profiles", &b.profiles),
+            ("backends.features", &b.features),
+            ("backends.segments", &b.segments),
+            ("backends.bandit", &b.bandit),
+            ("backends.events", &b.events),
+        ] {
+            if value != "embedded" {
+                anyhow::bail!(
+                    "{key}: '{value}' is not available in this build (only \"embedded\"; \
+                     scaled-out backends come with their cargo features)"
+                );
+            }
+        }
+        if b.search != "none" {
+            anyhow::bail!("backends.search: '{}' is not available in this build (only \"none\")", b.search);
+        }
+        if !(0.0..=1.0).contains(&self.policy.epsilon) {
+            anyhow::bail!("policy.epsilon: must be between 0 and 1");
+        }
+        if self.policy.propensity_samples == 0 {
+            anyhow::bail!("policy.propensity_samples: must be at least 1");
+        }
+        if self.limits.max_body_bytes < 1024 {
+            anyhow::bail!("limits.max_body_bytes: must be at least 1024");
+        }
+        Ok(())
+    }
+}
+
+/// One figment error as "key: problem", naming the key path.
+fn describe(e: figment::Error) -> String {
+    let path = e.path.join(".");
+    let source = e
+        .metadata
+        .as_ref()
+        .and_then(|m| m.source.as_ref())
+        .map(|s| format!(" (from {s})"))
+        .unwrap_or_default();
+    match &e.kind {
+        figment::error::Kind::UnknownField(field, _) => {
+            let key = if path.is_empty() {
+                field.clone()
+            } else {
+                format!("{path}.{field}")
+            };
+            format!("unknown key '{key}'{source}")
+        }
+        kind => {
+            if path.is_empty() {
+                format!("{kind}{source}")
+            } else {
+                format!("{path}: {kind}{source}")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn defaults_are_the_embedded_shape() {
+        Jail::expect_with(|_| {
+            let s = Settings::load(None).unwrap();
+            assert_eq!(s, Settings::default());
+            assert_eq!(s.backends.features, "embedded");
+            assert_eq!(s.listen.to_string(), "127.0.0.1:8080");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_then_environment() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "tailor.toml",
+                "listen = \"127.0.0.1:9000\"\n[policy]\nepsilon = 0.2\n",
+            )?;
+            jail.set_env("TAILOR_POLICY__EPSILON", "0.3");
+            jail.set_env("TAILOR_DATA_DIR", "/tmp/x");
+            jail.set_env("TAILOR_API_KEY", "not-a-setting");
+            let s = Settings::load(None).unwrap();
+            assert_eq!(s.listen.port(), 9000);
+            assert_eq!(s.policy.epsilon, 0.3);
+            assert_eq!(s.data_dir, PathBuf::from("/tmp/x"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        Jail::expect_with(|jail| {
+            jail.create_file("tailor.toml", "[backends]\nfeaturez = \"embedded\"\n")?;
+            let err = Settings::load(None).unwrap_err().to_string();
+            assert!(err.contains("unknown key 'backends.featurez'"), "{err}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("TAILOR_LIMITS__MAX_BODY", "5");
+            let err = Settings::load(None).unwrap_err().to_string();
+            assert!(err.contains("unknown key 'limits.max_body'"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unavailable_backends_and_bad_values_name_the_key() {
+        Jail::expect_with(|jail| {
+            jail.set_env("TAILOR_BACKENDS__FEATURES", "redis://127.0.0.1:6379");
+            let err = Settings::load(None).unwrap_err().to_string();
+            assert!(err.starts_with("backends.features:"), "{err}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("TAILOR_POLICY__EPSILON", "lots");
+            let err = Settings::load(None).unwrap_err().to_string();
+            assert!(err.contains("policy.epsilon"), "{err}");
+            Ok(())
+        });
+    }
+}

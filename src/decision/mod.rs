@@ -1,0 +1,84 @@
+//! Decisions: what `personalize` returned and why, their outcomes, and the pipeline
+//! that makes them ([`pipeline`]), one stage per function.
+
+pub mod pipeline;
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::content::ContentItem;
+use crate::customers::CustomerId;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoredItem {
+    pub item: ContentItem,
+    pub score: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub experiment: String,
+    pub variant: String,
+}
+
+/// How a propensity was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PropensityKind {
+    /// Computed in closed form from the policy (epsilon-greedy, deterministic defaults).
+    Exact,
+    /// Estimated by Monte Carlo over the policy's randomness (Thompson sampling).
+    Estimated,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    /// UUIDv7: time-ordered.
+    pub id: String,
+    pub customer_id: CustomerId,
+    pub placement: Option<String>,
+    /// The chosen items, best first (`count` of them, fewer if there were fewer candidates).
+    pub items: Vec<ScoredItem>,
+    /// Candidates that were not chosen, best first.
+    pub alternatives: Vec<ScoredItem>,
+    pub confidence_score: f64,
+    pub reasoning: String,
+    pub latency_ms: f64,
+    pub policy: String,
+    /// Probability that the policy would pick the first item, given the same state.
+    pub propensity: f64,
+    pub propensity_kind: PropensityKind,
+    pub model_version: Option<String>,
+    pub experiments: Vec<Assignment>,
+    pub segments: Vec<String>,
+    pub degraded: bool,
+    pub explanation: Option<Value>,
+    /// The request context, as sent.
+    pub context: Value,
+    /// Feature values the decision was made with (point-in-time training data).
+    pub features: BTreeMap<String, f64>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Decision {
+    pub fn selected(&self) -> &ScoredItem {
+        // A decision is only ever built with at least one item.
+        &self.items[0]
+    }
+}
+
+/// Reward feedback on a decision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub decision_id: String,
+    pub customer_id: CustomerId,
+    pub item_id: String,
+    /// In [0, 1]: 1 for a click or conversion.
+    pub reward: f64,
+    pub conversion_type: String,
+    pub value: Option<f64>,
+    pub created_at: DateTime<Utc>,
+}

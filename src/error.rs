@@ -1,0 +1,44 @@
+//! The crate-wide error type: what callers branch on.
+//!
+//! Domain code returns [`Error`]; `src/api/` maps each variant to one GraphQL
+//! `extensions.code` and one HTTP status. `Internal` and `Storage` text is logged, never sent.
+
+use crate::storage::StorageError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The caller sent something wrong; `field` names it (`events[3].timestamp`).
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    /// An id the caller named does not exist.
+    #[error("{field}: unknown {what} '{id}'")]
+    NotFound {
+        field: String,
+        what: &'static str,
+        id: String,
+    },
+    /// A backend failed; the detail stays in the logs.
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl Error {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn not_found(field: impl Into<String>, what: &'static str, id: impl Into<String>) -> Self {
+        Error::NotFound {
+            field: field.into(),
+            what,
+            id: id.into(),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

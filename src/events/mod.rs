@@ -1,0 +1,203 @@
+//! Events: validation of what clients send, durable idempotent ingestion, and the
+//! processor that applies the event log to features and segment membership in order.
+//!
+//! - [`Event`] / [`EventInput`]: the wire-independent shape and its validation;
+//! - [`ingest`]: append to the event log (the acknowledgement point) and wait for the processor;
+//! - [`processor`]: consumes the log by sequence number, like a consumer group, and commits
+//!   its offset only after features and segments are stored.
+
+pub mod ingest;
+pub mod processor;
+
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::customers::{validate_id, CustomerId};
+use crate::error::{Error, Result};
+
+/// Longest event type name accepted.
+const MAX_TYPE_LEN: usize = 64;
+
+/// Tolerated clock skew for client timestamps in the future.
+const MAX_FUTURE_SKEW: Duration = Duration::minutes(5);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub event_id: String,
+    pub customer_id: CustomerId,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub timestamp: DateTime<Utc>,
+    #[serde(default)]
+    pub properties: Map<String, Value>,
+}
+
+/// An event as it sits in the log: `seq` is its position, assigned at append, strictly
+/// increasing in append order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    pub seq: u64,
+    pub event: Event,
+}
+
+/// An event as a client sends it, before validation. Every field is optional here so
+/// that a missing one is reported by name instead of as a parse error.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventInput {
+    #[serde(alias = "event_id")]
+    pub event_id: Option<Value>,
+    #[serde(alias = "customer_id")]
+    pub customer_id: Option<Value>,
+    #[serde(rename = "type")]
+    pub event_type: Option<Value>,
+    pub timestamp: Option<Value>,
+    pub properties: Option<Value>,
+}
+
+fn string_field(field: &str, value: Option<Value>) -> Result<Option<String>> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(_) => Err(Error::invalid(field, "must be a string")),
+    }
+}
+
+impl EventInput {
+    /// Validates one event; `field` is its path (`events[3]`), used in every error.
+    pub fn validate(self, field: &str, now: DateTime<Utc>) -> Result<Event> {
+        let customer = string_field(&format!("{field}.customerId"), self.customer_id)?
+            .ok_or_else(|| Error::invalid(format!("{field}.customerId"), "is required"))?;
+        let customer_id = CustomerId::parse(&format!("{field}.customerId"), &customer)?;
+
+        let event_type = string_field(&format!("{field}.type"), self.event_type)?
+            .ok_or_else(|| Error::invalid(format!("{field}.type"), "is required"))?;
+        if event_type.is_empty()
+            || event_type.len() > MAX_TYPE_LEN
+            || !event_type
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
+        {
+            return Err(Error::invalid(
+                format!("{field}.type"),
+                format!("must be 1–{MAX_TYPE_LEN} characters of [A-Za-z0-9_.:-]"),
+            ));
+        }
+
+        let event_id = match string_field(&format!("{field}.eventId"), self.event_id)? {
+            Some(id) => {
+                validate_id(&format!("{field}.eventId"), &id)?;
+                id
+            }
+            None => uuid::Uuid::now_v7().to_string(),
+        };
+
+        let timestamp = match self.timestamp {
+            None | Some(Value::Null) => now,
+            Some(Value::String(s)) => DateTime::parse_from_rfc3339(&s)
+                .map_err(|e| {
+                    Error::invalid(
+                        format!("{field}.timestamp"),
+                        format!("not an RFC 3339 date-time: {e}"),
+                    )
+                })?
+                .with_timezone(&Utc),
+            Some(Value::Number(n)) => n
+                .as_i64()
+                .and_then(DateTime::from_timestamp_millis)
+                .ok_or_else(|| {
+                    Error::invalid(
+                        format!("{field}.timestamp"),
+                        "a number must be milliseconds since the Unix epoch",
+                    )
+                })?,
+            Some(_) => {
+                return Err(Error::invalid(
+                    format!("{field}.timestamp"),
+                    "must be an RFC 3339 string or epoch milliseconds",
+                ))
+            }
+        };
+        if timestamp > now + MAX_FUTURE_SKEW {
+            return Err(Error::invalid(
+                format!("{field}.timestamp"),
+                "is more than 5 minutes in the future",
+            ));
+        }
+
+        let properties = match self.properties {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(map)) => map,
+            Some(_) => {
+                return Err(Error::invalid(
+                    format!("{field}.properties"),
+                    "must be a JSON object",
+                ))
+            }
+        };
+
+        Ok(Event {
+            event_id,
+            customer_id,
+            event_type,
+            timestamp,
+            properties,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn input(v: Value) -> EventInput {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn validation_reports_the_field() {
+        let now = Utc::now();
+        let cases = [
+            (json!({"type": "page_view"}), "events[0].customerId: is required"),
+            (json!({"customerId": "c1"}), "events[0].type: is required"),
+            (
+                json!({"customerId": "c1", "type": "page view"}),
+                "events[0].type: must be 1–64 characters of [A-Za-z0-9_.:-]",
+            ),
+            (
+                json!({"customerId": "c1", "type": "x", "timestamp": true}),
+                "events[0].timestamp: must be an RFC 3339 string or epoch milliseconds",
+            ),
+            (
+                json!({"customerId": "c1", "type": "x", "properties": [1]}),
+                "events[0].properties: must be a JSON object",
+            ),
+            (
+                json!({"customerId": ["c1"], "type": "x"}),
+                "events[0].customerId: must be a string",
+            ),
+        ];
+        for (body, expected) in cases {
+            let err = input(body).validate("events[0]", now).unwrap_err();
+            assert_eq!(err.to_string(), expected);
+        }
+    }
+
+    #[test]
+    fn missing_event_id_and_timestamp_are_filled() {
+        let now = Utc::now();
+        let ev = input(json!({"customerId": "c1", "type": "page_view"}))
+            .validate("events[0]", now)
+            .unwrap();
+        assert_eq!(ev.timestamp, now);
+        assert!(uuid::Uuid::parse_str(&ev.event_id).is_ok());
+        let ev = input(json!({"customer_id": "c1", "type": "x", "timestamp": "2026-01-02T03:04:05Z", "event_id": "e1"}))
+            .validate("events[0]", now)
+            .unwrap();
+        assert_eq!(ev.event_id, "e1");
+        assert_eq!(ev.timestamp.to_rfc3339(), "2026-01-02T03:04:05+00:00");
+    }
+}

@@ -1,0 +1,139 @@
+//! The event processor: applies the event log to features and segment membership in
+//! sequence order, committing its offset only after both are stored.
+//!
+//! It is the embedded counterpart of a consumer group: after a crash it resumes from
+//! the committed offset, and feature states skip events they already folded, so nothing
+//! is counted twice or lost.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::{watch, Notify};
+
+use crate::customers::{Consent, Customer, CustomerId, Pii};
+use crate::error::Result;
+use crate::features::service::PROCESSOR;
+use crate::features::FeatureService;
+use crate::segments::SegmentService;
+use crate::storage::Stores;
+
+const BATCH: usize = 2048;
+/// Poll interval when nothing woke the processor (events appended by another process).
+const IDLE_POLL: Duration = Duration::from_millis(250);
+
+pub struct Processor {
+    stores: Stores,
+    features: Arc<FeatureService>,
+    segments: Arc<SegmentService>,
+    applied: watch::Sender<u64>,
+    wake: Notify,
+}
+
+impl Processor {
+    pub async fn new(
+        stores: Stores,
+        features: Arc<FeatureService>,
+        segments: Arc<SegmentService>,
+    ) -> Result<Arc<Self>> {
+        let committed = stores.events.committed_offset(PROCESSOR).await?;
+        Ok(Arc::new(Processor {
+            stores,
+            features,
+            segments,
+            applied: watch::channel(committed).0,
+            wake: Notify::new(),
+        }))
+    }
+
+    /// Runs until `shutdown` resolves, applying batches as they arrive.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            match self.step().await {
+                Ok(0) => {
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(IDLE_POLL) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+                Ok(_) => {
+                    if *shutdown.borrow() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "Failed to apply events; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies the next batch after the committed offset; returns how many events.
+    pub async fn step(&self) -> Result<usize> {
+        let _guard = self.features.apply_lock().lock().await;
+        let from = self.stores.events.committed_offset(PROCESSOR).await?;
+        let batch = self.stores.events.scan(from, BATCH).await?;
+        let Some(last) = batch.last().map(|e| e.seq) else {
+            return Ok(0);
+        };
+        let now = Utc::now();
+        let customers: BTreeSet<&CustomerId> = batch.iter().map(|e| &e.event.customer_id).collect();
+        self.ensure_profiles(&customers, now).await?;
+        self.features.apply(&batch, now).await?;
+        let types: BTreeSet<&str> = batch.iter().map(|e| e.event.event_type.as_str()).collect();
+        let customers: Vec<CustomerId> = customers.into_iter().cloned().collect();
+        self.segments
+            .evaluate_customers(&customers, Some(&types))
+            .await?;
+        self.stores.events.commit_offset(PROCESSOR, last).await?;
+        self.applied.send_replace(last);
+        Ok(batch.len())
+    }
+
+    /// Events for a customer never seen before create an empty profile, so every
+    /// customer with events is listed and can be segmented.
+    async fn ensure_profiles(
+        &self,
+        customers: &BTreeSet<&CustomerId>,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<()> {
+        for id in customers {
+            if self.stores.profiles.get(id).await?.is_none() {
+                self.stores
+                    .profiles
+                    .put(&Customer {
+                        id: (*id).clone(),
+                        traits: Default::default(),
+                        pii: Pii::default(),
+                        consent: Consent::default(),
+                        created_at: now,
+                        updated_at: now,
+                    })
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Waits until everything up to `seq` is applied, at most `timeout`. `false` on timeout.
+    pub async fn wait_applied(&self, seq: u64, timeout: Duration) -> bool {
+        let mut rx = self.applied.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|applied| *applied >= seq))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    pub fn applied(&self) -> u64 {
+        *self.applied.borrow()
+    }
+}

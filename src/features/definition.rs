@@ -1,0 +1,428 @@
+//! Feature definitions: what a feature computes, validated, and how it folds events and
+//! evaluates at a point in time. Pure logic.
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{Bucket, FeatureState, Window};
+use crate::error::{Error, Result};
+use crate::events::StoredEvent;
+
+/// What a feature computes. Stateful kinds fold events into a [`FeatureState`]; derived
+/// kinds combine other features (at their active versions) at read time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum FeatureKind {
+    /// Number of events of a type within the window.
+    Count { event_type: String, window: Window },
+    /// Sum of a numeric event property within the window.
+    Sum {
+        event_type: String,
+        property: String,
+        window: Window,
+    },
+    /// Days (fractional) since the newest event of the type, or of any type when absent.
+    DaysSince {
+        #[serde(default)]
+        event_type: Option<String>,
+    },
+    /// `numerator / denominator`; the default when the denominator is 0.
+    Ratio {
+        numerator: String,
+        denominator: String,
+    },
+    /// `min(cap, Σ weight · value / scale)`.
+    WeightedSum {
+        terms: Vec<Term>,
+        #[serde(default)]
+        cap: Option<f64>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Term {
+    pub feature: String,
+    pub weight: f64,
+    /// The value divided by this before weighting: the value at which this signal alone
+    /// counts as fully engaged. Must be > 0.
+    #[serde(default = "one")]
+    pub scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// One version of a feature definition, as stored: the kind's fields plus `default` and
+/// `description`, in one flat JSON object.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FeatureSpec {
+    #[serde(flatten)]
+    pub kind: FeatureKind,
+    /// Read when there is no value (never an error). 0.0 unless set.
+    pub default: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+impl FeatureSpec {
+    /// Parses and validates a definition body; `known` says which other features exist.
+    pub fn parse(field: &str, body: &Value, known: &dyn Fn(&str) -> bool) -> Result<Self> {
+        let mut object = body
+            .as_object()
+            .cloned()
+            .ok_or_else(|| Error::invalid(field, "must be a JSON object"))?;
+        let default = match object.remove("default") {
+            None | Some(Value::Null) => 0.0,
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| Error::invalid(format!("{field}.default"), "must be a number"))?,
+        };
+        let description = match object.remove("description") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s),
+            Some(_) => {
+                return Err(Error::invalid(format!("{field}.description"), "must be a string"))
+            }
+        };
+        let kind: FeatureKind = serde_json::from_value(Value::Object(object))
+            .map_err(|e| Error::invalid(field, e.to_string()))?;
+        let spec = FeatureSpec {
+            kind,
+            default,
+            description,
+        };
+        if !spec.default.is_finite() {
+            return Err(Error::invalid(format!("{field}.default"), "must be finite"));
+        }
+        match &spec.kind {
+            FeatureKind::Count { event_type, .. } | FeatureKind::Sum { event_type, .. } => {
+                if event_type.is_empty() {
+                    return Err(Error::invalid(format!("{field}.event_type"), "must not be empty"));
+                }
+            }
+            FeatureKind::DaysSince { .. } => {}
+            FeatureKind::Ratio {
+                numerator,
+                denominator,
+            } => {
+                for (f, name) in [("numerator", numerator), ("denominator", denominator)] {
+                    if !known(name) {
+                        return Err(Error::invalid(
+                            format!("{field}.{f}"),
+                            format!("unknown feature '{name}'"),
+                        ));
+                    }
+                }
+            }
+            FeatureKind::WeightedSum { terms, cap } => {
+                if terms.is_empty() {
+                    return Err(Error::invalid(format!("{field}.terms"), "must not be empty"));
+                }
+                for (i, t) in terms.iter().enumerate() {
+                    if !known(&t.feature) {
+                        return Err(Error::invalid(
+                            format!("{field}.terms[{i}].feature"),
+                            format!("unknown feature '{}'", t.feature),
+                        ));
+                    }
+                    if !t.weight.is_finite() {
+                        return Err(Error::invalid(format!("{field}.terms[{i}].weight"), "must be finite"));
+                    }
+                    if !(t.scale.is_finite() && t.scale > 0.0) {
+                        return Err(Error::invalid(format!("{field}.terms[{i}].scale"), "must be > 0"));
+                    }
+                }
+                if cap.is_some_and(|c| !c.is_finite()) {
+                    return Err(Error::invalid(format!("{field}.cap"), "must be finite"));
+                }
+            }
+        }
+        Ok(spec)
+    }
+
+    /// Other features this one reads.
+    pub fn inputs(&self) -> BTreeSet<&str> {
+        match &self.kind {
+            FeatureKind::Ratio {
+                numerator,
+                denominator,
+            } => [numerator.as_str(), denominator.as_str()].into(),
+            FeatureKind::WeightedSum { terms, .. } => {
+                terms.iter().map(|t| t.feature.as_str()).collect()
+            }
+            _ => BTreeSet::new(),
+        }
+    }
+
+    pub fn is_stateful(&self) -> bool {
+        !matches!(
+            self.kind,
+            FeatureKind::Ratio { .. } | FeatureKind::WeightedSum { .. }
+        )
+    }
+
+    /// Whether events of this type change the state.
+    pub fn matches(&self, incoming: &str) -> bool {
+        match &self.kind {
+            FeatureKind::Count { event_type, .. } | FeatureKind::Sum { event_type, .. } => {
+                event_type == incoming
+            }
+            FeatureKind::DaysSince { event_type } => {
+                event_type.as_deref().is_none_or(|t| t == incoming)
+            }
+            _ => false,
+        }
+    }
+
+    fn window(&self) -> Option<Window> {
+        match &self.kind {
+            FeatureKind::Count { window, .. } | FeatureKind::Sum { window, .. } => Some(*window),
+            _ => None,
+        }
+    }
+
+    /// Folds one event into the state. Idempotent: an event at or below `applied_seq`
+    /// was already counted and is skipped. Buckets that fell out of the window by `now`
+    /// are pruned.
+    pub fn fold(&self, state: &mut FeatureState, stored: &StoredEvent, now: DateTime<Utc>) {
+        if stored.seq <= state.applied_seq || !self.matches(&stored.event.event_type) {
+            return;
+        }
+        state.applied_seq = stored.seq;
+        let ts = stored.event.timestamp;
+        match &self.kind {
+            FeatureKind::Count { window, .. } | FeatureKind::Sum { window, .. } => {
+                let amount = match &self.kind {
+                    FeatureKind::Sum { property, .. } => {
+                        numeric(stored.event.properties.get(property)).unwrap_or(0.0)
+                    }
+                    _ => 0.0,
+                };
+                let minute = ts.timestamp().div_euclid(60);
+                if minute > now_minute(now) - window.minutes() {
+                    match state.buckets.binary_search_by_key(&minute, |b| b.minute) {
+                        Ok(i) => {
+                            state.buckets[i].count += 1;
+                            state.buckets[i].sum += amount;
+                        }
+                        Err(i) => state.buckets.insert(
+                            i,
+                            Bucket {
+                                minute,
+                                count: 1,
+                                sum: amount,
+                            },
+                        ),
+                    }
+                }
+                prune(state, *window, now);
+            }
+            FeatureKind::DaysSince { .. } => {
+                let ms = ts.timestamp_millis();
+                state.last_seen_ms = Some(state.last_seen_ms.map_or(ms, |old| old.max(ms)));
+            }
+            FeatureKind::Ratio { .. } | FeatureKind::WeightedSum { .. } => {}
+        }
+    }
+
+    /// The value at `now`. `state` is this feature's state (stateful kinds); `input`
+    /// gives the value of another feature (derived kinds). Non-finite results read as
+    /// the default and are reported as `Err` so callers can count compute errors.
+    pub fn evaluate(
+        &self,
+        state: Option<&FeatureState>,
+        now: DateTime<Utc>,
+        input: &mut dyn FnMut(&str) -> f64,
+    ) -> std::result::Result<f64, f64> {
+        let value = match &self.kind {
+            FeatureKind::Count { .. } | FeatureKind::Sum { .. } => {
+                let Some(state) = state else {
+                    return Ok(self.default);
+                };
+                let window = self.window().map_or(0, Window::minutes);
+                let from = now_minute(now) - window;
+                let live = state.buckets.iter().filter(|b| b.minute > from);
+                if matches!(self.kind, FeatureKind::Count { .. }) {
+                    live.map(|b| f64::from(b.count)).sum()
+                } else {
+                    live.map(|b| b.sum).sum()
+                }
+            }
+            FeatureKind::DaysSince { .. } => match state.and_then(|s| s.last_seen_ms) {
+                Some(ms) => ((now.timestamp_millis() - ms).max(0)) as f64 / 86_400_000.0,
+                None => return Ok(self.default),
+            },
+            FeatureKind::Ratio {
+                numerator,
+                denominator,
+            } => {
+                let d = input(denominator);
+                if d == 0.0 {
+                    return Ok(self.default);
+                }
+                input(numerator) / d
+            }
+            FeatureKind::WeightedSum { terms, cap } => {
+                let sum: f64 = terms
+                    .iter()
+                    .map(|t| t.weight * input(&t.feature) / t.scale)
+                    .sum();
+                cap.map_or(sum, |c| sum.min(c))
+            }
+        };
+        if value.is_finite() {
+            Ok(value)
+        } else {
+            Err(self.default)
+        }
+    }
+}
+
+fn now_minute(now: DateTime<Utc>) -> i64 {
+    now.timestamp().div_euclid(60)
+}
+
+fn prune(state: &mut FeatureState, window: Window, now: DateTime<Utc>) {
+    let from = now_minute(now) - window.minutes();
+    state.buckets.retain(|b| b.minute > from);
+}
+
+/// A JSON number, or a string holding one.
+fn numeric(value: Option<&Value>) -> Option<f64> {
+    match value? {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+    .filter(|v: &f64| v.is_finite())
+}
+
+/// The built-in definitions installed on first start (version 1 of each).
+///
+/// `engagement_score` is the seed's `min(1, 0.3·page views + 0.2·email opens + 0.2·form
+/// submits)` with each 30-day count normalised by the count at which that signal alone
+/// counts as fully engaged: 10 page views, 5 email opens, 2 form submits.
+pub fn builtin() -> Vec<(&'static str, Value)> {
+    use serde_json::json;
+    vec![
+        ("page_views_30d", json!({"kind": "count", "event_type": "page_view", "window": "30d", "description": "Page views in the last 30 days"})),
+        ("email_opens_30d", json!({"kind": "count", "event_type": "email_open", "window": "30d", "description": "Email opens in the last 30 days"})),
+        ("form_submits_30d", json!({"kind": "count", "event_type": "form_submit", "window": "30d", "description": "Form submits in the last 30 days"})),
+        ("clicks_30d", json!({"kind": "count", "event_type": "click", "window": "30d", "description": "Clicks in the last 30 days"})),
+        ("purchases_30d", json!({"kind": "count", "event_type": "purchase", "window": "30d", "description": "Purchases in the last 30 days"})),
+        ("revenue_30d", json!({"kind": "sum", "event_type": "purchase", "property": "value", "window": "30d", "description": "Sum of purchase values in the last 30 days"})),
+        ("days_since_last_visit", json!({"kind": "days_since", "event_type": "page_view", "default": 365.0, "description": "Days since the last page view (365 when never seen)"})),
+        ("conversion_rate", json!({"kind": "ratio", "numerator": "form_submits_30d", "denominator": "page_views_30d", "description": "Form submits per page view over 30 days"})),
+        ("engagement_score", json!({"kind": "weighted_sum", "terms": [
+            {"feature": "page_views_30d", "weight": 0.3, "scale": 10.0},
+            {"feature": "email_opens_30d", "weight": 0.2, "scale": 5.0},
+            {"feature": "form_submits_30d", "weight": 0.2, "scale": 2.0}
+        ], "cap": 1.0, "description": "min(1, 0.3·pv/10 + 0.2·opens/5 + 0.2·submits/2) over 30 days"})),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::customers::CustomerId;
+    use crate::events::Event;
+    use chrono::Duration;
+    use serde_json::json;
+
+    fn spec(v: Value) -> FeatureSpec {
+        FeatureSpec::parse("definition", &v, &|_| true).unwrap()
+    }
+
+    fn ev(seq: u64, ty: &str, at: DateTime<Utc>, props: Value) -> StoredEvent {
+        StoredEvent {
+            seq,
+            event: Event {
+                event_id: format!("e{seq}"),
+                customer_id: CustomerId::parse("c", "c1").unwrap(),
+                event_type: ty.into(),
+                timestamp: at,
+                properties: props.as_object().cloned().unwrap_or_default(),
+            },
+        }
+    }
+
+    #[test]
+    fn counts_slide_out_of_the_window_without_new_events() {
+        let now = Utc::now();
+        let f = spec(json!({"kind": "count", "event_type": "page_view", "window": "1d"}));
+        let mut st = FeatureState::default();
+        f.fold(&mut st, &ev(1, "page_view", now - Duration::hours(23), json!({})), now);
+        f.fold(&mut st, &ev(2, "page_view", now - Duration::hours(1), json!({})), now);
+        f.fold(&mut st, &ev(3, "email_open", now, json!({})), now);
+        f.fold(&mut st, &ev(4, "page_view", now - Duration::days(3), json!({})), now);
+        let mut none = |_: &str| 0.0;
+        assert_eq!(f.evaluate(Some(&st), now, &mut none), Ok(2.0));
+        assert_eq!(f.evaluate(Some(&st), now + Duration::hours(2), &mut none), Ok(1.0));
+        assert_eq!(f.evaluate(Some(&st), now + Duration::days(1), &mut none), Ok(0.0));
+        assert_eq!(st.buckets.len(), 2, "the 3-day-old event was never stored");
+    }
+
+    #[test]
+    fn folding_is_idempotent_on_replay() {
+        let now = Utc::now();
+        let f = spec(json!({"kind": "sum", "event_type": "purchase", "property": "value", "window": "30d"}));
+        let mut st = FeatureState::default();
+        let e1 = ev(7, "purchase", now, json!({"value": 12.5}));
+        let e2 = ev(8, "purchase", now, json!({"value": "2.5"}));
+        for e in [&e1, &e2, &e1, &e2] {
+            f.fold(&mut st, e, now);
+        }
+        assert_eq!(f.evaluate(Some(&st), now, &mut |_| 0.0), Ok(15.0));
+    }
+
+    #[test]
+    fn derived_features_and_defaults() {
+        let now = Utc::now();
+        let ratio = spec(json!({"kind": "ratio", "numerator": "a", "denominator": "b"}));
+        assert_eq!(ratio.evaluate(None, now, &mut |n| if n == "a" { 1.0 } else { 4.0 }), Ok(0.25));
+        assert_eq!(ratio.evaluate(None, now, &mut |_| 0.0), Ok(0.0));
+        let engagement = spec(builtin().into_iter().find(|(n, _)| *n == "engagement_score").unwrap().1);
+        let values = |n: &str| match n {
+            "page_views_30d" => 5.0,
+            "email_opens_30d" => 5.0,
+            _ => 1.0,
+        };
+        let v = engagement.evaluate(None, now, &mut { values }).unwrap();
+        assert!((v - (0.15 + 0.2 + 0.1)).abs() < 1e-12, "{v}");
+        assert_eq!(engagement.evaluate(None, now, &mut |_| 100.0), Ok(1.0), "capped at 1");
+        let days = spec(json!({"kind": "days_since", "default": 365.0}));
+        assert_eq!(days.evaluate(None, now, &mut |_| 0.0), Ok(365.0));
+        let mut st = FeatureState::default();
+        days.fold(&mut st, &ev(1, "anything", now - Duration::hours(36), json!({})), now);
+        assert_eq!(days.evaluate(Some(&st), now, &mut |_| 0.0), Ok(1.5));
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let cases = [
+            (json!({"kind": "count", "event_type": "x", "window": "3y"}), "definition: '3y' is not a window such as 30d, 12h or 90m"),
+            (json!({"kind": "ratio", "numerator": "nope", "denominator": "x"}), "definition.numerator: unknown feature 'nope'"),
+            (json!({"kind": "weighted_sum", "terms": [{"feature": "x", "weight": 1, "scale": 0}]}), "definition.terms[0].scale: must be > 0"),
+            (json!({"kind": "count", "event_type": "", "window": "1d"}), "definition.event_type: must not be empty"),
+        ];
+        for (body, expected) in cases {
+            let err = FeatureSpec::parse("definition", &body, &|n| n == "x").unwrap_err();
+            assert!(err.to_string().starts_with(expected), "{err} vs {expected}");
+        }
+        let err = FeatureSpec::parse("definition", &json!({"kind": "count", "event_type": "x", "window": "1d", "colour": 1}), &|_| true).unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn builtins_parse() {
+        let names: Vec<_> = builtin().iter().map(|(n, _)| *n).collect();
+        for (name, body) in builtin() {
+            FeatureSpec::parse(name, &body, &|n| names.contains(&n)).unwrap();
+        }
+    }
+}

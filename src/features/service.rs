@@ -1,0 +1,643 @@
+//! The feature service: the catalog of versioned definitions, reads of active values,
+//! `defineFeature` with backfill, activation with health checks and automatic rollback.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use opentelemetry::KeyValue;
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::definition::{builtin, FeatureSpec};
+use super::{FeatureKey, FeatureState};
+use crate::config::FeatureSettings;
+use crate::customers::CustomerId;
+use crate::error::{Error, Result};
+use crate::events::StoredEvent;
+use crate::storage::{DefinitionKind, Stores};
+use crate::telemetry::Metrics;
+
+/// The consumer name under which the event processor commits its offset.
+pub const PROCESSOR: &str = "processor";
+
+/// One feature: every version, and which one is active.
+#[derive(Debug, Clone)]
+pub struct FeatureEntry {
+    pub name: String,
+    pub active: u32,
+    pub versions: BTreeMap<u32, FeatureSpec>,
+    pub created_at: BTreeMap<u32, DateTime<Utc>>,
+}
+
+/// An activation or rollback, as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Activation {
+    pub from: Option<u32>,
+    pub to: u32,
+    /// `true` when the engine rolled back on its own after failed health checks.
+    pub automatic: bool,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+    #[serde(default)]
+    pub health: Option<HealthReport>,
+}
+
+/// What an activation's health check measured on a sample of customers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HealthReport {
+    pub sampled: usize,
+    pub error_rate: f64,
+    /// Kolmogorov–Smirnov distance between the new and the replaced version's values.
+    pub distribution_shift: f64,
+    pub healthy: bool,
+}
+
+/// A snapshot of every definition; replaced whole on change, so readers never lock.
+#[derive(Debug, Clone, Default)]
+pub struct FeatureCatalog {
+    entries: BTreeMap<String, FeatureEntry>,
+}
+
+impl FeatureCatalog {
+    pub fn get(&self, name: &str) -> Option<&FeatureEntry> {
+        self.entries.get(name)
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = &FeatureEntry> {
+        self.entries.values()
+    }
+
+    pub fn active_spec(&self, name: &str) -> Option<(u32, &FeatureSpec)> {
+        let e = self.entries.get(name)?;
+        e.versions.get(&e.active).map(|s| (e.active, s))
+    }
+
+    /// Every stateful version of every feature: all are kept up to date, so any can be
+    /// activated (or rolled back to) at once.
+    pub fn live_stateful(&self) -> impl Iterator<Item = (FeatureKey, &FeatureSpec)> {
+        self.entries.values().flat_map(|e| {
+            e.versions
+                .iter()
+                .filter(|(_, s)| s.is_stateful())
+                .map(|(v, s)| (FeatureKey::new(e.name.clone(), *v), s))
+        })
+    }
+
+    /// The stateful keys needed to evaluate `spec` (itself at `version` when stateful,
+    /// plus its inputs at their active versions, transitively).
+    fn collect_keys(&self, name: &str, version: u32, spec: &FeatureSpec, out: &mut Vec<FeatureKey>) {
+        if spec.is_stateful() {
+            let key = FeatureKey::new(name, version);
+            if !out.contains(&key) {
+                out.push(key);
+            }
+        }
+        for input in spec.inputs() {
+            if let Some((v, s)) = self.active_spec(input) {
+                self.collect_keys(input, v, s, out);
+            }
+        }
+    }
+
+    /// Whether `from` reads `target`, directly or through other features.
+    fn reaches(&self, from: &FeatureSpec, target: &str, depth: usize) -> bool {
+        if depth > 32 {
+            return true;
+        }
+        from.inputs().into_iter().any(|input| {
+            input == target
+                || self
+                    .active_spec(input)
+                    .is_some_and(|(_, s)| self.reaches(s, target, depth + 1))
+        })
+    }
+}
+
+/// Evaluates features against loaded states, memoising derived inputs.
+struct Evaluator<'a> {
+    catalog: &'a FeatureCatalog,
+    states: HashMap<FeatureKey, FeatureState>,
+    now: DateTime<Utc>,
+    memo: HashMap<String, f64>,
+    errors: u64,
+}
+
+impl Evaluator<'_> {
+    fn active(&mut self, name: &str, depth: usize) -> f64 {
+        if let Some(v) = self.memo.get(name) {
+            return *v;
+        }
+        let Some((version, spec)) = self.catalog.active_spec(name) else {
+            return 0.0;
+        };
+        let value = self.version(name, version, spec, depth);
+        self.memo.insert(name.to_owned(), value);
+        value
+    }
+
+    fn version(&mut self, name: &str, version: u32, spec: &FeatureSpec, depth: usize) -> f64 {
+        if depth > 32 {
+            self.errors += 1;
+            return spec.default;
+        }
+        let key = FeatureKey::new(name, version);
+        let state = self.states.remove(&key);
+        let result = spec.evaluate(state.as_ref(), self.now, &mut |input| {
+            self.active(input, depth + 1)
+        });
+        if let Some(state) = state {
+            self.states.insert(key, state);
+        }
+        result.unwrap_or_else(|default| {
+            self.errors += 1;
+            default
+        })
+    }
+}
+
+/// A feature value as read.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FeatureValue {
+    pub name: String,
+    pub value: f64,
+    pub version: u32,
+}
+
+/// The result of reading one customer's features.
+#[derive(Debug, Clone, Default)]
+pub struct FeatureRead {
+    pub values: Vec<FeatureValue>,
+    /// The backend failed or missed its deadline: values are the defaults.
+    pub degraded: bool,
+}
+
+pub struct FeatureService {
+    stores: Stores,
+    catalog: RwLock<Arc<FeatureCatalog>>,
+    settings: FeatureSettings,
+    read_deadline: Duration,
+    metrics: Arc<Metrics>,
+    /// Held by the event processor while it applies a batch and by backfills, so that a
+    /// new version sees every event exactly once: history up to the committed offset by
+    /// backfill, everything after it live. A tokio mutex: held across awaits.
+    apply_lock: tokio::sync::Mutex<()>,
+}
+
+const NAME_RULE: &str = "must be 1–64 characters of [a-z0-9_], starting with a letter";
+
+fn validate_name(field: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(field, NAME_RULE))
+    }
+}
+
+impl FeatureService {
+    /// Loads the catalog, installing the built-in definitions on first start.
+    pub async fn start(
+        stores: Stores,
+        settings: FeatureSettings,
+        read_deadline: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>> {
+        let service = Arc::new(FeatureService {
+            stores,
+            catalog: RwLock::new(Arc::new(FeatureCatalog::default())),
+            settings,
+            read_deadline,
+            metrics,
+            apply_lock: tokio::sync::Mutex::new(()),
+        });
+        if service.stores.definitions.list(DefinitionKind::Feature).await?.is_empty() {
+            for (name, body) in builtin() {
+                service.define(name, body).await?;
+            }
+        }
+        service.reload().await?;
+        Ok(service)
+    }
+
+    pub fn catalog(&self) -> Arc<FeatureCatalog> {
+        self.catalog.read().clone()
+    }
+
+    pub fn apply_lock(&self) -> &tokio::sync::Mutex<()> {
+        &self.apply_lock
+    }
+
+    async fn reload(&self) -> Result<()> {
+        let defs = &self.stores.definitions;
+        let mut entries = BTreeMap::new();
+        for latest in defs.list(DefinitionKind::Feature).await? {
+            let mut versions = BTreeMap::new();
+            let mut created_at = BTreeMap::new();
+            for d in defs.versions(DefinitionKind::Feature, &latest.name).await? {
+                let spec = FeatureSpec::parse(&latest.name, &d.body, &|_| true)?;
+                versions.insert(d.version, spec);
+                created_at.insert(d.version, d.created_at);
+            }
+            let active = defs
+                .active(DefinitionKind::Feature, &latest.name)
+                .await?
+                .unwrap_or(latest.version);
+            entries.insert(
+                latest.name.clone(),
+                FeatureEntry {
+                    name: latest.name,
+                    active,
+                    versions,
+                    created_at,
+                },
+            );
+        }
+        *self.catalog.write() = Arc::new(FeatureCatalog { entries });
+        Ok(())
+    }
+
+    /// Reads the active value of `names` (every feature when `None`) for one customer.
+    /// Unknown names are an error naming `field[i]`. Past the read deadline, or when the
+    /// backend fails, every value is its default and the read is marked degraded.
+    pub async fn read(
+        &self,
+        customer: &CustomerId,
+        names: Option<&[String]>,
+        field: &str,
+        now: DateTime<Utc>,
+    ) -> Result<FeatureRead> {
+        let started = Instant::now();
+        let catalog = self.catalog();
+        let wanted: Vec<(String, u32, &FeatureSpec)> = match names {
+            Some(names) => names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    catalog
+                        .active_spec(n)
+                        .map(|(v, s)| (n.clone(), v, s))
+                        .ok_or_else(|| Error::not_found(format!("{field}[{i}]"), "feature", n))
+                })
+                .collect::<Result<_>>()?,
+            None => catalog
+                .entries()
+                .filter_map(|e| e.versions.get(&e.active).map(|s| (e.name.clone(), e.active, s)))
+                .collect(),
+        };
+        let mut keys = Vec::new();
+        for (name, version, spec) in &wanted {
+            catalog.collect_keys(name, *version, spec, &mut keys);
+        }
+        let (states, degraded) = match tokio::time::timeout(
+            self.read_deadline,
+            self.stores.features.read(customer, &keys),
+        )
+        .await
+        {
+            Ok(Ok(states)) => (states, false),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "Failed to read features; using defaults");
+                self.metrics.backend_error("features");
+                (vec![None; keys.len()], true)
+            }
+            Err(_) => {
+                tracing::warn!("Feature read missed its deadline; using defaults");
+                self.metrics.backend_error("features");
+                (vec![None; keys.len()], true)
+            }
+        };
+        let mut eval = Evaluator {
+            catalog: &catalog,
+            states: keys
+                .into_iter()
+                .zip(states)
+                .filter_map(|(k, s)| s.map(|s| (k, s)))
+                .collect(),
+            now,
+            memo: HashMap::new(),
+            errors: 0,
+        };
+        let values = wanted
+            .iter()
+            .map(|(name, version, _)| FeatureValue {
+                name: name.clone(),
+                value: eval.active(name, 0),
+                version: *version,
+            })
+            .collect();
+        if eval.errors > 0 {
+            self.metrics.feature_compute_errors.add(eval.errors, &[]);
+        }
+        self.metrics
+            .feature_read_latency_ms
+            .record(started.elapsed().as_secs_f64() * 1e3, &[]);
+        Ok(FeatureRead { values, degraded })
+    }
+
+    /// Stores `body` as the next version of `name`. The first version is active at once;
+    /// later versions are computed beside the active one (backfilled from the event
+    /// history, then kept up to date) until `activate` switches to them.
+    pub async fn define(&self, name: &str, body: Value) -> Result<FeatureEntry> {
+        validate_name("name", name)?;
+        let catalog = self.catalog();
+        let spec = FeatureSpec::parse("definition", &body, &|n| catalog.get(n).is_some())?;
+        if spec.inputs().contains(name) || catalog.reaches(&spec, name, 0) {
+            return Err(Error::invalid(
+                "definition",
+                format!("'{name}' would depend on itself"),
+            ));
+        }
+        let stored = serde_json::to_value(&spec).map_err(anyhow::Error::from)?;
+        // Hold the apply lock from before the version exists until it is in the catalog:
+        // the processor then sees the new version either in the backfill or live.
+        let _guard = self.apply_lock.lock().await;
+        let version = self
+            .stores
+            .definitions
+            .put(DefinitionKind::Feature, name, stored)
+            .await?;
+        if spec.is_stateful() {
+            self.backfill(&FeatureKey::new(name, version), &spec).await?;
+        }
+        if catalog.get(name).is_none() {
+            self.stores
+                .definitions
+                .set_active(DefinitionKind::Feature, name, version)
+                .await?;
+            self.record_activation(name, None, version, false, "first version", None)
+                .await?;
+        }
+        self.reload().await?;
+        self.catalog()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::Internal(anyhow::anyhow!("feature {name} vanished after define")))
+    }
+
+    /// Folds every event already applied live into the new version's state.
+    async fn backfill(&self, key: &FeatureKey, spec: &FeatureSpec) -> Result<()> {
+        let events = &self.stores.events;
+        let until = events.committed_offset(PROCESSOR).await?;
+        let now = Utc::now();
+        let mut states: HashMap<CustomerId, FeatureState> = HashMap::new();
+        let mut after = 0;
+        while after < until {
+            let page = events.scan(after, 4096).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            for stored in page.iter().filter(|e| e.seq <= until) {
+                if spec.matches(&stored.event.event_type) {
+                    let state = states.entry(stored.event.customer_id.clone()).or_default();
+                    spec.fold(state, stored, now);
+                }
+            }
+        }
+        let mut updates: Vec<_> = states
+            .into_iter()
+            .map(|(c, s)| (c, key.clone(), s))
+            .collect();
+        while !updates.is_empty() {
+            let rest = updates.split_off(updates.len().saturating_sub(2048));
+            self.stores.features.write(rest).await?;
+        }
+        tracing::info!(feature = %key, until, "Backfilled feature version");
+        Ok(())
+    }
+
+    /// Folds a batch of events (ascending by seq) into every live stateful version.
+    /// Called by the event processor while it holds [`Self::apply_lock`].
+    pub async fn apply(&self, batch: &[StoredEvent], now: DateTime<Utc>) -> Result<()> {
+        let catalog = self.catalog();
+        let live: Vec<(FeatureKey, &FeatureSpec)> = catalog.live_stateful().collect();
+        let mut by_customer: BTreeMap<&CustomerId, Vec<&StoredEvent>> = BTreeMap::new();
+        for e in batch {
+            by_customer.entry(&e.event.customer_id).or_default().push(e);
+        }
+        let mut updates = Vec::new();
+        for (customer, events) in by_customer {
+            let touched: Vec<&(FeatureKey, &FeatureSpec)> = live
+                .iter()
+                .filter(|(_, s)| events.iter().any(|e| s.matches(&e.event.event_type)))
+                .collect();
+            if touched.is_empty() {
+                continue;
+            }
+            let keys: Vec<FeatureKey> = touched.iter().map(|(k, _)| k.clone()).collect();
+            let states = self.stores.features.read(customer, &keys).await?;
+            for ((key, spec), state) in touched.into_iter().zip(states) {
+                let mut state = state.unwrap_or_default();
+                for e in &events {
+                    spec.fold(&mut state, e, now);
+                }
+                updates.push((customer.clone(), key.clone(), state));
+            }
+        }
+        if !updates.is_empty() {
+            self.stores.features.write(updates).await?;
+        }
+        Ok(())
+    }
+
+    /// Switches `name` to `version`, then checks the new version's health against the
+    /// one it replaced on a sample of customers; a failed check rolls back at once.
+    pub async fn activate(&self, name: &str, version: u32) -> Result<(FeatureEntry, Option<HealthReport>)> {
+        let catalog = self.catalog();
+        let entry = catalog
+            .get(name)
+            .ok_or_else(|| Error::not_found("name", "feature", name))?;
+        let spec = entry
+            .versions
+            .get(&version)
+            .ok_or_else(|| Error::not_found("version", "feature version", format!("{name}@v{version}")))?
+            .clone();
+        let previous = entry.active;
+        if previous == version {
+            return Ok((entry.clone(), None));
+        }
+        let old_spec = entry.versions.get(&previous).cloned();
+        self.stores
+            .definitions
+            .set_active(DefinitionKind::Feature, name, version)
+            .await?;
+        self.record_activation(name, Some(previous), version, false, "activated", None)
+            .await?;
+        self.reload().await?;
+
+        let report = match old_spec {
+            Some(old) => Some(self.health(name, previous, &old, version, &spec).await?),
+            None => None,
+        };
+        if let Some(r) = report.as_ref().filter(|r| !r.healthy) {
+            let reason = format!(
+                "health check failed: error rate {:.3} (max {}), distribution shift {:.3} (max {})",
+                r.error_rate,
+                self.settings.max_error_rate,
+                r.distribution_shift,
+                self.settings.max_distribution_shift
+            );
+            tracing::warn!(feature = name, version, %reason, "Rolling back feature version");
+            self.stores
+                .definitions
+                .set_active(DefinitionKind::Feature, name, previous)
+                .await?;
+            self.record_activation(name, Some(version), previous, true, &reason, Some(r.clone()))
+                .await?;
+            self.metrics
+                .feature_rollbacks
+                .add(1, &[KeyValue::new("feature", name.to_owned())]);
+            self.reload().await?;
+        }
+        let entry = self
+            .catalog()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::Internal(anyhow::anyhow!("feature {name} vanished")))?;
+        Ok((entry, report))
+    }
+
+    async fn health(
+        &self,
+        name: &str,
+        old_version: u32,
+        old: &FeatureSpec,
+        new_version: u32,
+        new: &FeatureSpec,
+    ) -> Result<HealthReport> {
+        let customers = self
+            .stores
+            .profiles
+            .list(None, self.settings.health_sample)
+            .await?;
+        let catalog = self.catalog();
+        let now = Utc::now();
+        let mut old_values = Vec::with_capacity(customers.len());
+        let mut new_values = Vec::with_capacity(customers.len());
+        let mut errors = 0u64;
+        for c in &customers {
+            let mut keys = Vec::new();
+            catalog.collect_keys(name, old_version, old, &mut keys);
+            catalog.collect_keys(name, new_version, new, &mut keys);
+            let states = self.stores.features.read(&c.id, &keys).await?;
+            let mut eval = Evaluator {
+                catalog: &catalog,
+                states: keys
+                    .into_iter()
+                    .zip(states)
+                    .filter_map(|(k, s)| s.map(|s| (k, s)))
+                    .collect(),
+                now,
+                memo: HashMap::new(),
+                errors: 0,
+            };
+            old_values.push(eval.version(name, old_version, old, 0));
+            let before = eval.errors;
+            new_values.push(eval.version(name, new_version, new, 0));
+            errors += eval.errors - before;
+        }
+        let sampled = customers.len();
+        let error_rate = if sampled == 0 {
+            0.0
+        } else {
+            errors as f64 / sampled as f64
+        };
+        let distribution_shift = ks_distance(&mut old_values, &mut new_values);
+        Ok(HealthReport {
+            sampled,
+            error_rate,
+            distribution_shift,
+            healthy: error_rate <= self.settings.max_error_rate
+                && distribution_shift <= self.settings.max_distribution_shift,
+        })
+    }
+
+    async fn record_activation(
+        &self,
+        name: &str,
+        from: Option<u32>,
+        to: u32,
+        automatic: bool,
+        reason: &str,
+        health: Option<HealthReport>,
+    ) -> Result<()> {
+        let record = Activation {
+            from,
+            to,
+            automatic,
+            reason: reason.to_owned(),
+            at: Utc::now(),
+            health,
+        };
+        self.stores
+            .definitions
+            .put(
+                DefinitionKind::FeatureActivation,
+                name,
+                serde_json::to_value(record).map_err(anyhow::Error::from)?,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Every activation and rollback of `name`, oldest first.
+    pub async fn activations(&self, name: &str) -> Result<Vec<Activation>> {
+        self.stores
+            .definitions
+            .versions(DefinitionKind::FeatureActivation, name)
+            .await?
+            .into_iter()
+            .map(|d| {
+                serde_json::from_value(d.body)
+                    .map_err(|e| Error::Internal(anyhow::anyhow!("corrupt activation record: {e}")))
+            })
+            .collect()
+    }
+
+    /// The definition body as users see it.
+    pub fn describe(spec: &FeatureSpec) -> Value {
+        serde_json::to_value(spec).unwrap_or_else(|_| json!({}))
+    }
+}
+
+/// Two-sample Kolmogorov–Smirnov distance (0 = same distribution, 1 = disjoint).
+fn ks_distance(a: &mut [f64], b: &mut [f64]) -> f64 {
+    if a.is_empty() || b.is_empty() {
+        return 0.0;
+    }
+    a.sort_by(f64::total_cmp);
+    b.sort_by(f64::total_cmp);
+    let (mut i, mut j, mut d) = (0usize, 0usize, 0.0f64);
+    while i < a.len() && j < b.len() {
+        let x = if a[i] <= b[j] { a[i] } else { b[j] };
+        while i < a.len() && a[i] <= x {
+            i += 1;
+        }
+        while j < b.len() && b[j] <= x {
+            j += 1;
+        }
+        d = d.max((i as f64 / a.len() as f64 - j as f64 / b.len() as f64).abs());
+    }
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ks_distance;
+
+    #[test]
+    fn ks_distance_measures_shift() {
+        let same = ks_distance(&mut [1.0, 2.0, 3.0], &mut [3.0, 2.0, 1.0]);
+        assert_eq!(same, 0.0);
+        let disjoint = ks_distance(&mut [1.0, 2.0], &mut [10.0, 20.0]);
+        assert_eq!(disjoint, 1.0);
+        let half = ks_distance(&mut [1.0, 2.0, 3.0, 4.0], &mut [3.0, 4.0, 5.0, 6.0]);
+        assert_eq!(half, 0.5);
+    }
+}

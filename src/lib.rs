@@ -1,0 +1,26 @@
+//! Tailor: a real-time marketing personalization engine.
+//!
+//! Map (see docs/ARCHITECTURE.md for the invariants):
+//! - [`config`]: compiled-in defaults → `tailor.toml` → `TAILOR_*` environment;
+//! - [`app`]: builds the [`app::Engine`] from settings and serves it;
+//! - [`api`]: GraphQL and REST, the only module that knows the wire formats;
+//! - [`customers`], [`events`], [`features`], [`segments`], [`content`], [`decision`],
+//!   [`bandit`]: the domain, pure logic over the storage traits;
+//! - [`storage`]: one trait per capability and the backends;
+//! - [`telemetry`]: OpenTelemetry meters exported as Prometheus text, and tracing;
+//! - [`demo`]: the synthetic demo world.
+
+pub mod api;
+pub mod app;
+pub mod bandit;
+pub mod config;
+pub mod content;
+pub mod customers;
+pub mod decision;
+pub mod demo;
+pub mod error;
+pub mod events;
+pub mod features;
+pub mod segments;
+pub mod storage;
+pub mod telemetry;

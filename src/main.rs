@@ -1,0 +1,99 @@
+//! The `tailor` binary: parse the command line, load settings, run.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use tailor::app::{serve, Engine};
+use tailor::config::Settings;
+
+#[derive(Parser)]
+#[command(name = "tailor", version, about = "Real-time marketing personalization engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the GraphQL and REST API.
+    Serve {
+        /// Configuration file (default: ./tailor.toml when it exists).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on, e.g. 127.0.0.1:8080.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Directory of the embedded store.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Build the synthetic demo world on first start.
+        #[arg(long)]
+        demo: bool,
+    },
+    /// Print the GraphQL schema (SDL).
+    Schema,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Schema => {
+            print!("{}", tailor::api::graphql::sdl());
+            Ok(())
+        }
+        Command::Serve {
+            config,
+            listen,
+            data_dir,
+            demo,
+        } => {
+            tailor::telemetry::init_tracing();
+            let mut settings = Settings::load(config.as_deref())?;
+            if let Some(listen) = listen {
+                settings.listen = listen;
+            }
+            if let Some(dir) = data_dir {
+                settings.data_dir = dir;
+            }
+            let listen = settings.listen;
+            let engine = Engine::open(settings)
+                .await
+                .context("Failed to open the engine")?;
+            if demo {
+                tailor::demo::ensure(&engine)
+                    .await
+                    .context("Failed to build the demo world")?;
+            }
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("Failed to listen on {listen}"))?;
+            serve(engine, listener, shutdown_signal()).await
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("Shutting down");
+}

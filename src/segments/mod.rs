@@ -1,0 +1,355 @@
+//! Segments: named sets of customers defined by condition trees, kept current as events
+//! and profile changes arrive, rebuilt in bulk when (re)defined, and re-evaluated on a
+//! timer when their conditions slide with time.
+//!
+//! - [`condition`]: the condition tree — parse/validate, evaluate over [`condition::Facts`];
+//! - [`SegmentService`]: definitions, membership upkeep and the join/leave stream.
+
+pub mod condition;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use opentelemetry::KeyValue;
+use parking_lot::RwLock;
+use serde_json::{json, Map, Value};
+use tokio::sync::broadcast;
+
+use crate::customers::{Customer, CustomerId};
+use crate::error::{Error, Result};
+use crate::features::{FeatureService, Window};
+use crate::storage::{DefinitionKind, MembershipChange, Stores};
+use crate::telemetry::Metrics;
+use condition::{Condition, Facts};
+
+/// A validated segment definition.
+#[derive(Debug, Clone)]
+pub struct SegmentDef {
+    pub name: String,
+    pub version: u32,
+    pub condition: Condition,
+    pub description: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl SegmentDef {
+    pub fn to_json(&self) -> Value {
+        json!({
+            "condition": self.condition.to_json(),
+            "description": self.description,
+            "version": self.version,
+        })
+    }
+}
+
+/// What one customer looks like to segment conditions.
+struct CustomerFacts {
+    traits: Map<String, Value>,
+    features: HashMap<String, f64>,
+    counts: HashMap<(String, Window), u64>,
+}
+
+impl Facts for CustomerFacts {
+    fn trait_value(&self, name: &str) -> Option<&Value> {
+        self.traits.get(name)
+    }
+    fn feature(&self, name: &str) -> f64 {
+        self.features.get(name).copied().unwrap_or(0.0)
+    }
+    fn event_count(&self, event_type: &str, within: Window) -> u64 {
+        self.counts
+            .get(&(event_type.to_owned(), within))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// Capacity of the join/leave stream; slower subscribers skip ahead (they are told).
+const CHANGES_CAPACITY: usize = 4096;
+const PAGE: usize = 1000;
+
+pub struct SegmentService {
+    stores: Stores,
+    features: Arc<FeatureService>,
+    catalog: RwLock<Arc<Vec<Arc<SegmentDef>>>>,
+    changes: broadcast::Sender<MembershipChange>,
+    metrics: Arc<Metrics>,
+}
+
+fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid("name", "must be 1–64 characters of [A-Za-z0-9_-]"))
+    }
+}
+
+impl SegmentService {
+    pub async fn start(
+        stores: Stores,
+        features: Arc<FeatureService>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>> {
+        let service = Arc::new(SegmentService {
+            stores,
+            features,
+            catalog: RwLock::new(Arc::new(Vec::new())),
+            changes: broadcast::channel(CHANGES_CAPACITY).0,
+            metrics,
+        });
+        service.reload().await?;
+        Ok(service)
+    }
+
+    async fn reload(&self) -> Result<()> {
+        let mut defs = Vec::new();
+        for d in self.stores.definitions.list(DefinitionKind::Segment).await? {
+            defs.push(Arc::new(self.parse_stored(&d.name, d.version, &d.body, d.created_at)?));
+        }
+        *self.catalog.write() = Arc::new(defs);
+        Ok(())
+    }
+
+    fn parse_stored(
+        &self,
+        name: &str,
+        version: u32,
+        body: &Value,
+        created_at: DateTime<Utc>,
+    ) -> Result<SegmentDef> {
+        let condition = body
+            .get("condition")
+            .ok_or_else(|| Error::invalid("condition", "is required"))?;
+        Ok(SegmentDef {
+            name: name.to_owned(),
+            version,
+            // Stored definitions were validated when defined; a feature deleted since
+            // then reads as its default rather than failing the whole catalog.
+            condition: Condition::parse("condition", condition, &|_| true)?,
+            description: body
+                .get("description")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            created_at,
+        })
+    }
+
+    pub fn list(&self) -> Arc<Vec<Arc<SegmentDef>>> {
+        self.catalog.read().clone()
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<SegmentDef>> {
+        self.list().iter().find(|d| d.name == name).cloned()
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<MembershipChange> {
+        self.changes.subscribe()
+    }
+
+    /// Validates and stores a new version of the segment, then rebuilds its membership
+    /// in bulk. Returns the definition and how many customers joined and left.
+    pub async fn define(
+        &self,
+        name: &str,
+        condition: &Value,
+        description: Option<String>,
+    ) -> Result<(Arc<SegmentDef>, u64, u64)> {
+        validate_name(name)?;
+        let catalog = self.features.catalog();
+        let parsed = Condition::parse("condition", condition, &|f| catalog.get(f).is_some())?;
+        let body = json!({"condition": parsed.to_json(), "description": description});
+        self.stores
+            .definitions
+            .put(DefinitionKind::Segment, name, body)
+            .await?;
+        self.reload().await?;
+        let def = self
+            .get(name)
+            .ok_or_else(|| Error::Internal(anyhow::anyhow!("segment {name} vanished after define")))?;
+        let (joined, left) = self.rebuild(&def).await?;
+        Ok((def, joined, left))
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<bool> {
+        let existed = self
+            .stores
+            .definitions
+            .delete(DefinitionKind::Segment, name)
+            .await?;
+        self.stores.segments.clear(name).await?;
+        self.reload().await?;
+        Ok(existed)
+    }
+
+    /// Recomputes the whole membership of one segment and applies the difference.
+    pub async fn rebuild(&self, def: &SegmentDef) -> Result<(u64, u64)> {
+        let defs = [Arc::new(def.clone())];
+        let now = Utc::now();
+        let mut wanted = BTreeSet::new();
+        let mut after: Option<CustomerId> = None;
+        loop {
+            let page = self.stores.profiles.list(after.as_ref(), PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.clone());
+            for customer in &page {
+                let facts = self.facts(&customer.id, Some(customer), &defs, now).await?;
+                if def.condition.evaluate(&facts) {
+                    wanted.insert(customer.id.clone());
+                }
+            }
+        }
+        let mut current = BTreeSet::new();
+        let mut after: Option<CustomerId> = None;
+        loop {
+            let page = self
+                .stores
+                .segments
+                .members(&def.name, after.as_ref(), PAGE)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.clone());
+            current.extend(page);
+        }
+        let changes: Vec<MembershipChange> = wanted
+            .difference(&current)
+            .map(|c| (c, true))
+            .chain(current.difference(&wanted).map(|c| (c, false)))
+            .map(|(customer, joined)| MembershipChange {
+                segment: def.name.clone(),
+                customer: customer.clone(),
+                joined,
+            })
+            .collect();
+        let mut joined = 0;
+        let mut left = 0;
+        for chunk in changes.chunks(PAGE) {
+            for c in self.apply(chunk).await? {
+                if c.joined {
+                    joined += 1;
+                } else {
+                    left += 1;
+                }
+            }
+        }
+        Ok((joined, left))
+    }
+
+    /// Re-evaluates the segments that `event_types` can affect (all when `None`) for
+    /// each customer, and applies and publishes the changes.
+    pub async fn evaluate_customers(
+        &self,
+        customers: &[CustomerId],
+        event_types: Option<&BTreeSet<&str>>,
+    ) -> Result<Vec<MembershipChange>> {
+        let catalog = self.list();
+        let defs: Vec<Arc<SegmentDef>> = catalog
+            .iter()
+            .filter(|d| {
+                event_types.is_none_or(|types| types.iter().any(|t| d.condition.depends_on_event(t)))
+            })
+            .cloned()
+            .collect();
+        if defs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = Utc::now();
+        let mut wanted = Vec::new();
+        for customer in customers {
+            let facts = self.facts(customer, None, &defs, now).await?;
+            for d in &defs {
+                wanted.push(MembershipChange {
+                    segment: d.name.clone(),
+                    customer: customer.clone(),
+                    joined: d.condition.evaluate(&facts),
+                });
+            }
+        }
+        self.apply(&wanted).await
+    }
+
+    /// Rebuilds every segment whose condition slides with time.
+    pub async fn refresh_time_dependent(&self) -> Result<()> {
+        for def in self.list().iter().filter(|d| d.condition.depends_on_time()) {
+            self.rebuild(def).await?;
+        }
+        Ok(())
+    }
+
+    async fn apply(&self, wanted: &[MembershipChange]) -> Result<Vec<MembershipChange>> {
+        let changed = self.stores.segments.apply(wanted).await?;
+        for c in &changed {
+            let kind = if c.joined { "join" } else { "leave" };
+            self.metrics
+                .segment_changes
+                .add(1, &[KeyValue::new("change", kind)]);
+            // No receiver is not an error: nobody is subscribed.
+            let _ = self.changes.send(c.clone());
+        }
+        Ok(changed)
+    }
+
+    async fn facts(
+        &self,
+        id: &CustomerId,
+        profile: Option<&Customer>,
+        defs: &[Arc<SegmentDef>],
+        now: DateTime<Utc>,
+    ) -> Result<CustomerFacts> {
+        let traits = match profile {
+            Some(c) => c.traits.clone(),
+            None => self
+                .stores
+                .profiles
+                .get(id)
+                .await?
+                .map(|c| c.traits)
+                .unwrap_or_default(),
+        };
+        let names: Vec<String> = defs
+            .iter()
+            .flat_map(|d| d.condition.features())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let features = if names.is_empty() {
+            HashMap::new()
+        } else {
+            self.features
+                .read(id, Some(&names), "features", now)
+                .await?
+                .values
+                .into_iter()
+                .map(|v| (v.name, v.value))
+                .collect()
+        };
+        let windows: BTreeSet<(String, Window)> =
+            defs.iter().flat_map(|d| d.condition.event_windows()).collect();
+        let mut counts = HashMap::new();
+        if let Some(longest) = windows.iter().map(|(_, w)| *w).max() {
+            let events = self
+                .stores
+                .events
+                .customer_events(id, now - longest.duration())
+                .await?;
+            for (ty, w) in windows {
+                let since = now - w.duration();
+                let n = events
+                    .iter()
+                    .filter(|e| e.event.event_type == ty && e.event.timestamp > since)
+                    .count() as u64;
+                counts.insert((ty, w), n);
+            }
+        }
+        Ok(CustomerFacts {
+            traits,
+            features,
+            counts,
+        })
+    }
+}

@@ -1,0 +1,1370 @@
+//! Conformance suites: one `pub async fn` per storage trait, exercising every method and
+//! every sentence of the trait's contract. Every backend runs all of them.
+//!
+//! Each suite panics (with a message naming the broken rule) on the first violation, so a
+//! backend's test is just `conformance::profiles(store, "t1:").await`.
+//!
+//! Sharing a real server (Redis, ...): every id, name and key a suite creates starts with
+//! the caller's `prefix`, so leftovers of earlier runs and other prefixes do not collide.
+//! Choose prefixes that are unique and not prefixes of each other (e.g. `"run-<uuid>:"`).
+//! Whole-store figures (`count`, `last_seq`, `list`) are checked as differences, so each
+//! suite must be the only writer of its capability while it runs. Properties that only a
+//! fresh store can show (`last_seq` is 0 on an empty log) are checked when the store looks
+//! fresh.
+//!
+//! This is plain library code (no dev-dependencies), so integration tests of any backend
+//! can call it.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use serde_json::{json, Map};
+
+use super::{
+    AppendOutcome, BanditStore, ContentStore, DecisionStore, DefinitionKind, DefinitionStore,
+    EventLog, FeatureStore, MembershipChange, ProfileStore, SegmentStore, StorageResult,
+};
+use crate::bandit::ArmStats;
+use crate::content::ContentItem;
+use crate::customers::{Consent, Customer, CustomerId, Pii};
+use crate::decision::{Assignment, Decision, Outcome, PropensityKind, ScoredItem};
+use crate::events::{Event, StoredEvent};
+use crate::features::{Bucket, FeatureKey, FeatureState};
+
+/// Unwraps a storage result, failing the suite with `what` and the error.
+#[track_caller]
+fn ok<T>(what: &str, result: StorageResult<T>) -> T {
+    match result {
+        Ok(value) => value,
+        Err(e) => panic!("{what}: unexpected storage error: {e}"),
+    }
+}
+
+/// A customer id, panicking if `raw` is not a valid one.
+#[track_caller]
+pub fn customer_id(raw: &str) -> CustomerId {
+    match CustomerId::parse("customerId", raw) {
+        Ok(id) => id,
+        Err(e) => panic!("conformance: invalid test id {raw:?}: {e}"),
+    }
+}
+
+/// A fixed instant, so that timestamps compare exactly.
+pub fn base_time() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5)
+        .single()
+        .unwrap_or(DateTime::UNIX_EPOCH)
+}
+
+/// Suffixes whose byte order differs from their order under common wrong encodings
+/// (length-prefixed strings, case-folding, `char` vs byte order).
+const TRICKY_SUFFIXES: [&str; 9] = ["b", "a", "ab", "a b", "a\u{e9}", "a-1", "aa", "z", "B"];
+
+// ---------------------------------------------------------------------------------------
+// Profiles
+// ---------------------------------------------------------------------------------------
+
+/// A complete profile (traits, PII, consent, sub-second timestamps) that varies with `n`.
+pub fn sample_customer(id: &CustomerId, n: i64) -> Customer {
+    let mut traits = Map::new();
+    traits.insert("n".into(), json!(n));
+    traits.insert("plan".into(), json!("pro"));
+    Customer {
+        id: id.clone(),
+        traits,
+        pii: Pii {
+            email: Some(format!("{n}@example.com")),
+            phone: None,
+            name: Some("Ada".into()),
+        },
+        consent: Consent {
+            personalization: Some(true),
+            marketing: None,
+            analytics: Some(false),
+        },
+        created_at: base_time() + Duration::nanoseconds(n * 1_001),
+        updated_at: base_time() + Duration::milliseconds(n),
+    }
+}
+
+/// [`ProfileStore`]: `None` for missing, whole-profile replace, delete's `bool`,
+/// `list` order / `after` / `limit`, and `count`.
+pub async fn profiles(store: &dyn ProfileStore, prefix: &str) {
+    let id = |suffix: &str| customer_id(&format!("{prefix}{suffix}"));
+    let count0 = ok("count", store.count().await);
+
+    // Missing.
+    assert_eq!(
+        ok("get missing", store.get(&id("missing")).await),
+        None,
+        "get of an unknown id must be None"
+    );
+    assert!(
+        !ok("delete missing", store.delete(&id("missing")).await),
+        "delete of an unknown id must return false"
+    );
+
+    // Put and get.
+    let mut expected: BTreeMap<String, Customer> = BTreeMap::new();
+    for (n, suffix) in TRICKY_SUFFIXES.iter().enumerate() {
+        let c = sample_customer(&id(suffix), n as i64);
+        ok("put", store.put(&c).await);
+        expected.insert(c.id.as_str().to_owned(), c);
+    }
+    for c in expected.values() {
+        assert_eq!(
+            ok("get", store.get(&c.id).await).as_ref(),
+            Some(c),
+            "get must return exactly the profile that was put"
+        );
+    }
+    assert_eq!(
+        ok("count", store.count().await),
+        count0 + expected.len() as u64,
+        "count must grow by the number of new profiles"
+    );
+
+    // Put replaces the whole profile: nothing of the old one is merged in.
+    let replaced_id = id("a");
+    let mut replacement = sample_customer(&replaced_id, 100);
+    replacement.traits = Map::new();
+    replacement.traits.insert("only".into(), json!("this"));
+    replacement.pii = Pii::default();
+    replacement.consent = Consent::default();
+    ok("put (replace)", store.put(&replacement).await);
+    assert_eq!(
+        ok("get replaced", store.get(&replaced_id).await).as_ref(),
+        Some(&replacement),
+        "put must replace the whole profile (merging is the caller's job)"
+    );
+    expected.insert(replaced_id.as_str().to_owned(), replacement);
+    assert_eq!(
+        ok("count", store.count().await),
+        count0 + expected.len() as u64,
+        "replacing a profile must not change count"
+    );
+
+    // List: ascending id order, strictly after `after`, at most `limit`.
+    let expected_ids: Vec<String> = expected.keys().cloned().collect();
+    let start = (!prefix.is_empty()).then(|| customer_id(prefix));
+    let mut listed = Vec::new();
+    let mut after = start.clone();
+    'pages: loop {
+        let page = ok("list", store.list(after.as_ref(), 2).await);
+        assert!(page.len() <= 2, "list must return at most `limit` profiles");
+        if page.is_empty() {
+            break;
+        }
+        for c in &page {
+            if let Some(after) = &after {
+                assert!(c.id > *after, "list must return ids strictly after `after`");
+            }
+            if !c.id.as_str().starts_with(prefix) {
+                break 'pages;
+            }
+            listed.push(c.clone());
+        }
+        after = page.last().map(|c| c.id.clone());
+    }
+    let listed_ids: Vec<String> = listed.iter().map(|c| c.id.as_str().to_owned()).collect();
+    assert_eq!(
+        listed_ids, expected_ids,
+        "paging through list must give every profile once, in ascending (byte) id order"
+    );
+    assert_eq!(
+        listed,
+        expected.values().cloned().collect::<Vec<_>>(),
+        "list must return the stored profiles"
+    );
+    assert!(
+        ok("list limit 0", store.list(start.as_ref(), 0).await).is_empty(),
+        "list with limit 0 must be empty"
+    );
+    // `after` need not be a stored id: "a " sorts between "a" and "a b".
+    let between = ok("list after absent id", store.list(Some(&id("a ")), 1).await);
+    assert_eq!(
+        between.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+        vec![id("a b").as_str()],
+        "list after an id that is not stored must start at the next stored id"
+    );
+    let last = expected_ids.last().map(|s| customer_id(s));
+    let tail = ok("list after last", store.list(last.as_ref(), 10).await);
+    assert!(
+        tail.iter().all(|c| !c.id.as_str().starts_with(prefix)),
+        "list after the greatest id must not return it or anything before it"
+    );
+    let all = ok("list all", store.list(None, (count0 as usize) + expected.len() + 1).await);
+    assert_eq!(
+        all.len() as u64,
+        count0 + expected.len() as u64,
+        "list from the start with a large limit must return count() profiles"
+    );
+    assert!(
+        all.windows(2).all(|w| w[0].id < w[1].id),
+        "list from the start must be strictly ascending by id"
+    );
+    if count0 == 0 {
+        assert_eq!(
+            all,
+            expected.values().cloned().collect::<Vec<_>>(),
+            "list from the start of a fresh store must return exactly the stored profiles"
+        );
+    }
+
+    // Delete.
+    assert!(
+        ok("delete", store.delete(&replaced_id).await),
+        "delete of a stored profile must return true"
+    );
+    assert_eq!(
+        ok("get deleted", store.get(&replaced_id).await),
+        None,
+        "a deleted profile must read as None"
+    );
+    assert!(
+        !ok("delete again", store.delete(&replaced_id).await),
+        "a second delete must return false"
+    );
+    assert_eq!(
+        ok("count", store.count().await),
+        count0 + expected.len() as u64 - 1,
+        "delete must decrease count by one"
+    );
+    let after_delete = ok("list after delete", store.list(start.as_ref(), 100).await);
+    assert!(
+        !after_delete.iter().any(|c| c.id == replaced_id),
+        "a deleted profile must not be listed"
+    );
+    for c in expected.values().filter(|c| c.id != replaced_id) {
+        assert_eq!(
+            ok("get survivor", store.get(&c.id).await).as_ref(),
+            Some(c),
+            "delete must not touch other profiles"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Event log
+// ---------------------------------------------------------------------------------------
+
+/// An event with nested properties that vary with `n`.
+pub fn sample_event(id: &str, customer: &CustomerId, timestamp: DateTime<Utc>, n: i64) -> Event {
+    let mut properties = Map::new();
+    properties.insert("n".into(), json!(n));
+    properties.insert("nested".into(), json!({"list": [1, 2.5, "x"], "none": null}));
+    Event {
+        event_id: id.to_owned(),
+        customer_id: customer.clone(),
+        event_type: "page_view".into(),
+        timestamp,
+        properties,
+    }
+}
+
+#[track_caller]
+fn appended(outcome: AppendOutcome, what: &str) -> u64 {
+    match outcome {
+        AppendOutcome::Appended(seq) => seq,
+        AppendOutcome::Duplicate => panic!("{what}: expected Appended, got Duplicate"),
+    }
+}
+
+fn stored(pairs: &[(u64, &Event)]) -> Vec<StoredEvent> {
+    pairs
+        .iter()
+        .map(|&(seq, event)| StoredEvent {
+            seq,
+            event: event.clone(),
+        })
+        .collect()
+}
+
+/// [`EventLog`]: dedup within and across batches, seqs strictly increasing in input order
+/// and across calls, `scan` paging, `customer_events` filter and (timestamp, seq) order,
+/// `last_seq`, erasure keeping dedup keys, and consumer offsets.
+pub async fn event_log(store: &dyn EventLog, prefix: &str) {
+    let eid = |suffix: &str| format!("{prefix}{suffix}");
+    let c1 = customer_id(&format!("{prefix}c1"));
+    let c10 = customer_id(&format!("{prefix}c10")); // c1 is a prefix of c10
+    let t = base_time();
+
+    let start = ok("last_seq", store.last_seq().await);
+    if start == 0 {
+        assert!(
+            ok("scan empty", store.scan(0, 10).await).is_empty(),
+            "last_seq is 0 but the log is not empty"
+        );
+    }
+    assert!(
+        ok("scan after last", store.scan(start, 10).await).is_empty(),
+        "scan after last_seq must be empty"
+    );
+    assert!(
+        ok("append empty", store.append(&[]).await).is_empty(),
+        "appending no events must return no outcomes"
+    );
+    assert_eq!(
+        ok("last_seq", store.last_seq().await),
+        start,
+        "an empty append must not assign a seq"
+    );
+
+    // Batch A: out-of-order timestamps, a duplicate within the batch, sub-millisecond gaps.
+    let a1 = sample_event(&eid("a1"), &c1, t + Duration::seconds(2), 1);
+    let a2 = sample_event(&eid("a2"), &c1, t - Duration::nanoseconds(1), 2);
+    let a1_again = sample_event(&eid("a1"), &c1, t + Duration::seconds(9), 99);
+    let a3 = sample_event(&eid("a3"), &c10, t + Duration::seconds(1), 3);
+    let a4 = sample_event(&eid("a4"), &c1, t + Duration::nanoseconds(1_000_000_500), 4);
+    let a5 = sample_event(&eid("a5"), &c1, t + Duration::nanoseconds(1_000_000_200), 5);
+    let batch_a = [
+        a1.clone(),
+        a2.clone(),
+        a1_again.clone(),
+        a3.clone(),
+        a4.clone(),
+        a5.clone(),
+    ];
+    let out_a = ok("append A", store.append(&batch_a).await);
+    assert_eq!(out_a.len(), batch_a.len(), "append must return one outcome per input event");
+    assert_eq!(
+        out_a[2],
+        AppendOutcome::Duplicate,
+        "an event_id repeated within a batch must be a Duplicate"
+    );
+    let s1 = appended(out_a[0], "append A[0]");
+    let s2 = appended(out_a[1], "append A[1]");
+    let s3 = appended(out_a[3], "append A[3]");
+    let s4 = appended(out_a[4], "append A[4]");
+    let s5 = appended(out_a[5], "append A[5]");
+    assert!(s1 > start, "new seqs must be greater than every earlier one");
+    assert!(
+        s1 < s2 && s2 < s3 && s3 < s4 && s4 < s5,
+        "seqs must be strictly increasing in input order: {out_a:?}"
+    );
+    assert_eq!(
+        ok("last_seq", store.last_seq().await),
+        s5,
+        "last_seq must be the highest seq assigned"
+    );
+
+    // Batch B: a duplicate of an earlier batch, an equal timestamp, a pre-1970 timestamp.
+    let b1 = sample_event(&eid("b1"), &c1, a4.timestamp, 6);
+    let b2 = sample_event(
+        &eid("b2"),
+        &c1,
+        DateTime::UNIX_EPOCH - Duration::milliseconds(500),
+        7,
+    );
+    let a2_again = sample_event(&eid("a2"), &c10, t, 98);
+    let out_b = ok(
+        "append B",
+        store
+            .append(&[a2_again.clone(), b1.clone(), b2.clone()])
+            .await,
+    );
+    assert_eq!(out_b.len(), 3, "append must return one outcome per input event");
+    assert_eq!(
+        out_b[0],
+        AppendOutcome::Duplicate,
+        "an event_id stored by an earlier append must be a Duplicate"
+    );
+    let s6 = appended(out_b[1], "append B[1]");
+    let s7 = appended(out_b[2], "append B[2]");
+    assert!(
+        s5 < s6 && s6 < s7,
+        "seqs must be strictly increasing across calls"
+    );
+    assert_eq!(ok("last_seq", store.last_seq().await), s7);
+
+    // Scan: seq > after, ascending, at most limit; the first stored copy of an id wins.
+    let all = stored(&[
+        (s1, &a1),
+        (s2, &a2),
+        (s3, &a3),
+        (s4, &a4),
+        (s5, &a5),
+        (s6, &b1),
+        (s7, &b2),
+    ]);
+    assert_eq!(
+        ok("scan", store.scan(start, 100).await),
+        all,
+        "scan must return exactly the appended events (first copy of each id), by seq"
+    );
+    let mut paged = Vec::new();
+    let mut after = start;
+    loop {
+        let page = ok("scan page", store.scan(after, 3).await);
+        assert!(page.len() <= 3, "scan must return at most `limit` events");
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        paged.extend(page);
+    }
+    assert_eq!(paged, all, "paging with scan(after = last seq) must visit every event once");
+    assert_eq!(
+        ok("scan mid", store.scan(s3, 2).await),
+        all[3..5].to_vec(),
+        "scan must start strictly after `after`"
+    );
+    assert!(
+        ok("scan limit 0", store.scan(start, 0).await).is_empty(),
+        "scan with limit 0 must be empty"
+    );
+    assert!(
+        ok("scan after last", store.scan(s7, 10).await).is_empty(),
+        "scan after last_seq must be empty"
+    );
+
+    // Customer events: timestamp >= since, ascending by (timestamp, seq), that customer only.
+    let long_ago = Utc
+        .with_ymd_and_hms(1900, 1, 1, 0, 0, 0)
+        .single()
+        .unwrap_or(DateTime::UNIX_EPOCH);
+    let c1_all = stored(&[
+        (s7, &b2),
+        (s2, &a2),
+        (s5, &a5),
+        (s4, &a4),
+        (s6, &b1),
+        (s1, &a1),
+    ]);
+    assert_eq!(
+        ok("customer_events", store.customer_events(&c1, long_ago).await),
+        c1_all,
+        "customer_events must be ascending by (timestamp, seq), to the nanosecond, \
+         pre-1970 included, and hold only that customer's events"
+    );
+    assert_eq!(
+        ok("customer_events since", store.customer_events(&c1, a4.timestamp).await),
+        c1_all[3..].to_vec(),
+        "customer_events must include events exactly at `since` and exclude earlier ones \
+         (even 300 ns earlier)"
+    );
+    assert_eq!(
+        ok(
+            "customer_events since+1ns",
+            store
+                .customer_events(&c1, a4.timestamp + Duration::nanoseconds(1))
+                .await
+        ),
+        c1_all[5..].to_vec(),
+        "customer_events must exclude events before `since`"
+    );
+    assert_eq!(
+        ok("customer_events c10", store.customer_events(&c10, long_ago).await),
+        stored(&[(s3, &a3)]),
+        "customer_events must not mix customers whose ids share a prefix"
+    );
+    let nobody = customer_id(&format!("{prefix}nobody"));
+    assert!(
+        ok("customer_events unknown", store.customer_events(&nobody, long_ago).await).is_empty(),
+        "customer_events of an unknown customer must be empty"
+    );
+
+    // Erasure: removes the customer's events, keeps their dedup keys and last_seq.
+    assert_eq!(
+        ok("delete_customer", store.delete_customer(&c1).await),
+        6,
+        "delete_customer must return how many events it removed"
+    );
+    assert!(
+        ok("customer_events erased", store.customer_events(&c1, long_ago).await).is_empty(),
+        "an erased customer must have no events"
+    );
+    assert_eq!(
+        ok("scan after erasure", store.scan(start, 100).await),
+        stored(&[(s3, &a3)]),
+        "erasure must remove the customer's events from the log and nothing else"
+    );
+    assert_eq!(
+        ok("customer_events c10", store.customer_events(&c10, long_ago).await),
+        stored(&[(s3, &a3)]),
+        "erasure must not touch other customers"
+    );
+    assert_eq!(
+        ok("last_seq after erasure", store.last_seq().await),
+        s7,
+        "last_seq is the highest seq ever assigned, even when that event was erased"
+    );
+    let replay = sample_event(&eid("c1-new"), &c1, t, 8);
+    let out_c = ok("append replay", store.append(&[a1.clone(), replay.clone()]).await);
+    assert_eq!(
+        out_c[0],
+        AppendOutcome::Duplicate,
+        "a replayed event of an erased customer must still be recognised as a Duplicate"
+    );
+    let s8 = appended(out_c[1], "append after erasure");
+    assert!(s8 > s7, "seqs must not be reused after an erasure");
+    assert_eq!(
+        ok("delete_customer", store.delete_customer(&c1).await),
+        1,
+        "delete_customer must count only the events it removed"
+    );
+    assert_eq!(
+        ok("delete_customer again", store.delete_customer(&c1).await),
+        0,
+        "delete_customer of a customer without events must return 0"
+    );
+
+    // Offsets.
+    let consumer = format!("{prefix}consumer");
+    let other = format!("{prefix}consumer-2");
+    assert_eq!(
+        ok("committed_offset", store.committed_offset(&consumer).await),
+        0,
+        "a consumer that never committed must read 0"
+    );
+    ok("commit_offset", store.commit_offset(&consumer, s3).await);
+    assert_eq!(
+        ok("committed_offset", store.committed_offset(&consumer).await),
+        s3
+    );
+    ok("commit_offset", store.commit_offset(&consumer, s8).await);
+    assert_eq!(
+        ok("committed_offset", store.committed_offset(&consumer).await),
+        s8,
+        "a later commit must replace the offset"
+    );
+    assert_eq!(
+        ok("committed_offset other", store.committed_offset(&other).await),
+        0,
+        "offsets must be per consumer"
+    );
+    ok("commit_offset other", store.commit_offset(&other, s1).await);
+    assert_eq!(
+        ok("committed_offset", store.committed_offset(&consumer).await),
+        s8,
+        "committing for one consumer must not change another's offset"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Features
+// ---------------------------------------------------------------------------------------
+
+/// A feature state with two buckets that varies with `n`.
+pub fn sample_feature_state(n: u64) -> FeatureState {
+    FeatureState {
+        applied_seq: n,
+        buckets: vec![
+            Bucket {
+                minute: 29_000_000 + n as i64,
+                count: 2,
+                sum: 1.5,
+            },
+            Bucket {
+                minute: 29_000_001 + n as i64,
+                count: 1,
+                sum: -0.25,
+            },
+        ],
+        last_seen_ms: Some(1_767_323_045_000 + n as i64),
+    }
+}
+
+/// [`FeatureStore`]: one entry per key in order, `None` where never written, overwrite,
+/// whole-batch visibility, `delete_customer` and `delete_key`.
+pub async fn features(store: &dyn FeatureStore, prefix: &str) {
+    let c1 = customer_id(&format!("{prefix}c1"));
+    let c12 = customer_id(&format!("{prefix}c12")); // c1 is a prefix of c12
+    let f1 = FeatureKey::new(format!("{prefix}f"), 1);
+    let f2 = FeatureKey::new(format!("{prefix}f"), 2);
+    let f2_1 = FeatureKey::new(format!("{prefix}f2"), 1); // "f" is a prefix of "f2"
+    let g1 = FeatureKey::new(format!("{prefix}g"), 1);
+
+    assert!(
+        ok("read no keys", store.read(&c1, &[]).await).is_empty(),
+        "read of no keys must return no entries"
+    );
+    assert_eq!(
+        ok("read unwritten", store.read(&c1, &[f1.clone(), f2.clone()]).await),
+        vec![None, None],
+        "keys never written must read as None"
+    );
+    ok("write nothing", store.write(Vec::new()).await);
+
+    let (s1, s2, s3, s4, s5) = (
+        sample_feature_state(1),
+        sample_feature_state(2),
+        sample_feature_state(3),
+        sample_feature_state(4),
+        sample_feature_state(5),
+    );
+    ok(
+        "write",
+        store
+            .write(vec![
+                (c1.clone(), f1.clone(), s1.clone()),
+                (c1.clone(), f2.clone(), s2.clone()),
+                (c1.clone(), f2_1.clone(), s3.clone()),
+                (c12.clone(), f1.clone(), s4.clone()),
+                (c12.clone(), g1.clone(), s5.clone()),
+            ])
+            .await,
+    );
+    assert_eq!(
+        ok(
+            "read",
+            store
+                .read(&c1, &[f2.clone(), g1.clone(), f1.clone(), f2_1.clone(), f1.clone()])
+                .await
+        ),
+        vec![Some(s2.clone()), None, Some(s1.clone()), Some(s3.clone()), Some(s1.clone())],
+        "read must return one entry per key, in order (repeats included), None where unwritten"
+    );
+    assert_eq!(
+        ok("read c12", store.read(&c12, &[f1.clone(), g1.clone(), f2.clone()]).await),
+        vec![Some(s4.clone()), Some(s5.clone()), None],
+        "states are per customer"
+    );
+
+    // Overwrite.
+    let s1b = sample_feature_state(11);
+    ok("overwrite", store.write(vec![(c1.clone(), f1.clone(), s1b.clone())]).await);
+    assert_eq!(
+        ok("read overwritten", store.read(&c1, &[f1.clone(), f2.clone()]).await),
+        vec![Some(s1b.clone()), Some(s2.clone())],
+        "a write must replace the state of its key only"
+    );
+
+    // Whole-batch visibility: a concurrent reader sees all of a batch or none of it.
+    let c3 = customer_id(&format!("{prefix}c3"));
+    let keys: Vec<FeatureKey> = (0..32).map(|v| FeatureKey::new(format!("{prefix}w"), v)).collect();
+    let batch: Vec<_> = keys
+        .iter()
+        .map(|k| (c3.clone(), k.clone(), sample_feature_state(u64::from(k.version))))
+        .collect();
+    let done = AtomicBool::new(false);
+    let writing = async {
+        let result = store.write(batch).await;
+        done.store(true, Ordering::SeqCst);
+        result
+    };
+    let reading = async {
+        loop {
+            let finished = done.load(Ordering::SeqCst);
+            let states = ok("read during write", store.read(&c3, &keys).await);
+            let present = states.iter().filter(|s| s.is_some()).count();
+            assert!(
+                present == 0 || present == keys.len(),
+                "a batch write must become visible all at once (saw {present} of {})",
+                keys.len()
+            );
+            if finished {
+                assert_eq!(present, keys.len(), "a returned write must be visible");
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    let (written, ()) = tokio::join!(writing, reading);
+    ok("batch write", written);
+
+    // delete_key: that version, every customer; nothing else.
+    ok("delete_key", store.delete_key(&f1).await);
+    assert_eq!(
+        ok("read after delete_key", store.read(&c1, &[f1.clone(), f2.clone(), f2_1.clone()]).await),
+        vec![None, Some(s2.clone()), Some(s3.clone())],
+        "delete_key must remove only that (name, version)"
+    );
+    assert_eq!(
+        ok("read c12 after delete_key", store.read(&c12, &[f1.clone(), g1.clone()]).await),
+        vec![None, Some(s5.clone())],
+        "delete_key must remove the key for every customer"
+    );
+    ok("delete_key unknown", store.delete_key(&FeatureKey::new(format!("{prefix}none"), 7)).await);
+
+    // delete_customer: every state of that customer; nobody else's.
+    ok("delete_customer", store.delete_customer(&c1).await);
+    assert_eq!(
+        ok("read erased", store.read(&c1, &[f1.clone(), f2.clone(), f2_1.clone()]).await),
+        vec![None, None, None],
+        "delete_customer must remove every state of the customer"
+    );
+    assert_eq!(
+        ok("read c12 after erasure", store.read(&c12, &[g1.clone()]).await),
+        vec![Some(s5.clone())],
+        "delete_customer must not touch customers whose ids share a prefix"
+    );
+    assert_eq!(
+        ok("read c3", store.read(&c3, &keys[..2]).await),
+        vec![Some(sample_feature_state(0)), Some(sample_feature_state(1))],
+        "delete_customer must not touch other customers"
+    );
+    ok("delete_customer again", store.delete_customer(&c1).await);
+    ok("write after erasure", store.write(vec![(c1.clone(), f2.clone(), s2.clone())]).await);
+    assert_eq!(
+        ok("read rewritten", store.read(&c1, &[f2.clone()]).await),
+        vec![Some(s2)],
+        "a customer can be written again after erasure"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Segments
+// ---------------------------------------------------------------------------------------
+
+fn change(segment: &str, customer: &CustomerId, joined: bool) -> MembershipChange {
+    MembershipChange {
+        segment: segment.to_owned(),
+        customer: customer.clone(),
+        joined,
+    }
+}
+
+/// [`SegmentStore`]: `apply` returns only real changes (applied in order), exact sizes,
+/// `members` order / `after` / `limit`, `segments_of` by name, `clear`, `remove_customer`.
+pub async fn segments(store: &dyn SegmentStore, prefix: &str) {
+    let s = format!("{prefix}s");
+    let s1 = format!("{prefix}s1"); // s is a prefix of s1
+    let s2 = format!("{prefix}s2");
+    let c1 = customer_id(&format!("{prefix}c1"));
+    let c10 = customer_id(&format!("{prefix}c10"));
+    let c2 = customer_id(&format!("{prefix}c2"));
+
+    assert_eq!(ok("size unknown", store.size(&s).await), 0, "an unknown segment has size 0");
+    assert!(!ok("contains", store.contains(&s, &c1).await));
+    assert!(ok("members unknown", store.members(&s, None, 10).await).is_empty());
+    assert!(ok("segments_of unknown", store.segments_of(&c1).await).is_empty());
+    assert!(
+        ok("apply nothing", store.apply(&[]).await).is_empty(),
+        "applying no changes must change nothing"
+    );
+
+    let first = vec![
+        change(&s, &c1, true),
+        change(&s, &c2, true),
+        change(&s, &c1, true),   // already joined earlier in this batch
+        change(&s, &c10, false), // leave of a non-member
+        change(&s1, &c1, true),
+        change(&s1, &c10, true),
+    ];
+    assert_eq!(
+        ok("apply", store.apply(&first).await),
+        vec![first[0].clone(), first[1].clone(), first[4].clone(), first[5].clone()],
+        "apply must return only the changes that changed something, in input order"
+    );
+    let second = vec![
+        change(&s, &c1, true), // already a member
+        change(&s, &c2, false),
+        change(&s, &c2, true),
+        change(&s, &c2, false),
+    ];
+    assert_eq!(
+        ok("apply", store.apply(&second).await),
+        second[1..].to_vec(),
+        "apply must apply a batch in order: leave, join, leave of one pair are three changes"
+    );
+    assert!(
+        ok("apply repeat", store.apply(&second[..2]).await).is_empty(),
+        "a join of a member and a leave of a non-member are not changes"
+    );
+
+    assert_eq!(ok("size s", store.size(&s).await), 1, "size must count members exactly");
+    assert_eq!(ok("size s1", store.size(&s1).await), 2, "size must count members exactly");
+    assert!(ok("contains", store.contains(&s, &c1).await), "c1 joined s");
+    assert!(!ok("contains", store.contains(&s, &c2).await), "c2 left s");
+    assert!(!ok("contains", store.contains(&s, &c10).await), "c10 never joined s");
+    assert!(ok("contains", store.contains(&s1, &c10).await), "c10 joined s1");
+
+    // Members: ascending id, strictly after `after`, at most `limit`, that segment only.
+    assert_eq!(
+        ok("members s1", store.members(&s1, None, 10).await),
+        vec![c1.clone(), c10.clone()],
+        "members must be in ascending id order"
+    );
+    assert_eq!(
+        ok("members s", store.members(&s, None, 10).await),
+        vec![c1.clone()],
+        "members must not include members of a segment whose name extends this one"
+    );
+    assert_eq!(ok("members after", store.members(&s1, Some(&c1), 10).await), vec![c10.clone()]);
+    assert_eq!(ok("members limit", store.members(&s1, None, 1).await), vec![c1.clone()]);
+    assert!(ok("members limit 0", store.members(&s1, None, 0).await).is_empty());
+    assert!(ok("members after last", store.members(&s1, Some(&c10), 10).await).is_empty());
+
+    let crowd: Vec<CustomerId> = ["m05", "m01", "m10", "m03", "m02"]
+        .iter()
+        .map(|m| customer_id(&format!("{prefix}{m}")))
+        .collect();
+    let joins: Vec<_> = crowd.iter().map(|c| change(&s2, c, true)).collect();
+    assert_eq!(ok("apply crowd", store.apply(&joins).await).len(), crowd.len());
+    ok("apply c1 to s2", store.apply(&[change(&s2, &c1, true)]).await);
+    let mut expected: Vec<CustomerId> = crowd.clone();
+    expected.push(c1.clone());
+    expected.sort();
+    let mut paged = Vec::new();
+    let mut after: Option<CustomerId> = None;
+    loop {
+        let page = ok("members page", store.members(&s2, after.as_ref(), 2).await);
+        assert!(page.len() <= 2, "members must return at most `limit` ids");
+        let Some(last) = page.last().cloned() else { break };
+        paged.extend(page);
+        after = Some(last);
+    }
+    assert_eq!(paged, expected, "paging through members must list every member once, in order");
+    assert_eq!(ok("size s2", store.size(&s2).await), expected.len() as u64);
+
+    assert_eq!(
+        ok("segments_of c1", store.segments_of(&c1).await),
+        vec![s.clone(), s1.clone(), s2.clone()],
+        "segments_of must list the customer's segments sorted by name"
+    );
+    assert_eq!(ok("segments_of c10", store.segments_of(&c10).await), vec![s1.clone()]);
+    assert!(
+        ok("segments_of c2", store.segments_of(&c2).await).is_empty(),
+        "a customer who left every segment has none"
+    );
+
+    // Clear: the segment and all its memberships; nothing else.
+    ok("clear", store.clear(&s1).await);
+    assert_eq!(ok("size cleared", store.size(&s1).await), 0, "a cleared segment has size 0");
+    assert!(ok("members cleared", store.members(&s1, None, 10).await).is_empty());
+    assert!(!ok("contains cleared", store.contains(&s1, &c1).await));
+    assert_eq!(
+        ok("segments_of after clear", store.segments_of(&c1).await),
+        vec![s.clone(), s2.clone()],
+        "clear must remove the segment from its members' segment lists"
+    );
+    assert!(ok("segments_of c10 after clear", store.segments_of(&c10).await).is_empty());
+    assert_eq!(ok("size s after clear", store.size(&s).await), 1, "clear must not touch s");
+    ok("clear unknown", store.clear(&format!("{prefix}none")).await);
+    assert_eq!(
+        ok("rejoin", store.apply(&[change(&s1, &c10, true)]).await),
+        vec![change(&s1, &c10, true)],
+        "a member of a cleared segment can join again, as a change"
+    );
+    assert_eq!(ok("size rejoined", store.size(&s1).await), 1, "size restarts after clear");
+
+    // Remove a customer from every segment.
+    let mut leaves = ok("remove_customer", store.remove_customer(&c1).await);
+    leaves.sort_by(|a, b| a.segment.cmp(&b.segment));
+    assert_eq!(
+        leaves,
+        vec![change(&s, &c1, false), change(&s2, &c1, false)],
+        "remove_customer must return one leave per segment the customer was in"
+    );
+    assert!(ok("segments_of removed", store.segments_of(&c1).await).is_empty());
+    assert!(!ok("contains removed", store.contains(&s, &c1).await));
+    assert_eq!(ok("size s", store.size(&s).await), 0, "remove_customer must update sizes");
+    assert_eq!(ok("size s2", store.size(&s2).await), crowd.len() as u64);
+    assert_eq!(
+        ok("members s2", store.members(&s2, None, 100).await),
+        {
+            let mut c = crowd.clone();
+            c.sort();
+            c
+        },
+        "remove_customer must remove the customer from member lists"
+    );
+    assert!(
+        ok("remove_customer again", store.remove_customer(&c1).await).is_empty(),
+        "removing a customer who is in no segment returns no leaves"
+    );
+    assert_eq!(
+        ok("size s1", store.size(&s1).await),
+        1,
+        "remove_customer must not touch other customers"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Content
+// ---------------------------------------------------------------------------------------
+
+/// A content item with every optional field set, varying with `n`.
+pub fn sample_content_item(id: &str, n: i32) -> ContentItem {
+    let mut attributes = Map::new();
+    attributes.insert("price".into(), json!(9.5));
+    ContentItem {
+        id: id.to_owned(),
+        content_type: "banner".into(),
+        title: Some(format!("Item {n}")),
+        placements: vec!["homepage_hero".into()],
+        tags: vec!["t1".into()],
+        segments: vec![],
+        priority: n,
+        attributes,
+        active_from: Some(base_time()),
+        active_until: None,
+        frequency_cap: Some(3),
+    }
+}
+
+/// [`ContentStore`]: upsert/get, `get_many` one entry per id in order, `list` ascending by
+/// id, delete's `bool`.
+pub async fn content(store: &dyn ContentStore, prefix: &str) {
+    let id = |suffix: &str| format!("{prefix}{suffix}");
+    let ours = |items: Vec<ContentItem>| -> Vec<ContentItem> {
+        items.into_iter().filter(|i| i.id.starts_with(prefix)).collect()
+    };
+
+    assert_eq!(ok("get missing", store.get(&id("missing")).await), None);
+    assert!(!ok("delete missing", store.delete(&id("missing")).await));
+    assert!(ok("get_many none", store.get_many(&[]).await).is_empty());
+    let before = ours(ok("list", store.list().await));
+    assert!(before.is_empty(), "the prefix {prefix:?} is not fresh");
+
+    let mut expected = BTreeMap::new();
+    for (n, suffix) in TRICKY_SUFFIXES.iter().enumerate() {
+        let item = sample_content_item(&id(suffix), n as i32);
+        ok("upsert", store.upsert(&item).await);
+        expected.insert(item.id.clone(), item);
+    }
+    for item in expected.values() {
+        assert_eq!(ok("get", store.get(&item.id).await).as_ref(), Some(item));
+    }
+    let (a, b) = (expected[&id("a")].clone(), expected[&id("b")].clone());
+    assert_eq!(
+        ok(
+            "get_many",
+            store
+                .get_many(&[id("a"), id("missing"), id("b"), id("a")])
+                .await
+        ),
+        vec![Some(a.clone()), None, Some(b.clone()), Some(a.clone())],
+        "get_many must return one entry per id, in order, None for unknown ids"
+    );
+    let all = ok("list", store.list().await);
+    assert!(
+        all.windows(2).all(|w| w[0].id < w[1].id),
+        "list must be strictly ascending by id"
+    );
+    assert_eq!(
+        ours(all),
+        expected.values().cloned().collect::<Vec<_>>(),
+        "list must return every item in ascending (byte) id order"
+    );
+
+    // Upsert replaces.
+    let mut a2 = sample_content_item(&a.id, 42);
+    a2.title = None;
+    a2.tags = vec![];
+    ok("upsert replace", store.upsert(&a2).await);
+    assert_eq!(ok("get replaced", store.get(&a.id).await), Some(a2.clone()));
+    assert_eq!(
+        ours(ok("list", store.list().await)).len(),
+        expected.len(),
+        "replacing an item must not add one"
+    );
+
+    assert!(ok("delete", store.delete(&a.id).await), "delete of a stored item returns true");
+    assert!(!ok("delete again", store.delete(&a.id).await), "a second delete returns false");
+    assert_eq!(ok("get deleted", store.get(&a.id).await), None);
+    assert_eq!(
+        ok("get_many deleted", store.get_many(&[a.id.clone(), b.id.clone()]).await),
+        vec![None, Some(b.clone())]
+    );
+    let listed = ours(ok("list", store.list().await));
+    assert_eq!(listed.len(), expected.len() - 1, "a deleted item must not be listed");
+    assert!(!listed.iter().any(|i| i.id == a.id));
+}
+
+// ---------------------------------------------------------------------------------------
+// Decisions
+// ---------------------------------------------------------------------------------------
+
+/// A decision with every field set (items, alternatives, experiments, features), varying with `n`.
+pub fn sample_decision(id: &str, customer: &CustomerId, n: i32) -> Decision {
+    let item = sample_content_item(&format!("{id}-item"), n);
+    let other = sample_content_item(&format!("{id}-other"), n + 1);
+    let mut features = BTreeMap::new();
+    features.insert("views_7d".into(), 3.0);
+    Decision {
+        id: id.to_owned(),
+        customer_id: customer.clone(),
+        placement: Some("homepage_hero".into()),
+        items: vec![ScoredItem {
+            item,
+            score: 0.75,
+        }],
+        alternatives: vec![ScoredItem {
+            item: other,
+            score: 0.5,
+        }],
+        confidence_score: 0.6,
+        reasoning: format!("decision {n}"),
+        latency_ms: 1.25,
+        policy: "thompson".into(),
+        propensity: 0.8125,
+        propensity_kind: PropensityKind::Estimated,
+        model_version: None,
+        experiments: vec![Assignment {
+            experiment: "exp".into(),
+            variant: "b".into(),
+        }],
+        segments: vec!["vip".into()],
+        degraded: false,
+        explanation: Some(json!({"why": "score"})),
+        context: json!({"page": "/home"}),
+        features,
+        created_at: base_time() + Duration::nanoseconds(i64::from(n)),
+    }
+}
+
+/// The `n`th outcome of `decision`.
+pub fn sample_outcome(decision: &Decision, n: i32) -> Outcome {
+    Outcome {
+        decision_id: decision.id.clone(),
+        customer_id: decision.customer_id.clone(),
+        item_id: decision.selected().item.id.clone(),
+        reward: if n % 2 == 0 { 1.0 } else { 0.0 },
+        conversion_type: format!("click-{n}"),
+        value: (n % 2 == 0).then_some(12.5),
+        created_at: base_time() + Duration::seconds(i64::from(n)),
+    }
+}
+
+/// [`DecisionStore`]: `None` for missing, `put_outcome` counts and stores nothing for an
+/// unknown decision, outcome order, `pseudonymise` on decisions and outcomes.
+pub async fn decisions(store: &dyn DecisionStore, prefix: &str) {
+    let id = |suffix: &str| format!("{prefix}{suffix}");
+    let c1 = customer_id(&id("c1"));
+    let c10 = customer_id(&id("c10"));
+
+    assert_eq!(ok("get missing", store.get(&id("d0")).await), None);
+    assert!(ok("outcomes missing", store.outcomes(&id("d0")).await).is_empty());
+    let orphan = sample_outcome(&sample_decision(&id("d0"), &c1, 0), 0);
+    assert_eq!(
+        ok("put_outcome unknown", store.put_outcome(&orphan).await),
+        None,
+        "put_outcome of an unknown decision must return None"
+    );
+    assert!(
+        ok("outcomes unknown", store.outcomes(&id("d0")).await).is_empty(),
+        "put_outcome of an unknown decision must store nothing"
+    );
+    let d0 = sample_decision(&id("d0"), &c1, 0);
+    ok("put d0", store.put(&d0).await);
+    assert!(
+        ok("outcomes d0", store.outcomes(&d0.id).await).is_empty(),
+        "an outcome refused before its decision existed must not appear later"
+    );
+
+    let d1 = sample_decision(&id("d1"), &c1, 1);
+    let d2 = sample_decision(&id("d2"), &c1, 2);
+    let d3 = sample_decision(&id("d3"), &c10, 3);
+    for d in [&d1, &d2, &d3] {
+        ok("put", store.put(d).await);
+    }
+    for d in [&d0, &d1, &d2, &d3] {
+        assert_eq!(ok("get", store.get(&d.id).await).as_ref(), Some(d), "get must return the decision");
+    }
+
+    let o: Vec<Outcome> = (0..3).map(|n| sample_outcome(&d1, n)).collect();
+    for (n, out) in o.iter().enumerate() {
+        assert_eq!(
+            ok("put_outcome", store.put_outcome(out).await),
+            Some(n as u64),
+            "put_outcome must return how many outcomes the decision had before"
+        );
+    }
+    assert_eq!(
+        ok("outcomes", store.outcomes(&d1.id).await),
+        o,
+        "outcomes must be returned in the order they were stored"
+    );
+    assert!(
+        ok("outcomes d2", store.outcomes(&d2.id).await).is_empty(),
+        "outcomes are per decision"
+    );
+    let o2 = sample_outcome(&d2, 7);
+    assert_eq!(ok("put_outcome d2", store.put_outcome(&o2).await), Some(0));
+    let o3 = sample_outcome(&d3, 8);
+    assert_eq!(ok("put_outcome d3", store.put_outcome(&o3).await), Some(0));
+
+    // Put replaces a decision; its outcomes stay.
+    let mut d1b = d1.clone();
+    d1b.reasoning = "replaced".into();
+    ok("put replace", store.put(&d1b).await);
+    assert_eq!(ok("get replaced", store.get(&d1.id).await), Some(d1b.clone()));
+    assert_eq!(ok("outcomes kept", store.outcomes(&d1.id).await).len(), 3);
+
+    // Pseudonymise.
+    let pseudonym = id("anon-1");
+    assert_eq!(
+        ok("pseudonymise", store.pseudonymise(&c1, &pseudonym).await),
+        3,
+        "pseudonymise must return how many decisions it changed"
+    );
+    let anon = customer_id(&pseudonym);
+    for d in [&d0, &d1b, &d2] {
+        let mut expected = d.clone();
+        expected.customer_id = anon.clone();
+        assert_eq!(
+            ok("get pseudonymised", store.get(&d.id).await),
+            Some(expected),
+            "pseudonymise must replace the customer id and nothing else"
+        );
+    }
+    let expected_outcomes: Vec<Outcome> = o
+        .iter()
+        .map(|out| Outcome {
+            customer_id: anon.clone(),
+            ..out.clone()
+        })
+        .collect();
+    assert_eq!(
+        ok("outcomes pseudonymised", store.outcomes(&d1.id).await),
+        expected_outcomes,
+        "pseudonymise must replace the customer id on outcomes, keeping their order"
+    );
+    assert_eq!(
+        ok("outcomes d2 pseudonymised", store.outcomes(&d2.id).await),
+        vec![Outcome {
+            customer_id: anon.clone(),
+            ..o2.clone()
+        }]
+    );
+    assert_eq!(
+        ok("get d3", store.get(&d3.id).await),
+        Some(d3.clone()),
+        "pseudonymise must not touch customers whose ids share a prefix"
+    );
+    assert_eq!(ok("outcomes d3", store.outcomes(&d3.id).await), vec![o3]);
+    assert_eq!(
+        ok("pseudonymise again", store.pseudonymise(&c1, &pseudonym).await),
+        0,
+        "a customer without decisions has nothing to pseudonymise"
+    );
+    assert_eq!(
+        ok("pseudonymise unknown", store.pseudonymise(&customer_id(&id("nobody")), "x").await),
+        0
+    );
+    assert_eq!(
+        ok("put_outcome after", store.put_outcome(&sample_outcome(&d1, 9)).await),
+        Some(3),
+        "outcomes keep counting after pseudonymisation"
+    );
+    // A new decision of the original id is that customer's again.
+    let d4 = sample_decision(&id("d4"), &c1, 4);
+    ok("put d4", store.put(&d4).await);
+    assert_eq!(ok("pseudonymise new", store.pseudonymise(&c1, &pseudonym).await), 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Bandit
+// ---------------------------------------------------------------------------------------
+
+fn stats(trials: f64, reward: f64) -> ArmStats {
+    ArmStats { trials, reward }
+}
+
+/// [`BanditStore`]: never-seen arms read as zero, one entry per arm in order, additive
+/// `add`, including concurrent adds from several tasks. Takes an `Arc` to spawn them.
+pub async fn bandit(store: Arc<dyn BanditStore>, prefix: &str) {
+    let p = format!("{prefix}p");
+    let p2 = format!("{prefix}p2"); // p is a prefix of p2
+    let arms = |names: &[&str]| names.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
+
+    assert!(ok("get no arms", store.get(&p, &[]).await).is_empty());
+    assert_eq!(
+        ok("get unseen", store.get(&p, &arms(&["a", "b"])).await),
+        vec![ArmStats::default(), ArmStats::default()],
+        "never-seen arms must read as zero"
+    );
+
+    ok("add", store.add(&p, "a", stats(1.0, 0.5)).await);
+    ok("add", store.add(&p, "a", stats(2.0, 0.25)).await);
+    ok("add", store.add(&p, "b", ArmStats::trial()).await);
+    ok("add", store.add(&p2, "a", stats(8.0, 4.0)).await);
+    assert_eq!(
+        ok("get", store.get(&p, &arms(&["b", "a", "zz", "a"])).await),
+        vec![stats(1.0, 0.0), stats(3.0, 0.75), ArmStats::default(), stats(3.0, 0.75)],
+        "add must sum into the arm; get must return one entry per arm, in order"
+    );
+    assert_eq!(
+        ok("get p2", store.get(&p2, &arms(&["a", "b"])).await),
+        vec![stats(8.0, 4.0), ArmStats::default()],
+        "statistics are per placement"
+    );
+
+    // Concurrent adds, from several tasks and from one task's concurrent futures.
+    let tasks = 8;
+    let per_task = 25;
+    let mut handles = Vec::new();
+    for _ in 0..tasks {
+        let store = store.clone();
+        let p = p.clone();
+        handles.push(tokio::spawn(async move {
+            for _ in 0..per_task {
+                ok("concurrent add", store.add(&p, "c", stats(1.0, 0.5)).await);
+            }
+        }));
+    }
+    let joined = futures::future::join_all((0..per_task).map(|_| store.add(&p, "c", ArmStats::reward(1.0)))).await;
+    for result in joined {
+        ok("concurrent add", result);
+    }
+    for handle in handles {
+        if let Err(e) = handle.await {
+            panic!("a concurrent add task failed: {e}");
+        }
+    }
+    let n = f64::from(tasks * per_task);
+    assert_eq!(
+        ok("get c", store.get(&p, &arms(&["c"])).await),
+        vec![stats(n, n * 0.5 + f64::from(per_task))],
+        "concurrent adds must all be merged by addition"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Definitions
+// ---------------------------------------------------------------------------------------
+
+/// [`DefinitionStore`]: versions 1, 2, ... never reused even after `delete`, latest vs given
+/// version, `versions` ascending, `list` (latest of every live name, by name), delete's
+/// `bool`, active pointers (`set_active` on a missing version is `false`).
+pub async fn definitions(store: &dyn DefinitionStore, prefix: &str) {
+    let kind = DefinitionKind::Segment;
+    let other_kind = DefinitionKind::Feature;
+    let n = format!("{prefix}n");
+    let n2 = format!("{prefix}n2"); // n is a prefix of n2
+    let m = format!("{prefix}m");
+    let ours = |defs: Vec<super::Definition>| -> Vec<(String, u32)> {
+        defs.into_iter()
+            .filter(|d| d.name.starts_with(prefix))
+            .map(|d| (d.name, d.version))
+            .collect()
+    };
+
+    assert_eq!(ok("get missing", store.get(kind, &n, None).await), None);
+    assert_eq!(ok("get missing version", store.get(kind, &n, Some(1)).await), None);
+    assert!(ok("versions missing", store.versions(kind, &n).await).is_empty());
+    assert_eq!(ok("active missing", store.active(kind, &n).await), None, "never set: None");
+    assert!(!ok("delete missing", store.delete(kind, &n).await), "nothing to delete: false");
+    assert!(
+        !ok("set_active missing", store.set_active(kind, &n, 1).await),
+        "set_active on a missing version must return false"
+    );
+    assert_eq!(ok("active", store.active(kind, &n).await), None);
+
+    let bodies = [json!({"v": 1}), json!({"v": 2, "x": [1, 2]}), json!("three")];
+    for (i, body) in bodies.iter().enumerate() {
+        assert_eq!(
+            ok("put", store.put(kind, &n, body.clone()).await),
+            i as u32 + 1,
+            "put must return 1 for the first version and n+1 after"
+        );
+    }
+    let versions = ok("versions", store.versions(kind, &n).await);
+    assert_eq!(
+        versions.iter().map(|d| d.version).collect::<Vec<_>>(),
+        vec![1, 2, 3],
+        "versions must list every version, ascending"
+    );
+    for (d, body) in versions.iter().zip(&bodies) {
+        assert_eq!(d.kind, kind);
+        assert_eq!(d.name, n);
+        assert_eq!(&d.body, body, "each version must keep its own body");
+    }
+    assert!(
+        versions.windows(2).all(|w| w[0].created_at <= w[1].created_at),
+        "later versions must not be created before earlier ones"
+    );
+    assert_eq!(
+        ok("get v2", store.get(kind, &n, Some(2)).await).as_ref(),
+        Some(&versions[1]),
+        "get(Some(v)) must return that version"
+    );
+    assert_eq!(
+        ok("get latest", store.get(kind, &n, None).await).as_ref(),
+        Some(&versions[2]),
+        "get(None) must return the latest version"
+    );
+    assert_eq!(ok("get v4", store.get(kind, &n, Some(4)).await), None);
+    assert_eq!(ok("get v0", store.get(kind, &n, Some(0)).await), None);
+
+    // Kinds and names are independent.
+    assert_eq!(
+        ok("put other kind", store.put(other_kind, &n, json!({"f": 1})).await),
+        1,
+        "versions are counted per (kind, name)"
+    );
+    assert_eq!(ok("put n2", store.put(kind, &n2, json!({"n2": true})).await), 1);
+    assert_eq!(ok("put m", store.put(kind, &m, json!({"m": true})).await), 1);
+    assert_eq!(ok("put m", store.put(kind, &m, json!({"m": 2})).await), 2);
+    assert_eq!(
+        ok("versions n", store.versions(kind, &n).await).len(),
+        3,
+        "versions must not include names that extend this one"
+    );
+    assert_eq!(
+        ours(ok("list", store.list(kind).await)),
+        vec![(m.clone(), 2), (n.clone(), 3), (n2.clone(), 1)],
+        "list must return the latest version of every live name, sorted by name"
+    );
+    assert_eq!(
+        ours(ok("list other", store.list(other_kind).await)),
+        vec![(n.clone(), 1)],
+        "list must return only the given kind"
+    );
+    let listed = ok("list", store.list(kind).await);
+    assert!(listed.iter().all(|d| d.kind == kind), "list must return only the given kind");
+
+    // Active pointer.
+    assert!(ok("set_active", store.set_active(kind, &n, 2).await), "set_active on a stored version");
+    assert_eq!(ok("active", store.active(kind, &n).await), Some(2));
+    assert!(
+        !ok("set_active v9", store.set_active(kind, &n, 9).await),
+        "set_active on a missing version must return false"
+    );
+    assert_eq!(
+        ok("active unchanged", store.active(kind, &n).await),
+        Some(2),
+        "a refused set_active must not move the pointer"
+    );
+    assert!(!ok("set_active m v3", store.set_active(kind, &m, 3).await));
+    assert_eq!(ok("active m", store.active(kind, &m).await), None);
+    assert_eq!(
+        ok("active other kind", store.active(other_kind, &n).await),
+        None,
+        "active pointers are per (kind, name)"
+    );
+    assert!(ok("set_active", store.set_active(kind, &n, 3).await));
+    assert_eq!(ok("active", store.active(kind, &n).await), Some(3));
+
+    // Delete: every version and the pointer; the version counter survives.
+    assert!(ok("delete", store.delete(kind, &n).await), "delete of a stored name returns true");
+    assert_eq!(ok("get deleted", store.get(kind, &n, None).await), None);
+    assert_eq!(ok("get deleted v1", store.get(kind, &n, Some(1)).await), None);
+    assert!(ok("versions deleted", store.versions(kind, &n).await).is_empty());
+    assert_eq!(ok("active deleted", store.active(kind, &n).await), None, "delete drops the pointer");
+    assert!(!ok("delete again", store.delete(kind, &n).await), "a second delete returns false");
+    assert_eq!(
+        ours(ok("list after delete", store.list(kind).await)),
+        vec![(m.clone(), 2), (n2.clone(), 1)],
+        "a deleted name must not be listed"
+    );
+    assert_eq!(
+        ok("other kind survives", store.get(other_kind, &n, None).await).map(|d| d.version),
+        Some(1),
+        "delete must not touch other kinds"
+    );
+    assert_eq!(ok("n2 survives", store.versions(kind, &n2).await).len(), 1);
+    assert!(
+        !ok("set_active deleted", store.set_active(kind, &n, 2).await),
+        "set_active on a deleted version must return false"
+    );
+    assert_eq!(
+        ok("put after delete", store.put(kind, &n, json!({"v": 4})).await),
+        4,
+        "version numbers must never be reused, even after delete"
+    );
+    assert_eq!(
+        ok("versions after delete", store.versions(kind, &n).await)
+            .iter()
+            .map(|d| d.version)
+            .collect::<Vec<_>>(),
+        vec![4]
+    );
+    assert_eq!(
+        ok("get latest", store.get(kind, &n, None).await).map(|d| (d.version, d.body)),
+        Some((4, json!({"v": 4})))
+    );
+    assert_eq!(ok("active after re-put", store.active(kind, &n).await), None);
+}

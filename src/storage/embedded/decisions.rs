@@ -1,0 +1,210 @@
+//! Decisions and their outcomes ([`DecisionStore`]).
+//!
+//! Tables:
+//! - `decisions`: decision id (`&str`) → JSON of [`Decision`];
+//! - `outcomes`: (decision id, n `u64`) → JSON of [`Outcome`], n = 0, 1, 2, ... in the
+//!   order they were stored (outcomes are never removed, so n is also the count before);
+//! - `customer_decisions`: (customer id, decision id) → `()`: the customer's decisions,
+//!   for `pseudonymise`.
+
+use std::ops::Bound;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{ReadableTable, TableDefinition, WriteTransaction};
+
+use super::{db_err, decode, encode, EmbeddedStore};
+use crate::customers::CustomerId;
+use crate::decision::{Decision, Outcome};
+use crate::storage::{DecisionStore, StorageError, StorageResult};
+
+pub(super) const DECISIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("decisions");
+pub(super) const OUTCOMES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("outcomes");
+pub(super) const CUSTOMER_DECISIONS: TableDefinition<(&str, &str), ()> =
+    TableDefinition::new("customer_decisions");
+
+pub(super) fn create_tables(txn: &WriteTransaction) -> StorageResult<()> {
+    txn.open_table(DECISIONS).map_err(db_err)?;
+    txn.open_table(OUTCOMES).map_err(db_err)?;
+    txn.open_table(CUSTOMER_DECISIONS).map_err(db_err)?;
+    Ok(())
+}
+
+/// [`DecisionStore`] on the embedded store.
+pub struct EmbeddedDecisions {
+    store: Arc<EmbeddedStore>,
+}
+
+impl EmbeddedDecisions {
+    pub fn new(store: Arc<EmbeddedStore>) -> Self {
+        EmbeddedDecisions { store }
+    }
+}
+
+#[async_trait]
+impl DecisionStore for EmbeddedDecisions {
+    async fn put(&self, decision: &Decision) -> StorageResult<()> {
+        let id = decision.id.clone();
+        let customer = decision.customer_id.as_str().to_owned();
+        let value = encode("decision", decision)?;
+        self.store
+            .write(move |txn| {
+                let mut decisions = txn.open_table(DECISIONS).map_err(db_err)?;
+                let mut index = txn.open_table(CUSTOMER_DECISIONS).map_err(db_err)?;
+                // A replaced decision may have named another customer: move its index entry.
+                // (A stored value that cannot be decoded is simply replaced; `pseudonymise`
+                // checks every index entry against the decision it names.)
+                let previous = decisions
+                    .get(id.as_str())
+                    .map_err(db_err)?
+                    .and_then(|v| serde_json::from_slice::<Decision>(v.value()).ok());
+                if let Some(previous) = previous {
+                    if previous.customer_id.as_str() != customer {
+                        index
+                            .remove((previous.customer_id.as_str(), id.as_str()))
+                            .map_err(db_err)?;
+                    }
+                }
+                decisions
+                    .insert(id.as_str(), value.as_slice())
+                    .map_err(db_err)?;
+                index
+                    .insert((customer.as_str(), id.as_str()), ())
+                    .map_err(db_err)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn get(&self, id: &str) -> StorageResult<Option<Decision>> {
+        self.store.read(|txn| {
+            let decisions = txn.open_table(DECISIONS).map_err(db_err)?;
+            match decisions.get(id).map_err(db_err)? {
+                Some(value) => decode("decision", id, value.value()).map(Some),
+                None => Ok(None),
+            }
+        })
+    }
+
+    async fn put_outcome(&self, outcome: &Outcome) -> StorageResult<Option<u64>> {
+        let decision_id = outcome.decision_id.clone();
+        let value = encode("outcome", outcome)?;
+        self.store
+            .write(move |txn| {
+                let decisions = txn.open_table(DECISIONS).map_err(db_err)?;
+                let mut outcomes = txn.open_table(OUTCOMES).map_err(db_err)?;
+                // Check.
+                if decisions.get(decision_id.as_str()).map_err(db_err)?.is_none() {
+                    return Ok(None);
+                }
+                let id = decision_id.as_str();
+                let before = match outcomes
+                    .range((id, 0u64)..=(id, u64::MAX))
+                    .map_err(db_err)?
+                    .next_back()
+                {
+                    Some(last) => {
+                        let (key, _) = last.map_err(db_err)?;
+                        key.value().1.checked_add(1).ok_or_else(|| {
+                            StorageError::Corrupt(format!("decision {id}: outcome index overflow"))
+                        })?
+                    }
+                    None => 0,
+                };
+                // Write.
+                outcomes.insert((id, before), value.as_slice()).map_err(db_err)?;
+                Ok(Some(before))
+            })
+            .await
+    }
+
+    async fn outcomes(&self, decision_id: &str) -> StorageResult<Vec<Outcome>> {
+        let id = decision_id.to_owned();
+        self.store
+            .read_blocking(move |txn| {
+                let outcomes = txn.open_table(OUTCOMES).map_err(db_err)?;
+                let mut out = Vec::new();
+                for entry in outcomes
+                    .range((id.as_str(), 0u64)..=(id.as_str(), u64::MAX))
+                    .map_err(db_err)?
+                {
+                    let (key, value) = entry.map_err(db_err)?;
+                    let n = key.value().1;
+                    out.push(decode("outcome", format_args!("{id}#{n}"), value.value())?);
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    async fn pseudonymise(&self, customer: &CustomerId, pseudonym: &str) -> StorageResult<u64> {
+        let pseudonym = CustomerId::parse("pseudonym", pseudonym)
+            .map_err(|e| StorageError::Backend(format!("invalid pseudonym: {e}")))?;
+        let customer = customer.clone();
+        self.store
+            .write(move |txn| {
+                let mut decisions = txn.open_table(DECISIONS).map_err(db_err)?;
+                let mut outcomes = txn.open_table(OUTCOMES).map_err(db_err)?;
+                let mut index = txn.open_table(CUSTOMER_DECISIONS).map_err(db_err)?;
+
+                // Check: collect the rewritten records; any undecodable one fails the call.
+                let mut ids = Vec::new();
+                for entry in index
+                    .range::<(&str, &str)>((
+                        Bound::Included((customer.as_str(), "")),
+                        Bound::Unbounded,
+                    ))
+                    .map_err(db_err)?
+                {
+                    let (key, _) = entry.map_err(db_err)?;
+                    let (owner, id) = key.value();
+                    if owner != customer.as_str() {
+                        break;
+                    }
+                    ids.push(id.to_owned());
+                }
+                let mut new_decisions = Vec::new();
+                let mut new_outcomes = Vec::new();
+                for id in &ids {
+                    let Some(value) = decisions.get(id.as_str()).map_err(db_err)? else {
+                        continue; // stale index entry: dropped below
+                    };
+                    let mut decision: Decision = decode("decision", id, value.value())?;
+                    if decision.customer_id != customer {
+                        continue; // stale index entry: dropped below
+                    }
+                    decision.customer_id = pseudonym.clone();
+                    new_decisions.push((id.as_str(), encode("decision", &decision)?));
+                    for entry in outcomes
+                        .range((id.as_str(), 0u64)..=(id.as_str(), u64::MAX))
+                        .map_err(db_err)?
+                    {
+                        let (key, value) = entry.map_err(db_err)?;
+                        let n = key.value().1;
+                        let mut outcome: Outcome =
+                            decode("outcome", format_args!("{id}#{n}"), value.value())?;
+                        if outcome.customer_id == customer {
+                            outcome.customer_id = pseudonym.clone();
+                            new_outcomes.push((id.as_str(), n, encode("outcome", &outcome)?));
+                        }
+                    }
+                }
+
+                // Write.
+                for id in &ids {
+                    index
+                        .remove((customer.as_str(), id.as_str()))
+                        .map_err(db_err)?;
+                }
+                for (id, value) in &new_decisions {
+                    decisions.insert(*id, value.as_slice()).map_err(db_err)?;
+                    index.insert((pseudonym.as_str(), *id), ()).map_err(db_err)?;
+                }
+                for (id, n, value) in &new_outcomes {
+                    outcomes.insert((*id, *n), value.as_slice()).map_err(db_err)?;
+                }
+                Ok(new_decisions.len() as u64)
+            })
+            .await
+    }
+}

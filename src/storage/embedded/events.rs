@@ -1,0 +1,250 @@
+//! The event log ([`EventLog`]).
+//!
+//! Tables:
+//! - `events`: seq (`u64`) → JSON of [`Event`]; seqs are assigned at append, 1, 2, 3, ...;
+//! - `event_ids`: event id (`&str`) → seq it was first stored at (the dedup set; kept
+//!   when the customer's events are erased);
+//! - `customer_events`: (customer id, timestamp seconds `i64`, sub-second nanos `u32`,
+//!   seq `u64`) → `()`: one customer's events in (timestamp, seq) order, exact to the
+//!   nanosecond;
+//! - `event_meta`: `"last_seq"` → highest seq ever assigned (never decreases, so seqs are
+//!   not reused after an erasure);
+//! - `consumer_offsets`: consumer name (`&str`) → committed seq.
+
+use std::collections::HashSet;
+use std::ops::Bound;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
+
+use super::{db_err, decode, encode, EmbeddedStore};
+use crate::customers::CustomerId;
+use crate::events::{Event, StoredEvent};
+use crate::storage::{AppendOutcome, EventLog, StorageError, StorageResult};
+
+pub(super) const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+pub(super) const EVENT_IDS: TableDefinition<&str, u64> = TableDefinition::new("event_ids");
+pub(super) const CUSTOMER_EVENTS: TableDefinition<(&str, i64, u32, u64), ()> =
+    TableDefinition::new("customer_events");
+pub(super) const EVENT_META: TableDefinition<&str, u64> = TableDefinition::new("event_meta");
+pub(super) const CONSUMER_OFFSETS: TableDefinition<&str, u64> =
+    TableDefinition::new("consumer_offsets");
+
+/// Key of the highest assigned seq in `event_meta`.
+const LAST_SEQ: &str = "last_seq";
+
+pub(super) fn create_tables(txn: &WriteTransaction) -> StorageResult<()> {
+    txn.open_table(EVENTS).map_err(db_err)?;
+    txn.open_table(EVENT_IDS).map_err(db_err)?;
+    txn.open_table(CUSTOMER_EVENTS).map_err(db_err)?;
+    txn.open_table(EVENT_META).map_err(db_err)?;
+    txn.open_table(CONSUMER_OFFSETS).map_err(db_err)?;
+    Ok(())
+}
+
+/// (seconds, sub-second nanoseconds): sorts like the timestamp itself, before 1970 too.
+fn time_key(ts: DateTime<Utc>) -> (i64, u32) {
+    (ts.timestamp(), ts.timestamp_subsec_nanos())
+}
+
+/// One event of an append, serialized before it reaches the writer thread.
+struct Encoded {
+    event_id: String,
+    customer: String,
+    time: (i64, u32),
+    value: Vec<u8>,
+}
+
+/// [`EventLog`] on the embedded store.
+pub struct EmbeddedEventLog {
+    store: Arc<EmbeddedStore>,
+}
+
+impl EmbeddedEventLog {
+    pub fn new(store: Arc<EmbeddedStore>) -> Self {
+        EmbeddedEventLog { store }
+    }
+}
+
+/// Loads stored events by seq; an index entry without its event is corruption.
+fn load_events(txn: &ReadTransaction, seqs: &[u64]) -> StorageResult<Vec<StoredEvent>> {
+    let table = txn.open_table(EVENTS).map_err(db_err)?;
+    let mut out = Vec::with_capacity(seqs.len());
+    for &seq in seqs {
+        let value = table.get(seq).map_err(db_err)?.ok_or_else(|| {
+            StorageError::Corrupt(format!("customer index names event {seq}, which is missing"))
+        })?;
+        out.push(StoredEvent {
+            seq,
+            event: decode("event", seq, value.value())?,
+        });
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl EventLog for EmbeddedEventLog {
+    async fn append(&self, events: &[Event]) -> StorageResult<Vec<AppendOutcome>> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let encoded = events
+            .iter()
+            .map(|event| {
+                Ok(Encoded {
+                    event_id: event.event_id.clone(),
+                    customer: event.customer_id.as_str().to_owned(),
+                    time: time_key(event.timestamp),
+                    value: encode("event", event)?,
+                })
+            })
+            .collect::<StorageResult<Vec<_>>>()?;
+        self.store
+            .write(move |txn| {
+                let mut meta = txn.open_table(EVENT_META).map_err(db_err)?;
+                let mut ids = txn.open_table(EVENT_IDS).map_err(db_err)?;
+                let mut log = txn.open_table(EVENTS).map_err(db_err)?;
+                let mut index = txn.open_table(CUSTOMER_EVENTS).map_err(db_err)?;
+
+                // Check: which events are new, and their seqs in input order.
+                let first_seq = meta.get(LAST_SEQ).map_err(db_err)?.map_or(0, |v| v.value());
+                let mut last_seq = first_seq;
+                let mut in_batch = HashSet::with_capacity(encoded.len());
+                let mut outcomes = Vec::with_capacity(encoded.len());
+                for event in &encoded {
+                    let known = !in_batch.insert(event.event_id.as_str())
+                        || ids.get(event.event_id.as_str()).map_err(db_err)?.is_some();
+                    if known {
+                        outcomes.push(AppendOutcome::Duplicate);
+                    } else {
+                        last_seq = last_seq.checked_add(1).ok_or_else(|| {
+                            StorageError::Backend("event sequence numbers exhausted".into())
+                        })?;
+                        outcomes.push(AppendOutcome::Appended(last_seq));
+                    }
+                }
+
+                // Write.
+                for (event, outcome) in encoded.iter().zip(&outcomes) {
+                    let AppendOutcome::Appended(seq) = *outcome else {
+                        continue;
+                    };
+                    log.insert(seq, event.value.as_slice()).map_err(db_err)?;
+                    ids.insert(event.event_id.as_str(), seq).map_err(db_err)?;
+                    index
+                        .insert(
+                            (event.customer.as_str(), event.time.0, event.time.1, seq),
+                            (),
+                        )
+                        .map_err(db_err)?;
+                }
+                if last_seq != first_seq {
+                    meta.insert(LAST_SEQ, last_seq).map_err(db_err)?;
+                }
+                Ok(outcomes)
+            })
+            .await
+    }
+
+    async fn scan(&self, after: u64, limit: usize) -> StorageResult<Vec<StoredEvent>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.store
+            .read_blocking(move |txn| {
+                let table = txn.open_table(EVENTS).map_err(db_err)?;
+                let mut out = Vec::new();
+                for entry in table
+                    .range::<u64>((Bound::Excluded(after), Bound::Unbounded))
+                    .map_err(db_err)?
+                    .take(limit)
+                {
+                    let (key, value) = entry.map_err(db_err)?;
+                    let seq = key.value();
+                    out.push(StoredEvent {
+                        seq,
+                        event: decode("event", seq, value.value())?,
+                    });
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    async fn customer_events(
+        &self,
+        customer: &CustomerId,
+        since: DateTime<Utc>,
+    ) -> StorageResult<Vec<StoredEvent>> {
+        let customer = customer.as_str().to_owned();
+        let (secs, nanos) = time_key(since);
+        self.store
+            .read_blocking(move |txn| {
+                let index = txn.open_table(CUSTOMER_EVENTS).map_err(db_err)?;
+                let lower = (customer.as_str(), secs, nanos, 0u64);
+                let upper = (customer.as_str(), i64::MAX, u32::MAX, u64::MAX);
+                let mut seqs = Vec::new();
+                for entry in index.range(lower..=upper).map_err(db_err)? {
+                    let (key, _) = entry.map_err(db_err)?;
+                    seqs.push(key.value().3);
+                }
+                load_events(txn, &seqs)
+            })
+            .await
+    }
+
+    async fn last_seq(&self) -> StorageResult<u64> {
+        self.store.read(|txn| {
+            let meta = txn.open_table(EVENT_META).map_err(db_err)?;
+            Ok(meta.get(LAST_SEQ).map_err(db_err)?.map_or(0, |v| v.value()))
+        })
+    }
+
+    async fn delete_customer(&self, customer: &CustomerId) -> StorageResult<u64> {
+        let customer = customer.as_str().to_owned();
+        self.store
+            .write(move |txn| {
+                let mut index = txn.open_table(CUSTOMER_EVENTS).map_err(db_err)?;
+                let mut log = txn.open_table(EVENTS).map_err(db_err)?;
+                let lower = (customer.as_str(), i64::MIN, 0u32, 0u64);
+                let upper = (customer.as_str(), i64::MAX, u32::MAX, u64::MAX);
+                let mut keys = Vec::new();
+                for entry in index.range(lower..=upper).map_err(db_err)? {
+                    let (key, _) = entry.map_err(db_err)?;
+                    let (_, secs, nanos, seq) = key.value();
+                    keys.push((secs, nanos, seq));
+                }
+                let mut removed = 0;
+                for (secs, nanos, seq) in keys {
+                    index
+                        .remove((customer.as_str(), secs, nanos, seq))
+                        .map_err(db_err)?;
+                    if log.remove(seq).map_err(db_err)?.is_some() {
+                        removed += 1;
+                    }
+                }
+                Ok(removed)
+            })
+            .await
+    }
+
+    async fn commit_offset(&self, consumer: &str, seq: u64) -> StorageResult<()> {
+        let consumer = consumer.to_owned();
+        self.store
+            .write(move |txn| {
+                let mut offsets = txn.open_table(CONSUMER_OFFSETS).map_err(db_err)?;
+                offsets.insert(consumer.as_str(), seq).map_err(db_err)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn committed_offset(&self, consumer: &str) -> StorageResult<u64> {
+        self.store.read(|txn| {
+            let offsets = txn.open_table(CONSUMER_OFFSETS).map_err(db_err)?;
+            Ok(offsets.get(consumer).map_err(db_err)?.map_or(0, |v| v.value()))
+        })
+    }
+}

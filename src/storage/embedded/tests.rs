@@ -1,0 +1,477 @@
+//! Tests of the embedded backend: every conformance suite on a fresh store, then what only
+//! this backend can show: durability across reopen, the writer draining its queue on drop,
+//! group commit, per-operation atomicity inside a batch, and corrupt values.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use redb::{TableDefinition, WriteTransaction};
+use serde_json::json;
+
+use super::{decisions, definitions, events, profiles, EmbeddedStore, FILE_NAME};
+use crate::bandit::ArmStats;
+use crate::events::Event;
+use crate::features::FeatureKey;
+use crate::storage::conformance::{
+    self, base_time, customer_id, sample_content_item, sample_customer, sample_decision,
+    sample_event, sample_feature_state, sample_outcome,
+};
+use crate::storage::{
+    AppendOutcome, DefinitionKind, MembershipChange, StorageError, StorageResult, Stores,
+};
+
+/// A scratch table for tests that drive the writer directly.
+const SCRATCH: TableDefinition<&str, u64> = TableDefinition::new("test_scratch");
+
+fn open(dir: &Path) -> Arc<EmbeddedStore> {
+    match EmbeddedStore::open(dir) {
+        Ok(store) => store,
+        Err(e) => panic!("opening the embedded store in {}: {e:#}", dir.display()),
+    }
+}
+
+fn fresh() -> (tempfile::TempDir, Arc<EmbeddedStore>, Stores) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let stores = store.stores();
+    (dir, store, stores)
+}
+
+/// Writes `value` under `key` in the scratch table.
+fn scratch_put(txn: &WriteTransaction, key: &str, value: u64) -> StorageResult<()> {
+    let mut table = txn.open_table(SCRATCH).map_err(super::db_err)?;
+    table.insert(key, value).map_err(super::db_err)?;
+    Ok(())
+}
+
+fn scratch_get(store: &EmbeddedStore, key: &str) -> Option<u64> {
+    store
+        .read(|txn| {
+            let table = txn.open_table(SCRATCH).map_err(super::db_err)?;
+            Ok(table.get(key).map_err(super::db_err)?.map(|v| v.value()))
+        })
+        .expect("scratch read")
+}
+
+/// Queues an operation that holds the writer thread for `hold`, and returns once the
+/// writer is running it: whatever is submitted next lands in the following batch.
+async fn hold_writer(store: &Arc<EmbeddedStore>, hold: Duration) -> tokio::task::JoinHandle<()> {
+    let (started_tx, started) = std::sync::mpsc::channel::<()>();
+    let started_tx = std::sync::Mutex::new(started_tx);
+    let store = store.clone();
+    let handle = tokio::spawn(async move {
+        store
+            .write(move |_txn| {
+                if let Ok(tx) = started_tx.lock() {
+                    let _ = tx.send(());
+                }
+                std::thread::sleep(hold);
+                Ok(())
+            })
+            .await
+            .expect("holding op");
+    });
+    tokio::task::spawn_blocking(move || started.recv().expect("holding op started"))
+        .await
+        .expect("join");
+    handle
+}
+
+/// Overwrites one stored value with bytes that are not JSON, behind the store's back.
+fn corrupt<K: redb::Key + 'static>(
+    store: &EmbeddedStore,
+    table: TableDefinition<K, &'static [u8]>,
+    key: K::SelfType<'_>,
+) {
+    let txn = store.db.begin_write().expect("begin_write");
+    {
+        let mut table = txn.open_table(table).expect("open_table");
+        table.insert(key, b"{not json".as_slice()).expect("insert");
+    }
+    txn.commit().expect("commit");
+}
+
+#[track_caller]
+fn assert_corrupt<T: std::fmt::Debug>(what: &str, result: StorageResult<T>) {
+    match result {
+        Err(StorageError::Corrupt(msg)) => assert!(!msg.is_empty(), "{what}: empty message"),
+        other => panic!("{what}: expected StorageError::Corrupt, got {other:?}"),
+    }
+}
+
+// --- the conformance suites --------------------------------------------------------------
+
+#[tokio::test]
+async fn profiles_conform() {
+    let (_dir, _store, stores) = fresh();
+    conformance::profiles(stores.profiles.as_ref(), "t:").await;
+}
+
+#[tokio::test]
+async fn event_log_conforms() {
+    let (_dir, _store, stores) = fresh();
+    assert_eq!(stores.events.last_seq().await.expect("last_seq"), 0, "a fresh log has last_seq 0");
+    conformance::event_log(stores.events.as_ref(), "t:").await;
+}
+
+#[tokio::test]
+async fn features_conform() {
+    let (_dir, _store, stores) = fresh();
+    conformance::features(stores.features.as_ref(), "t:").await;
+}
+
+#[tokio::test]
+async fn segments_conform() {
+    let (_dir, _store, stores) = fresh();
+    conformance::segments(stores.segments.as_ref(), "t:").await;
+}
+
+#[tokio::test]
+async fn content_conforms() {
+    let (_dir, _store, stores) = fresh();
+    conformance::content(stores.content.as_ref(), "t:").await;
+}
+
+#[tokio::test]
+async fn decisions_conform() {
+    let (_dir, _store, stores) = fresh();
+    conformance::decisions(stores.decisions.as_ref(), "t:").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bandit_conforms() {
+    let (_dir, _store, stores) = fresh();
+    conformance::bandit(stores.bandit.clone(), "t:").await;
+}
+
+#[tokio::test]
+async fn definitions_conform() {
+    let (_dir, _store, stores) = fresh();
+    conformance::definitions(stores.definitions.as_ref(), "t:").await;
+}
+
+/// The suites isolate themselves by prefix, as they must on a shared server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suites_share_one_store_by_prefix() {
+    let (_dir, _store, s) = fresh();
+    for prefix in ["run-a:", "run-b:"] {
+        conformance::profiles(s.profiles.as_ref(), prefix).await;
+        conformance::event_log(s.events.as_ref(), prefix).await;
+        conformance::features(s.features.as_ref(), prefix).await;
+        conformance::segments(s.segments.as_ref(), prefix).await;
+        conformance::content(s.content.as_ref(), prefix).await;
+        conformance::decisions(s.decisions.as_ref(), prefix).await;
+        conformance::bandit(s.bandit.clone(), prefix).await;
+        conformance::definitions(s.definitions.as_ref(), prefix).await;
+    }
+}
+
+// --- opening -----------------------------------------------------------------------------
+
+#[tokio::test]
+async fn open_creates_the_directory_and_locks_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nested = dir.path().join("a").join("b");
+    let store = open(&nested);
+    assert!(nested.join(FILE_NAME).is_file(), "the database file is <dir>/{FILE_NAME}");
+    assert!(
+        EmbeddedStore::open(&nested).is_err(),
+        "a second open of an open store must fail, not share the file"
+    );
+    drop(store);
+    let _reopened = open(&nested);
+}
+
+// --- durability --------------------------------------------------------------------------
+
+#[tokio::test]
+async fn everything_survives_drop_and_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c1 = customer_id("c1");
+    let profile = sample_customer(&c1, 1);
+    let event = sample_event("e1", &c1, base_time(), 1);
+    let key = FeatureKey::new("views", 1);
+    let state = sample_feature_state(1);
+    let item = sample_content_item("hero", 1);
+    let decision = sample_decision("d1", &c1, 1);
+    let outcome = sample_outcome(&decision, 1);
+    let joined = MembershipChange {
+        segment: "vip".into(),
+        customer: c1.clone(),
+        joined: true,
+    };
+    {
+        let store = open(dir.path());
+        let s = store.stores();
+        s.profiles.put(&profile).await.expect("put profile");
+        let out = s.events.append(std::slice::from_ref(&event)).await.expect("append");
+        assert_eq!(out, vec![AppendOutcome::Appended(1)]);
+        s.events.commit_offset("proc", 1).await.expect("commit_offset");
+        s.features
+            .write(vec![(c1.clone(), key.clone(), state.clone())])
+            .await
+            .expect("features");
+        s.segments.apply(std::slice::from_ref(&joined)).await.expect("segments");
+        s.content.upsert(&item).await.expect("content");
+        s.decisions.put(&decision).await.expect("decision");
+        assert_eq!(s.decisions.put_outcome(&outcome).await.expect("outcome"), Some(0));
+        s.bandit.add("hero", "a", ArmStats { trials: 2.0, reward: 1.0 }).await.expect("bandit");
+        let v = s
+            .definitions
+            .put(DefinitionKind::Rule, "r", json!({"x": 1}))
+            .await
+            .expect("definition");
+        assert!(s.definitions.set_active(DefinitionKind::Rule, "r", v).await.expect("active"));
+
+        let db = Arc::downgrade(&store.db);
+        drop(s);
+        drop(store);
+        assert!(
+            db.upgrade().is_none(),
+            "dropping the store must stop the writer thread and close the database"
+        );
+    }
+
+    let store = open(dir.path());
+    let s = store.stores();
+    assert_eq!(s.profiles.get(&c1).await.expect("get"), Some(profile));
+    assert_eq!(s.profiles.count().await.expect("count"), 1);
+    assert_eq!(s.events.last_seq().await.expect("last_seq"), 1);
+    let scanned = s.events.scan(0, 10).await.expect("scan");
+    assert_eq!(scanned.len(), 1);
+    assert_eq!(scanned[0].event, event);
+    assert_eq!(
+        s.events.append(std::slice::from_ref(&event)).await.expect("append"),
+        vec![AppendOutcome::Duplicate],
+        "dedup keys survive a reopen"
+    );
+    assert_eq!(s.events.committed_offset("proc").await.expect("offset"), 1);
+    assert_eq!(s.features.read(&c1, &[key]).await.expect("read"), vec![Some(state)]);
+    assert!(s.segments.contains("vip", &c1).await.expect("contains"));
+    assert_eq!(s.segments.size("vip").await.expect("size"), 1);
+    assert_eq!(s.segments.segments_of(&c1).await.expect("segments_of"), vec!["vip".to_owned()]);
+    assert_eq!(s.content.get("hero").await.expect("content"), Some(item));
+    assert_eq!(s.decisions.get("d1").await.expect("decision"), Some(decision));
+    assert_eq!(s.decisions.outcomes("d1").await.expect("outcomes"), vec![outcome]);
+    assert_eq!(
+        s.bandit.get("hero", &["a".to_owned()]).await.expect("bandit"),
+        vec![ArmStats { trials: 2.0, reward: 1.0 }]
+    );
+    assert_eq!(s.definitions.active(DefinitionKind::Rule, "r").await.expect("active"), Some(1));
+    assert_eq!(
+        s.definitions.put(DefinitionKind::Rule, "r", json!({})).await.expect("put"),
+        2,
+        "version counters survive a reopen"
+    );
+}
+
+#[tokio::test]
+async fn queued_writes_finish_when_the_store_is_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c1 = customer_id("c1");
+    let events: Vec<Event> = (0..100)
+        .map(|i| sample_event(&format!("e{i}"), &c1, base_time(), i))
+        .collect();
+    {
+        let store = open(dir.path());
+        let s = store.stores();
+        // Keep the writer busy, then queue 100 appends whose callers give up at once.
+        let holding = hold_writer(&store, Duration::from_millis(200)).await;
+        for event in &events {
+            let pending = s.events.append(std::slice::from_ref(event)).now_or_never();
+            assert!(pending.is_none(), "the writer is busy: the append must still be queued");
+        }
+        holding.await.expect("holding task");
+        drop(s);
+        drop(store);
+    }
+    let store = open(dir.path());
+    let s = store.stores();
+    assert_eq!(s.events.last_seq().await.expect("last_seq"), 100);
+    let scanned = s.events.scan(0, 1000).await.expect("scan");
+    assert_eq!(
+        scanned.into_iter().map(|e| e.event).collect::<Vec<_>>(),
+        events,
+        "every queued append must be committed, in queue order"
+    );
+}
+
+// --- group commit ------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_appends_share_commits_and_get_gap_free_seqs() {
+    let (_dir, store, stores) = fresh();
+    let tasks = 50;
+    let per_task = 20;
+    let holding = hold_writer(&store, Duration::from_millis(300)).await;
+    let commits_before = store.writer.commits();
+    let mut handles = Vec::new();
+    for task in 0..tasks {
+        let log = stores.events.clone();
+        handles.push(tokio::spawn(async move {
+            let customer = customer_id(&format!("c{task}"));
+            let events: Vec<Event> = (0..per_task)
+                .map(|i| sample_event(&format!("t{task}-e{i}"), &customer, base_time(), i))
+                .collect();
+            let outcomes = log.append(&events).await.expect("append");
+            (events, outcomes)
+        }));
+    }
+    let mut by_seq = std::collections::BTreeMap::new();
+    for handle in handles {
+        let (events, outcomes) = handle.await.expect("task");
+        let seqs: Vec<u64> = outcomes
+            .iter()
+            .map(|o| match o {
+                AppendOutcome::Appended(seq) => *seq,
+                AppendOutcome::Duplicate => panic!("no event was a duplicate"),
+            })
+            .collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "seqs follow input order");
+        for (seq, event) in seqs.into_iter().zip(events) {
+            assert!(by_seq.insert(seq, event).is_none(), "seq {seq} was assigned twice");
+        }
+    }
+    holding.await.expect("holding task");
+    let total = (tasks * per_task) as u64;
+    assert_eq!(
+        by_seq.keys().copied().collect::<Vec<_>>(),
+        (1..=total).collect::<Vec<_>>(),
+        "seqs must be distinct and gap-free"
+    );
+    let commits = store.writer.commits() - commits_before;
+    assert!(
+        commits < tasks as u64,
+        "{tasks} concurrent appends must share commits (took {commits})"
+    );
+    assert_eq!(stores.events.last_seq().await.expect("last_seq"), total);
+    let scanned = stores.events.scan(0, 10_000).await.expect("scan");
+    assert_eq!(scanned.len() as u64, total);
+    for stored in scanned {
+        assert_eq!(Some(&stored.event), by_seq.get(&stored.seq), "event at seq {}", stored.seq);
+    }
+}
+
+/// A failing operation is rolled back alone; the rest of its batch commits once.
+#[tokio::test]
+async fn a_failed_operation_leaves_nothing_and_spares_its_batch() {
+    let (_dir, store, _stores) = fresh();
+    let holding = hold_writer(&store, Duration::from_millis(200)).await;
+    let commits_before = store.writer.commits();
+    let a = store.write(|txn| scratch_put(txn, "a", 1));
+    let b = store.write(|txn| {
+        scratch_put(txn, "b", 2)?;
+        Err::<(), _>(StorageError::Backend("refused after writing".into()))
+    });
+    let c = store.write(|txn| scratch_put(txn, "c", 3));
+    let (a, b, c) = tokio::join!(a, b, c);
+    holding.await.expect("holding task");
+    a.expect("a commits");
+    assert!(matches!(b, Err(StorageError::Backend(ref m)) if m == "refused after writing"));
+    c.expect("c commits");
+    assert_eq!(scratch_get(&store, "a"), Some(1));
+    assert_eq!(scratch_get(&store, "b"), None, "the failed operation's write must be rolled back");
+    assert_eq!(scratch_get(&store, "c"), Some(3));
+    assert_eq!(
+        store.writer.commits() - commits_before,
+        2,
+        "the holding op, then a, b and c in one batch committed once"
+    );
+}
+
+#[tokio::test]
+async fn a_panicking_operation_fails_alone() {
+    let (_dir, store, _stores) = fresh();
+    let holding = hold_writer(&store, Duration::from_millis(200)).await;
+    let a = store.write(|txn| scratch_put(txn, "a", 1));
+    let b = store.write(|txn| -> StorageResult<()> {
+        scratch_put(txn, "b", 2)?;
+        panic!("bug in an operation");
+    });
+    let (a, b) = tokio::join!(a, b);
+    holding.await.expect("holding task");
+    a.expect("a commits");
+    assert!(matches!(b, Err(StorageError::Backend(_))), "got {b:?}");
+    assert_eq!(scratch_get(&store, "b"), None);
+    // The writer is still alive.
+    store.write(|txn| scratch_put(txn, "d", 4)).await.expect("later write");
+    assert_eq!(scratch_get(&store, "d"), Some(4));
+}
+
+// --- corruption --------------------------------------------------------------------------
+
+#[tokio::test]
+async fn corrupt_values_are_reported_not_panicked_on() {
+    let (_dir, store, s) = fresh();
+    let c1 = customer_id("c1");
+
+    s.profiles.put(&sample_customer(&c1, 1)).await.expect("put");
+    corrupt(&store, profiles::PROFILES, "c1");
+    assert_corrupt("profiles.get", s.profiles.get(&c1).await);
+    assert_corrupt("profiles.list", s.profiles.list(None, 10).await);
+
+    let event = sample_event("e1", &c1, base_time(), 1);
+    s.events.append(std::slice::from_ref(&event)).await.expect("append");
+    corrupt(&store, events::EVENTS, 1u64);
+    assert_corrupt("events.scan", s.events.scan(0, 10).await);
+    assert_corrupt("events.customer_events", s.events.customer_events(&c1, base_time()).await);
+
+    let d1 = sample_decision("d1", &c1, 1);
+    let d2 = sample_decision("d2", &c1, 2);
+    s.decisions.put(&d1).await.expect("put d1");
+    s.decisions.put(&d2).await.expect("put d2");
+    corrupt(&store, decisions::DECISIONS, "d1");
+    assert_corrupt("decisions.get", s.decisions.get("d1").await);
+    assert_corrupt("decisions.pseudonymise", s.decisions.pseudonymise(&c1, "anon").await);
+    assert_eq!(
+        s.decisions.get("d2").await.expect("get d2"),
+        Some(d2.clone()),
+        "a failed pseudonymise must change nothing"
+    );
+    s.decisions.put(&d1).await.expect("repair d1");
+    assert_eq!(s.decisions.pseudonymise(&c1, "anon").await.expect("pseudonymise"), 2);
+
+    s.definitions.put(DefinitionKind::Model, "m", json!(1)).await.expect("put");
+    corrupt(&store, definitions::DEFINITIONS, ("model", "m", 1u32));
+    assert_corrupt("definitions.get", s.definitions.get(DefinitionKind::Model, "m", None).await);
+    assert_corrupt("definitions.list", s.definitions.list(DefinitionKind::Model).await);
+}
+
+// --- throughput (run by hand: cargo nextest run --run-ignored only group_commit_throughput) --
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "timing; run by hand"]
+async fn group_commit_throughput() {
+    let (_dir, _store, stores) = fresh();
+    let tasks = 200;
+    let calls = 50;
+    let per_call = 10;
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for task in 0..tasks {
+        let log = stores.events.clone();
+        handles.push(tokio::spawn(async move {
+            let customer = customer_id(&format!("c{task}"));
+            for call in 0..calls {
+                let events: Vec<Event> = (0..per_call)
+                    .map(|i| {
+                        sample_event(&format!("t{task}-{call}-{i}"), &customer, base_time(), i)
+                    })
+                    .collect();
+                log.append(&events).await.expect("append");
+            }
+        }));
+    }
+    for handle in handles {
+        handle.await.expect("task");
+    }
+    let elapsed = started.elapsed();
+    let total = tasks * calls * per_call;
+    println!(
+        "{total} durable events in {elapsed:?}: {:.0} events/s",
+        total as f64 / elapsed.as_secs_f64()
+    );
+    assert_eq!(stores.events.last_seq().await.expect("last_seq"), total as u64);
+}

@@ -1,0 +1,254 @@
+//! Storage: one trait per capability, each with its contract, and the backends.
+//!
+//! Domain code (`decision`, `features`, `segments`, `bandit`, `events`) does I/O only
+//! through these traits. Only `storage/<backend>/` knows a concrete store; every backend
+//! passes the shared suites in [`conformance`].
+//!
+//! Common contract for every trait here:
+//! - a method that returns `Ok` has made its write durable: it survives `kill -9`
+//!   (embedded) or a backend restart (scaled out);
+//! - `Err(StorageError::Unavailable)` means the backend could not be reached in time;
+//!   callers may degrade; nothing was half-written;
+//! - reads see every write whose method has returned.
+
+pub mod conformance;
+pub mod embedded;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::bandit::ArmStats;
+use crate::content::ContentItem;
+use crate::customers::{Customer, CustomerId};
+use crate::decision::{Decision, Outcome};
+use crate::events::{Event, StoredEvent};
+use crate::features::{FeatureKey, FeatureState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("backend error: {0}")]
+    Backend(String),
+}
+
+pub type StorageResult<T> = std::result::Result<T, StorageError>;
+
+/// Customer profiles.
+#[async_trait]
+pub trait ProfileStore: Send + Sync {
+    /// `None`: no customer with this id.
+    async fn get(&self, id: &CustomerId) -> StorageResult<Option<Customer>>;
+    /// Inserts or replaces the whole profile. Merging updates is the caller's job.
+    async fn put(&self, customer: &Customer) -> StorageResult<()>;
+    /// `false`: there was nothing to delete.
+    async fn delete(&self, id: &CustomerId) -> StorageResult<bool>;
+    /// Profiles in ascending id order, strictly after `after`, at most `limit`.
+    async fn list(&self, after: Option<&CustomerId>, limit: usize) -> StorageResult<Vec<Customer>>;
+    async fn count(&self) -> StorageResult<u64>;
+}
+
+/// What [`EventLog::append`] did with one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// Newly stored at this sequence number.
+    Appended(u64),
+    /// An event with the same `event_id` was stored before (or earlier in the batch).
+    Duplicate,
+}
+
+/// The event log: ordered, idempotent on `event_id`, with committed consumer offsets.
+#[async_trait]
+pub trait EventLog: Send + Sync {
+    /// Appends, in input order, every event whose `event_id` was never stored, all of the
+    /// batch atomically. Sequence numbers are strictly increasing across calls. The result
+    /// has one entry per input event.
+    async fn append(&self, events: &[Event]) -> StorageResult<Vec<AppendOutcome>>;
+    /// Events with `seq > after`, ascending by `seq`, at most `limit`.
+    async fn scan(&self, after: u64, limit: usize) -> StorageResult<Vec<StoredEvent>>;
+    /// One customer's events with `timestamp >= since`, ascending by (timestamp, seq).
+    async fn customer_events(
+        &self,
+        customer: &CustomerId,
+        since: DateTime<Utc>,
+    ) -> StorageResult<Vec<StoredEvent>>;
+    /// Highest sequence number ever assigned; 0 for an empty log.
+    async fn last_seq(&self) -> StorageResult<u64>;
+    /// Removes every event of the customer (erasure). Their dedup keys stay, so a replayed
+    /// event is still recognised. Returns how many were removed.
+    async fn delete_customer(&self, customer: &CustomerId) -> StorageResult<u64>;
+    /// Durably records that `consumer` has processed everything up to `seq`.
+    async fn commit_offset(&self, consumer: &str, seq: u64) -> StorageResult<()>;
+    /// Last committed offset of `consumer`; 0 when it never committed.
+    async fn committed_offset(&self, consumer: &str) -> StorageResult<u64>;
+}
+
+/// Online feature state per customer, keyed by feature name and version.
+///
+/// States are opaque to the store; `features` defines how they merge and evaluate.
+#[async_trait]
+pub trait FeatureStore: Send + Sync {
+    /// One entry per key, in order; `None` where nothing was ever written.
+    async fn read(
+        &self,
+        customer: &CustomerId,
+        keys: &[FeatureKey],
+    ) -> StorageResult<Vec<Option<FeatureState>>>;
+    /// Writes all states atomically (whole-batch visibility).
+    async fn write(&self, updates: Vec<(CustomerId, FeatureKey, FeatureState)>) -> StorageResult<()>;
+    /// Removes every state of the customer.
+    async fn delete_customer(&self, customer: &CustomerId) -> StorageResult<()>;
+    /// Removes one feature version's state for every customer.
+    async fn delete_key(&self, key: &FeatureKey) -> StorageResult<()>;
+}
+
+/// One change of segment membership.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembershipChange {
+    pub segment: String,
+    pub customer: CustomerId,
+    pub joined: bool,
+}
+
+/// Segment membership: which customers are in which segment, both ways.
+#[async_trait]
+pub trait SegmentStore: Send + Sync {
+    /// Applies the given memberships atomically and returns those that changed anything
+    /// (a join of a member or a leave of a non-member is not a change).
+    async fn apply(&self, changes: &[MembershipChange]) -> StorageResult<Vec<MembershipChange>>;
+    async fn contains(&self, segment: &str, customer: &CustomerId) -> StorageResult<bool>;
+    async fn size(&self, segment: &str) -> StorageResult<u64>;
+    /// Members in ascending id order strictly after `after`, at most `limit`.
+    async fn members(
+        &self,
+        segment: &str,
+        after: Option<&CustomerId>,
+        limit: usize,
+    ) -> StorageResult<Vec<CustomerId>>;
+    /// The customer's segments, sorted by name.
+    async fn segments_of(&self, customer: &CustomerId) -> StorageResult<Vec<String>>;
+    /// Drops the segment and all its memberships.
+    async fn clear(&self, segment: &str) -> StorageResult<()>;
+    /// Removes the customer from every segment, returning the leaves.
+    async fn remove_customer(&self, customer: &CustomerId) -> StorageResult<Vec<MembershipChange>>;
+}
+
+/// The content catalog.
+#[async_trait]
+pub trait ContentStore: Send + Sync {
+    async fn upsert(&self, item: &ContentItem) -> StorageResult<()>;
+    async fn get(&self, id: &str) -> StorageResult<Option<ContentItem>>;
+    /// Several items, one entry per id in order.
+    async fn get_many(&self, ids: &[String]) -> StorageResult<Vec<Option<ContentItem>>>;
+    /// Every item, in ascending id order.
+    async fn list(&self) -> StorageResult<Vec<ContentItem>>;
+    async fn delete(&self, id: &str) -> StorageResult<bool>;
+}
+
+/// Decisions and their outcomes.
+#[async_trait]
+pub trait DecisionStore: Send + Sync {
+    async fn put(&self, decision: &Decision) -> StorageResult<()>;
+    /// `None`: no decision with this id.
+    async fn get(&self, id: &str) -> StorageResult<Option<Decision>>;
+    /// Stores an outcome of an existing decision; returns how many outcomes that decision
+    /// had before this one. Returns `Ok(None)` and stores nothing if the decision is unknown.
+    async fn put_outcome(&self, outcome: &Outcome) -> StorageResult<Option<u64>>;
+    /// The outcomes of one decision, in the order they were stored.
+    async fn outcomes(&self, decision_id: &str) -> StorageResult<Vec<Outcome>>;
+    /// Replaces the customer id on their decisions and outcomes with `pseudonym`
+    /// (erasure keeps aggregate history). Returns how many decisions were changed.
+    async fn pseudonymise(&self, customer: &CustomerId, pseudonym: &str) -> StorageResult<u64>;
+}
+
+/// Bandit sufficient statistics per (placement, arm): additive, so concurrent updates
+/// from many replicas merge by addition.
+#[async_trait]
+pub trait BanditStore: Send + Sync {
+    /// Adds `delta` to the arm's statistics atomically.
+    async fn add(&self, placement: &str, arm: &str, delta: ArmStats) -> StorageResult<()>;
+    /// One entry per arm, in order; never-seen arms read as zero.
+    async fn get(&self, placement: &str, arms: &[String]) -> StorageResult<Vec<ArmStats>>;
+}
+
+/// The kinds of definition the engine keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DefinitionKind {
+    Segment,
+    Feature,
+    Experiment,
+    Rule,
+    Model,
+    /// The activation history of a feature: one version per (de)activation, with reason.
+    FeatureActivation,
+}
+
+impl DefinitionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DefinitionKind::Segment => "segment",
+            DefinitionKind::Feature => "feature",
+            DefinitionKind::Experiment => "experiment",
+            DefinitionKind::Rule => "rule",
+            DefinitionKind::Model => "model",
+            DefinitionKind::FeatureActivation => "feature_activation",
+        }
+    }
+}
+
+/// One stored version of a definition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Definition {
+    pub kind: DefinitionKind,
+    pub name: String,
+    /// 1 for the first version, n+1 for each later put.
+    pub version: u32,
+    pub body: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Versioned definitions (segments, features, experiments, rules, models), plus one
+/// "active version" pointer per (kind, name).
+#[async_trait]
+pub trait DefinitionStore: Send + Sync {
+    /// Stores `body` as the next version of (kind, name) and returns that version number.
+    /// Version numbers are never reused, even after `delete`.
+    async fn put(&self, kind: DefinitionKind, name: &str, body: Value) -> StorageResult<u32>;
+    /// A given version, or the latest when `version` is `None`.
+    async fn get(
+        &self,
+        kind: DefinitionKind,
+        name: &str,
+        version: Option<u32>,
+    ) -> StorageResult<Option<Definition>>;
+    /// Every version of (kind, name), ascending.
+    async fn versions(&self, kind: DefinitionKind, name: &str) -> StorageResult<Vec<Definition>>;
+    /// The latest version of every live (not deleted) name of this kind, sorted by name.
+    async fn list(&self, kind: DefinitionKind) -> StorageResult<Vec<Definition>>;
+    /// Deletes every version and the active pointer. `false` if there was nothing.
+    async fn delete(&self, kind: DefinitionKind, name: &str) -> StorageResult<bool>;
+    /// Points (kind, name) at `version`, which must exist (else `Ok(false)`).
+    async fn set_active(&self, kind: DefinitionKind, name: &str, version: u32) -> StorageResult<bool>;
+    /// The active version, `None` if never set.
+    async fn active(&self, kind: DefinitionKind, name: &str) -> StorageResult<Option<u32>>;
+}
+
+/// Every capability, each on the backend the configuration chose.
+#[derive(Clone)]
+pub struct Stores {
+    pub profiles: Arc<dyn ProfileStore>,
+    pub events: Arc<dyn EventLog>,
+    pub features: Arc<dyn FeatureStore>,
+    pub segments: Arc<dyn SegmentStore>,
+    pub content: Arc<dyn ContentStore>,
+    pub decisions: Arc<dyn DecisionStore>,
+    pub bandit: Arc<dyn BanditStore>,
+    pub definitions: Arc<dyn DefinitionStore>,
+}

@@ -1,0 +1,166 @@
+//! Telemetry: OpenTelemetry instruments exported as Prometheus text, and the tracing
+//! subscriber.
+//!
+//! Metric names are constants and label values come from bounded sets (placements and
+//! policies that operators configure, fixed result names), never from customer input.
+
+use opentelemetry::metrics::{Counter, Histogram, MeterProvider as _};
+use opentelemetry::KeyValue;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use prometheus::{Encoder, TextEncoder};
+
+/// Latency buckets in milliseconds, from 50 µs to 10 s.
+const LATENCY_MS_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0,
+    10000.0,
+];
+
+const VALUE_BUCKETS: &[f64] = &[1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0];
+
+/// Every instrument the engine records, on its own provider and registry so that several
+/// engines (tests) never share counters.
+pub struct Metrics {
+    registry: prometheus::Registry,
+    provider: SdkMeterProvider,
+    pub decision_latency_ms: Histogram<f64>,
+    pub decisions: Counter<u64>,
+    pub degraded_decisions: Counter<u64>,
+    pub conversions: Counter<u64>,
+    pub conversion_value: Histogram<f64>,
+    pub events_ingested: Counter<u64>,
+    pub feature_read_latency_ms: Histogram<f64>,
+    pub feature_compute_errors: Counter<u64>,
+    pub feature_rollbacks: Counter<u64>,
+    pub segment_changes: Counter<u64>,
+    pub backend_errors: Counter<u64>,
+}
+
+impl Metrics {
+    pub fn new() -> anyhow::Result<Self> {
+        let registry = prometheus::Registry::new();
+        let exporter = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .without_counter_suffixes()
+            .without_target_info()
+            .scope_info_enabled(false)
+            .without_units()
+            .build()?;
+        let provider = SdkMeterProvider::builder().with_reader(exporter).build();
+        let meter = provider.meter("tailor");
+        let ms_histogram = |name: &'static str, description: &'static str| {
+            meter
+                .f64_histogram(name)
+                .with_description(description)
+                .with_boundaries(LATENCY_MS_BUCKETS.to_vec())
+                .build()
+        };
+        let counter = |name: &'static str, description: &'static str| {
+            meter.u64_counter(name).with_description(description).build()
+        };
+        Ok(Metrics {
+            decision_latency_ms: ms_histogram(
+                "personalization_decision_latency_ms",
+                "Time to make one personalize decision, in milliseconds",
+            ),
+            decisions: counter(
+                "personalization_decisions_total",
+                "Decisions made, by placement and policy",
+            ),
+            degraded_decisions: counter(
+                "tailor_degraded_decisions_total",
+                "Decisions made with default features because a backend was slow or down",
+            ),
+            conversions: counter(
+                "personalization_conversions_total",
+                "Outcomes recorded with a positive reward, by conversion type",
+            ),
+            conversion_value: meter
+                .f64_histogram("personalization_conversion_value")
+                .with_description("Value of recorded conversions")
+                .with_boundaries(VALUE_BUCKETS.to_vec())
+                .build(),
+            events_ingested: counter(
+                "tailor_events_ingested_total",
+                "Events received, by result (accepted, duplicate, rejected)",
+            ),
+            feature_read_latency_ms: ms_histogram(
+                "tailor_feature_read_latency_ms",
+                "Time to read one customer's features, in milliseconds",
+            ),
+            feature_compute_errors: counter(
+                "tailor_feature_compute_errors_total",
+                "Feature values that did not compute (NaN or infinite) and read as the default",
+            ),
+            feature_rollbacks: counter(
+                "tailor_feature_rollbacks_total",
+                "Feature versions rolled back automatically after failed health checks",
+            ),
+            segment_changes: counter(
+                "tailor_segment_changes_total",
+                "Segment joins and leaves, by change",
+            ),
+            backend_errors: counter(
+                "tailor_backend_errors_total",
+                "Storage backend failures, by capability",
+            ),
+            registry,
+            provider,
+        })
+    }
+
+    /// The Prometheus text exposition of every instrument.
+    pub fn render(&self) -> String {
+        let families = self.registry.gather();
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
+            tracing::warn!(error = %e, "Failed to encode metrics");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    pub fn backend_error(&self, capability: &'static str) {
+        self.backend_errors
+            .add(1, &[KeyValue::new("capability", capability)]);
+    }
+}
+
+impl Drop for Metrics {
+    fn drop(&mut self) {
+        let _ = self.provider.shutdown();
+    }
+}
+
+/// Installs the global tracing subscriber: `RUST_LOG` filter, human-readable lines.
+pub fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_metric_names_are_exported() {
+        let m = Metrics::new().unwrap();
+        let attrs = [KeyValue::new("placement", "homepage_hero")];
+        m.decision_latency_ms.record(1.5, &attrs);
+        m.decisions.add(1, &attrs);
+        m.conversions.add(1, &[KeyValue::new("conversion_type", "click")]);
+        m.conversion_value.record(12.0, &[]);
+        let text = m.render();
+        for name in [
+            "personalization_decision_latency_ms_bucket",
+            "personalization_decisions_total{",
+            "personalization_conversions_total{",
+            "personalization_conversion_value_sum",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+        assert!(!text.contains("_total_total"));
+    }
+}

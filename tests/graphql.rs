@@ -1,0 +1,380 @@
+//! The GraphQL schema executed in-process against an embedded engine: the whole
+//! personalization loop and its errors.
+
+mod common;
+
+use chrono::{Duration, Utc};
+use common::{first_error, TestApp};
+use serde_json::json;
+
+#[tokio::test]
+async fn events_change_features_and_segments_at_once() {
+    let app = TestApp::new().await;
+    app.gql(
+        "mutation { upsertCustomer(input: {id: \"c1\", traits: {plan: \"pro\"}, email: \"c1@example.com\"}) { id traits } }",
+        json!({}),
+    )
+    .await;
+    let seg = app
+        .gql(
+            "mutation($c: JSON!) { defineSegment(name: \"browsers\", condition: $c) { segment { name size } joined left } }",
+            json!({"c": {"all": [
+                {"trait": "plan", "op": "eq", "value": "pro"},
+                {"event": "page_view", "atLeast": 3, "within": "7d"}
+            ]}}),
+        )
+        .await;
+    assert_eq!(seg["defineSegment"]["segment"]["size"], 0);
+
+    let now = Utc::now();
+    let result = app
+        .track(json!([
+            {"eventId": "e1", "customerId": "c1", "type": "page_view", "timestamp": now.to_rfc3339()},
+            {"eventId": "e2", "customerId": "c1", "type": "page_view", "timestamp": (now - Duration::days(2)).to_rfc3339()},
+            {"eventId": "e3", "customerId": "c1", "type": "page_view"},
+            {"eventId": "e4", "customerId": "c1", "type": "email_open"},
+            {"eventId": "e5", "customerId": "c1", "type": "form_submit"},
+            {"eventId": "old", "customerId": "c1", "type": "page_view", "timestamp": (now - Duration::days(40)).to_rfc3339()},
+        ]))
+        .await;
+    assert_eq!(result, json!({"accepted": 6, "duplicates": 0, "rejected": []}));
+
+    // Visible as soon as trackEvents returns.
+    assert_eq!(app.feature("c1", "page_views_30d").await, 3.0);
+    assert_eq!(app.feature("c1", "email_opens_30d").await, 1.0);
+    assert!((app.feature("c1", "conversion_rate").await - 1.0 / 3.0).abs() < 1e-9);
+    let engagement = 0.3 * 3.0 / 10.0 + 0.2 * 1.0 / 5.0 + 0.2 * 1.0 / 2.0;
+    assert!((app.feature("c1", "engagement_score").await - engagement).abs() < 1e-9);
+    assert!(app.feature("c1", "days_since_last_visit").await < 0.01);
+
+    let data = app
+        .gql(
+            "{ segment(name: \"browsers\") { size contains(customerId: \"c1\") members(first: 10) { edges { node { id } cursor } pageInfo { hasNextPage } } }
+               customer(id: \"c1\") { segments features(names: [\"page_views_30d\"]) { name value version } } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(data["segment"]["size"], 1);
+    assert_eq!(data["segment"]["contains"], true);
+    assert_eq!(data["segment"]["members"]["edges"][0]["node"]["id"], "c1");
+    assert_eq!(data["customer"]["segments"], json!(["browsers"]));
+    assert_eq!(data["customer"]["features"][0]["version"], 1);
+
+    // Replaying the same events is idempotent.
+    let again = app
+        .track(json!([{"eventId": "e1", "customerId": "c1", "type": "page_view"}]))
+        .await;
+    assert_eq!(again, json!({"accepted": 0, "duplicates": 1, "rejected": []}));
+    assert_eq!(app.feature("c1", "page_views_30d").await, 3.0);
+
+    // A trait change moves the customer out at once.
+    app.gql(
+        "mutation { upsertCustomer(input: {id: \"c1\", traits: {plan: \"free\"}}) { id } }",
+        json!({}),
+    )
+    .await;
+    let data = app
+        .gql("{ segment(name: \"browsers\") { size } }", json!({}))
+        .await;
+    assert_eq!(data["segment"]["size"], 0);
+}
+
+#[tokio::test]
+async fn rejected_events_are_reported_by_index_and_field() {
+    let app = TestApp::new().await;
+    let result = app
+        .track(json!([
+            {"customerId": "c1", "type": "page_view"},
+            {"customerId": "c1", "type": "bad type"},
+            {"customerId": "", "type": "page_view"},
+            {"customerId": "c1", "type": "click", "properties": [1, 2]},
+        ]))
+        .await;
+    assert_eq!(result["accepted"], 1);
+    assert_eq!(
+        result["rejected"],
+        json!([
+            {"index": 1, "field": "events[1].type", "message": "must be 1–64 characters of [A-Za-z0-9_.:-]"},
+            {"index": 2, "field": "events[2].customerId", "message": "must not be empty"},
+            {"index": 3, "field": "events[3].properties", "message": "must be a JSON object"},
+        ])
+    );
+}
+
+#[tokio::test]
+async fn personalize_records_a_complete_decision_and_learns_from_outcomes() {
+    let app = TestApp::new().await;
+    app.upsert_content("a", "homepage_hero", 1, &[]).await;
+    app.upsert_content("b", "homepage_hero", 5, &[]).await;
+    app.upsert_content("vip-only", "homepage_hero", 9, &["vip"]).await;
+    app.upsert_content("elsewhere", "sidebar", 9, &[]).await;
+
+    let query = "query($i: PersonalizeInput!) { personalize(input: $i) {
+        id customerId placement selectedItem { id } items { item { id } score } confidenceScore
+        alternatives { item { id } score } reasoning latencyMs policy propensity propensityKind
+        modelVersion experiments { experiment variant } segments degraded explanation createdAt } }";
+    let d = app
+        .gql(query, json!({"i": {"customerId": "c9", "placement": "homepage_hero", "explain": true, "context": {"device": "mobile"}}}))
+        .await["personalize"]
+        .clone();
+    let selected = d["selectedItem"]["id"].as_str().unwrap().to_owned();
+    assert!(selected == "a" || selected == "b", "vip-only and sidebar items are not candidates: {d:#}");
+    assert_eq!(d["policy"], "thompson_sampling");
+    assert_eq!(d["propensityKind"], "estimated");
+    let p = d["propensity"].as_f64().unwrap();
+    assert!(p > 0.0 && p <= 1.0);
+    assert_eq!(d["alternatives"].as_array().unwrap().len(), 1);
+    assert_eq!(d["degraded"], false);
+    assert!(d["reasoning"].as_str().unwrap().contains(&selected));
+    assert!(d["latencyMs"].as_f64().unwrap() > 0.0);
+    assert_eq!(d["explanation"]["candidates"].as_array().unwrap().len(), 2);
+    assert_eq!(d["explanation"]["filtered"][0]["id"], "vip-only");
+
+    // Read back by id.
+    let id = d["id"].as_str().unwrap();
+    let back = app
+        .gql("query($id: ID!) { decision(id: $id) { id selectedItem { id } propensity } }", json!({"id": id}))
+        .await;
+    assert_eq!(back["decision"]["selectedItem"]["id"], selected.as_str());
+    assert_eq!(back["decision"]["propensity"], d["propensity"]);
+
+    // Outcomes update the bandit: after rewarding "a" only, it wins nearly always.
+    for _ in 0..40 {
+        let d = app
+            .gql(query, json!({"i": {"customerId": "c9", "placement": "homepage_hero"}}))
+            .await["personalize"]
+            .clone();
+        let reward = if d["selectedItem"]["id"] == "a" { 1.0 } else { 0.0 };
+        app.gql(
+            "mutation($d: ID!, $r: Float!) { recordOutcome(decisionId: $d, reward: $r, conversionType: \"click\", value: 3.5) { itemId reward } }",
+            json!({"d": d["id"], "r": reward}),
+        )
+        .await;
+    }
+    let mut a_wins = 0;
+    for _ in 0..20 {
+        let d = app
+            .gql(query, json!({"i": {"customerId": "c9", "placement": "homepage_hero"}}))
+            .await;
+        if d["personalize"]["selectedItem"]["id"] == "a" {
+            a_wins += 1;
+        }
+    }
+    assert!(a_wins >= 15, "Thompson sampling should exploit the rewarded item: {a_wins}/20");
+
+    let metrics = app.engine.metrics.render();
+    assert!(metrics.contains("personalization_decisions_total{"), "{metrics}");
+    assert!(metrics.contains("personalization_conversions_total{"), "{metrics}");
+}
+
+#[tokio::test]
+async fn available_items_and_no_consent() {
+    let app = TestApp::new().await;
+    app.upsert_content("low", "sidebar", 1, &[]).await;
+    app.upsert_content("high", "sidebar", 7, &[]).await;
+    app.gql(
+        "mutation { upsertCustomer(input: {id: \"shy\", consent: {personalization: false}}) { id } }",
+        json!({}),
+    )
+    .await;
+    for _ in 0..5 {
+        let d = app
+            .gql(
+                "{ personalize(input: {customerId: \"shy\", availableItems: [\"low\", \"high\"]}) { id selectedItem { id } policy propensity reasoning } }",
+                json!({}),
+            )
+            .await["personalize"]
+            .clone();
+        assert_eq!(d["selectedItem"]["id"], "high");
+        assert_eq!(d["policy"], "default");
+        assert_eq!(d["propensity"], 1.0);
+        // Still recorded.
+        let back = app
+            .gql("query($id: ID!) { decision(id: $id) { id } }", json!({"id": d["id"]}))
+            .await;
+        assert_eq!(back["decision"]["id"], d["id"]);
+    }
+    let resp = app
+        .exec("{ personalize(input: {customerId: \"c\", availableItems: [\"high\", \"nope\"]}) { id } }", json!({}))
+        .await;
+    assert_eq!(
+        first_error(&resp),
+        ("NOT_FOUND".into(), "availableItems[1]: unknown content item 'nope'".into())
+    );
+}
+
+#[tokio::test]
+async fn bad_input_gets_clear_errors() {
+    let app = TestApp::new().await;
+    let cases = [
+        (
+            "mutation { recordOutcome(decisionId: \"nope\", reward: 1) { reward } }",
+            ("NOT_FOUND", "decisionId: unknown decision 'nope'"),
+        ),
+        (
+            "{ personalize(input: {customerId: \"\", placement: \"x\"}) { id } }",
+            ("BAD_USER_INPUT", "input.customerId: must not be empty"),
+        ),
+        (
+            "{ personalize(input: {customerId: \"c\", placement: \"nowhere\"}) { id } }",
+            ("BAD_USER_INPUT", "placement: no eligible content for placement 'nowhere'"),
+        ),
+        (
+            "{ features(customerId: \"c\", names: [\"page_views_30d\", \"nope\"]) { value } }",
+            ("NOT_FOUND", "names[1]: unknown feature 'nope'"),
+        ),
+        (
+            "mutation { defineSegment(name: \"s\", condition: {trait: \"plan\", op: \"eqq\", value: 1}) { joined } }",
+            ("BAD_USER_INPUT", "condition.op: "),
+        ),
+        (
+            "mutation { defineFeature(name: \"x\", definition: {kind: \"ratio\", numerator: \"nope\", denominator: \"page_views_30d\"}) { name } }",
+            ("BAD_USER_INPUT", "definition.numerator: unknown feature 'nope'"),
+        ),
+        (
+            "mutation { upsertCustomer(input: {id: \"c\", traits: [1]}) { id } }",
+            ("BAD_USER_INPUT", "input.traits: must be a JSON object"),
+        ),
+    ];
+    for (query, (code, message)) in cases {
+        let resp = app.exec(query, json!({})).await;
+        let (got_code, got_message) = first_error(&resp);
+        assert_eq!(got_code, code, "{query}: {resp:#}");
+        assert!(got_message.starts_with(message), "{query}: {got_message}");
+    }
+
+    // Nested 50 deep: refused by the depth limit, not a crash.
+    let mut deep = String::from("name");
+    for _ in 0..47 {
+        deep = format!("ofType {{ {deep} }}");
+    }
+    let query = format!("{{ __schema {{ types {{ {deep} }} }} }}");
+    assert_eq!(query.matches('{').count(), 50);
+    let resp = app.exec(&query, json!({})).await;
+    assert!(resp["errors"][0]["message"].as_str().unwrap().contains("nested too deep"), "{resp:#}");
+    // Wrong types are reported by GraphQL validation.
+    let resp = app
+        .exec("{ personalize(input: {customerId: \"c\", count: \"many\"}) { id } }", json!({}))
+        .await;
+    assert!(resp["errors"][0]["message"].as_str().unwrap().contains("count"), "{resp:#}");
+}
+
+#[tokio::test]
+async fn feature_versions_backfill_activate_and_roll_back() {
+    let app = TestApp::new().await;
+    let now = Utc::now();
+    let mut events = Vec::new();
+    for c in 0..30 {
+        for k in 0..(c % 7 + 1) {
+            events.push(json!({"customerId": format!("c{c}"), "type": "page_view",
+                "timestamp": (now - Duration::hours(k * 30)).to_rfc3339()}));
+        }
+        events.push(json!({"customerId": format!("c{c}"), "type": "purchase", "properties": {"value": 10.0 + c as f64}}));
+    }
+    app.track(json!(events)).await;
+
+    // Version 2 of page_views_30d: a 7-day window, backfilled from history.
+    let v2 = app
+        .gql(
+            "mutation { defineFeature(name: \"page_views_30d\", definition: {kind: \"count\", event_type: \"page_view\", window: \"7d\"}) { name activeVersion versions { version active } } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(v2["defineFeature"]["activeVersion"], 1, "a new version waits for activation");
+    let before = app.feature("c6", "page_views_30d").await;
+    assert_eq!(before, 7.0);
+
+    let activated = app
+        .gql(
+            "mutation { activateFeatureVersion(name: \"page_views_30d\", version: 2) { activated health feature { activeVersion } } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(activated["activateFeatureVersion"]["activated"], true, "{activated:#}");
+    // c6 has page views at 0h, 30h, ... 180h: six are within 7 days.
+    assert_eq!(app.feature("c6", "page_views_30d").await, 6.0);
+
+    // Explicit rollback.
+    app.gql(
+        "mutation { activateFeatureVersion(name: \"page_views_30d\", version: 1) { activated } }",
+        json!({}),
+    )
+    .await;
+    assert_eq!(app.feature("c6", "page_views_30d").await, 7.0);
+
+    // A version counting another event type shifts the distribution: rolled back on its own.
+    app.gql(
+        "mutation { defineFeature(name: \"page_views_30d\", definition: {kind: \"sum\", event_type: \"purchase\", property: \"value\", window: \"30d\"}) { name } }",
+        json!({}),
+    )
+    .await;
+    let bad = app
+        .gql(
+            "mutation { activateFeatureVersion(name: \"page_views_30d\", version: 3) { activated health feature { activeVersion } } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(bad["activateFeatureVersion"]["activated"], false, "{bad:#}");
+    assert_eq!(bad["activateFeatureVersion"]["feature"]["activeVersion"], 1);
+    assert_eq!(app.feature("c6", "page_views_30d").await, 7.0);
+    let history = app
+        .gql(
+            "{ featureDefinitions { name activeVersion activations { fromVersion toVersion automatic reason } } }",
+            json!({}),
+        )
+        .await;
+    let pv = history["featureDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "page_views_30d")
+        .unwrap()
+        .clone();
+    let last = pv["activations"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["automatic"], true);
+    assert_eq!(last["fromVersion"], 3);
+    assert_eq!(last["toVersion"], 1);
+    assert!(last["reason"].as_str().unwrap().contains("distribution shift"), "{last:#}");
+    assert!(app.engine.metrics.render().contains("tailor_feature_rollbacks_total"));
+}
+
+#[tokio::test]
+async fn new_features_and_segments_see_the_whole_history() {
+    let app = TestApp::new().await;
+    app.track(json!([
+        {"customerId": "a", "type": "purchase", "properties": {"value": 20}},
+        {"customerId": "a", "type": "purchase", "properties": {"value": "5.5"}},
+        {"customerId": "b", "type": "purchase", "properties": {"value": 1}},
+    ]))
+    .await;
+    app.gql(
+        "mutation { defineFeature(name: \"spend_7d\", definition: {kind: \"sum\", event_type: \"purchase\", property: \"value\", window: \"7d\"}) { activeVersion } }",
+        json!({}),
+    )
+    .await;
+    assert_eq!(app.feature("a", "spend_7d").await, 25.5);
+    let seg = app
+        .gql(
+            "mutation { defineSegment(name: \"spenders\", condition: {feature: \"spend_7d\", op: \"gte\", value: 10}) { joined segment { size } } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(seg["defineSegment"]["joined"], 1);
+    // Live events keep the new feature and segment current.
+    app.track(json!([{"customerId": "b", "type": "purchase", "properties": {"value": 9}}]))
+        .await;
+    assert_eq!(app.feature("b", "spend_7d").await, 10.0);
+    let data = app
+        .gql("{ customers(segment: \"spenders\", first: 1) { edges { node { id } cursor } pageInfo { hasNextPage endCursor } } }", json!({}))
+        .await;
+    assert_eq!(data["customers"]["edges"][0]["node"]["id"], "a");
+    assert_eq!(data["customers"]["pageInfo"]["hasNextPage"], true);
+    let next = app
+        .gql(
+            "query($a: String) { customers(segment: \"spenders\", first: 1, after: $a) { edges { node { id } } pageInfo { hasNextPage } } }",
+            json!({"a": data["customers"]["pageInfo"]["endCursor"]}),
+        )
+        .await;
+    assert_eq!(next["customers"]["edges"][0]["node"]["id"], "b");
+    assert_eq!(next["customers"]["pageInfo"]["hasNextPage"], false);
+}
