@@ -49,7 +49,8 @@ impl Engine {
             metrics.clone(),
         )
         .await?;
-        let segments = SegmentService::start(stores.clone(), features.clone(), metrics.clone()).await?;
+        let segments =
+            SegmentService::start(stores.clone(), features.clone(), metrics.clone()).await?;
         let processor = Processor::new(stores.clone(), features.clone(), segments.clone()).await?;
         let ingestor = Ingestor::new(
             stores.clone(),
@@ -79,7 +80,10 @@ impl Engine {
     }
 
     /// Starts the event processor and the segment refresher; they stop with `shutdown`.
-    pub fn spawn_background(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+    pub fn spawn_background(
+        self: &Arc<Self>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
         let processor = tokio::spawn(self.processor.clone().run(shutdown.clone()));
         let engine = self.clone();
         let mut stop = shutdown;
@@ -146,23 +150,53 @@ impl Engine {
     }
 }
 
-/// Serves the API on `listener` until `shutdown` resolves, then stops the background
-/// tasks and returns.
+/// The running background tasks (event processor, segment refresher).
+pub struct Background {
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Background {
+    pub fn start(engine: &Arc<Engine>) -> Self {
+        let (stop, rx) = watch::channel(false);
+        Background {
+            tasks: engine.spawn_background(rx),
+            stop,
+        }
+    }
+
+    /// Signals every task and waits for it to finish its current step.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` resolves. The background tasks must
+/// be running (see [`Background`]).
+pub async fn serve_http(
+    engine: Arc<Engine>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let router = crate::api::router(engine);
+    tracing::info!(addr = %listener.local_addr()?, "Tailor is listening");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Starts the background tasks, serves until `shutdown`, then stops them.
 pub async fn serve(
     engine: Arc<Engine>,
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let tasks = engine.spawn_background(stop_rx);
-    let router = crate::api::router(engine.clone());
-    tracing::info!(addr = %listener.local_addr()?, "Tailor is listening");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await?;
-    let _ = stop_tx.send(true);
-    for t in tasks {
-        let _ = t.await;
-    }
-    Ok(())
+    let background = Background::start(&engine);
+    let served = serve_http(engine, listener, shutdown).await;
+    background.stop().await;
+    served
 }

@@ -227,7 +227,11 @@ impl Settings {
                 }
                 figment = figment.merge(Toml::file_exact(path));
             }
-            None => figment = figment.merge(Toml::file_exact("tailor.toml")),
+            None => {
+                if Path::new("tailor.toml").exists() {
+                    figment = figment.merge(Toml::file_exact("tailor.toml"));
+                }
+            }
         }
         figment = figment.merge(Env::prefixed("TAILOR_").split("__").ignore(NOT_SETTINGS));
         Self::extract(figment)
@@ -259,7 +263,10 @@ impl Settings {
             }
         }
         if b.search != "none" {
-            anyhow::bail!("backends.search: '{}' is not available in this build (only \"none\")", b.search);
+            anyhow::bail!(
+                "backends.search: '{}' is not available in this build (only \"none\")",
+                b.search
+            );
         }
         if !(0.0..=1.0).contains(&self.policy.epsilon) {
             anyhow::bail!("policy.epsilon: must be between 0 and 1");
@@ -287,6 +294,8 @@ fn describe(e: figment::Error) -> String {
         figment::error::Kind::UnknownField(field, _) => {
             let key = if path.is_empty() {
                 field.clone()
+            } else if e.path.last() == Some(field) {
+                path
             } else {
                 format!("{path}.{field}")
             };
@@ -303,6 +312,7 @@ fn describe(e: figment::Error) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment's Jail closures return its large error type
 mod tests {
     use super::*;
     use figment::Jail;

@@ -120,8 +120,16 @@ mod tests {
             segments: Some(&vip),
         };
         assert!(f.matches(&it));
-        assert!(!CandidateFilter { placement: Some("sidebar"), ..f.clone() }.matches(&it));
-        assert!(!CandidateFilter { segments: Some(&[]), ..f.clone() }.matches(&it));
+        assert!(!CandidateFilter {
+            placement: Some("sidebar"),
+            ..f.clone()
+        }
+        .matches(&it));
+        assert!(!CandidateFilter {
+            segments: Some(&[]),
+            ..f.clone()
+        }
+        .matches(&it));
         it.active_until = Some(now - Duration::seconds(1));
         assert!(!f.matches(&it));
     }
@@ -130,6 +138,9 @@ mod tests {
     fn validation_names_the_field() {
         let mut it = item();
         it.content_type = " ".into();
-        assert_eq!(it.validate("input").unwrap_err().to_string(), "input.type: must not be empty");
+        assert_eq!(
+            it.validate("input").unwrap_err().to_string(),
+            "input.type: must not be empty"
+        );
     }
 }

@@ -213,7 +213,10 @@ mod tests {
             consent: Consent::from_json("consent", &json!({"personalization": true})).unwrap(),
         }
         .apply(Some(first), now);
-        assert_eq!(Value::Object(second.traits.clone()), json!({"country": "FR", "age": 31}));
+        assert_eq!(
+            Value::Object(second.traits.clone()),
+            json!({"country": "FR", "age": 31})
+        );
         assert_eq!(second.pii.email.as_deref(), Some("a@example.com"));
         assert!(!second.traits.contains_key("email"));
         assert_eq!(second.consent.personalization, Some(true));

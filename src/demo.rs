@@ -20,7 +20,14 @@ use crate::error::Result;
 
 pub const CUSTOMERS: usize = 10_000;
 pub const PLACEMENTS: [&str; 3] = ["homepage_hero", "email_offer", "sidebar"];
-const CATEGORIES: [&str; 6] = ["electronics", "travel", "fashion", "home", "sports", "books"];
+const CATEGORIES: [&str; 6] = [
+    "electronics",
+    "travel",
+    "fashion",
+    "home",
+    "sports",
+    "books",
+];
 const COUNTRIES: [&str; 5] = ["FR", "DE", "US", "GB", "ES"];
 const SEED: u64 = 20_261_127;
 
@@ -49,17 +56,28 @@ pub fn persona(i: usize) -> Persona {
 /// 25 points more for their favourite category, scaled up a little for active customers.
 pub fn click_probability(i: usize, item: &ContentItem) -> f64 {
     let p = persona(i);
-    let affinity = if item.tags.iter().any(|t| t == p.favourite) { 0.25 } else { 0.0 };
+    let affinity = if item.tags.iter().any(|t| t == p.favourite) {
+        0.25
+    } else {
+        0.0
+    };
     ((0.02 + affinity) * (0.8 + 0.2 * p.activity)).min(1.0)
 }
 
 pub fn catalog() -> Vec<ContentItem> {
-    let types = [("homepage_hero", "banner"), ("email_offer", "email"), ("sidebar", "offer")];
+    let types = [
+        ("homepage_hero", "banner"),
+        ("email_offer", "email"),
+        ("sidebar", "offer"),
+    ];
     let mut items = Vec::new();
     for (p, (placement, content_type)) in types.iter().enumerate() {
         for (c, category) in CATEGORIES.iter().enumerate() {
             for variant in 0..4 {
-                let id = format!("{}-{category}-{variant}", &placement[..placement.find('_').unwrap_or(placement.len())]);
+                let id = format!(
+                    "{}-{category}-{variant}",
+                    &placement[..placement.find('_').unwrap_or(placement.len())]
+                );
                 let segments = match variant {
                     3 => vec!["engaged".to_string()],
                     _ => vec![],
@@ -67,7 +85,10 @@ pub fn catalog() -> Vec<ContentItem> {
                 items.push(ContentItem {
                     id,
                     content_type: content_type.to_string(),
-                    title: Some(format!("{} {category} #{variant}", capitalise(content_type))),
+                    title: Some(format!(
+                        "{} {category} #{variant}",
+                        capitalise(content_type)
+                    )),
                     placements: vec![placement.to_string()],
                     tags: vec![category.to_string()],
                     segments,
@@ -132,6 +153,7 @@ pub async fn ensure(engine: &Engine) -> Result<()> {
     let now = Utc::now();
     let mut batch: Vec<Value> = Vec::new();
     let mut events = 0usize;
+    let mut profiles = Vec::new();
     for i in 0..CUSTOMERS {
         let p = persona(i);
         let id = customer_id(i);
@@ -152,25 +174,24 @@ pub async fn ensure(engine: &Engine) -> Result<()> {
             "age": rng.random_range(18..75),
             "interest": interest,
         });
-        let consent = json!({"personalization": !rng.random_bool(0.05), "marketing": rng.random_bool(0.7)});
-        engine
-            .stores
-            .profiles
-            .put(
-                &CustomerUpdate {
-                    id: CustomerId::parse("id", &id)?,
-                    traits: parse_traits("traits", Some(traits))?,
-                    pii: Pii {
-                        email: Some(format!("{id}@example.com")),
-                        ..Pii::default()
-                    },
-                    consent: Consent::from_json("consent", &consent)?,
-                }
-                .apply(None, now - Duration::days(30)),
-            )
-            .await?;
+        let consent =
+            json!({"personalization": !rng.random_bool(0.05), "marketing": rng.random_bool(0.7)});
+        profiles.push(
+            CustomerUpdate {
+                id: CustomerId::parse("id", &id)?,
+                traits: parse_traits("traits", Some(traits))?,
+                pii: Pii {
+                    email: Some(format!("{id}@example.com")),
+                    ..Pii::default()
+                },
+                consent: Consent::from_json("consent", &consent)?,
+            }
+            .apply(None, now - Duration::days(30)),
+        );
         // 30 days of events; the more active, the more events.
-        let days_active: BTreeSet<i64> = (0..30).filter(|_| rng.random_bool((p.activity / 1.5).min(1.0) * 0.6)).collect();
+        let days_active: BTreeSet<i64> = (0..30)
+            .filter(|_| rng.random_bool((p.activity / 1.5).min(1.0) * 0.6))
+            .collect();
         let mut seq = 0;
         for day in days_active {
             let n = rng.random_range(1..=3);
@@ -184,9 +205,19 @@ pub async fn ensure(engine: &Engine) -> Result<()> {
                     _ => "purchase",
                 };
                 let mut props = Map::new();
-                props.insert("category".into(), json!(if rng.random_bool(0.7) { p.favourite } else { CATEGORIES[rng.random_range(0..CATEGORIES.len())] }));
+                props.insert(
+                    "category".into(),
+                    json!(if rng.random_bool(0.7) {
+                        p.favourite
+                    } else {
+                        CATEGORIES[rng.random_range(0..CATEGORIES.len())]
+                    }),
+                );
                 if ty == "purchase" {
-                    props.insert("value".into(), json!((rng.random_range(10.0..200.0f64) * 100.0).round() / 100.0));
+                    props.insert(
+                        "value".into(),
+                        json!((rng.random_range(10.0..200.0f64) * 100.0).round() / 100.0),
+                    );
                 }
                 batch.push(json!({
                     "eventId": format!("demo-{id}-{seq}"),
@@ -199,10 +230,15 @@ pub async fn ensure(engine: &Engine) -> Result<()> {
             }
         }
         if batch.len() >= 5_000 {
+            // Concurrent puts share the store's group commits.
+            futures::future::try_join_all(profiles.iter().map(|c| engine.stores.profiles.put(c)))
+                .await?;
+            profiles.clear();
             events += batch.len();
             engine.ingestor.ingest(std::mem::take(&mut batch)).await?;
         }
     }
+    futures::future::try_join_all(profiles.iter().map(|c| engine.stores.profiles.put(c))).await?;
     events += batch.len();
     if !batch.is_empty() {
         engine.ingestor.ingest(batch).await?;

@@ -6,11 +6,15 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use tailor::app::{serve, Engine};
+use tailor::app::{serve_http, Background, Engine};
 use tailor::config::Settings;
 
 #[derive(Parser)]
-#[command(name = "tailor", version, about = "Real-time marketing personalization engine")]
+#[command(
+    name = "tailor",
+    version,
+    about = "Real-time marketing personalization engine"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -63,15 +67,18 @@ async fn main() -> anyhow::Result<()> {
             let engine = Engine::open(settings)
                 .await
                 .context("Failed to open the engine")?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("Failed to listen on {listen}"))?;
+            let background = Background::start(&engine);
             if demo {
                 tailor::demo::ensure(&engine)
                     .await
                     .context("Failed to build the demo world")?;
             }
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("Failed to listen on {listen}"))?;
-            serve(engine, listener, shutdown_signal()).await
+            let served = serve_http(engine, listener, shutdown_signal()).await;
+            background.stop().await;
+            served
         }
     }
 }

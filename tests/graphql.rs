@@ -37,7 +37,10 @@ async fn events_change_features_and_segments_at_once() {
             {"eventId": "old", "customerId": "c1", "type": "page_view", "timestamp": (now - Duration::days(40)).to_rfc3339()},
         ]))
         .await;
-    assert_eq!(result, json!({"accepted": 6, "duplicates": 0, "rejected": []}));
+    assert_eq!(
+        result,
+        json!({"accepted": 6, "duplicates": 0, "rejected": []})
+    );
 
     // Visible as soon as trackEvents returns.
     assert_eq!(app.feature("c1", "page_views_30d").await, 3.0);
@@ -64,7 +67,10 @@ async fn events_change_features_and_segments_at_once() {
     let again = app
         .track(json!([{"eventId": "e1", "customerId": "c1", "type": "page_view"}]))
         .await;
-    assert_eq!(again, json!({"accepted": 0, "duplicates": 1, "rejected": []}));
+    assert_eq!(
+        again,
+        json!({"accepted": 0, "duplicates": 1, "rejected": []})
+    );
     assert_eq!(app.feature("c1", "page_views_30d").await, 3.0);
 
     // A trait change moves the customer out at once.
@@ -106,7 +112,8 @@ async fn personalize_records_a_complete_decision_and_learns_from_outcomes() {
     let app = TestApp::new().await;
     app.upsert_content("a", "homepage_hero", 1, &[]).await;
     app.upsert_content("b", "homepage_hero", 5, &[]).await;
-    app.upsert_content("vip-only", "homepage_hero", 9, &["vip"]).await;
+    app.upsert_content("vip-only", "homepage_hero", 9, &["vip"])
+        .await;
     app.upsert_content("elsewhere", "sidebar", 9, &[]).await;
 
     let query = "query($i: PersonalizeInput!) { personalize(input: $i) {
@@ -118,7 +125,10 @@ async fn personalize_records_a_complete_decision_and_learns_from_outcomes() {
         .await["personalize"]
         .clone();
     let selected = d["selectedItem"]["id"].as_str().unwrap().to_owned();
-    assert!(selected == "a" || selected == "b", "vip-only and sidebar items are not candidates: {d:#}");
+    assert!(
+        selected == "a" || selected == "b",
+        "vip-only and sidebar items are not candidates: {d:#}"
+    );
     assert_eq!(d["policy"], "thompson_sampling");
     assert_eq!(d["propensityKind"], "estimated");
     let p = d["propensity"].as_f64().unwrap();
@@ -133,7 +143,10 @@ async fn personalize_records_a_complete_decision_and_learns_from_outcomes() {
     // Read back by id.
     let id = d["id"].as_str().unwrap();
     let back = app
-        .gql("query($id: ID!) { decision(id: $id) { id selectedItem { id } propensity } }", json!({"id": id}))
+        .gql(
+            "query($id: ID!) { decision(id: $id) { id selectedItem { id } propensity } }",
+            json!({"id": id}),
+        )
         .await;
     assert_eq!(back["decision"]["selectedItem"]["id"], selected.as_str());
     assert_eq!(back["decision"]["propensity"], d["propensity"]);
@@ -141,10 +154,17 @@ async fn personalize_records_a_complete_decision_and_learns_from_outcomes() {
     // Outcomes update the bandit: after rewarding "a" only, it wins nearly always.
     for _ in 0..40 {
         let d = app
-            .gql(query, json!({"i": {"customerId": "c9", "placement": "homepage_hero"}}))
+            .gql(
+                query,
+                json!({"i": {"customerId": "c9", "placement": "homepage_hero"}}),
+            )
             .await["personalize"]
             .clone();
-        let reward = if d["selectedItem"]["id"] == "a" { 1.0 } else { 0.0 };
+        let reward = if d["selectedItem"]["id"] == "a" {
+            1.0
+        } else {
+            0.0
+        };
         app.gql(
             "mutation($d: ID!, $r: Float!) { recordOutcome(decisionId: $d, reward: $r, conversionType: \"click\", value: 3.5) { itemId reward } }",
             json!({"d": d["id"], "r": reward}),
@@ -154,17 +174,29 @@ async fn personalize_records_a_complete_decision_and_learns_from_outcomes() {
     let mut a_wins = 0;
     for _ in 0..20 {
         let d = app
-            .gql(query, json!({"i": {"customerId": "c9", "placement": "homepage_hero"}}))
+            .gql(
+                query,
+                json!({"i": {"customerId": "c9", "placement": "homepage_hero"}}),
+            )
             .await;
         if d["personalize"]["selectedItem"]["id"] == "a" {
             a_wins += 1;
         }
     }
-    assert!(a_wins >= 15, "Thompson sampling should exploit the rewarded item: {a_wins}/20");
+    assert!(
+        a_wins >= 15,
+        "Thompson sampling should exploit the rewarded item: {a_wins}/20"
+    );
 
     let metrics = app.engine.metrics.render();
-    assert!(metrics.contains("personalization_decisions_total{"), "{metrics}");
-    assert!(metrics.contains("personalization_conversions_total{"), "{metrics}");
+    assert!(
+        metrics.contains("personalization_decisions_total{"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("personalization_conversions_total{"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -190,7 +222,10 @@ async fn available_items_and_no_consent() {
         assert_eq!(d["propensity"], 1.0);
         // Still recorded.
         let back = app
-            .gql("query($id: ID!) { decision(id: $id) { id } }", json!({"id": d["id"]}))
+            .gql(
+                "query($id: ID!) { decision(id: $id) { id } }",
+                json!({"id": d["id"]}),
+            )
             .await;
         assert_eq!(back["decision"]["id"], d["id"]);
     }
@@ -199,7 +234,10 @@ async fn available_items_and_no_consent() {
         .await;
     assert_eq!(
         first_error(&resp),
-        ("NOT_FOUND".into(), "availableItems[1]: unknown content item 'nope'".into())
+        (
+            "NOT_FOUND".into(),
+            "availableItems[1]: unknown content item 'nope'".into()
+        )
     );
 }
 
@@ -251,12 +289,27 @@ async fn bad_input_gets_clear_errors() {
     let query = format!("{{ __schema {{ types {{ {deep} }} }} }}");
     assert_eq!(query.matches('{').count(), 50);
     let resp = app.exec(&query, json!({})).await;
-    assert!(resp["errors"][0]["message"].as_str().unwrap().contains("nested too deep"), "{resp:#}");
+    assert!(
+        resp["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nested too deep"),
+        "{resp:#}"
+    );
     // Wrong types are reported by GraphQL validation.
     let resp = app
-        .exec("{ personalize(input: {customerId: \"c\", count: \"many\"}) { id } }", json!({}))
+        .exec(
+            "{ personalize(input: {customerId: \"c\", count: \"many\"}) { id } }",
+            json!({}),
+        )
         .await;
-    assert!(resp["errors"][0]["message"].as_str().unwrap().contains("count"), "{resp:#}");
+    assert!(
+        resp["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("count"),
+        "{resp:#}"
+    );
 }
 
 #[tokio::test]
@@ -280,7 +333,10 @@ async fn feature_versions_backfill_activate_and_roll_back() {
             json!({}),
         )
         .await;
-    assert_eq!(v2["defineFeature"]["activeVersion"], 1, "a new version waits for activation");
+    assert_eq!(
+        v2["defineFeature"]["activeVersion"], 1,
+        "a new version waits for activation"
+    );
     let before = app.feature("c6", "page_views_30d").await;
     assert_eq!(before, 7.0);
 
@@ -290,7 +346,10 @@ async fn feature_versions_backfill_activate_and_roll_back() {
             json!({}),
         )
         .await;
-    assert_eq!(activated["activateFeatureVersion"]["activated"], true, "{activated:#}");
+    assert_eq!(
+        activated["activateFeatureVersion"]["activated"], true,
+        "{activated:#}"
+    );
     // c6 has page views at 0h, 30h, ... 180h: six are within 7 days.
     assert_eq!(app.feature("c6", "page_views_30d").await, 6.0);
 
@@ -330,12 +389,27 @@ async fn feature_versions_backfill_activate_and_roll_back() {
         .find(|f| f["name"] == "page_views_30d")
         .unwrap()
         .clone();
-    let last = pv["activations"].as_array().unwrap().last().unwrap().clone();
+    let last = pv["activations"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
     assert_eq!(last["automatic"], true);
     assert_eq!(last["fromVersion"], 3);
     assert_eq!(last["toVersion"], 1);
-    assert!(last["reason"].as_str().unwrap().contains("distribution shift"), "{last:#}");
-    assert!(app.engine.metrics.render().contains("tailor_feature_rollbacks_total"));
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap()
+            .contains("distribution shift"),
+        "{last:#}"
+    );
+    assert!(app
+        .engine
+        .metrics
+        .render()
+        .contains("tailor_feature_rollbacks_total"));
 }
 
 #[tokio::test]

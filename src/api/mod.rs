@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_graphql::http::GraphiQLSource;
-use async_graphql_axum::{GraphQLRequest, GraphQLResponse, GraphQLSubscription};
-use axum::body::Body;
+use async_graphql_axum::{GraphQLResponse, GraphQLSubscription};
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
@@ -56,14 +56,29 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .with_state(state)
         // WebSocket connections outlive any request timeout, so the timeout sits inside
         // the body limit but only bounds the time to a response head.
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .layer(RequestBodyLimitLayer::new(limits.max_body_bytes))
         .layer(TraceLayer::new_for_http())
 }
 
-async fn graphql_post(State(state): State<ApiState>, req: GraphQLRequest) -> GraphQLResponse {
-    state.schema.execute(req.into_inner()).await.into()
+/// The body is read with axum's limit (413 past it, before any parsing), then parsed
+/// as a single or batched GraphQL request.
+async fn graphql_post(State(state): State<ApiState>, body: Bytes) -> Response {
+    match serde_json::from_slice::<async_graphql::BatchRequest>(&body) {
+        Ok(batch) => GraphQLResponse::from(state.schema.execute_batch(batch).await).into_response(),
+        Err(e) => (
+            StatusCode::BAD_REQUEST,
+            axum::Json(serde_json::json!({
+                "errors": [{"message": format!("body: not a GraphQL request: {e}"),
+                            "extensions": {"code": "BAD_REQUEST"}}]
+            })),
+        )
+            .into_response(),
+    }
 }
 
 /// GraphiQL for browsers; a WebSocket upgrade goes to the subscription endpoint.

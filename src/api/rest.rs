@@ -49,10 +49,23 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Parses a JSON body; a type error names the field it is in (`available_items[2]`).
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        let field = if e.is_data() { "body" } else { "body (malformed JSON)" };
-        ApiError(Error::invalid(field, e.to_string()))
+    let mut de = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let field = if inner.is_data() && path != "." {
+            path
+        } else {
+            "body".to_owned()
+        };
+        let message = if inner.is_syntax() || inner.is_eof() {
+            format!("malformed JSON: {inner}")
+        } else {
+            inner.to_string()
+        };
+        ApiError(Error::invalid(field, message))
     })
 }
 
@@ -75,7 +88,10 @@ pub struct PersonalizeBody {
 }
 
 /// `POST /api/v1/personalize`, answering in the seed's shape.
-pub async fn personalize(State(engine): State<Arc<Engine>>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn personalize(
+    State(engine): State<Arc<Engine>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let body: PersonalizeBody = parse_json(&body)?;
     let req = PersonalizeRequest {
         customer_id: CustomerId::parse("customer_id", &body.customer_id)?,
@@ -124,7 +140,11 @@ pub async fn content(
         return Err(Error::invalid("limit", "must be between 1 and 1000").into());
     }
     let items = engine
-        .content(params.segment.as_deref(), params.content_type.as_deref(), limit)
+        .content(
+            params.segment.as_deref(),
+            params.content_type.as_deref(),
+            limit,
+        )
         .await?;
     let metadata = params.include_metadata.unwrap_or(false);
     let content_items: Vec<Value> = items

@@ -100,9 +100,18 @@ mod tests {
 
     fn arms() -> Vec<ArmStats> {
         vec![
-            ArmStats { trials: 1000.0, reward: 50.0 },
-            ArmStats { trials: 1000.0, reward: 200.0 },
-            ArmStats { trials: 0.0, reward: 0.0 },
+            ArmStats {
+                trials: 1000.0,
+                reward: 50.0,
+            },
+            ArmStats {
+                trials: 1000.0,
+                reward: 200.0,
+            },
+            ArmStats {
+                trials: 0.0,
+                reward: 0.0,
+            },
         ]
     }
 
@@ -122,9 +131,16 @@ mod tests {
         }
         // The unexplored arm (uniform posterior) beats 0.2 about 80% of the time.
         let observed = firsts[1] as f64 / 400.0;
-        let estimated: f64 = propensity_of_best.iter().sum::<f64>() / propensity_of_best.len() as f64;
-        assert!((observed - estimated).abs() < 0.08, "observed {observed} estimated {estimated}");
-        assert!(firsts[0] < 5, "the clearly worse arm is rarely first: {firsts:?}");
+        let estimated: f64 =
+            propensity_of_best.iter().sum::<f64>() / propensity_of_best.len() as f64;
+        assert!(
+            (observed - estimated).abs() < 0.08,
+            "observed {observed} estimated {estimated}"
+        );
+        assert!(
+            firsts[0] < 5,
+            "the clearly worse arm is rarely first: {firsts:?}"
+        );
     }
 
     #[test]
@@ -133,7 +149,11 @@ mod tests {
         let mut greedy_first = 0;
         for _ in 0..2000 {
             let r = epsilon_greedy(&arms(), 0.1, &mut rng);
-            let expected = if r.order[0].0 == 2 { 0.9 + 0.1 / 3.0 } else { 0.1 / 3.0 };
+            let expected = if r.order[0].0 == 2 {
+                0.9 + 0.1 / 3.0
+            } else {
+                0.1 / 3.0
+            };
             assert!((r.propensity - expected).abs() < 1e-12);
             if r.order[0].0 == 2 {
                 greedy_first += 1;

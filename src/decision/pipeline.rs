@@ -94,24 +94,31 @@ impl DecisionEngine {
         let started = Instant::now();
         let now = Utc::now();
         if req.count == 0 || req.count > MAX_COUNT {
-            return Err(Error::invalid("count", format!("must be between 1 and {MAX_COUNT}")));
+            return Err(Error::invalid(
+                "count",
+                format!("must be between 1 and {MAX_COUNT}"),
+            ));
         }
         let ctx = self.load_context(&req.customer_id, now).await?;
         let (candidates, filtered) = self.candidates(&req, &ctx, now).await?;
         let placement = req.placement.as_deref().unwrap_or(NO_PLACEMENT);
         let (ranking, policy_name, stats) = self.choose(placement, &candidates, &ctx).await?;
 
-        let mut ranked = ranking
-            .order
-            .iter()
-            .map(|&(i, score)| ScoredItem {
-                item: candidates[i].clone(),
-                score,
-            });
+        let mut ranked = ranking.order.iter().map(|&(i, score)| ScoredItem {
+            item: candidates[i].clone(),
+            score,
+        });
         let items: Vec<ScoredItem> = ranked.by_ref().take(req.count).collect();
         let alternatives: Vec<ScoredItem> = ranked.take(MAX_ALTERNATIVES).collect();
         let selected = &items[0];
-        let reasoning = reasoning(&policy_name, placement, candidates.len(), selected, &ranking, &ctx);
+        let reasoning = reasoning(
+            &policy_name,
+            placement,
+            candidates.len(),
+            selected,
+            &ranking,
+            &ctx,
+        );
         let explanation = req.explain.then(|| {
             json!({
                 "policy": policy_name,
@@ -153,7 +160,11 @@ impl DecisionEngine {
 
     /// Stage 1: profile, features (with a deadline) and segments, concurrently.
     #[tracing::instrument(skip_all)]
-    async fn load_context(&self, customer: &CustomerId, now: DateTime<Utc>) -> Result<DecisionContext> {
+    async fn load_context(
+        &self,
+        customer: &CustomerId,
+        now: DateTime<Utc>,
+    ) -> Result<DecisionContext> {
         let (profile, features, segments) = tokio::join!(
             self.stores.profiles.get(customer),
             self.features.read(customer, None, "features", now),
@@ -217,13 +228,15 @@ impl DecisionEngine {
                 let found = self.stores.content.get_many(ids).await?;
                 let mut items = Vec::with_capacity(ids.len());
                 for (i, (id, item)) in ids.iter().zip(found).enumerate() {
-                    let item = item
-                        .ok_or_else(|| Error::not_found(format!("availableItems[{i}]"), "content item", id))?;
+                    let item = item.ok_or_else(|| {
+                        Error::not_found(format!("availableItems[{i}]"), "content item", id)
+                    })?;
                     // The caller named these items: only the active window still applies.
                     if item.is_active(now) {
                         items.push(item);
                     } else {
-                        filtered.push(json!({"id": item.id, "reason": "outside its active window"}));
+                        filtered
+                            .push(json!({"id": item.id, "reason": "outside its active window"}));
                     }
                 }
                 items.dedup_by(|a, b| a.id == b.id);
@@ -241,7 +254,11 @@ impl DecisionEngine {
                     if filter.matches(&item) {
                         items.push(item);
                     } else if req.explain
-                        && (CandidateFilter { segments: None, ..filter.clone() }).matches(&item)
+                        && (CandidateFilter {
+                            segments: None,
+                            ..filter.clone()
+                        })
+                        .matches(&item)
                     {
                         filtered.push(json!({"id": item.id, "reason": "not eligible for the customer's segments"}));
                     }
@@ -252,13 +269,20 @@ impl DecisionEngine {
         items.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.id.cmp(&b.id)));
         items.truncate(self.max_candidates);
         if items.is_empty() {
-            let field = if req.available_items.is_some() { "availableItems" } else { "placement" };
+            let field = if req.available_items.is_some() {
+                "availableItems"
+            } else {
+                "placement"
+            };
             return Err(Error::invalid(
                 field,
                 format!(
                     "no eligible content for placement '{}'{}",
                     req.placement.as_deref().unwrap_or("(any)"),
-                    req.content_type.as_deref().map(|t| format!(" and type '{t}'")).unwrap_or_default()
+                    req.content_type
+                        .as_deref()
+                        .map(|t| format!(" and type '{t}'"))
+                        .unwrap_or_default()
                 ),
             ));
         }
@@ -275,7 +299,11 @@ impl DecisionEngine {
         ctx: &DecisionContext,
     ) -> Result<(Ranking, String, Vec<ArmStats>)> {
         if !ctx.personalized {
-            return Ok((policy::by_priority(candidates.len()), "default".into(), Vec::new()));
+            return Ok((
+                policy::by_priority(candidates.len()),
+                "default".into(),
+                Vec::new(),
+            ));
         }
         let arms: Vec<String> = candidates.iter().map(|c| c.id.clone()).collect();
         let stats = match self.stores.bandit.get(placement, &arms).await {
@@ -303,14 +331,22 @@ impl DecisionEngine {
 
     /// Stage 6: store the decision, count an impression per shown item, publish.
     #[tracing::instrument(skip_all)]
-    async fn record(&self, mut decision: Decision, placement: &str, started: Instant) -> Result<Decision> {
+    async fn record(
+        &self,
+        mut decision: Decision,
+        placement: &str,
+        started: Instant,
+    ) -> Result<Decision> {
         decision.latency_ms = started.elapsed().as_secs_f64() * 1e3;
         let impressions = async {
             if decision.policy == "default" {
                 return Ok(());
             }
             for shown in &decision.items {
-                self.stores.bandit.add(placement, &shown.item.id, ArmStats::trial()).await?;
+                self.stores
+                    .bandit
+                    .add(placement, &shown.item.id, ArmStats::trial())
+                    .await?;
             }
             Ok::<_, crate::storage::StorageError>(())
         };
@@ -416,7 +452,11 @@ fn reasoning(
         PropensityKind::Estimated => "estimated ",
         PropensityKind::Exact => "",
     };
-    let known = if ctx.profile.is_some() { "" } else { " (unknown customer)" };
+    let known = if ctx.profile.is_some() {
+        ""
+    } else {
+        " (unknown customer)"
+    };
     format!(
         "{policy} chose '{}' from {candidates} candidates for {placement}{known}: expected reward {:.3}, {estimated}propensity {:.3}{}",
         selected.item.id,

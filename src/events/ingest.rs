@@ -118,7 +118,10 @@ impl Ingestor {
         if last > 0 {
             self.processor.wake();
             if !self.processor.wait_applied(last, self.apply_wait).await {
-                tracing::warn!(seq = last, "Events are durable but not yet applied to features");
+                tracing::warn!(
+                    seq = last,
+                    "Events are durable but not yet applied to features"
+                );
             }
         }
         Ok(report)

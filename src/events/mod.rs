@@ -161,7 +161,10 @@ mod tests {
     fn validation_reports_the_field() {
         let now = Utc::now();
         let cases = [
-            (json!({"type": "page_view"}), "events[0].customerId: is required"),
+            (
+                json!({"type": "page_view"}),
+                "events[0].customerId: is required",
+            ),
             (json!({"customerId": "c1"}), "events[0].type: is required"),
             (
                 json!({"customerId": "c1", "type": "page view"}),

@@ -83,6 +83,7 @@ impl Processor {
             return Ok(0);
         };
         let now = Utc::now();
+        let started = std::time::Instant::now();
         let customers: BTreeSet<&CustomerId> = batch.iter().map(|e| &e.event.customer_id).collect();
         self.ensure_profiles(&customers, now).await?;
         self.features.apply(&batch, now).await?;
@@ -92,6 +93,7 @@ impl Processor {
             .evaluate_customers(&customers, Some(&types))
             .await?;
         self.stores.events.commit_offset(PROCESSOR, last).await?;
+        tracing::debug!(events = batch.len(), elapsed = ?started.elapsed(), "Applied events");
         self.applied.send_replace(last);
         Ok(batch.len())
     }
@@ -103,21 +105,21 @@ impl Processor {
         customers: &BTreeSet<&CustomerId>,
         now: chrono::DateTime<Utc>,
     ) -> Result<()> {
+        let mut missing = Vec::new();
         for id in customers {
             if self.stores.profiles.get(id).await?.is_none() {
-                self.stores
-                    .profiles
-                    .put(&Customer {
-                        id: (*id).clone(),
-                        traits: Default::default(),
-                        pii: Pii::default(),
-                        consent: Consent::default(),
-                        created_at: now,
-                        updated_at: now,
-                    })
-                    .await?;
+                missing.push(Customer {
+                    id: (*id).clone(),
+                    traits: Default::default(),
+                    pii: Pii::default(),
+                    consent: Consent::default(),
+                    created_at: now,
+                    updated_at: now,
+                });
             }
         }
+        // Concurrent puts share the store's group commits.
+        futures::future::try_join_all(missing.iter().map(|c| self.stores.profiles.put(c))).await?;
         Ok(())
     }
 

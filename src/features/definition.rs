@@ -86,7 +86,10 @@ impl FeatureSpec {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s),
             Some(_) => {
-                return Err(Error::invalid(format!("{field}.description"), "must be a string"))
+                return Err(Error::invalid(
+                    format!("{field}.description"),
+                    "must be a string",
+                ))
             }
         };
         let kind: FeatureKind = serde_json::from_value(Value::Object(object))
@@ -102,7 +105,10 @@ impl FeatureSpec {
         match &spec.kind {
             FeatureKind::Count { event_type, .. } | FeatureKind::Sum { event_type, .. } => {
                 if event_type.is_empty() {
-                    return Err(Error::invalid(format!("{field}.event_type"), "must not be empty"));
+                    return Err(Error::invalid(
+                        format!("{field}.event_type"),
+                        "must not be empty",
+                    ));
                 }
             }
             FeatureKind::DaysSince { .. } => {}
@@ -121,7 +127,10 @@ impl FeatureSpec {
             }
             FeatureKind::WeightedSum { terms, cap } => {
                 if terms.is_empty() {
-                    return Err(Error::invalid(format!("{field}.terms"), "must not be empty"));
+                    return Err(Error::invalid(
+                        format!("{field}.terms"),
+                        "must not be empty",
+                    ));
                 }
                 for (i, t) in terms.iter().enumerate() {
                     if !known(&t.feature) {
@@ -131,10 +140,16 @@ impl FeatureSpec {
                         ));
                     }
                     if !t.weight.is_finite() {
-                        return Err(Error::invalid(format!("{field}.terms[{i}].weight"), "must be finite"));
+                        return Err(Error::invalid(
+                            format!("{field}.terms[{i}].weight"),
+                            "must be finite",
+                        ));
                     }
                     if !(t.scale.is_finite() && t.scale > 0.0) {
-                        return Err(Error::invalid(format!("{field}.terms[{i}].scale"), "must be > 0"));
+                        return Err(Error::invalid(
+                            format!("{field}.terms[{i}].scale"),
+                            "must be > 0",
+                        ));
                     }
                 }
                 if cap.is_some_and(|c| !c.is_finite()) {
@@ -310,19 +325,46 @@ fn numeric(value: Option<&Value>) -> Option<f64> {
 pub fn builtin() -> Vec<(&'static str, Value)> {
     use serde_json::json;
     vec![
-        ("page_views_30d", json!({"kind": "count", "event_type": "page_view", "window": "30d", "description": "Page views in the last 30 days"})),
-        ("email_opens_30d", json!({"kind": "count", "event_type": "email_open", "window": "30d", "description": "Email opens in the last 30 days"})),
-        ("form_submits_30d", json!({"kind": "count", "event_type": "form_submit", "window": "30d", "description": "Form submits in the last 30 days"})),
-        ("clicks_30d", json!({"kind": "count", "event_type": "click", "window": "30d", "description": "Clicks in the last 30 days"})),
-        ("purchases_30d", json!({"kind": "count", "event_type": "purchase", "window": "30d", "description": "Purchases in the last 30 days"})),
-        ("revenue_30d", json!({"kind": "sum", "event_type": "purchase", "property": "value", "window": "30d", "description": "Sum of purchase values in the last 30 days"})),
-        ("days_since_last_visit", json!({"kind": "days_since", "event_type": "page_view", "default": 365.0, "description": "Days since the last page view (365 when never seen)"})),
-        ("conversion_rate", json!({"kind": "ratio", "numerator": "form_submits_30d", "denominator": "page_views_30d", "description": "Form submits per page view over 30 days"})),
-        ("engagement_score", json!({"kind": "weighted_sum", "terms": [
+        (
+            "page_views_30d",
+            json!({"kind": "count", "event_type": "page_view", "window": "30d", "description": "Page views in the last 30 days"}),
+        ),
+        (
+            "email_opens_30d",
+            json!({"kind": "count", "event_type": "email_open", "window": "30d", "description": "Email opens in the last 30 days"}),
+        ),
+        (
+            "form_submits_30d",
+            json!({"kind": "count", "event_type": "form_submit", "window": "30d", "description": "Form submits in the last 30 days"}),
+        ),
+        (
+            "clicks_30d",
+            json!({"kind": "count", "event_type": "click", "window": "30d", "description": "Clicks in the last 30 days"}),
+        ),
+        (
+            "purchases_30d",
+            json!({"kind": "count", "event_type": "purchase", "window": "30d", "description": "Purchases in the last 30 days"}),
+        ),
+        (
+            "revenue_30d",
+            json!({"kind": "sum", "event_type": "purchase", "property": "value", "window": "30d", "description": "Sum of purchase values in the last 30 days"}),
+        ),
+        (
+            "days_since_last_visit",
+            json!({"kind": "days_since", "event_type": "page_view", "default": 365.0, "description": "Days since the last page view (365 when never seen)"}),
+        ),
+        (
+            "conversion_rate",
+            json!({"kind": "ratio", "numerator": "form_submits_30d", "denominator": "page_views_30d", "description": "Form submits per page view over 30 days"}),
+        ),
+        (
+            "engagement_score",
+            json!({"kind": "weighted_sum", "terms": [
             {"feature": "page_views_30d", "weight": 0.3, "scale": 10.0},
             {"feature": "email_opens_30d", "weight": 0.2, "scale": 5.0},
             {"feature": "form_submits_30d", "weight": 0.2, "scale": 2.0}
-        ], "cap": 1.0, "description": "min(1, 0.3·pv/10 + 0.2·opens/5 + 0.2·submits/2) over 30 days"})),
+        ], "cap": 1.0, "description": "min(1, 0.3·pv/10 + 0.2·opens/5 + 0.2·submits/2) over 30 days"}),
+        ),
     ]
 }
 
@@ -356,21 +398,41 @@ mod tests {
         let now = Utc::now();
         let f = spec(json!({"kind": "count", "event_type": "page_view", "window": "1d"}));
         let mut st = FeatureState::default();
-        f.fold(&mut st, &ev(1, "page_view", now - Duration::hours(23), json!({})), now);
-        f.fold(&mut st, &ev(2, "page_view", now - Duration::hours(1), json!({})), now);
+        f.fold(
+            &mut st,
+            &ev(1, "page_view", now - Duration::hours(23), json!({})),
+            now,
+        );
+        f.fold(
+            &mut st,
+            &ev(2, "page_view", now - Duration::hours(1), json!({})),
+            now,
+        );
         f.fold(&mut st, &ev(3, "email_open", now, json!({})), now);
-        f.fold(&mut st, &ev(4, "page_view", now - Duration::days(3), json!({})), now);
+        f.fold(
+            &mut st,
+            &ev(4, "page_view", now - Duration::days(3), json!({})),
+            now,
+        );
         let mut none = |_: &str| 0.0;
         assert_eq!(f.evaluate(Some(&st), now, &mut none), Ok(2.0));
-        assert_eq!(f.evaluate(Some(&st), now + Duration::hours(2), &mut none), Ok(1.0));
-        assert_eq!(f.evaluate(Some(&st), now + Duration::days(1), &mut none), Ok(0.0));
+        assert_eq!(
+            f.evaluate(Some(&st), now + Duration::hours(2), &mut none),
+            Ok(1.0)
+        );
+        assert_eq!(
+            f.evaluate(Some(&st), now + Duration::days(1), &mut none),
+            Ok(0.0)
+        );
         assert_eq!(st.buckets.len(), 2, "the 3-day-old event was never stored");
     }
 
     #[test]
     fn folding_is_idempotent_on_replay() {
         let now = Utc::now();
-        let f = spec(json!({"kind": "sum", "event_type": "purchase", "property": "value", "window": "30d"}));
+        let f = spec(
+            json!({"kind": "sum", "event_type": "purchase", "property": "value", "window": "30d"}),
+        );
         let mut st = FeatureState::default();
         let e1 = ev(7, "purchase", now, json!({"value": 12.5}));
         let e2 = ev(8, "purchase", now, json!({"value": "2.5"}));
@@ -384,9 +446,18 @@ mod tests {
     fn derived_features_and_defaults() {
         let now = Utc::now();
         let ratio = spec(json!({"kind": "ratio", "numerator": "a", "denominator": "b"}));
-        assert_eq!(ratio.evaluate(None, now, &mut |n| if n == "a" { 1.0 } else { 4.0 }), Ok(0.25));
+        assert_eq!(
+            ratio.evaluate(None, now, &mut |n| if n == "a" { 1.0 } else { 4.0 }),
+            Ok(0.25)
+        );
         assert_eq!(ratio.evaluate(None, now, &mut |_| 0.0), Ok(0.0));
-        let engagement = spec(builtin().into_iter().find(|(n, _)| *n == "engagement_score").unwrap().1);
+        let engagement = spec(
+            builtin()
+                .into_iter()
+                .find(|(n, _)| *n == "engagement_score")
+                .unwrap()
+                .1,
+        );
         let values = |n: &str| match n {
             "page_views_30d" => 5.0,
             "email_opens_30d" => 5.0,
@@ -394,27 +465,52 @@ mod tests {
         };
         let v = engagement.evaluate(None, now, &mut { values }).unwrap();
         assert!((v - (0.15 + 0.2 + 0.1)).abs() < 1e-12, "{v}");
-        assert_eq!(engagement.evaluate(None, now, &mut |_| 100.0), Ok(1.0), "capped at 1");
+        assert_eq!(
+            engagement.evaluate(None, now, &mut |_| 100.0),
+            Ok(1.0),
+            "capped at 1"
+        );
         let days = spec(json!({"kind": "days_since", "default": 365.0}));
         assert_eq!(days.evaluate(None, now, &mut |_| 0.0), Ok(365.0));
         let mut st = FeatureState::default();
-        days.fold(&mut st, &ev(1, "anything", now - Duration::hours(36), json!({})), now);
+        days.fold(
+            &mut st,
+            &ev(1, "anything", now - Duration::hours(36), json!({})),
+            now,
+        );
         assert_eq!(days.evaluate(Some(&st), now, &mut |_| 0.0), Ok(1.5));
     }
 
     #[test]
     fn validation_names_the_field() {
         let cases = [
-            (json!({"kind": "count", "event_type": "x", "window": "3y"}), "definition: '3y' is not a window such as 30d, 12h or 90m"),
-            (json!({"kind": "ratio", "numerator": "nope", "denominator": "x"}), "definition.numerator: unknown feature 'nope'"),
-            (json!({"kind": "weighted_sum", "terms": [{"feature": "x", "weight": 1, "scale": 0}]}), "definition.terms[0].scale: must be > 0"),
-            (json!({"kind": "count", "event_type": "", "window": "1d"}), "definition.event_type: must not be empty"),
+            (
+                json!({"kind": "count", "event_type": "x", "window": "3y"}),
+                "definition: window: '3y' is not a window such as 30d, 12h or 90m",
+            ),
+            (
+                json!({"kind": "ratio", "numerator": "nope", "denominator": "x"}),
+                "definition.numerator: unknown feature 'nope'",
+            ),
+            (
+                json!({"kind": "weighted_sum", "terms": [{"feature": "x", "weight": 1, "scale": 0}]}),
+                "definition.terms[0].scale: must be > 0",
+            ),
+            (
+                json!({"kind": "count", "event_type": "", "window": "1d"}),
+                "definition.event_type: must not be empty",
+            ),
         ];
         for (body, expected) in cases {
             let err = FeatureSpec::parse("definition", &body, &|n| n == "x").unwrap_err();
             assert!(err.to_string().starts_with(expected), "{err} vs {expected}");
         }
-        let err = FeatureSpec::parse("definition", &json!({"kind": "count", "event_type": "x", "window": "1d", "colour": 1}), &|_| true).unwrap_err();
+        let err = FeatureSpec::parse(
+            "definition",
+            &json!({"kind": "count", "event_type": "x", "window": "1d", "colour": 1}),
+            &|_| true,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
     }
 

@@ -88,7 +88,13 @@ impl FeatureCatalog {
 
     /// The stateful keys needed to evaluate `spec` (itself at `version` when stateful,
     /// plus its inputs at their active versions, transitively).
-    fn collect_keys(&self, name: &str, version: u32, spec: &FeatureSpec, out: &mut Vec<FeatureKey>) {
+    fn collect_keys(
+        &self,
+        name: &str,
+        version: u32,
+        spec: &FeatureSpec,
+        out: &mut Vec<FeatureKey>,
+    ) {
         if spec.is_stateful() {
             let key = FeatureKey::new(name, version);
             if !out.contains(&key) {
@@ -218,7 +224,13 @@ impl FeatureService {
             metrics,
             apply_lock: tokio::sync::Mutex::new(()),
         });
-        if service.stores.definitions.list(DefinitionKind::Feature).await?.is_empty() {
+        if service
+            .stores
+            .definitions
+            .list(DefinitionKind::Feature)
+            .await?
+            .is_empty()
+        {
             for (name, body) in builtin() {
                 service.define(name, body).await?;
             }
@@ -289,7 +301,11 @@ impl FeatureService {
                 .collect::<Result<_>>()?,
             None => catalog
                 .entries()
-                .filter_map(|e| e.versions.get(&e.active).map(|s| (e.name.clone(), e.active, s)))
+                .filter_map(|e| {
+                    e.versions
+                        .get(&e.active)
+                        .map(|s| (e.name.clone(), e.active, s))
+                })
                 .collect(),
         };
         let mut keys = Vec::new();
@@ -365,7 +381,8 @@ impl FeatureService {
             .put(DefinitionKind::Feature, name, stored)
             .await?;
         if spec.is_stateful() {
-            self.backfill(&FeatureKey::new(name, version), &spec).await?;
+            self.backfill(&FeatureKey::new(name, version), &spec)
+                .await?;
         }
         if catalog.get(name).is_none() {
             self.stores
@@ -448,7 +465,11 @@ impl FeatureService {
 
     /// Switches `name` to `version`, then checks the new version's health against the
     /// one it replaced on a sample of customers; a failed check rolls back at once.
-    pub async fn activate(&self, name: &str, version: u32) -> Result<(FeatureEntry, Option<HealthReport>)> {
+    pub async fn activate(
+        &self,
+        name: &str,
+        version: u32,
+    ) -> Result<(FeatureEntry, Option<HealthReport>)> {
         let catalog = self.catalog();
         let entry = catalog
             .get(name)
@@ -456,7 +477,9 @@ impl FeatureService {
         let spec = entry
             .versions
             .get(&version)
-            .ok_or_else(|| Error::not_found("version", "feature version", format!("{name}@v{version}")))?
+            .ok_or_else(|| {
+                Error::not_found("version", "feature version", format!("{name}@v{version}"))
+            })?
             .clone();
         let previous = entry.active;
         if previous == version {
@@ -488,8 +511,15 @@ impl FeatureService {
                 .definitions
                 .set_active(DefinitionKind::Feature, name, previous)
                 .await?;
-            self.record_activation(name, Some(version), previous, true, &reason, Some(r.clone()))
-                .await?;
+            self.record_activation(
+                name,
+                Some(version),
+                previous,
+                true,
+                &reason,
+                Some(r.clone()),
+            )
+            .await?;
             self.metrics
                 .feature_rollbacks
                 .add(1, &[KeyValue::new("feature", name.to_owned())]);

@@ -90,7 +90,12 @@ mod tests {
 
     #[test]
     fn parses_and_prints() {
-        for (raw, minutes, shown) in [("30d", 43200, "30d"), ("12h", 720, "12h"), ("90m", 90, "90m"), ("1w", 10080, "7d")] {
+        for (raw, minutes, shown) in [
+            ("30d", 43200, "30d"),
+            ("12h", 720, "12h"),
+            ("90m", 90, "90m"),
+            ("1w", 10080, "7d"),
+        ] {
             let w = Window::parse("within", raw).unwrap();
             assert_eq!(w.minutes(), minutes);
             assert_eq!(w.to_string(), shown);

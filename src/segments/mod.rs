@@ -86,7 +86,10 @@ fn validate_name(name: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::invalid("name", "must be 1–64 characters of [A-Za-z0-9_-]"))
+        Err(Error::invalid(
+            "name",
+            "must be 1–64 characters of [A-Za-z0-9_-]",
+        ))
     }
 }
 
@@ -109,8 +112,18 @@ impl SegmentService {
 
     async fn reload(&self) -> Result<()> {
         let mut defs = Vec::new();
-        for d in self.stores.definitions.list(DefinitionKind::Segment).await? {
-            defs.push(Arc::new(self.parse_stored(&d.name, d.version, &d.body, d.created_at)?));
+        for d in self
+            .stores
+            .definitions
+            .list(DefinitionKind::Segment)
+            .await?
+        {
+            defs.push(Arc::new(self.parse_stored(
+                &d.name,
+                d.version,
+                &d.body,
+                d.created_at,
+            )?));
         }
         *self.catalog.write() = Arc::new(defs);
         Ok(())
@@ -169,9 +182,9 @@ impl SegmentService {
             .put(DefinitionKind::Segment, name, body)
             .await?;
         self.reload().await?;
-        let def = self
-            .get(name)
-            .ok_or_else(|| Error::Internal(anyhow::anyhow!("segment {name} vanished after define")))?;
+        let def = self.get(name).ok_or_else(|| {
+            Error::Internal(anyhow::anyhow!("segment {name} vanished after define"))
+        })?;
         let (joined, left) = self.rebuild(&def).await?;
         Ok((def, joined, left))
     }
@@ -251,7 +264,8 @@ impl SegmentService {
         let defs: Vec<Arc<SegmentDef>> = catalog
             .iter()
             .filter(|d| {
-                event_types.is_none_or(|types| types.iter().any(|t| d.condition.depends_on_event(t)))
+                event_types
+                    .is_none_or(|types| types.iter().any(|t| d.condition.depends_on_event(t)))
             })
             .cloned()
             .collect();
@@ -328,8 +342,10 @@ impl SegmentService {
                 .map(|v| (v.name, v.value))
                 .collect()
         };
-        let windows: BTreeSet<(String, Window)> =
-            defs.iter().flat_map(|d| d.condition.event_windows()).collect();
+        let windows: BTreeSet<(String, Window)> = defs
+            .iter()
+            .flat_map(|d| d.condition.event_windows())
+            .collect();
         let mut counts = HashMap::new();
         if let Some(longest) = windows.iter().map(|(_, w)| *w).max() {
             let events = self

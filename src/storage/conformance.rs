@@ -195,7 +195,12 @@ pub async fn profiles(store: &dyn ProfileStore, prefix: &str) {
         tail.iter().all(|c| !c.id.as_str().starts_with(prefix)),
         "list after the greatest id must not return it or anything before it"
     );
-    let all = ok("list all", store.list(None, (count0 as usize) + expected.len() + 1).await);
+    let all = ok(
+        "list all",
+        store
+            .list(None, (count0 as usize) + expected.len() + 1)
+            .await,
+    );
     assert_eq!(
         all.len() as u64,
         count0 + expected.len() as u64,
@@ -254,7 +259,10 @@ pub async fn profiles(store: &dyn ProfileStore, prefix: &str) {
 pub fn sample_event(id: &str, customer: &CustomerId, timestamp: DateTime<Utc>, n: i64) -> Event {
     let mut properties = Map::new();
     properties.insert("n".into(), json!(n));
-    properties.insert("nested".into(), json!({"list": [1, 2.5, "x"], "none": null}));
+    properties.insert(
+        "nested".into(),
+        json!({"list": [1, 2.5, "x"], "none": null}),
+    );
     Event {
         event_id: id.to_owned(),
         customer_id: customer.clone(),
@@ -328,7 +336,11 @@ pub async fn event_log(store: &dyn EventLog, prefix: &str) {
         a5.clone(),
     ];
     let out_a = ok("append A", store.append(&batch_a).await);
-    assert_eq!(out_a.len(), batch_a.len(), "append must return one outcome per input event");
+    assert_eq!(
+        out_a.len(),
+        batch_a.len(),
+        "append must return one outcome per input event"
+    );
     assert_eq!(
         out_a[2],
         AppendOutcome::Duplicate,
@@ -339,7 +351,10 @@ pub async fn event_log(store: &dyn EventLog, prefix: &str) {
     let s3 = appended(out_a[3], "append A[3]");
     let s4 = appended(out_a[4], "append A[4]");
     let s5 = appended(out_a[5], "append A[5]");
-    assert!(s1 > start, "new seqs must be greater than every earlier one");
+    assert!(
+        s1 > start,
+        "new seqs must be greater than every earlier one"
+    );
     assert!(
         s1 < s2 && s2 < s3 && s3 < s4 && s4 < s5,
         "seqs must be strictly increasing in input order: {out_a:?}"
@@ -365,7 +380,11 @@ pub async fn event_log(store: &dyn EventLog, prefix: &str) {
             .append(&[a2_again.clone(), b1.clone(), b2.clone()])
             .await,
     );
-    assert_eq!(out_b.len(), 3, "append must return one outcome per input event");
+    assert_eq!(
+        out_b.len(),
+        3,
+        "append must return one outcome per input event"
+    );
     assert_eq!(
         out_b[0],
         AppendOutcome::Duplicate,
@@ -403,7 +422,10 @@ pub async fn event_log(store: &dyn EventLog, prefix: &str) {
         after = last.seq;
         paged.extend(page);
     }
-    assert_eq!(paged, all, "paging with scan(after = last seq) must visit every event once");
+    assert_eq!(
+        paged, all,
+        "paging with scan(after = last seq) must visit every event once"
+    );
     assert_eq!(
         ok("scan mid", store.scan(s3, 2).await),
         all[3..5].to_vec(),
@@ -432,13 +454,19 @@ pub async fn event_log(store: &dyn EventLog, prefix: &str) {
         (s1, &a1),
     ]);
     assert_eq!(
-        ok("customer_events", store.customer_events(&c1, long_ago).await),
+        ok(
+            "customer_events",
+            store.customer_events(&c1, long_ago).await
+        ),
         c1_all,
         "customer_events must be ascending by (timestamp, seq), to the nanosecond, \
          pre-1970 included, and hold only that customer's events"
     );
     assert_eq!(
-        ok("customer_events since", store.customer_events(&c1, a4.timestamp).await),
+        ok(
+            "customer_events since",
+            store.customer_events(&c1, a4.timestamp).await
+        ),
         c1_all[3..].to_vec(),
         "customer_events must include events exactly at `since` and exclude earlier ones \
          (even 300 ns earlier)"
@@ -454,13 +482,20 @@ pub async fn event_log(store: &dyn EventLog, prefix: &str) {
         "customer_events must exclude events before `since`"
     );
     assert_eq!(
-        ok("customer_events c10", store.customer_events(&c10, long_ago).await),
+        ok(
+            "customer_events c10",
+            store.customer_events(&c10, long_ago).await
+        ),
         stored(&[(s3, &a3)]),
         "customer_events must not mix customers whose ids share a prefix"
     );
     let nobody = customer_id(&format!("{prefix}nobody"));
     assert!(
-        ok("customer_events unknown", store.customer_events(&nobody, long_ago).await).is_empty(),
+        ok(
+            "customer_events unknown",
+            store.customer_events(&nobody, long_ago).await
+        )
+        .is_empty(),
         "customer_events of an unknown customer must be empty"
     );
 
@@ -471,7 +506,11 @@ pub async fn event_log(store: &dyn EventLog, prefix: &str) {
         "delete_customer must return how many events it removed"
     );
     assert!(
-        ok("customer_events erased", store.customer_events(&c1, long_ago).await).is_empty(),
+        ok(
+            "customer_events erased",
+            store.customer_events(&c1, long_ago).await
+        )
+        .is_empty(),
         "an erased customer must have no events"
     );
     assert_eq!(
@@ -480,7 +519,10 @@ pub async fn event_log(store: &dyn EventLog, prefix: &str) {
         "erasure must remove the customer's events from the log and nothing else"
     );
     assert_eq!(
-        ok("customer_events c10", store.customer_events(&c10, long_ago).await),
+        ok(
+            "customer_events c10",
+            store.customer_events(&c10, long_ago).await
+        ),
         stored(&[(s3, &a3)]),
         "erasure must not touch other customers"
     );
@@ -490,7 +532,10 @@ pub async fn event_log(store: &dyn EventLog, prefix: &str) {
         "last_seq is the highest seq ever assigned, even when that event was erased"
     );
     let replay = sample_event(&eid("c1-new"), &c1, t, 8);
-    let out_c = ok("append replay", store.append(&[a1.clone(), replay.clone()]).await);
+    let out_c = ok(
+        "append replay",
+        store.append(&[a1.clone(), replay.clone()]).await,
+    );
     assert_eq!(
         out_c[0],
         AppendOutcome::Duplicate,
@@ -529,7 +574,10 @@ pub async fn event_log(store: &dyn EventLog, prefix: &str) {
         "a later commit must replace the offset"
     );
     assert_eq!(
-        ok("committed_offset other", store.committed_offset(&other).await),
+        ok(
+            "committed_offset other",
+            store.committed_offset(&other).await
+        ),
         0,
         "offsets must be per consumer"
     );
@@ -580,7 +628,10 @@ pub async fn features(store: &dyn FeatureStore, prefix: &str) {
         "read of no keys must return no entries"
     );
     assert_eq!(
-        ok("read unwritten", store.read(&c1, &[f1.clone(), f2.clone()]).await),
+        ok(
+            "read unwritten",
+            store.read(&c1, &[f1.clone(), f2.clone()]).await
+        ),
         vec![None, None],
         "keys never written must read as None"
     );
@@ -609,33 +660,63 @@ pub async fn features(store: &dyn FeatureStore, prefix: &str) {
         ok(
             "read",
             store
-                .read(&c1, &[f2.clone(), g1.clone(), f1.clone(), f2_1.clone(), f1.clone()])
+                .read(
+                    &c1,
+                    &[f2.clone(), g1.clone(), f1.clone(), f2_1.clone(), f1.clone()]
+                )
                 .await
         ),
-        vec![Some(s2.clone()), None, Some(s1.clone()), Some(s3.clone()), Some(s1.clone())],
+        vec![
+            Some(s2.clone()),
+            None,
+            Some(s1.clone()),
+            Some(s3.clone()),
+            Some(s1.clone())
+        ],
         "read must return one entry per key, in order (repeats included), None where unwritten"
     );
     assert_eq!(
-        ok("read c12", store.read(&c12, &[f1.clone(), g1.clone(), f2.clone()]).await),
+        ok(
+            "read c12",
+            store
+                .read(&c12, &[f1.clone(), g1.clone(), f2.clone()])
+                .await
+        ),
         vec![Some(s4.clone()), Some(s5.clone()), None],
         "states are per customer"
     );
 
     // Overwrite.
     let s1b = sample_feature_state(11);
-    ok("overwrite", store.write(vec![(c1.clone(), f1.clone(), s1b.clone())]).await);
+    ok(
+        "overwrite",
+        store
+            .write(vec![(c1.clone(), f1.clone(), s1b.clone())])
+            .await,
+    );
     assert_eq!(
-        ok("read overwritten", store.read(&c1, &[f1.clone(), f2.clone()]).await),
+        ok(
+            "read overwritten",
+            store.read(&c1, &[f1.clone(), f2.clone()]).await
+        ),
         vec![Some(s1b.clone()), Some(s2.clone())],
         "a write must replace the state of its key only"
     );
 
     // Whole-batch visibility: a concurrent reader sees all of a batch or none of it.
     let c3 = customer_id(&format!("{prefix}c3"));
-    let keys: Vec<FeatureKey> = (0..32).map(|v| FeatureKey::new(format!("{prefix}w"), v)).collect();
+    let keys: Vec<FeatureKey> = (0..32)
+        .map(|v| FeatureKey::new(format!("{prefix}w"), v))
+        .collect();
     let batch: Vec<_> = keys
         .iter()
-        .map(|k| (c3.clone(), k.clone(), sample_feature_state(u64::from(k.version))))
+        .map(|k| {
+            (
+                c3.clone(),
+                k.clone(),
+                sample_feature_state(u64::from(k.version)),
+            )
+        })
         .collect();
     let done = AtomicBool::new(false);
     let writing = async {
@@ -666,26 +747,47 @@ pub async fn features(store: &dyn FeatureStore, prefix: &str) {
     // delete_key: that version, every customer; nothing else.
     ok("delete_key", store.delete_key(&f1).await);
     assert_eq!(
-        ok("read after delete_key", store.read(&c1, &[f1.clone(), f2.clone(), f2_1.clone()]).await),
+        ok(
+            "read after delete_key",
+            store
+                .read(&c1, &[f1.clone(), f2.clone(), f2_1.clone()])
+                .await
+        ),
         vec![None, Some(s2.clone()), Some(s3.clone())],
         "delete_key must remove only that (name, version)"
     );
     assert_eq!(
-        ok("read c12 after delete_key", store.read(&c12, &[f1.clone(), g1.clone()]).await),
+        ok(
+            "read c12 after delete_key",
+            store.read(&c12, &[f1.clone(), g1.clone()]).await
+        ),
         vec![None, Some(s5.clone())],
         "delete_key must remove the key for every customer"
     );
-    ok("delete_key unknown", store.delete_key(&FeatureKey::new(format!("{prefix}none"), 7)).await);
+    ok(
+        "delete_key unknown",
+        store
+            .delete_key(&FeatureKey::new(format!("{prefix}none"), 7))
+            .await,
+    );
 
     // delete_customer: every state of that customer; nobody else's.
     ok("delete_customer", store.delete_customer(&c1).await);
     assert_eq!(
-        ok("read erased", store.read(&c1, &[f1.clone(), f2.clone(), f2_1.clone()]).await),
+        ok(
+            "read erased",
+            store
+                .read(&c1, &[f1.clone(), f2.clone(), f2_1.clone()])
+                .await
+        ),
         vec![None, None, None],
         "delete_customer must remove every state of the customer"
     );
     assert_eq!(
-        ok("read c12 after erasure", store.read(&c12, &[g1.clone()]).await),
+        ok(
+            "read c12 after erasure",
+            store.read(&c12, std::slice::from_ref(&g1)).await
+        ),
         vec![Some(s5.clone())],
         "delete_customer must not touch customers whose ids share a prefix"
     );
@@ -695,9 +797,17 @@ pub async fn features(store: &dyn FeatureStore, prefix: &str) {
         "delete_customer must not touch other customers"
     );
     ok("delete_customer again", store.delete_customer(&c1).await);
-    ok("write after erasure", store.write(vec![(c1.clone(), f2.clone(), s2.clone())]).await);
+    ok(
+        "write after erasure",
+        store
+            .write(vec![(c1.clone(), f2.clone(), s2.clone())])
+            .await,
+    );
     assert_eq!(
-        ok("read rewritten", store.read(&c1, &[f2.clone()]).await),
+        ok(
+            "read rewritten",
+            store.read(&c1, std::slice::from_ref(&f2)).await
+        ),
         vec![Some(s2)],
         "a customer can be written again after erasure"
     );
@@ -725,7 +835,11 @@ pub async fn segments(store: &dyn SegmentStore, prefix: &str) {
     let c10 = customer_id(&format!("{prefix}c10"));
     let c2 = customer_id(&format!("{prefix}c2"));
 
-    assert_eq!(ok("size unknown", store.size(&s).await), 0, "an unknown segment has size 0");
+    assert_eq!(
+        ok("size unknown", store.size(&s).await),
+        0,
+        "an unknown segment has size 0"
+    );
     assert!(!ok("contains", store.contains(&s, &c1).await));
     assert!(ok("members unknown", store.members(&s, None, 10).await).is_empty());
     assert!(ok("segments_of unknown", store.segments_of(&c1).await).is_empty());
@@ -744,7 +858,12 @@ pub async fn segments(store: &dyn SegmentStore, prefix: &str) {
     ];
     assert_eq!(
         ok("apply", store.apply(&first).await),
-        vec![first[0].clone(), first[1].clone(), first[4].clone(), first[5].clone()],
+        vec![
+            first[0].clone(),
+            first[1].clone(),
+            first[4].clone(),
+            first[5].clone()
+        ],
         "apply must return only the changes that changed something, in input order"
     );
     let second = vec![
@@ -763,12 +882,26 @@ pub async fn segments(store: &dyn SegmentStore, prefix: &str) {
         "a join of a member and a leave of a non-member are not changes"
     );
 
-    assert_eq!(ok("size s", store.size(&s).await), 1, "size must count members exactly");
-    assert_eq!(ok("size s1", store.size(&s1).await), 2, "size must count members exactly");
+    assert_eq!(
+        ok("size s", store.size(&s).await),
+        1,
+        "size must count members exactly"
+    );
+    assert_eq!(
+        ok("size s1", store.size(&s1).await),
+        2,
+        "size must count members exactly"
+    );
     assert!(ok("contains", store.contains(&s, &c1).await), "c1 joined s");
     assert!(!ok("contains", store.contains(&s, &c2).await), "c2 left s");
-    assert!(!ok("contains", store.contains(&s, &c10).await), "c10 never joined s");
-    assert!(ok("contains", store.contains(&s1, &c10).await), "c10 joined s1");
+    assert!(
+        !ok("contains", store.contains(&s, &c10).await),
+        "c10 never joined s"
+    );
+    assert!(
+        ok("contains", store.contains(&s1, &c10).await),
+        "c10 joined s1"
+    );
 
     // Members: ascending id, strictly after `after`, at most `limit`, that segment only.
     assert_eq!(
@@ -781,18 +914,34 @@ pub async fn segments(store: &dyn SegmentStore, prefix: &str) {
         vec![c1.clone()],
         "members must not include members of a segment whose name extends this one"
     );
-    assert_eq!(ok("members after", store.members(&s1, Some(&c1), 10).await), vec![c10.clone()]);
-    assert_eq!(ok("members limit", store.members(&s1, None, 1).await), vec![c1.clone()]);
+    assert_eq!(
+        ok("members after", store.members(&s1, Some(&c1), 10).await),
+        vec![c10.clone()]
+    );
+    assert_eq!(
+        ok("members limit", store.members(&s1, None, 1).await),
+        vec![c1.clone()]
+    );
     assert!(ok("members limit 0", store.members(&s1, None, 0).await).is_empty());
-    assert!(ok("members after last", store.members(&s1, Some(&c10), 10).await).is_empty());
+    assert!(ok(
+        "members after last",
+        store.members(&s1, Some(&c10), 10).await
+    )
+    .is_empty());
 
     let crowd: Vec<CustomerId> = ["m05", "m01", "m10", "m03", "m02"]
         .iter()
         .map(|m| customer_id(&format!("{prefix}{m}")))
         .collect();
     let joins: Vec<_> = crowd.iter().map(|c| change(&s2, c, true)).collect();
-    assert_eq!(ok("apply crowd", store.apply(&joins).await).len(), crowd.len());
-    ok("apply c1 to s2", store.apply(&[change(&s2, &c1, true)]).await);
+    assert_eq!(
+        ok("apply crowd", store.apply(&joins).await).len(),
+        crowd.len()
+    );
+    ok(
+        "apply c1 to s2",
+        store.apply(&[change(&s2, &c1, true)]).await,
+    );
     let mut expected: Vec<CustomerId> = crowd.clone();
     expected.push(c1.clone());
     expected.sort();
@@ -801,11 +950,16 @@ pub async fn segments(store: &dyn SegmentStore, prefix: &str) {
     loop {
         let page = ok("members page", store.members(&s2, after.as_ref(), 2).await);
         assert!(page.len() <= 2, "members must return at most `limit` ids");
-        let Some(last) = page.last().cloned() else { break };
+        let Some(last) = page.last().cloned() else {
+            break;
+        };
         paged.extend(page);
         after = Some(last);
     }
-    assert_eq!(paged, expected, "paging through members must list every member once, in order");
+    assert_eq!(
+        paged, expected,
+        "paging through members must list every member once, in order"
+    );
     assert_eq!(ok("size s2", store.size(&s2).await), expected.len() as u64);
 
     assert_eq!(
@@ -813,7 +967,10 @@ pub async fn segments(store: &dyn SegmentStore, prefix: &str) {
         vec![s.clone(), s1.clone(), s2.clone()],
         "segments_of must list the customer's segments sorted by name"
     );
-    assert_eq!(ok("segments_of c10", store.segments_of(&c10).await), vec![s1.clone()]);
+    assert_eq!(
+        ok("segments_of c10", store.segments_of(&c10).await),
+        vec![s1.clone()]
+    );
     assert!(
         ok("segments_of c2", store.segments_of(&c2).await).is_empty(),
         "a customer who left every segment has none"
@@ -821,7 +978,11 @@ pub async fn segments(store: &dyn SegmentStore, prefix: &str) {
 
     // Clear: the segment and all its memberships; nothing else.
     ok("clear", store.clear(&s1).await);
-    assert_eq!(ok("size cleared", store.size(&s1).await), 0, "a cleared segment has size 0");
+    assert_eq!(
+        ok("size cleared", store.size(&s1).await),
+        0,
+        "a cleared segment has size 0"
+    );
     assert!(ok("members cleared", store.members(&s1, None, 10).await).is_empty());
     assert!(!ok("contains cleared", store.contains(&s1, &c1).await));
     assert_eq!(
@@ -830,14 +991,22 @@ pub async fn segments(store: &dyn SegmentStore, prefix: &str) {
         "clear must remove the segment from its members' segment lists"
     );
     assert!(ok("segments_of c10 after clear", store.segments_of(&c10).await).is_empty());
-    assert_eq!(ok("size s after clear", store.size(&s).await), 1, "clear must not touch s");
+    assert_eq!(
+        ok("size s after clear", store.size(&s).await),
+        1,
+        "clear must not touch s"
+    );
     ok("clear unknown", store.clear(&format!("{prefix}none")).await);
     assert_eq!(
         ok("rejoin", store.apply(&[change(&s1, &c10, true)]).await),
         vec![change(&s1, &c10, true)],
         "a member of a cleared segment can join again, as a change"
     );
-    assert_eq!(ok("size rejoined", store.size(&s1).await), 1, "size restarts after clear");
+    assert_eq!(
+        ok("size rejoined", store.size(&s1).await),
+        1,
+        "size restarts after clear"
+    );
 
     // Remove a customer from every segment.
     let mut leaves = ok("remove_customer", store.remove_customer(&c1).await);
@@ -849,7 +1018,11 @@ pub async fn segments(store: &dyn SegmentStore, prefix: &str) {
     );
     assert!(ok("segments_of removed", store.segments_of(&c1).await).is_empty());
     assert!(!ok("contains removed", store.contains(&s, &c1).await));
-    assert_eq!(ok("size s", store.size(&s).await), 0, "remove_customer must update sizes");
+    assert_eq!(
+        ok("size s", store.size(&s).await),
+        0,
+        "remove_customer must update sizes"
+    );
     assert_eq!(ok("size s2", store.size(&s2).await), crowd.len() as u64);
     assert_eq!(
         ok("members s2", store.members(&s2, None, 100).await),
@@ -899,7 +1072,10 @@ pub fn sample_content_item(id: &str, n: i32) -> ContentItem {
 pub async fn content(store: &dyn ContentStore, prefix: &str) {
     let id = |suffix: &str| format!("{prefix}{suffix}");
     let ours = |items: Vec<ContentItem>| -> Vec<ContentItem> {
-        items.into_iter().filter(|i| i.id.starts_with(prefix)).collect()
+        items
+            .into_iter()
+            .filter(|i| i.id.starts_with(prefix))
+            .collect()
     };
 
     assert_eq!(ok("get missing", store.get(&id("missing")).await), None);
@@ -951,15 +1127,28 @@ pub async fn content(store: &dyn ContentStore, prefix: &str) {
         "replacing an item must not add one"
     );
 
-    assert!(ok("delete", store.delete(&a.id).await), "delete of a stored item returns true");
-    assert!(!ok("delete again", store.delete(&a.id).await), "a second delete returns false");
+    assert!(
+        ok("delete", store.delete(&a.id).await),
+        "delete of a stored item returns true"
+    );
+    assert!(
+        !ok("delete again", store.delete(&a.id).await),
+        "a second delete returns false"
+    );
     assert_eq!(ok("get deleted", store.get(&a.id).await), None);
     assert_eq!(
-        ok("get_many deleted", store.get_many(&[a.id.clone(), b.id.clone()]).await),
+        ok(
+            "get_many deleted",
+            store.get_many(&[a.id.clone(), b.id.clone()]).await
+        ),
         vec![None, Some(b.clone())]
     );
     let listed = ours(ok("list", store.list().await));
-    assert_eq!(listed.len(), expected.len() - 1, "a deleted item must not be listed");
+    assert_eq!(
+        listed.len(),
+        expected.len() - 1,
+        "a deleted item must not be listed"
+    );
     assert!(!listed.iter().any(|i| i.id == a.id));
 }
 
@@ -977,10 +1166,7 @@ pub fn sample_decision(id: &str, customer: &CustomerId, n: i32) -> Decision {
         id: id.to_owned(),
         customer_id: customer.clone(),
         placement: Some("homepage_hero".into()),
-        items: vec![ScoredItem {
-            item,
-            score: 0.75,
-        }],
+        items: vec![ScoredItem { item, score: 0.75 }],
         alternatives: vec![ScoredItem {
             item: other,
             score: 0.5,
@@ -1051,7 +1237,11 @@ pub async fn decisions(store: &dyn DecisionStore, prefix: &str) {
         ok("put", store.put(d).await);
     }
     for d in [&d0, &d1, &d2, &d3] {
-        assert_eq!(ok("get", store.get(&d.id).await).as_ref(), Some(d), "get must return the decision");
+        assert_eq!(
+            ok("get", store.get(&d.id).await).as_ref(),
+            Some(d),
+            "get must return the decision"
+        );
     }
 
     let o: Vec<Outcome> = (0..3).map(|n| sample_outcome(&d1, n)).collect();
@@ -1080,7 +1270,10 @@ pub async fn decisions(store: &dyn DecisionStore, prefix: &str) {
     let mut d1b = d1.clone();
     d1b.reasoning = "replaced".into();
     ok("put replace", store.put(&d1b).await);
-    assert_eq!(ok("get replaced", store.get(&d1.id).await), Some(d1b.clone()));
+    assert_eq!(
+        ok("get replaced", store.get(&d1.id).await),
+        Some(d1b.clone())
+    );
     assert_eq!(ok("outcomes kept", store.outcomes(&d1.id).await).len(), 3);
 
     // Pseudonymise.
@@ -1126,23 +1319,38 @@ pub async fn decisions(store: &dyn DecisionStore, prefix: &str) {
     );
     assert_eq!(ok("outcomes d3", store.outcomes(&d3.id).await), vec![o3]);
     assert_eq!(
-        ok("pseudonymise again", store.pseudonymise(&c1, &pseudonym).await),
+        ok(
+            "pseudonymise again",
+            store.pseudonymise(&c1, &pseudonym).await
+        ),
         0,
         "a customer without decisions has nothing to pseudonymise"
     );
     assert_eq!(
-        ok("pseudonymise unknown", store.pseudonymise(&customer_id(&id("nobody")), "x").await),
+        ok(
+            "pseudonymise unknown",
+            store.pseudonymise(&customer_id(&id("nobody")), "x").await
+        ),
         0
     );
     assert_eq!(
-        ok("put_outcome after", store.put_outcome(&sample_outcome(&d1, 9)).await),
+        ok(
+            "put_outcome after",
+            store.put_outcome(&sample_outcome(&d1, 9)).await
+        ),
         Some(3),
         "outcomes keep counting after pseudonymisation"
     );
     // A new decision of the original id is that customer's again.
     let d4 = sample_decision(&id("d4"), &c1, 4);
     ok("put d4", store.put(&d4).await);
-    assert_eq!(ok("pseudonymise new", store.pseudonymise(&c1, &pseudonym).await), 1);
+    assert_eq!(
+        ok(
+            "pseudonymise new",
+            store.pseudonymise(&c1, &pseudonym).await
+        ),
+        1
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1173,7 +1381,12 @@ pub async fn bandit(store: Arc<dyn BanditStore>, prefix: &str) {
     ok("add", store.add(&p2, "a", stats(8.0, 4.0)).await);
     assert_eq!(
         ok("get", store.get(&p, &arms(&["b", "a", "zz", "a"])).await),
-        vec![stats(1.0, 0.0), stats(3.0, 0.75), ArmStats::default(), stats(3.0, 0.75)],
+        vec![
+            stats(1.0, 0.0),
+            stats(3.0, 0.75),
+            ArmStats::default(),
+            stats(3.0, 0.75)
+        ],
         "add must sum into the arm; get must return one entry per arm, in order"
     );
     assert_eq!(
@@ -1195,7 +1408,9 @@ pub async fn bandit(store: Arc<dyn BanditStore>, prefix: &str) {
             }
         }));
     }
-    let joined = futures::future::join_all((0..per_task).map(|_| store.add(&p, "c", ArmStats::reward(1.0)))).await;
+    let joined =
+        futures::future::join_all((0..per_task).map(|_| store.add(&p, "c", ArmStats::reward(1.0))))
+            .await;
     for result in joined {
         ok("concurrent add", result);
     }
@@ -1233,17 +1448,31 @@ pub async fn definitions(store: &dyn DefinitionStore, prefix: &str) {
     };
 
     assert_eq!(ok("get missing", store.get(kind, &n, None).await), None);
-    assert_eq!(ok("get missing version", store.get(kind, &n, Some(1)).await), None);
+    assert_eq!(
+        ok("get missing version", store.get(kind, &n, Some(1)).await),
+        None
+    );
     assert!(ok("versions missing", store.versions(kind, &n).await).is_empty());
-    assert_eq!(ok("active missing", store.active(kind, &n).await), None, "never set: None");
-    assert!(!ok("delete missing", store.delete(kind, &n).await), "nothing to delete: false");
+    assert_eq!(
+        ok("active missing", store.active(kind, &n).await),
+        None,
+        "never set: None"
+    );
+    assert!(
+        !ok("delete missing", store.delete(kind, &n).await),
+        "nothing to delete: false"
+    );
     assert!(
         !ok("set_active missing", store.set_active(kind, &n, 1).await),
         "set_active on a missing version must return false"
     );
     assert_eq!(ok("active", store.active(kind, &n).await), None);
 
-    let bodies = [json!({"v": 1}), json!({"v": 2, "x": [1, 2]}), json!("three")];
+    let bodies = [
+        json!({"v": 1}),
+        json!({"v": 2, "x": [1, 2]}),
+        json!("three"),
+    ];
     for (i, body) in bodies.iter().enumerate() {
         assert_eq!(
             ok("put", store.put(kind, &n, body.clone()).await),
@@ -1263,7 +1492,9 @@ pub async fn definitions(store: &dyn DefinitionStore, prefix: &str) {
         assert_eq!(&d.body, body, "each version must keep its own body");
     }
     assert!(
-        versions.windows(2).all(|w| w[0].created_at <= w[1].created_at),
+        versions
+            .windows(2)
+            .all(|w| w[0].created_at <= w[1].created_at),
         "later versions must not be created before earlier ones"
     );
     assert_eq!(
@@ -1281,12 +1512,21 @@ pub async fn definitions(store: &dyn DefinitionStore, prefix: &str) {
 
     // Kinds and names are independent.
     assert_eq!(
-        ok("put other kind", store.put(other_kind, &n, json!({"f": 1})).await),
+        ok(
+            "put other kind",
+            store.put(other_kind, &n, json!({"f": 1})).await
+        ),
         1,
         "versions are counted per (kind, name)"
     );
-    assert_eq!(ok("put n2", store.put(kind, &n2, json!({"n2": true})).await), 1);
-    assert_eq!(ok("put m", store.put(kind, &m, json!({"m": true})).await), 1);
+    assert_eq!(
+        ok("put n2", store.put(kind, &n2, json!({"n2": true})).await),
+        1
+    );
+    assert_eq!(
+        ok("put m", store.put(kind, &m, json!({"m": true})).await),
+        1
+    );
     assert_eq!(ok("put m", store.put(kind, &m, json!({"m": 2})).await), 2);
     assert_eq!(
         ok("versions n", store.versions(kind, &n).await).len(),
@@ -1304,10 +1544,16 @@ pub async fn definitions(store: &dyn DefinitionStore, prefix: &str) {
         "list must return only the given kind"
     );
     let listed = ok("list", store.list(kind).await);
-    assert!(listed.iter().all(|d| d.kind == kind), "list must return only the given kind");
+    assert!(
+        listed.iter().all(|d| d.kind == kind),
+        "list must return only the given kind"
+    );
 
     // Active pointer.
-    assert!(ok("set_active", store.set_active(kind, &n, 2).await), "set_active on a stored version");
+    assert!(
+        ok("set_active", store.set_active(kind, &n, 2).await),
+        "set_active on a stored version"
+    );
     assert_eq!(ok("active", store.active(kind, &n).await), Some(2));
     assert!(
         !ok("set_active v9", store.set_active(kind, &n, 9).await),
@@ -1329,12 +1575,25 @@ pub async fn definitions(store: &dyn DefinitionStore, prefix: &str) {
     assert_eq!(ok("active", store.active(kind, &n).await), Some(3));
 
     // Delete: every version and the pointer; the version counter survives.
-    assert!(ok("delete", store.delete(kind, &n).await), "delete of a stored name returns true");
+    assert!(
+        ok("delete", store.delete(kind, &n).await),
+        "delete of a stored name returns true"
+    );
     assert_eq!(ok("get deleted", store.get(kind, &n, None).await), None);
-    assert_eq!(ok("get deleted v1", store.get(kind, &n, Some(1)).await), None);
+    assert_eq!(
+        ok("get deleted v1", store.get(kind, &n, Some(1)).await),
+        None
+    );
     assert!(ok("versions deleted", store.versions(kind, &n).await).is_empty());
-    assert_eq!(ok("active deleted", store.active(kind, &n).await), None, "delete drops the pointer");
-    assert!(!ok("delete again", store.delete(kind, &n).await), "a second delete returns false");
+    assert_eq!(
+        ok("active deleted", store.active(kind, &n).await),
+        None,
+        "delete drops the pointer"
+    );
+    assert!(
+        !ok("delete again", store.delete(kind, &n).await),
+        "a second delete returns false"
+    );
     assert_eq!(
         ours(ok("list after delete", store.list(kind).await)),
         vec![(m.clone(), 2), (n2.clone(), 1)],
@@ -1351,7 +1610,10 @@ pub async fn definitions(store: &dyn DefinitionStore, prefix: &str) {
         "set_active on a deleted version must return false"
     );
     assert_eq!(
-        ok("put after delete", store.put(kind, &n, json!({"v": 4})).await),
+        ok(
+            "put after delete",
+            store.put(kind, &n, json!({"v": 4})).await
+        ),
         4,
         "version numbers must never be reused, even after delete"
     );
@@ -1366,5 +1628,73 @@ pub async fn definitions(store: &dyn DefinitionStore, prefix: &str) {
         ok("get latest", store.get(kind, &n, None).await).map(|d| (d.version, d.body)),
         Some((4, json!({"v": 4})))
     );
-    assert_eq!(ok("active after re-put", store.active(kind, &n).await), None);
+    assert_eq!(
+        ok("active after re-put", store.active(kind, &n).await),
+        None
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Exact numbers
+// ---------------------------------------------------------------------------------------
+
+/// Stored `f64`s read back bit for bit (scores, propensities, feature sums): a backend
+/// that stores text must parse floats exactly (serde_json: the `float_roundtrip` feature;
+/// without it about one value in seven, e.g. 1/11, comes back one ULP off).
+pub async fn exact_floats(
+    decisions: &dyn DecisionStore,
+    features: &dyn FeatureStore,
+    prefix: &str,
+) {
+    let c1 = customer_id(&format!("{prefix}c1"));
+    let awkward: Vec<f64> = (1..=40).map(|i| 1.0 / f64::from(i)).collect();
+
+    let mut decision = sample_decision(&format!("{prefix}d-float"), &c1, 1);
+    decision.confidence_score = awkward[10];
+    decision.propensity = awkward[12];
+    decision.latency_ms = awkward[16] * 1000.0;
+    decision.items[0].score = awkward[18];
+    decision.features = awkward
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (format!("f{i}"), *v))
+        .collect();
+    ok("put", decisions.put(&decision).await);
+    assert_eq!(
+        ok("get", decisions.get(&decision.id).await),
+        Some(decision.clone()),
+        "decisions must store f64 values exactly"
+    );
+    let mut outcome = sample_outcome(&decision, 1);
+    outcome.reward = awkward[10];
+    outcome.value = Some(awkward[22] * 100.0);
+    ok("put_outcome", decisions.put_outcome(&outcome).await);
+    assert_eq!(
+        ok("outcomes", decisions.outcomes(&decision.id).await),
+        vec![outcome],
+        "outcomes must store f64 values exactly"
+    );
+
+    let key = FeatureKey::new(format!("{prefix}float"), 1);
+    let mut state = sample_feature_state(1);
+    state.buckets = awkward
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Bucket {
+            minute: 29_000_000 + i as i64,
+            count: 1,
+            sum: *v,
+        })
+        .collect();
+    ok(
+        "write",
+        features
+            .write(vec![(c1.clone(), key.clone(), state.clone())])
+            .await,
+    );
+    assert_eq!(
+        ok("read", features.read(&c1, std::slice::from_ref(&key)).await),
+        vec![Some(state)],
+        "feature states must store f64 values exactly"
+    );
 }

@@ -101,7 +101,10 @@ pub trait FeatureStore: Send + Sync {
         keys: &[FeatureKey],
     ) -> StorageResult<Vec<Option<FeatureState>>>;
     /// Writes all states atomically (whole-batch visibility).
-    async fn write(&self, updates: Vec<(CustomerId, FeatureKey, FeatureState)>) -> StorageResult<()>;
+    async fn write(
+        &self,
+        updates: Vec<(CustomerId, FeatureKey, FeatureState)>,
+    ) -> StorageResult<()>;
     /// Removes every state of the customer.
     async fn delete_customer(&self, customer: &CustomerId) -> StorageResult<()>;
     /// Removes one feature version's state for every customer.
@@ -235,7 +238,12 @@ pub trait DefinitionStore: Send + Sync {
     /// Deletes every version and the active pointer. `false` if there was nothing.
     async fn delete(&self, kind: DefinitionKind, name: &str) -> StorageResult<bool>;
     /// Points (kind, name) at `version`, which must exist (else `Ok(false)`).
-    async fn set_active(&self, kind: DefinitionKind, name: &str, version: u32) -> StorageResult<bool>;
+    async fn set_active(
+        &self,
+        kind: DefinitionKind,
+        name: &str,
+        version: u32,
+    ) -> StorageResult<bool>;
     /// The active version, `None` if never set.
     async fn active(&self, kind: DefinitionKind, name: &str) -> StorageResult<Option<u32>>;
 }

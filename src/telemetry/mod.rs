@@ -15,7 +15,9 @@ const LATENCY_MS_BUCKETS: &[f64] = &[
     10000.0,
 ];
 
-const VALUE_BUCKETS: &[f64] = &[1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0];
+const VALUE_BUCKETS: &[f64] = &[
+    1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0,
+];
 
 /// Every instrument the engine records, on its own provider and registry so that several
 /// engines (tests) never share counters.
@@ -55,7 +57,10 @@ impl Metrics {
                 .build()
         };
         let counter = |name: &'static str, description: &'static str| {
-            meter.u64_counter(name).with_description(description).build()
+            meter
+                .u64_counter(name)
+                .with_description(description)
+                .build()
         };
         Ok(Metrics {
             decision_latency_ms: ms_histogram(
@@ -150,7 +155,8 @@ mod tests {
         let attrs = [KeyValue::new("placement", "homepage_hero")];
         m.decision_latency_ms.record(1.5, &attrs);
         m.decisions.add(1, &attrs);
-        m.conversions.add(1, &[KeyValue::new("conversion_type", "click")]);
+        m.conversions
+            .add(1, &[KeyValue::new("conversion_type", "click")]);
         m.conversion_value.record(12.0, &[]);
         let text = m.render();
         for name in [

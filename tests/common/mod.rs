@@ -23,8 +23,10 @@ impl TestApp {
 
     pub async fn with(tweak: impl FnOnce(&mut Settings)) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut settings = Settings::default();
-        settings.data_dir = dir.path().to_path_buf();
+        let mut settings = Settings {
+            data_dir: dir.path().to_path_buf(),
+            ..Settings::default()
+        };
         tweak(&mut settings);
         let engine = Engine::open(settings).await.expect("engine opens");
         let (stop, rx) = tokio::sync::watch::channel(false);
@@ -52,7 +54,13 @@ impl TestApp {
         serde_json::to_value(&resp).expect("response serialises")
     }
 
-    pub async fn upsert_content(&self, id: &str, placement: &str, priority: i32, segments: &[&str]) {
+    pub async fn upsert_content(
+        &self,
+        id: &str,
+        placement: &str,
+        priority: i32,
+        segments: &[&str],
+    ) {
         self.gql(
             "mutation($i: ContentItemInput!) { upsertContent(input: $i) { id } }",
             json!({"i": {"id": id, "type": "banner", "title": id, "placements": [placement],
@@ -91,7 +99,10 @@ impl Drop for TestApp {
 pub fn first_error(resp: &Value) -> (String, String) {
     let e = &resp["errors"][0];
     (
-        e["extensions"]["code"].as_str().unwrap_or_default().to_owned(),
+        e["extensions"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
         e["message"].as_str().unwrap_or_default().to_owned(),
     )
 }

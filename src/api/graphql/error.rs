@@ -13,12 +13,13 @@ pub fn gql(error: Error) -> async_graphql::Error {
                 e.set("field", field.clone());
             })
         }
-        Error::NotFound { field, what, id } => {
-            async_graphql::Error::new(format!("{field}: unknown {what} '{id}'")).extend_with(|_, e| {
-                e.set("code", "NOT_FOUND");
-                e.set("field", field.clone());
-            })
-        }
+        Error::NotFound { field, what, id } => async_graphql::Error::new(format!(
+            "{field}: unknown {what} '{id}'"
+        ))
+        .extend_with(|_, e| {
+            e.set("code", "NOT_FOUND");
+            e.set("field", field.clone());
+        }),
         Error::Storage(_) | Error::Internal(_) => {
             let id = uuid::Uuid::now_v7();
             tracing::error!(error_id = %id, error = %error, "Request failed");

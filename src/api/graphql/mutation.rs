@@ -17,7 +17,11 @@ pub struct IngestMutation;
 impl IngestMutation {
     /// Ingests events idempotently on `eventId`; invalid events are reported by index
     /// and field and do not stop the others. Returns once accepted events are durable.
-    async fn track_events(&self, ctx: &Context<'_>, events: Vec<EventInput>) -> GqlResult<TrackResultObject> {
+    async fn track_events(
+        &self,
+        ctx: &Context<'_>,
+        events: Vec<EventInput>,
+    ) -> GqlResult<TrackResultObject> {
         let raw: Vec<Value> = events
             .into_iter()
             .map(|e| {
@@ -35,7 +39,11 @@ impl IngestMutation {
     }
 
     /// Creates or updates a customer: traits merge key by key (`null` removes a key).
-    async fn upsert_customer(&self, ctx: &Context<'_>, input: CustomerInput) -> GqlResult<CustomerObject> {
+    async fn upsert_customer(
+        &self,
+        ctx: &Context<'_>,
+        input: CustomerInput,
+    ) -> GqlResult<CustomerObject> {
         let update = CustomerUpdate {
             id: CustomerId::parse("input.id", &input.id).map_err(gql)?,
             traits: parse_traits("input.traits", input.traits.map(|j| j.0)).map_err(gql)?,
@@ -108,7 +116,11 @@ impl DefinitionMutation {
         name: String,
         definition: Json<Value>,
     ) -> GqlResult<FeatureDefinitionObject> {
-        let entry = engine(ctx).features.define(&name, definition.0).await.map_err(gql)?;
+        let entry = engine(ctx)
+            .features
+            .define(&name, definition.0)
+            .await
+            .map_err(gql)?;
         Ok((&entry).into())
     }
 
@@ -120,8 +132,13 @@ impl DefinitionMutation {
         name: String,
         version: i32,
     ) -> GqlResult<ActivateFeatureResult> {
-        let version = u32::try_from(version).map_err(|_| gql(Error::invalid("version", "must be positive")))?;
-        let (entry, health) = engine(ctx).features.activate(&name, version).await.map_err(gql)?;
+        let version = u32::try_from(version)
+            .map_err(|_| gql(Error::invalid("version", "must be positive")))?;
+        let (entry, health) = engine(ctx)
+            .features
+            .activate(&name, version)
+            .await
+            .map_err(gql)?;
         Ok(ActivateFeatureResult {
             activated: entry.active == version,
             health: health.and_then(|h| serde_json::to_value(h).ok()).map(Json),
@@ -129,11 +146,20 @@ impl DefinitionMutation {
         })
     }
 
-    async fn upsert_content(&self, ctx: &Context<'_>, input: ContentItemInput) -> GqlResult<ContentItemObject> {
+    async fn upsert_content(
+        &self,
+        ctx: &Context<'_>,
+        input: ContentItemInput,
+    ) -> GqlResult<ContentItemObject> {
         let attributes = match input.attributes.map(|j| j.0) {
             None | Some(Value::Null) => Default::default(),
             Some(Value::Object(map)) => map,
-            Some(_) => return Err(gql(Error::invalid("input.attributes", "must be a JSON object"))),
+            Some(_) => {
+                return Err(gql(Error::invalid(
+                    "input.attributes",
+                    "must be a JSON object",
+                )))
+            }
         };
         let item = ContentItem {
             id: input.id.0,
@@ -153,7 +179,12 @@ impl DefinitionMutation {
     }
 
     async fn delete_content(&self, ctx: &Context<'_>, id: ID) -> GqlResult<bool> {
-        engine(ctx).stores.content.delete(&id).await.map_err(|e| gql(e.into()))
+        engine(ctx)
+            .stores
+            .content
+            .delete(&id)
+            .await
+            .map_err(|e| gql(e.into()))
     }
 }
 

@@ -34,7 +34,11 @@ pub fn personalize_request(input: PersonalizeInput) -> crate::error::Result<Pers
 #[Object]
 impl DecisionQuery {
     /// Decides which content this customer sees at this placement, and records why.
-    async fn personalize(&self, ctx: &Context<'_>, input: PersonalizeInput) -> GqlResult<DecisionObject> {
+    async fn personalize(
+        &self,
+        ctx: &Context<'_>,
+        input: PersonalizeInput,
+    ) -> GqlResult<DecisionObject> {
         let req = personalize_request(input).map_err(gql)?;
         let decision = engine(ctx).decisions.personalize(req).await.map_err(gql)?;
         Ok(DecisionObject(decision.into()))
@@ -42,7 +46,12 @@ impl DecisionQuery {
 
     /// A decision made earlier, by id.
     async fn decision(&self, ctx: &Context<'_>, id: ID) -> GqlResult<Option<DecisionObject>> {
-        let d = engine(ctx).stores.decisions.get(&id).await.map_err(|e| gql(e.into()))?;
+        let d = engine(ctx)
+            .stores
+            .decisions
+            .get(&id)
+            .await
+            .map_err(|e| gql(e.into()))?;
         Ok(d.map(|d| DecisionObject(d.into())))
     }
 
@@ -65,7 +74,11 @@ pub struct CustomerQuery;
 impl CustomerQuery {
     async fn customer(&self, ctx: &Context<'_>, id: ID) -> GqlResult<Option<CustomerObject>> {
         let id = CustomerId::parse("id", &id).map_err(gql)?;
-        Ok(engine(ctx).customer(&id).await.map_err(gql)?.map(CustomerObject))
+        Ok(engine(ctx)
+            .customer(&id)
+            .await
+            .map_err(gql)?
+            .map(CustomerObject))
     }
 
     /// Customers by id (all, or the members of `segment`), as a Relay connection.
@@ -97,7 +110,12 @@ impl CustomerQuery {
 
     /// Every feature with all its versions and activation history.
     async fn feature_definitions(&self, ctx: &Context<'_>) -> Vec<FeatureDefinitionObject> {
-        engine(ctx).features.catalog().entries().map(Into::into).collect()
+        engine(ctx)
+            .features
+            .catalog()
+            .entries()
+            .map(Into::into)
+            .collect()
     }
 }
 
@@ -111,7 +129,13 @@ impl SegmentQuery {
     }
 
     async fn segments(&self, ctx: &Context<'_>) -> Vec<SegmentObject> {
-        engine(ctx).segments.list().iter().cloned().map(SegmentObject).collect()
+        engine(ctx)
+            .segments
+            .list()
+            .iter()
+            .cloned()
+            .map(SegmentObject)
+            .collect()
     }
 }
 
@@ -139,8 +163,17 @@ impl ContentQuery {
         Ok(items.into_iter().map(ContentItemObject).collect())
     }
 
-    async fn content_item(&self, ctx: &Context<'_>, id: ID) -> GqlResult<Option<ContentItemObject>> {
-        let item = engine(ctx).stores.content.get(&id).await.map_err(|e| gql(e.into()))?;
+    async fn content_item(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+    ) -> GqlResult<Option<ContentItemObject>> {
+        let item = engine(ctx)
+            .stores
+            .content
+            .get(&id)
+            .await
+            .map_err(|e| gql(e.into()))?;
         Ok(item.map(ContentItemObject))
     }
 }

@@ -23,8 +23,12 @@ impl Subscription {
     ) -> impl Stream<Item = DecisionObject> {
         BroadcastStream::new(engine(ctx).decisions.subscribe()).filter_map(move |d| {
             let keep = d.ok().filter(|d| {
-                placement.as_ref().is_none_or(|p| d.placement.as_ref() == Some(p))
-                    && customer_id.as_ref().is_none_or(|c| d.customer_id.as_str() == c.as_str())
+                placement
+                    .as_ref()
+                    .is_none_or(|p| d.placement.as_ref() == Some(p))
+                    && customer_id
+                        .as_ref()
+                        .is_none_or(|c| d.customer_id.as_str() == c.as_str())
             });
             async move { keep.map(DecisionObject) }
         })

@@ -5,8 +5,8 @@ use async_graphql::{ComplexObject, Context, InputObject, Json, Object, SimpleObj
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use super::error::{gql, GqlResult};
 use super::engine;
+use super::error::{gql, GqlResult};
 use crate::content::ContentItem;
 use crate::customers::{Customer, CustomerId};
 use crate::decision::{Assignment, Decision, Outcome, ScoredItem};
@@ -110,7 +110,12 @@ impl DecisionObject {
         self.0.confidence_score
     }
     async fn alternatives(&self) -> Vec<ScoredItemObject> {
-        self.0.alternatives.iter().cloned().map(ScoredItemObject).collect()
+        self.0
+            .alternatives
+            .iter()
+            .cloned()
+            .map(ScoredItemObject)
+            .collect()
     }
     async fn reasoning(&self) -> &str {
         &self.0.reasoning
@@ -213,10 +218,19 @@ impl CustomerObject {
         Json(serde_json::to_value(&self.0.consent).unwrap_or(Value::Null))
     }
     async fn segments(&self, ctx: &Context<'_>) -> GqlResult<Vec<String>> {
-        Ok(engine(ctx).stores.segments.segments_of(&self.0.id).await.map_err(|e| gql(e.into()))?)
+        Ok(engine(ctx)
+            .stores
+            .segments
+            .segments_of(&self.0.id)
+            .await
+            .map_err(|e| gql(e.into()))?)
     }
     /// Active values of the named features (all when omitted).
-    async fn features(&self, ctx: &Context<'_>, names: Option<Vec<String>>) -> GqlResult<Vec<FeatureValueObject>> {
+    async fn features(
+        &self,
+        ctx: &Context<'_>,
+        names: Option<Vec<String>>,
+    ) -> GqlResult<Vec<FeatureValueObject>> {
         let read = engine(ctx)
             .features
             .read(&self.0.id, names.as_deref(), "names", Utc::now())
@@ -242,7 +256,10 @@ pub async fn customer_page(
     let engine = engine(ctx);
     let first = first.unwrap_or(50);
     if !(0..=1000).contains(&first) {
-        return Err(gql(crate::error::Error::invalid("first", "must be between 0 and 1000")));
+        return Err(gql(crate::error::Error::invalid(
+            "first",
+            "must be between 0 and 1000",
+        )));
     }
     let first = first as usize;
     let after = after
@@ -265,7 +282,12 @@ pub async fn customer_page(
                 .map_err(|e| gql(e.into()))?;
             let mut out = Vec::with_capacity(ids.len());
             for id in ids {
-                let profile = engine.stores.profiles.get(&id).await.map_err(|e| gql(e.into()))?;
+                let profile = engine
+                    .stores
+                    .profiles
+                    .get(&id)
+                    .await
+                    .map_err(|e| gql(e.into()))?;
                 out.push(profile.unwrap_or_else(|| Customer {
                     id,
                     traits: Default::default(),
@@ -308,7 +330,12 @@ impl SegmentObject {
         self.0.version as i32
     }
     async fn size(&self, ctx: &Context<'_>) -> GqlResult<i64> {
-        let n = engine(ctx).stores.segments.size(&self.0.name).await.map_err(|e| gql(e.into()))?;
+        let n = engine(ctx)
+            .stores
+            .segments
+            .size(&self.0.name)
+            .await
+            .map_err(|e| gql(e.into()))?;
         Ok(n as i64)
     }
     async fn contains(&self, ctx: &Context<'_>, customer_id: ID) -> GqlResult<bool> {
@@ -359,7 +386,10 @@ impl From<Activation> for ActivationObject {
             automatic: a.automatic,
             reason: a.reason,
             at: a.at,
-            health: a.health.and_then(|h| serde_json::to_value(h).ok()).map(Json),
+            health: a
+                .health
+                .and_then(|h| serde_json::to_value(h).ok())
+                .map(Json),
         }
     }
 }
@@ -376,7 +406,11 @@ pub struct FeatureDefinitionObject {
 impl FeatureDefinitionObject {
     /// Every activation and rollback, oldest first; automatic rollbacks say why.
     async fn activations(&self, ctx: &Context<'_>) -> GqlResult<Vec<ActivationObject>> {
-        let list = engine(ctx).features.activations(&self.name).await.map_err(gql)?;
+        let list = engine(ctx)
+            .features
+            .activations(&self.name)
+            .await
+            .map_err(gql)?;
         Ok(list.into_iter().map(Into::into).collect())
     }
 }
@@ -424,11 +458,17 @@ impl From<IngestReport> for TrackResultObject {
             rejected: r
                 .rejected
                 .into_iter()
-                .map(|EventError { index, field, message }| EventErrorObject {
-                    index: index as i32,
-                    field,
-                    message,
-                })
+                .map(
+                    |EventError {
+                         index,
+                         field,
+                         message,
+                     }| EventErrorObject {
+                        index: index as i32,
+                        field,
+                        message,
+                    },
+                )
                 .collect(),
         }
     }

@@ -47,7 +47,10 @@ impl BanditStore for EmbeddedBandit {
             .write(move |txn| {
                 let mut table = txn.open_table(BANDIT_ARMS).map_err(db_err)?;
                 let key = (placement.as_str(), arm.as_str());
-                let (trials, reward) = table.get(key).map_err(db_err)?.map_or((0.0, 0.0), |v| v.value());
+                let (trials, reward) = table
+                    .get(key)
+                    .map_err(db_err)?
+                    .map_or((0.0, 0.0), |v| v.value());
                 table
                     .insert(key, (trials + delta.trials, reward + delta.reward))
                     .map_err(db_err)?;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 
-use super::{db_err, decode, encode, EmbeddedStore};
+use super::{db_err, decode, encode, encode_checked, EmbeddedStore};
 use crate::customers::CustomerId;
 use crate::decision::{Decision, Outcome};
 use crate::storage::{DecisionStore, StorageError, StorageResult};
@@ -46,7 +46,7 @@ impl DecisionStore for EmbeddedDecisions {
     async fn put(&self, decision: &Decision) -> StorageResult<()> {
         let id = decision.id.clone();
         let customer = decision.customer_id.as_str().to_owned();
-        let value = encode("decision", decision)?;
+        let value = encode_checked("decision", decision)?;
         self.store
             .write(move |txn| {
                 let mut decisions = txn.open_table(DECISIONS).map_err(db_err)?;
@@ -88,13 +88,17 @@ impl DecisionStore for EmbeddedDecisions {
 
     async fn put_outcome(&self, outcome: &Outcome) -> StorageResult<Option<u64>> {
         let decision_id = outcome.decision_id.clone();
-        let value = encode("outcome", outcome)?;
+        let value = encode_checked("outcome", outcome)?;
         self.store
             .write(move |txn| {
                 let decisions = txn.open_table(DECISIONS).map_err(db_err)?;
                 let mut outcomes = txn.open_table(OUTCOMES).map_err(db_err)?;
                 // Check.
-                if decisions.get(decision_id.as_str()).map_err(db_err)?.is_none() {
+                if decisions
+                    .get(decision_id.as_str())
+                    .map_err(db_err)?
+                    .is_none()
+                {
                     return Ok(None);
                 }
                 let id = decision_id.as_str();
@@ -112,7 +116,9 @@ impl DecisionStore for EmbeddedDecisions {
                     None => 0,
                 };
                 // Write.
-                outcomes.insert((id, before), value.as_slice()).map_err(db_err)?;
+                outcomes
+                    .insert((id, before), value.as_slice())
+                    .map_err(db_err)?;
                 Ok(Some(before))
             })
             .await
@@ -198,10 +204,14 @@ impl DecisionStore for EmbeddedDecisions {
                 }
                 for (id, value) in &new_decisions {
                     decisions.insert(*id, value.as_slice()).map_err(db_err)?;
-                    index.insert((pseudonym.as_str(), *id), ()).map_err(db_err)?;
+                    index
+                        .insert((pseudonym.as_str(), *id), ())
+                        .map_err(db_err)?;
                 }
                 for (id, n, value) in &new_outcomes {
-                    outcomes.insert((*id, *n), value.as_slice()).map_err(db_err)?;
+                    outcomes
+                        .insert((*id, *n), value.as_slice())
+                        .map_err(db_err)?;
                 }
                 Ok(new_decisions.len() as u64)
             })

@@ -31,8 +31,17 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> StorageResult<()> {
     Ok(())
 }
 
-fn decode_definition(kind: &str, name: &str, version: u32, bytes: &[u8]) -> StorageResult<Definition> {
-    decode("definition", format_args!("{kind}/{name}@v{version}"), bytes)
+fn decode_definition(
+    kind: &str,
+    name: &str,
+    version: u32,
+    bytes: &[u8],
+) -> StorageResult<Definition> {
+    decode(
+        "definition",
+        format_args!("{kind}/{name}@v{version}"),
+        bytes,
+    )
 }
 
 /// Every stored version of (kind, name), ascending.
@@ -190,7 +199,10 @@ impl DefinitionStore for EmbeddedDefinitions {
                         .map_err(db_err)?;
                 }
                 // The version counter stays, so numbers are never reused.
-                let had_active = active.remove((kind, name.as_str())).map_err(db_err)?.is_some();
+                let had_active = active
+                    .remove((kind, name.as_str()))
+                    .map_err(db_err)?
+                    .is_some();
                 Ok(!versions.is_empty() || had_active)
             })
             .await

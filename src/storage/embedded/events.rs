@@ -74,7 +74,9 @@ fn load_events(txn: &ReadTransaction, seqs: &[u64]) -> StorageResult<Vec<StoredE
     let mut out = Vec::with_capacity(seqs.len());
     for &seq in seqs {
         let value = table.get(seq).map_err(db_err)?.ok_or_else(|| {
-            StorageError::Corrupt(format!("customer index names event {seq}, which is missing"))
+            StorageError::Corrupt(format!(
+                "customer index names event {seq}, which is missing"
+            ))
         })?;
         out.push(StoredEvent {
             seq,
@@ -244,7 +246,10 @@ impl EventLog for EmbeddedEventLog {
     async fn committed_offset(&self, consumer: &str) -> StorageResult<u64> {
         self.store.read(|txn| {
             let offsets = txn.open_table(CONSUMER_OFFSETS).map_err(db_err)?;
-            Ok(offsets.get(consumer).map_err(db_err)?.map_or(0, |v| v.value()))
+            Ok(offsets
+                .get(consumer)
+                .map_err(db_err)?
+                .map_or(0, |v| v.value()))
         })
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 
-use super::{db_err, decode, encode, EmbeddedStore};
+use super::{db_err, decode, encode_checked, EmbeddedStore};
 use crate::customers::CustomerId;
 use crate::features::{FeatureKey, FeatureState};
 use crate::storage::{FeatureStore, StorageResult};
@@ -77,7 +77,9 @@ impl FeatureStore for EmbeddedFeatures {
         }
         let encoded = updates
             .into_iter()
-            .map(|(customer, key, state)| Ok((customer, key, encode("feature state", &state)?)))
+            .map(|(customer, key, state)| {
+                Ok((customer, key, encode_checked("feature state", &state)?))
+            })
             .collect::<StorageResult<Vec<_>>>()?;
         self.store
             .write(move |txn| {
@@ -106,7 +108,10 @@ impl FeatureStore for EmbeddedFeatures {
                 let mut table = txn.open_table(FEATURES).map_err(db_err)?;
                 let mut by_key = txn.open_table(FEATURE_KEYS).map_err(db_err)?;
                 let mut keys = Vec::new();
-                for entry in table.range((customer.as_str(), "", 0u32)..).map_err(db_err)? {
+                for entry in table
+                    .range((customer.as_str(), "", 0u32)..)
+                    .map_err(db_err)?
+                {
                     let (key, _) = entry.map_err(db_err)?;
                     let (owner, name, version) = key.value();
                     if owner != customer {

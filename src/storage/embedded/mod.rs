@@ -147,10 +147,27 @@ pub(super) fn db_err(e: impl Into<redb::Error>) -> StorageError {
     }
 }
 
-/// Serializes a stored value.
+/// Serializes a stored value whose numbers are all inside `serde_json::Value`s or integers,
+/// so that it always reads back.
 pub(super) fn encode<T: Serialize>(what: &str, value: &T) -> StorageResult<Vec<u8>> {
     serde_json::to_vec(value)
         .map_err(|e| StorageError::Backend(format!("cannot serialize {what}: {e}")))
+}
+
+/// Serializes a stored value with `f64` fields and checks that it reads back: JSON has no
+/// NaN or infinity (serde_json writes them as `null`), and a value that could not be read
+/// back must be refused now rather than stored and reported as corrupt later.
+pub(super) fn encode_checked<T: Serialize + DeserializeOwned>(
+    what: &str,
+    value: &T,
+) -> StorageResult<Vec<u8>> {
+    let bytes = encode(what, value)?;
+    serde_json::from_slice::<T>(&bytes).map_err(|e| {
+        StorageError::Backend(format!(
+            "refusing to store {what}: it would not read back (non-finite number?): {e}"
+        ))
+    })?;
+    Ok(bytes)
 }
 
 /// Deserializes a stored value; an undecodable one is [`StorageError::Corrupt`].

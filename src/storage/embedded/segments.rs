@@ -40,7 +40,10 @@ fn apply_size_deltas(
         if delta == 0 {
             continue;
         }
-        let current = sizes.get(segment.as_str()).map_err(db_err)?.map_or(0, |v| v.value());
+        let current = sizes
+            .get(segment.as_str())
+            .map_err(db_err)?
+            .map_or(0, |v| v.value());
         let updated = current.checked_add_signed(delta).ok_or_else(|| {
             StorageError::Corrupt(format!(
                 "segment {segment:?}: size counter {current} cannot take a change of {delta}"
@@ -102,7 +105,9 @@ impl SegmentStore for EmbeddedSegments {
                 for (&(segment, customer), &joined) in &state {
                     if joined {
                         members.insert((segment, customer), ()).map_err(db_err)?;
-                        by_customer.insert((customer, segment), ()).map_err(db_err)?;
+                        by_customer
+                            .insert((customer, segment), ())
+                            .map_err(db_err)?;
                     } else {
                         members.remove((segment, customer)).map_err(db_err)?;
                         by_customer.remove((customer, segment)).map_err(db_err)?;
@@ -173,7 +178,10 @@ impl SegmentStore for EmbeddedSegments {
         self.store.read(|txn| {
             let by_customer = txn.open_table(CUSTOMER_SEGMENTS).map_err(db_err)?;
             let mut out = Vec::new();
-            for entry in by_customer.range((customer.as_str(), "")..).map_err(db_err)? {
+            for entry in by_customer
+                .range((customer.as_str(), "")..)
+                .map_err(db_err)?
+            {
                 let (key, _) = entry.map_err(db_err)?;
                 let (owner, segment) = key.value();
                 if owner != customer.as_str() {

@@ -4,13 +4,16 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::FutureExt;
 use redb::{TableDefinition, WriteTransaction};
 use serde_json::json;
 
-use super::{decisions, definitions, events, profiles, EmbeddedStore, FILE_NAME};
+use super::{
+    content, decisions, definitions, events, features as feature_tables, profiles, EmbeddedStore,
+    FILE_NAME,
+};
 use crate::bandit::ArmStats;
 use crate::events::Event;
 use crate::features::FeatureKey;
@@ -59,14 +62,11 @@ fn scratch_get(store: &EmbeddedStore, key: &str) -> Option<u64> {
 /// writer is running it: whatever is submitted next lands in the following batch.
 async fn hold_writer(store: &Arc<EmbeddedStore>, hold: Duration) -> tokio::task::JoinHandle<()> {
     let (started_tx, started) = std::sync::mpsc::channel::<()>();
-    let started_tx = std::sync::Mutex::new(started_tx);
     let store = store.clone();
     let handle = tokio::spawn(async move {
         store
             .write(move |_txn| {
-                if let Ok(tx) = started_tx.lock() {
-                    let _ = tx.send(());
-                }
+                let _ = started_tx.send(());
                 std::thread::sleep(hold);
                 Ok(())
             })
@@ -112,7 +112,11 @@ async fn profiles_conform() {
 #[tokio::test]
 async fn event_log_conforms() {
     let (_dir, _store, stores) = fresh();
-    assert_eq!(stores.events.last_seq().await.expect("last_seq"), 0, "a fresh log has last_seq 0");
+    assert_eq!(
+        stores.events.last_seq().await.expect("last_seq"),
+        0,
+        "a fresh log has last_seq 0"
+    );
     conformance::event_log(stores.events.as_ref(), "t:").await;
 }
 
@@ -175,7 +179,10 @@ async fn open_creates_the_directory_and_locks_the_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let nested = dir.path().join("a").join("b");
     let store = open(&nested);
-    assert!(nested.join(FILE_NAME).is_file(), "the database file is <dir>/{FILE_NAME}");
+    assert!(
+        nested.join(FILE_NAME).is_file(),
+        "the database file is <dir>/{FILE_NAME}"
+    );
     assert!(
         EmbeddedStore::open(&nested).is_err(),
         "a second open of an open store must fail, not share the file"
@@ -206,24 +213,51 @@ async fn everything_survives_drop_and_reopen() {
         let store = open(dir.path());
         let s = store.stores();
         s.profiles.put(&profile).await.expect("put profile");
-        let out = s.events.append(std::slice::from_ref(&event)).await.expect("append");
+        let out = s
+            .events
+            .append(std::slice::from_ref(&event))
+            .await
+            .expect("append");
         assert_eq!(out, vec![AppendOutcome::Appended(1)]);
-        s.events.commit_offset("proc", 1).await.expect("commit_offset");
+        s.events
+            .commit_offset("proc", 1)
+            .await
+            .expect("commit_offset");
         s.features
             .write(vec![(c1.clone(), key.clone(), state.clone())])
             .await
             .expect("features");
-        s.segments.apply(std::slice::from_ref(&joined)).await.expect("segments");
+        s.segments
+            .apply(std::slice::from_ref(&joined))
+            .await
+            .expect("segments");
         s.content.upsert(&item).await.expect("content");
         s.decisions.put(&decision).await.expect("decision");
-        assert_eq!(s.decisions.put_outcome(&outcome).await.expect("outcome"), Some(0));
-        s.bandit.add("hero", "a", ArmStats { trials: 2.0, reward: 1.0 }).await.expect("bandit");
+        assert_eq!(
+            s.decisions.put_outcome(&outcome).await.expect("outcome"),
+            Some(0)
+        );
+        s.bandit
+            .add(
+                "hero",
+                "a",
+                ArmStats {
+                    trials: 2.0,
+                    reward: 1.0,
+                },
+            )
+            .await
+            .expect("bandit");
         let v = s
             .definitions
             .put(DefinitionKind::Rule, "r", json!({"x": 1}))
             .await
             .expect("definition");
-        assert!(s.definitions.set_active(DefinitionKind::Rule, "r", v).await.expect("active"));
+        assert!(s
+            .definitions
+            .set_active(DefinitionKind::Rule, "r", v)
+            .await
+            .expect("active"));
 
         let db = Arc::downgrade(&store.db);
         drop(s);
@@ -243,25 +277,55 @@ async fn everything_survives_drop_and_reopen() {
     assert_eq!(scanned.len(), 1);
     assert_eq!(scanned[0].event, event);
     assert_eq!(
-        s.events.append(std::slice::from_ref(&event)).await.expect("append"),
+        s.events
+            .append(std::slice::from_ref(&event))
+            .await
+            .expect("append"),
         vec![AppendOutcome::Duplicate],
         "dedup keys survive a reopen"
     );
     assert_eq!(s.events.committed_offset("proc").await.expect("offset"), 1);
-    assert_eq!(s.features.read(&c1, &[key]).await.expect("read"), vec![Some(state)]);
+    assert_eq!(
+        s.features.read(&c1, &[key]).await.expect("read"),
+        vec![Some(state)]
+    );
     assert!(s.segments.contains("vip", &c1).await.expect("contains"));
     assert_eq!(s.segments.size("vip").await.expect("size"), 1);
-    assert_eq!(s.segments.segments_of(&c1).await.expect("segments_of"), vec!["vip".to_owned()]);
-    assert_eq!(s.content.get("hero").await.expect("content"), Some(item));
-    assert_eq!(s.decisions.get("d1").await.expect("decision"), Some(decision));
-    assert_eq!(s.decisions.outcomes("d1").await.expect("outcomes"), vec![outcome]);
     assert_eq!(
-        s.bandit.get("hero", &["a".to_owned()]).await.expect("bandit"),
-        vec![ArmStats { trials: 2.0, reward: 1.0 }]
+        s.segments.segments_of(&c1).await.expect("segments_of"),
+        vec!["vip".to_owned()]
     );
-    assert_eq!(s.definitions.active(DefinitionKind::Rule, "r").await.expect("active"), Some(1));
+    assert_eq!(s.content.get("hero").await.expect("content"), Some(item));
     assert_eq!(
-        s.definitions.put(DefinitionKind::Rule, "r", json!({})).await.expect("put"),
+        s.decisions.get("d1").await.expect("decision"),
+        Some(decision)
+    );
+    assert_eq!(
+        s.decisions.outcomes("d1").await.expect("outcomes"),
+        vec![outcome]
+    );
+    assert_eq!(
+        s.bandit
+            .get("hero", &["a".to_owned()])
+            .await
+            .expect("bandit"),
+        vec![ArmStats {
+            trials: 2.0,
+            reward: 1.0
+        }]
+    );
+    assert_eq!(
+        s.definitions
+            .active(DefinitionKind::Rule, "r")
+            .await
+            .expect("active"),
+        Some(1)
+    );
+    assert_eq!(
+        s.definitions
+            .put(DefinitionKind::Rule, "r", json!({}))
+            .await
+            .expect("put"),
         2,
         "version counters survive a reopen"
     );
@@ -281,7 +345,10 @@ async fn queued_writes_finish_when_the_store_is_dropped() {
         let holding = hold_writer(&store, Duration::from_millis(200)).await;
         for event in &events {
             let pending = s.events.append(std::slice::from_ref(event)).now_or_never();
-            assert!(pending.is_none(), "the writer is busy: the append must still be queued");
+            assert!(
+                pending.is_none(),
+                "the writer is busy: the append must still be queued"
+            );
         }
         holding.await.expect("holding task");
         drop(s);
@@ -329,9 +396,15 @@ async fn concurrent_appends_share_commits_and_get_gap_free_seqs() {
                 AppendOutcome::Duplicate => panic!("no event was a duplicate"),
             })
             .collect();
-        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "seqs follow input order");
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "seqs follow input order"
+        );
         for (seq, event) in seqs.into_iter().zip(events) {
-            assert!(by_seq.insert(seq, event).is_none(), "seq {seq} was assigned twice");
+            assert!(
+                by_seq.insert(seq, event).is_none(),
+                "seq {seq} was assigned twice"
+            );
         }
     }
     holding.await.expect("holding task");
@@ -350,7 +423,12 @@ async fn concurrent_appends_share_commits_and_get_gap_free_seqs() {
     let scanned = stores.events.scan(0, 10_000).await.expect("scan");
     assert_eq!(scanned.len() as u64, total);
     for stored in scanned {
-        assert_eq!(Some(&stored.event), by_seq.get(&stored.seq), "event at seq {}", stored.seq);
+        assert_eq!(
+            Some(&stored.event),
+            by_seq.get(&stored.seq),
+            "event at seq {}",
+            stored.seq
+        );
     }
 }
 
@@ -372,7 +450,11 @@ async fn a_failed_operation_leaves_nothing_and_spares_its_batch() {
     assert!(matches!(b, Err(StorageError::Backend(ref m)) if m == "refused after writing"));
     c.expect("c commits");
     assert_eq!(scratch_get(&store, "a"), Some(1));
-    assert_eq!(scratch_get(&store, "b"), None, "the failed operation's write must be rolled back");
+    assert_eq!(
+        scratch_get(&store, "b"),
+        None,
+        "the failed operation's write must be rolled back"
+    );
     assert_eq!(scratch_get(&store, "c"), Some(3));
     assert_eq!(
         store.writer.commits() - commits_before,
@@ -396,8 +478,84 @@ async fn a_panicking_operation_fails_alone() {
     assert!(matches!(b, Err(StorageError::Backend(_))), "got {b:?}");
     assert_eq!(scratch_get(&store, "b"), None);
     // The writer is still alive.
-    store.write(|txn| scratch_put(txn, "d", 4)).await.expect("later write");
+    store
+        .write(|txn| scratch_put(txn, "d", 4))
+        .await
+        .expect("later write");
     assert_eq!(scratch_get(&store, "d"), Some(4));
+}
+
+#[tokio::test]
+async fn floats_are_stored_exactly() {
+    let (_dir, _store, s) = fresh();
+    conformance::exact_floats(s.decisions.as_ref(), s.features.as_ref(), "t:").await;
+}
+
+/// JSON cannot hold NaN or infinity: such values are refused, never stored as `null`
+/// (which would read back as corrupt).
+#[tokio::test]
+async fn non_finite_numbers_are_refused_not_stored() {
+    let (_dir, _store, s) = fresh();
+    let c1 = customer_id("c1");
+    let mut decision = sample_decision("d1", &c1, 1);
+    decision.confidence_score = f64::NAN;
+    assert!(
+        s.decisions.put(&decision).await.is_err(),
+        "a NaN decision must be refused"
+    );
+    assert_eq!(
+        s.decisions.get("d1").await.expect("get"),
+        None,
+        "and not stored"
+    );
+
+    let decision = sample_decision("d2", &c1, 2);
+    s.decisions.put(&decision).await.expect("put");
+    let mut outcome = sample_outcome(&decision, 1);
+    outcome.reward = f64::INFINITY;
+    assert!(
+        s.decisions.put_outcome(&outcome).await.is_err(),
+        "an infinite reward is refused"
+    );
+    assert!(s
+        .decisions
+        .outcomes("d2")
+        .await
+        .expect("outcomes")
+        .is_empty());
+
+    let key = FeatureKey::new("f", 1);
+    let mut state = sample_feature_state(1);
+    state.buckets[0].sum = f64::NEG_INFINITY;
+    let good = (customer_id("c2"), key.clone(), sample_feature_state(2));
+    assert!(
+        s.features
+            .write(vec![good, (c1.clone(), key.clone(), state)])
+            .await
+            .is_err(),
+        "a batch with an infinite sum is refused"
+    );
+    assert_eq!(
+        s.features
+            .read(&customer_id("c2"), std::slice::from_ref(&key))
+            .await
+            .expect("read"),
+        vec![None],
+        "a refused batch stores nothing"
+    );
+
+    let nan = ArmStats {
+        trials: 1.0,
+        reward: f64::NAN,
+    };
+    assert!(
+        s.bandit.add("p", "a", nan).await.is_err(),
+        "a NaN bandit delta is refused"
+    );
+    assert_eq!(
+        s.bandit.get("p", &["a".to_owned()]).await.expect("get"),
+        vec![ArmStats::default()]
+    );
 }
 
 // --- corruption --------------------------------------------------------------------------
@@ -413,10 +571,16 @@ async fn corrupt_values_are_reported_not_panicked_on() {
     assert_corrupt("profiles.list", s.profiles.list(None, 10).await);
 
     let event = sample_event("e1", &c1, base_time(), 1);
-    s.events.append(std::slice::from_ref(&event)).await.expect("append");
+    s.events
+        .append(std::slice::from_ref(&event))
+        .await
+        .expect("append");
     corrupt(&store, events::EVENTS, 1u64);
     assert_corrupt("events.scan", s.events.scan(0, 10).await);
-    assert_corrupt("events.customer_events", s.events.customer_events(&c1, base_time()).await);
+    assert_corrupt(
+        "events.customer_events",
+        s.events.customer_events(&c1, base_time()).await,
+    );
 
     let d1 = sample_decision("d1", &c1, 1);
     let d2 = sample_decision("d2", &c1, 2);
@@ -424,54 +588,55 @@ async fn corrupt_values_are_reported_not_panicked_on() {
     s.decisions.put(&d2).await.expect("put d2");
     corrupt(&store, decisions::DECISIONS, "d1");
     assert_corrupt("decisions.get", s.decisions.get("d1").await);
-    assert_corrupt("decisions.pseudonymise", s.decisions.pseudonymise(&c1, "anon").await);
+    assert_corrupt(
+        "decisions.pseudonymise",
+        s.decisions.pseudonymise(&c1, "anon").await,
+    );
     assert_eq!(
         s.decisions.get("d2").await.expect("get d2"),
         Some(d2.clone()),
         "a failed pseudonymise must change nothing"
     );
     s.decisions.put(&d1).await.expect("repair d1");
-    assert_eq!(s.decisions.pseudonymise(&c1, "anon").await.expect("pseudonymise"), 2);
-
-    s.definitions.put(DefinitionKind::Model, "m", json!(1)).await.expect("put");
-    corrupt(&store, definitions::DEFINITIONS, ("model", "m", 1u32));
-    assert_corrupt("definitions.get", s.definitions.get(DefinitionKind::Model, "m", None).await);
-    assert_corrupt("definitions.list", s.definitions.list(DefinitionKind::Model).await);
-}
-
-// --- throughput (run by hand: cargo nextest run --run-ignored only group_commit_throughput) --
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "timing; run by hand"]
-async fn group_commit_throughput() {
-    let (_dir, _store, stores) = fresh();
-    let tasks = 200;
-    let calls = 50;
-    let per_call = 10;
-    let started = Instant::now();
-    let mut handles = Vec::new();
-    for task in 0..tasks {
-        let log = stores.events.clone();
-        handles.push(tokio::spawn(async move {
-            let customer = customer_id(&format!("c{task}"));
-            for call in 0..calls {
-                let events: Vec<Event> = (0..per_call)
-                    .map(|i| {
-                        sample_event(&format!("t{task}-{call}-{i}"), &customer, base_time(), i)
-                    })
-                    .collect();
-                log.append(&events).await.expect("append");
-            }
-        }));
-    }
-    for handle in handles {
-        handle.await.expect("task");
-    }
-    let elapsed = started.elapsed();
-    let total = tasks * calls * per_call;
-    println!(
-        "{total} durable events in {elapsed:?}: {:.0} events/s",
-        total as f64 / elapsed.as_secs_f64()
+    assert_eq!(
+        s.decisions
+            .pseudonymise(&c1, "anon")
+            .await
+            .expect("pseudonymise"),
+        2
     );
-    assert_eq!(stores.events.last_seq().await.expect("last_seq"), total as u64);
+
+    s.content
+        .upsert(&sample_content_item("i1", 1))
+        .await
+        .expect("upsert");
+    corrupt(&store, content::CONTENT, "i1");
+    assert_corrupt("content.get", s.content.get("i1").await);
+    assert_corrupt(
+        "content.get_many",
+        s.content.get_many(&["i1".to_owned()]).await,
+    );
+    assert_corrupt("content.list", s.content.list().await);
+
+    let key = FeatureKey::new("f", 1);
+    s.features
+        .write(vec![(c1.clone(), key.clone(), sample_feature_state(1))])
+        .await
+        .expect("write");
+    corrupt(&store, feature_tables::FEATURES, ("c1", "f", 1u32));
+    assert_corrupt("features.read", s.features.read(&c1, &[key]).await);
+
+    s.definitions
+        .put(DefinitionKind::Model, "m", json!(1))
+        .await
+        .expect("put");
+    corrupt(&store, definitions::DEFINITIONS, ("model", "m", 1u32));
+    assert_corrupt(
+        "definitions.get",
+        s.definitions.get(DefinitionKind::Model, "m", None).await,
+    );
+    assert_corrupt(
+        "definitions.list",
+        s.definitions.list(DefinitionKind::Model).await,
+    );
 }

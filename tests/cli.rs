@@ -1,0 +1,59 @@
+//! The command line: the committed SDL matches `tailor schema`; bad configuration is
+//! refused with the key's name.
+
+use std::process::Command;
+
+fn tailor() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tailor"))
+}
+
+#[test]
+fn committed_schema_matches_tailor_schema() {
+    let out = tailor().arg("schema").output().expect("tailor runs");
+    assert!(out.status.success());
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let committed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/schema/schema.graphql"
+    ))
+    .expect("schema/schema.graphql is committed");
+    assert!(
+        printed == committed,
+        "schema/schema.graphql is stale: run `cargo run -- schema > schema/schema.graphql`"
+    );
+}
+
+#[test]
+fn unknown_config_keys_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tailor.toml");
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:0\"\n[limits]\nmax_bodyy = 5\n",
+    )
+    .unwrap();
+    let out = tailor()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .expect("tailor runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("unknown key 'limits.max_bodyy'"),
+        "{stderr}"
+    );
+
+    let out = tailor()
+        .args(["serve", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("TAILOR_BACKENDS__EVENTS", "kafka://127.0.0.1:9092")
+        .env("TAILOR_LISTEN", "127.0.0.1:0")
+        .output()
+        .expect("tailor runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("backends.events"), "{stderr}");
+}
