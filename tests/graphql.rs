@@ -452,3 +452,64 @@ async fn new_features_and_segments_see_the_whole_history() {
     assert_eq!(next["customers"]["edges"][0]["node"]["id"], "b");
     assert_eq!(next["customers"]["pageInfo"]["hasNextPage"], false);
 }
+
+#[tokio::test]
+async fn segments_slide_with_time_without_new_events() {
+    let app = TestApp::new().await;
+    // An event just inside the 1-day window: the customer joins at once ...
+    let almost_a_day = Utc::now() - Duration::days(1) + Duration::seconds(2);
+    app.track(
+        json!([{"customerId": "c1", "type": "click", "timestamp": almost_a_day.to_rfc3339()}]),
+    )
+    .await;
+    app.gql(
+        "mutation { defineSegment(name: \"recent_clickers\", condition: {event: \"click\", within: \"1d\"}) { joined } }",
+        json!({}),
+    )
+    .await;
+    assert_eq!(segment_size(&app, "recent_clickers").await, 1);
+    // ... and leaves on the next refresh once the event has slid out, with no new event.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    app.engine.segments.refresh_time_dependent().await.unwrap();
+    assert_eq!(segment_size(&app, "recent_clickers").await, 0);
+}
+
+#[tokio::test]
+async fn epsilon_greedy_is_selectable_with_an_exact_propensity() {
+    let app = TestApp::with(|s| {
+        s.policy.default = tailor::config::PolicyKind::EpsilonGreedy;
+        s.policy.epsilon = 0.2;
+    })
+    .await;
+    for id in ["a", "b", "c", "d"] {
+        app.upsert_content(id, "sidebar", 1, &[]).await;
+    }
+    for _ in 0..20 {
+        let d = app
+            .gql(
+                "{ personalize(input: {customerId: \"c\", placement: \"sidebar\"}) { policy propensity propensityKind } }",
+                json!({}),
+            )
+            .await["personalize"]
+            .clone();
+        assert_eq!(d["policy"], "epsilon_greedy");
+        assert_eq!(d["propensityKind"], "exact");
+        let p = d["propensity"].as_f64().unwrap();
+        let greedy = 0.8 + 0.2 / 4.0;
+        let explored = 0.2 / 4.0;
+        assert!(
+            (p - greedy).abs() < 1e-9 || (p - explored).abs() < 1e-9,
+            "{p}"
+        );
+    }
+}
+
+async fn segment_size(app: &TestApp, name: &str) -> i64 {
+    app.gql(
+        "query($n: String!) { segment(name: $n) { size } }",
+        json!({"n": name}),
+    )
+    .await["segment"]["size"]
+        .as_i64()
+        .expect("a size")
+}
