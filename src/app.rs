@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::Settings;
-use crate::content::ContentItem;
+use crate::content::{Catalog, ContentItem};
 use crate::customers::{Customer, CustomerId, CustomerUpdate};
 use crate::decision::pipeline::DecisionEngine;
 use crate::error::Result;
@@ -25,13 +25,23 @@ use crate::telemetry::Metrics;
 pub struct Engine {
     pub settings: Settings,
     pub stores: Stores,
+    /// The content catalog, cached for the decision path; write content through it.
+    pub catalog: Arc<Catalog>,
     pub metrics: Arc<Metrics>,
     pub features: Arc<FeatureService>,
     pub segments: Arc<SegmentService>,
     pub processor: Arc<Processor>,
     pub ingestor: Ingestor,
     pub decisions: DecisionEngine,
+    /// Striped locks serialising read-modify-write of one customer's profile. A tokio
+    /// mutex: held across the store's awaits.
+    customer_locks: Vec<tokio::sync::Mutex<()>>,
 }
+
+const CUSTOMER_LOCK_STRIPES: usize = 64;
+/// How long the decision path trusts its in-memory catalog when another process may
+/// have changed it.
+const CATALOG_TTL: Duration = Duration::from_secs(1);
 
 impl Engine {
     /// Opens the configured backends in `settings.data_dir` and loads the definitions.
@@ -59,8 +69,10 @@ impl Engine {
             Duration::from_millis(settings.timeouts.ingest_apply_ms),
             settings.limits.max_events_per_request,
         );
+        let catalog = Arc::new(Catalog::new(stores.content.clone(), CATALOG_TTL));
         let decisions = DecisionEngine::new(
             stores.clone(),
+            catalog.clone(),
             features.clone(),
             settings.policy.clone(),
             settings.consent.default_personalization,
@@ -70,12 +82,16 @@ impl Engine {
         Ok(Arc::new(Engine {
             settings,
             stores,
+            catalog,
             metrics,
             features,
             segments,
             processor,
             ingestor,
             decisions,
+            customer_locks: (0..CUSTOMER_LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         }))
     }
 
@@ -108,9 +124,16 @@ impl Engine {
     /// Applies a partial profile update and re-evaluates the customer's segments.
     pub async fn upsert_customer(&self, update: CustomerUpdate) -> Result<Customer> {
         let id = update.id.clone();
-        let existing = self.stores.profiles.get(&id).await?;
-        let customer = update.apply(existing, Utc::now());
-        self.stores.profiles.put(&customer).await?;
+        let customer = {
+            let _guard = self.customer_locks[stripe(&id)].lock().await;
+            let existing = self.stores.profiles.get(&id).await?;
+            let customer = update.apply(existing, Utc::now());
+            self.stores.profiles.put(&customer).await?;
+            customer
+        };
+        // Under the processor's lock, so an evaluation from an older view of the
+        // customer can never be applied after this one.
+        let _applying = self.features.apply_lock().lock().await;
         self.segments.evaluate_customers(&[id], None).await?;
         Ok(customer)
     }
@@ -121,8 +144,12 @@ impl Engine {
 
     pub async fn upsert_content(&self, item: ContentItem) -> Result<ContentItem> {
         item.validate("input")?;
-        self.stores.content.upsert(&item).await?;
+        self.catalog.upsert(&item).await?;
         Ok(item)
+    }
+
+    pub async fn delete_content(&self, id: &str) -> Result<bool> {
+        Ok(self.catalog.delete(id).await?)
     }
 
     /// Catalog items for a segment (items targeting it or everyone) and type, best
@@ -135,11 +162,11 @@ impl Engine {
     ) -> Result<Vec<ContentItem>> {
         let now = Utc::now();
         let mut items: Vec<ContentItem> = self
-            .stores
-            .content
-            .list()
+            .catalog
+            .items()
             .await?
-            .into_iter()
+            .iter()
+            .cloned()
             .filter(|i| i.is_active(now))
             .filter(|i| segment.is_none_or(|s| i.targets_segment(s)))
             .filter(|i| content_type.is_none_or(|t| i.content_type == t))
@@ -148,6 +175,13 @@ impl Engine {
         items.truncate(limit);
         Ok(items)
     }
+}
+
+fn stripe(id: &CustomerId) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    id.hash(&mut h);
+    (h.finish() as usize) % CUSTOMER_LOCK_STRIPES
 }
 
 /// The running background tasks (event processor, segment refresher).

@@ -1,12 +1,17 @@
 //! The content catalog: items and offers that decisions choose between, and the
 //! eligibility rules (placement, type, active window, segments) that make them candidates.
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use chrono::{DateTime, Utc};
+use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::customers::validate_id;
 use crate::error::{Error, Result};
+use crate::storage::{ContentStore, StorageResult};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ContentItem {
@@ -84,6 +89,53 @@ impl CandidateFilter<'_> {
             && self.content_type.is_none_or(|t| item.content_type == t)
             && self.now.is_none_or(|now| item.is_active(now))
             && self.segments.is_none_or(|s| item.eligible_for(s))
+    }
+}
+
+/// The whole catalog in memory for the decision path, reloaded when this process
+/// changes it or after `ttl` (so changes made by another replica show within `ttl`).
+pub struct Catalog {
+    store: Arc<dyn ContentStore>,
+    ttl: Duration,
+    /// A std lock: held only to clone or replace the `Arc`, never across an await.
+    cached: RwLock<Option<(Instant, Arc<Vec<ContentItem>>)>>,
+}
+
+impl Catalog {
+    pub fn new(store: Arc<dyn ContentStore>, ttl: Duration) -> Self {
+        Catalog {
+            store,
+            ttl,
+            cached: RwLock::new(None),
+        }
+    }
+
+    /// Every item, in ascending id order.
+    pub async fn items(&self) -> StorageResult<Arc<Vec<ContentItem>>> {
+        if let Some((at, items)) = self.cached.read().as_ref() {
+            if at.elapsed() < self.ttl {
+                return Ok(items.clone());
+            }
+        }
+        let items = Arc::new(self.store.list().await?);
+        *self.cached.write() = Some((Instant::now(), items.clone()));
+        Ok(items)
+    }
+
+    pub async fn upsert(&self, item: &ContentItem) -> StorageResult<()> {
+        let result = self.store.upsert(item).await;
+        self.invalidate();
+        result
+    }
+
+    pub async fn delete(&self, id: &str) -> StorageResult<bool> {
+        let result = self.store.delete(id).await;
+        self.invalidate();
+        result
+    }
+
+    fn invalidate(&self) {
+        *self.cached.write() = None;
     }
 }
 

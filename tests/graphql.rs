@@ -513,3 +513,31 @@ async fn segment_size(app: &TestApp, name: &str) -> i64 {
         .as_i64()
         .expect("a size")
 }
+
+#[tokio::test]
+async fn deleting_a_segment_removes_its_memberships() {
+    let app = TestApp::new().await;
+    app.track(json!([{"customerId": "c1", "type": "click"}]))
+        .await;
+    app.gql(
+        "mutation { defineSegment(name: \"clickers\", condition: {event: \"click\", within: \"7d\"}) { joined } }",
+        json!({}),
+    )
+    .await;
+    assert_eq!(segment_size(&app, "clickers").await, 1);
+    let mut changes = app.engine.segments.subscribe();
+    let deleted = app
+        .gql("mutation { deleteSegment(name: \"clickers\") }", json!({}))
+        .await;
+    assert_eq!(deleted["deleteSegment"], true);
+    let leave = changes.try_recv().expect("a leave was published");
+    assert!(!leave.joined);
+    let data = app
+        .gql(
+            "{ segment(name: \"clickers\") { size } customer(id: \"c1\") { segments } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(data["segment"], serde_json::Value::Null);
+    assert_eq!(data["customer"]["segments"], json!([]));
+}

@@ -17,10 +17,25 @@ pub struct Ranking {
     pub propensity_kind: PropensityKind,
 }
 
-fn sample_beta(stats: &ArmStats, rng: &mut impl Rng) -> f64 {
-    let (a, b) = stats.beta();
-    // a, b ≥ 1 by construction, so the distribution always exists.
-    Beta::new(a, b).map_or(stats.mean(), |d| d.sample(rng))
+/// One arm's posterior, built once per decision and sampled many times.
+struct Posterior {
+    beta: Option<Beta<f64>>,
+    mean: f64,
+}
+
+impl Posterior {
+    fn new(stats: &ArmStats) -> Self {
+        let (a, b) = stats.beta();
+        // a, b ≥ 1 for any finite statistics; otherwise fall back to the mean.
+        Posterior {
+            beta: Beta::new(a, b).ok(),
+            mean: stats.mean(),
+        }
+    }
+
+    fn sample(&self, rng: &mut impl Rng) -> f64 {
+        self.beta.as_ref().map_or(self.mean, |d| d.sample(rng))
+    }
 }
 
 /// Sorts indices by score descending; ties keep candidate order (priority order).
@@ -37,14 +52,15 @@ fn rank(scores: &[f64]) -> Vec<usize> {
 /// (`(wins + 1) / (samples + K)`) so that no logged propensity is ever 0.
 /// The score shown for each arm is its posterior mean.
 pub fn thompson(stats: &[ArmStats], samples: usize, rng: &mut impl Rng) -> Ranking {
-    let draws: Vec<f64> = stats.iter().map(|s| sample_beta(s, rng)).collect();
+    let posteriors: Vec<Posterior> = stats.iter().map(Posterior::new).collect();
+    let draws: Vec<f64> = posteriors.iter().map(|p| p.sample(rng)).collect();
     let order = rank(&draws);
     let chosen = order[0];
     let mut wins = 0usize;
     for _ in 0..samples {
         let mut best = (f64::NEG_INFINITY, usize::MAX);
-        for (i, s) in stats.iter().enumerate() {
-            let d = sample_beta(s, rng);
+        for (i, p) in posteriors.iter().enumerate() {
+            let d = p.sample(rng);
             if d > best.0 {
                 best = (d, i);
             }
@@ -55,7 +71,7 @@ pub fn thompson(stats: &[ArmStats], samples: usize, rng: &mut impl Rng) -> Ranki
     }
     let k = stats.len();
     Ranking {
-        order: order.into_iter().map(|i| (i, stats[i].mean())).collect(),
+        order: order.into_iter().map(|i| (i, posteriors[i].mean)).collect(),
         propensity: (wins + 1) as f64 / (samples + k) as f64,
         propensity_kind: PropensityKind::Estimated,
     }

@@ -16,7 +16,7 @@ use super::{Decision, Outcome, PropensityKind, ScoredItem};
 use crate::bandit::policy::{self, Ranking};
 use crate::bandit::ArmStats;
 use crate::config::{PolicyKind, PolicySettings};
-use crate::content::{CandidateFilter, ContentItem};
+use crate::content::{CandidateFilter, Catalog, ContentItem};
 use crate::customers::{Customer, CustomerId};
 use crate::error::{Error, Result};
 use crate::features::FeatureService;
@@ -55,6 +55,7 @@ struct DecisionContext {
 
 pub struct DecisionEngine {
     stores: Stores,
+    catalog: Arc<Catalog>,
     features: Arc<FeatureService>,
     policy: PolicySettings,
     default_consent: bool,
@@ -66,6 +67,7 @@ pub struct DecisionEngine {
 impl DecisionEngine {
     pub fn new(
         stores: Stores,
+        catalog: Arc<Catalog>,
         features: Arc<FeatureService>,
         policy: PolicySettings,
         default_consent: bool,
@@ -74,6 +76,7 @@ impl DecisionEngine {
     ) -> Self {
         DecisionEngine {
             stores,
+            catalog,
             features,
             policy,
             default_consent,
@@ -250,15 +253,15 @@ impl DecisionEngine {
                     segments: Some(segments),
                 };
                 let mut items = Vec::new();
-                for item in self.stores.content.list().await? {
-                    if filter.matches(&item) {
-                        items.push(item);
+                for item in self.catalog.items().await?.iter() {
+                    if filter.matches(item) {
+                        items.push(item.clone());
                     } else if req.explain
                         && (CandidateFilter {
                             segments: None,
                             ..filter.clone()
                         })
-                        .matches(&item)
+                        .matches(item)
                     {
                         filtered.push(json!({"id": item.id, "reason": "not eligible for the customer's segments"}));
                     }

@@ -189,14 +189,30 @@ impl SegmentService {
         Ok((def, joined, left))
     }
 
+    /// Deletes the definition and every membership; members' leaves are published.
     pub async fn delete(&self, name: &str) -> Result<bool> {
         let existed = self
             .stores
             .definitions
             .delete(DefinitionKind::Segment, name)
             .await?;
-        self.stores.segments.clear(name).await?;
         self.reload().await?;
+        loop {
+            let members = self.stores.segments.members(name, None, PAGE).await?;
+            if members.is_empty() {
+                break;
+            }
+            let leaves: Vec<MembershipChange> = members
+                .into_iter()
+                .map(|customer| MembershipChange {
+                    segment: name.to_owned(),
+                    customer,
+                    joined: false,
+                })
+                .collect();
+            self.apply(&leaves).await?;
+        }
+        self.stores.segments.clear(name).await?;
         Ok(existed)
     }
 
