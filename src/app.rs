@@ -166,10 +166,10 @@ impl Engine {
             .items()
             .await?
             .iter()
-            .cloned()
             .filter(|i| i.is_active(now))
             .filter(|i| segment.is_none_or(|s| i.targets_segment(s)))
             .filter(|i| content_type.is_none_or(|t| i.content_type == t))
+            .cloned()
             .collect();
         items.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.id.cmp(&b.id)));
         items.truncate(limit);

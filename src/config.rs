@@ -101,7 +101,7 @@ pub struct Timeouts {
     /// Whole-request deadline.
     pub request_ms: u64,
     /// How long `trackEvents` waits for features and segments to reflect its events
-    /// (they are durable before that either way).
+    /// (they are durable before that either way); 0 answers as soon as they are durable.
     pub ingest_apply_ms: u64,
 }
 

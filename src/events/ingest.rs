@@ -117,7 +117,9 @@ impl Ingestor {
         }
         if last > 0 {
             self.processor.wake();
-            if !self.processor.wait_applied(last, self.apply_wait).await {
+            if !self.apply_wait.is_zero()
+                && !self.processor.wait_applied(last, self.apply_wait).await
+            {
                 tracing::warn!(
                     seq = last,
                     "Events are durable but not yet applied to features"
