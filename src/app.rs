@@ -95,30 +95,40 @@ impl Engine {
         }))
     }
 
-    /// Starts the event processor and the segment refresher; they stop with `shutdown`.
+    /// Starts the event processor, the segment refresher and the feature health check;
+    /// they stop with `shutdown`.
     pub fn spawn_background(
         self: &Arc<Self>,
         shutdown: watch::Receiver<bool>,
     ) -> Vec<tokio::task::JoinHandle<()>> {
         let processor = tokio::spawn(self.processor.clone().run(shutdown.clone()));
-        let engine = self.clone();
-        let mut stop = shutdown;
-        let period = Duration::from_secs(self.settings.segments.refresh_interval_secs.max(1));
-        let refresher = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        if let Err(e) = engine.segments.refresh_time_dependent().await {
-                            tracing::warn!(error = %e, "Failed to refresh time-dependent segments");
-                        }
+        let segments = self.segments.clone();
+        let refresher = every(
+            Duration::from_secs(self.settings.segments.refresh_interval_secs.max(1)),
+            shutdown.clone(),
+            move || {
+                let segments = segments.clone();
+                async move {
+                    if let Err(e) = segments.refresh_time_dependent().await {
+                        tracing::warn!(error = %e, "Failed to refresh time-dependent segments");
                     }
-                    _ = stop.changed() => return,
                 }
-            }
-        });
-        vec![processor, refresher]
+            },
+        );
+        let features = self.features.clone();
+        let health = every(
+            Duration::from_secs(self.settings.features.health_check_interval_secs.max(1)),
+            shutdown,
+            move || {
+                let features = features.clone();
+                async move {
+                    if let Err(e) = features.check_runtime_health().await {
+                        tracing::warn!(error = %e, "Failed to check feature health");
+                    }
+                }
+            },
+        );
+        vec![processor, refresher, health]
     }
 
     /// Applies a partial profile update and re-evaluates the customer's segments.
@@ -175,6 +185,28 @@ impl Engine {
         items.truncate(limit);
         Ok(items)
     }
+}
+
+/// Runs `task` every `period` (first after one period) until `shutdown`.
+fn every<F, Fut>(
+    period: Duration,
+    mut shutdown: watch::Receiver<bool>,
+    task: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => task().await,
+                _ = shutdown.changed() => return,
+            }
+        }
+    })
 }
 
 fn stripe(id: &CustomerId) -> usize {

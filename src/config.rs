@@ -169,6 +169,9 @@ pub struct FeatureSettings {
     /// Largest Kolmogorov–Smirnov distance between the new and the replaced version's
     /// values before rollback.
     pub max_distribution_shift: f64,
+    /// How often active versions' runtime error rates are checked (and failing ones
+    /// rolled back).
+    pub health_check_interval_secs: u64,
 }
 
 impl Default for FeatureSettings {
@@ -177,6 +180,7 @@ impl Default for FeatureSettings {
             health_sample: 1_000,
             max_error_rate: 0.01,
             max_distribution_shift: 0.5,
+            health_check_interval_secs: 10,
         }
     }
 }

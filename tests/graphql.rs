@@ -541,3 +541,57 @@ async fn deleting_a_segment_removes_its_memberships() {
     assert_eq!(data["segment"], serde_json::Value::Null);
     assert_eq!(data["customer"]["segments"], json!([]));
 }
+
+#[tokio::test]
+async fn a_version_that_fails_at_runtime_is_rolled_back() {
+    let app = TestApp::new().await;
+    app.gql(
+        "mutation { defineFeature(name: \"intensity\", definition: {kind: \"weighted_sum\", terms: [{feature: \"page_views_30d\", weight: 1}]}) { activeVersion } }",
+        json!({}),
+    )
+    .await;
+    // Version 2 overflows to infinity for anyone with a page view. No customer exists
+    // yet, so the activation's health check has nothing to object to.
+    app.gql(
+        "mutation { defineFeature(name: \"intensity\", definition: {kind: \"weighted_sum\", terms: [{feature: \"page_views_30d\", weight: 1e308, scale: 1e-308}]}) { activeVersion } }",
+        json!({}),
+    )
+    .await;
+    let activated = app
+        .gql(
+            "mutation { activateFeatureVersion(name: \"intensity\", version: 2) { activated } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(activated["activateFeatureVersion"]["activated"], true);
+
+    app.track(json!([{"customerId": "c1", "type": "page_view"}]))
+        .await;
+    for _ in 0..120 {
+        // The failed value reads as the default, never as an error.
+        assert_eq!(app.feature("c1", "intensity").await, 0.0);
+    }
+    let rolled_back = app.engine.features.check_runtime_health().await.unwrap();
+    assert_eq!(rolled_back, vec!["intensity".to_string()]);
+    assert_eq!(app.feature("c1", "intensity").await, 1.0);
+    let history = app
+        .gql("{ featureDefinitions { name activeVersion activations { fromVersion toVersion automatic reason } } }", json!({}))
+        .await;
+    let f = history["featureDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "intensity")
+        .unwrap()
+        .clone();
+    assert_eq!(f["activeVersion"], 1);
+    let last = f["activations"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["automatic"], true);
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("runtime health check failed: 120 of 120"),
+        "{last}"
+    );
+}

@@ -129,6 +129,8 @@ struct Evaluator<'a> {
     now: DateTime<Utc>,
     memo: HashMap<String, f64>,
     errors: u64,
+    /// Features whose own evaluation failed (not merely an input's).
+    failed: Vec<String>,
 }
 
 impl Evaluator<'_> {
@@ -147,6 +149,7 @@ impl Evaluator<'_> {
     fn version(&mut self, name: &str, version: u32, spec: &FeatureSpec, depth: usize) -> f64 {
         if depth > 32 {
             self.errors += 1;
+            self.failed.push(name.to_owned());
             return spec.default;
         }
         let key = FeatureKey::new(name, version);
@@ -159,6 +162,7 @@ impl Evaluator<'_> {
         }
         result.unwrap_or_else(|default| {
             self.errors += 1;
+            self.failed.push(name.to_owned());
             default
         })
     }
@@ -190,7 +194,13 @@ pub struct FeatureService {
     /// new version sees every event exactly once: history up to the committed offset by
     /// backfill, everything after it live. A tokio mutex: held across awaits.
     apply_lock: tokio::sync::Mutex<()>,
+    /// Reads and compute errors per feature version since the last runtime health check.
+    /// A std lock: held for a few map updates, never across an await.
+    served: parking_lot::Mutex<HashMap<FeatureKey, (u64, u64)>>,
 }
+
+/// Reads a version must have served before its runtime error rate is judged.
+const MIN_READS_FOR_HEALTH: u64 = 100;
 
 const NAME_RULE: &str = "must be 1–64 characters of [a-z0-9_], starting with a letter";
 
@@ -223,6 +233,7 @@ impl FeatureService {
             read_deadline,
             metrics,
             apply_lock: tokio::sync::Mutex::new(()),
+            served: parking_lot::Mutex::new(HashMap::new()),
         });
         if service
             .stores
@@ -340,6 +351,7 @@ impl FeatureService {
             now,
             memo: HashMap::new(),
             errors: 0,
+            failed: Vec::new(),
         };
         let values = wanted
             .iter()
@@ -352,6 +364,7 @@ impl FeatureService {
         if eval.errors > 0 {
             self.metrics.feature_compute_errors.add(eval.errors, &[]);
         }
+        self.count_reads(&wanted, &eval.failed);
         self.metrics
             .feature_read_latency_ms
             .record(started.elapsed().as_secs_f64() * 1e3, &[]);
@@ -533,6 +546,66 @@ impl FeatureService {
         Ok((entry, report))
     }
 
+    fn count_reads(&self, read: &[(String, u32, &FeatureSpec)], failed: &[String]) {
+        let mut served = self.served.lock();
+        for (name, version, _) in read {
+            let entry = served
+                .entry(FeatureKey::new(name.clone(), *version))
+                .or_default();
+            entry.0 += 1;
+            if failed.iter().any(|f| f == name) {
+                entry.1 += 1;
+            }
+        }
+    }
+
+    /// Rolls back every active version whose values failed to compute on more than
+    /// `max_error_rate` of the reads it served since the last check (at least
+    /// [`MIN_READS_FOR_HEALTH`] reads), to the version it replaced. Returns the features
+    /// rolled back.
+    pub async fn check_runtime_health(&self) -> Result<Vec<String>> {
+        let served = std::mem::take(&mut *self.served.lock());
+        let catalog = self.catalog();
+        let mut rolled_back = Vec::new();
+        for (key, (reads, errors)) in served {
+            let rate = errors as f64 / reads.max(1) as f64;
+            let active = catalog.get(&key.name).map(|e| e.active);
+            if reads < MIN_READS_FOR_HEALTH
+                || rate <= self.settings.max_error_rate
+                || active != Some(key.version)
+            {
+                continue;
+            }
+            let previous = self
+                .activations(&key.name)
+                .await?
+                .into_iter()
+                .rev()
+                .find(|a| a.to == key.version)
+                .and_then(|a| a.from);
+            let Some(previous) = previous else { continue };
+            let reason = format!(
+                "runtime health check failed: {errors} of {reads} reads did not compute (max rate {})",
+                self.settings.max_error_rate
+            );
+            tracing::warn!(feature = %key, %reason, "Rolling back feature version");
+            self.stores
+                .definitions
+                .set_active(DefinitionKind::Feature, &key.name, previous)
+                .await?;
+            self.record_activation(&key.name, Some(key.version), previous, true, &reason, None)
+                .await?;
+            self.metrics
+                .feature_rollbacks
+                .add(1, &[KeyValue::new("feature", key.name.clone())]);
+            rolled_back.push(key.name);
+        }
+        if !rolled_back.is_empty() {
+            self.reload().await?;
+        }
+        Ok(rolled_back)
+    }
+
     async fn health(
         &self,
         name: &str,
@@ -566,6 +639,7 @@ impl FeatureService {
                 now,
                 memo: HashMap::new(),
                 errors: 0,
+                failed: Vec::new(),
             };
             old_values.push(eval.version(name, old_version, old, 0));
             let before = eval.errors;
