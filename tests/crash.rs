@@ -48,18 +48,30 @@ fn batch(writer: usize, n: usize) -> Vec<Value> {
         .collect()
 }
 
+async fn post_json(client: &reqwest::Client, url: String, body: &impl serde::Serialize) -> Value {
+    client
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .expect("request sent")
+        .json()
+        .await
+        .expect("JSON answer")
+}
+
 async fn total_page_views(client: &reqwest::Client, base: &str) -> f64 {
     let mut total = 0.0;
     for c in 0..10 {
-        let resp: Value = client
-            .post(format!("{base}/graphql"))
-            .json(&json!({"query": format!("{{ features(customerId: \"c{c}\", names: [\"page_views_30d\"]) {{ value }} }}")}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let query = format!(
+            "{{ features(customerId: \"c{c}\", names: [\"page_views_30d\"]) {{ value }} }}"
+        );
+        let resp = post_json(
+            client,
+            format!("{base}/graphql"),
+            &json!({ "query": query }),
+        )
+        .await;
         total += resp["data"]["features"][0]["value"].as_f64().unwrap_or(0.0);
     }
     total
@@ -143,15 +155,7 @@ async fn acknowledged_events_survive_sigkill() {
 
     // Every acknowledged event is stored: replaying them is all duplicates.
     for chunk in acked.chunks(2_000) {
-        let report: Value = client
-            .post(format!("{base}/api/v1/events"))
-            .json(&chunk)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let report = post_json(&client, format!("{base}/api/v1/events"), &chunk).await;
         assert_eq!(report["accepted"], 0, "{report}");
         assert_eq!(report["duplicates"].as_u64(), Some(chunk.len() as u64));
     }

@@ -9,7 +9,10 @@
 //!   (embedded) or a backend restart (scaled out);
 //! - `Err(StorageError::Unavailable)` means the backend could not be reached in time;
 //!   callers may degrade; nothing was half-written;
-//! - reads see every write whose method has returned.
+//! - reads see every write whose method has returned;
+//! - a write whose caller stopped waiting (its future was dropped) may still take effect:
+//!   once submitted, it is as good as written;
+//! - bad values (NaN or infinite numbers) are refused with an error, never stored.
 
 pub mod conformance;
 pub mod embedded;
@@ -83,7 +86,8 @@ pub trait EventLog: Send + Sync {
     /// Removes every event of the customer (erasure). Their dedup keys stay, so a replayed
     /// event is still recognised. Returns how many were removed.
     async fn delete_customer(&self, customer: &CustomerId) -> StorageResult<u64>;
-    /// Durably records that `consumer` has processed everything up to `seq`.
+    /// Durably records that `consumer` has processed everything up to `seq` (the last
+    /// value written wins). Sequence numbers may have gaps (erasure removes events).
     async fn commit_offset(&self, consumer: &str, seq: u64) -> StorageResult<()>;
     /// Last committed offset of `consumer`; 0 when it never committed.
     async fn committed_offset(&self, consumer: &str) -> StorageResult<u64>;
@@ -122,8 +126,8 @@ pub struct MembershipChange {
 /// Segment membership: which customers are in which segment, both ways.
 #[async_trait]
 pub trait SegmentStore: Send + Sync {
-    /// Applies the given memberships atomically and returns those that changed anything
-    /// (a join of a member or a leave of a non-member is not a change).
+    /// Applies the given memberships atomically, in order, and returns those that changed
+    /// anything (a join of a member or a leave of a non-member is not a change).
     async fn apply(&self, changes: &[MembershipChange]) -> StorageResult<Vec<MembershipChange>>;
     async fn contains(&self, segment: &str, customer: &CustomerId) -> StorageResult<bool>;
     async fn size(&self, segment: &str) -> StorageResult<u64>;
