@@ -21,6 +21,7 @@ pub mod demo;
 pub mod error;
 pub mod events;
 pub mod features;
+pub mod rules;
 pub mod segments;
 pub mod storage;
 pub mod telemetry;

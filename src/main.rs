@@ -39,6 +39,17 @@ enum Command {
     },
     /// Print the GraphQL schema (SDL).
     Schema,
+    /// Business rules.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Compile every rule in DIR; exits non-zero with file:line:col on the first errors.
+    Check { dir: PathBuf },
 }
 
 #[tokio::main]
@@ -47,6 +58,33 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Schema => {
             print!("{}", tailor::api::graphql::sdl());
+            Ok(())
+        }
+        Command::Rules {
+            command: RulesCommand::Check { dir },
+        } => {
+            let checked = tailor::rules::check_dir(&dir)
+                .with_context(|| format!("Failed to read rules from {}", dir.display()))?;
+            let mut failed = 0;
+            for c in &checked {
+                match &c.result {
+                    Ok(rule) => println!(
+                        "{}: ok: '{}' priority {} hooks {}",
+                        c.path.display(),
+                        rule.meta.name,
+                        rule.meta.priority,
+                        rule.hooks.join(", ")
+                    ),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("{}:{e}", c.path.display());
+                    }
+                }
+            }
+            if failed > 0 {
+                anyhow::bail!("{failed} of {} rules do not compile", checked.len());
+            }
+            println!("{} rules compile", checked.len());
             Ok(())
         }
         Command::Serve {

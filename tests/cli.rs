@@ -57,3 +57,39 @@ fn unknown_config_keys_are_refused_by_name() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("backends.events"), "{stderr}");
 }
+
+#[test]
+fn rules_check_reports_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("good.rhai"),
+        "const PRIORITY = 5;\nfn eligible(customer, item, ctx) { true }\n",
+    )
+    .unwrap();
+    let out = tailor()
+        .args(["rules", "check"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .contains("good.rhai: ok: 'good' priority 5 hooks eligible"));
+
+    std::fs::write(
+        dir.path().join("bad.rhai"),
+        "fn eligible(c, i, x) {\n  let y = ;\n}\n",
+    )
+    .unwrap();
+    let out = tailor()
+        .args(["rules", "check"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bad.rhai:2:11: "), "{stderr}");
+}
