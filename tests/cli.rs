@@ -58,6 +58,14 @@ fn unknown_config_keys_are_refused_by_name() {
     assert!(stderr.contains("backends.events"), "{stderr}");
 }
 
+fn rules_check(dir: &std::path::Path) -> std::process::Output {
+    tailor()
+        .args(["rules", "check"])
+        .arg(dir)
+        .output()
+        .expect("tailor runs")
+}
+
 #[test]
 fn rules_check_reports_file_line_and_column() {
     let dir = tempfile::tempdir().unwrap();
@@ -66,11 +74,7 @@ fn rules_check_reports_file_line_and_column() {
         "const PRIORITY = 5;\nfn eligible(customer, item, ctx) { true }\n",
     )
     .unwrap();
-    let out = tailor()
-        .args(["rules", "check"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let out = rules_check(dir.path());
     assert!(
         out.status.success(),
         "{}",
@@ -84,11 +88,7 @@ fn rules_check_reports_file_line_and_column() {
         "fn eligible(c, i, x) {\n  let y = ;\n}\n",
     )
     .unwrap();
-    let out = tailor()
-        .args(["rules", "check"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let out = rules_check(dir.path());
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("bad.rhai:2:11: "), "{stderr}");

@@ -229,6 +229,18 @@ async fn available_items_and_no_consent() {
             .await;
         assert_eq!(back["decision"]["id"], d["id"]);
     }
+    // An item named twice is one candidate.
+    let d = app
+        .gql(
+            "{ personalize(input: {customerId: \"c\", availableItems: [\"high\", \"low\", \"high\"]}) { alternatives { item { id } } } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        d["personalize"]["alternatives"].as_array().unwrap().len(),
+        1,
+        "{d}"
+    );
     let resp = app
         .exec("{ personalize(input: {customerId: \"c\", availableItems: [\"high\", \"nope\"]}) { id } }", json!({}))
         .await;

@@ -102,7 +102,11 @@ pub async fn personalize(
         count: body.count.unwrap_or(1),
         explain: body.explain.unwrap_or(false),
     };
-    let d = engine.decisions.personalize(req).await?;
+    let d = engine
+        .decisions
+        .personalize(req)
+        .await
+        .map_err(snake_case_fields)?;
     let selected = d.selected();
     Ok(Json(json!({
         "decision_id": d.id,
@@ -119,6 +123,31 @@ pub async fn personalize(
         "explanation": d.explanation,
     }))
     .into_response())
+}
+
+/// The pipeline names request fields as GraphQL does; REST clients sent snake_case.
+fn snake_case_fields(e: Error) -> Error {
+    let rename = |field: String| {
+        [
+            ("availableItems", "available_items"),
+            ("contentType", "content_type"),
+        ]
+        .iter()
+        .find_map(|(from, to)| field.strip_prefix(from).map(|rest| format!("{to}{rest}")))
+        .unwrap_or(field)
+    };
+    match e {
+        Error::Invalid { field, message } => Error::Invalid {
+            field: rename(field),
+            message,
+        },
+        Error::NotFound { field, what, id } => Error::NotFound {
+            field: rename(field),
+            what,
+            id,
+        },
+        other => other,
+    }
 }
 
 #[derive(Deserialize)]

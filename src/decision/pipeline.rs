@@ -242,7 +242,6 @@ impl DecisionEngine {
                             .push(json!({"id": item.id, "reason": "outside its active window"}));
                     }
                 }
-                items.dedup_by(|a, b| a.id == b.id);
                 items
             }
             None => {
@@ -270,6 +269,8 @@ impl DecisionEngine {
             }
         };
         items.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.id.cmp(&b.id)));
+        // A request naming an item twice gets it once (equal ids sort together).
+        items.dedup_by(|a, b| a.id == b.id);
         items.truncate(self.max_candidates);
         if items.is_empty() {
             let field = if req.available_items.is_some() {
