@@ -70,6 +70,14 @@ impl Decision {
     }
 }
 
+/// One item shown to a customer by a decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Impression {
+    pub item_id: String,
+    /// When the decision was made, to the millisecond.
+    pub at: DateTime<Utc>,
+}
+
 /// Reward feedback on a decision.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Outcome {

@@ -29,7 +29,7 @@ use super::{
 use crate::bandit::ArmStats;
 use crate::content::ContentItem;
 use crate::customers::{Consent, Customer, CustomerId, Pii};
-use crate::decision::{Assignment, Decision, Outcome, PropensityKind, ScoredItem};
+use crate::decision::{Assignment, Decision, Impression, Outcome, PropensityKind, ScoredItem};
 use crate::events::{Event, StoredEvent};
 use crate::features::{Bucket, FeatureKey, FeatureState};
 
@@ -1276,6 +1276,103 @@ pub async fn decisions(store: &dyn DecisionStore, prefix: &str) {
     );
     assert_eq!(ok("outcomes kept", store.outcomes(&d1.id).await).len(), 3);
 
+    // Impressions: the shown items of a customer's decisions since a time, newest first.
+    let c2 = customer_id(&id("c2"));
+    let at = |minutes: i64| base_time() + Duration::minutes(minutes);
+    let mut d5 = sample_decision(&id("d5"), &c2, 5);
+    d5.created_at = at(1);
+    let mut d6 = sample_decision(&id("d6"), &c2, 6);
+    d6.created_at = at(10);
+    d6.items.push(ScoredItem {
+        item: sample_content_item(&id("d6-second"), 6),
+        score: 0.5,
+    });
+    for d in [&d5, &d6] {
+        ok("put for impressions", store.put(d).await);
+    }
+    let shown = |list: Vec<Impression>| {
+        list.into_iter()
+            .map(|i| (i.item_id, i.at))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        shown(ok("impressions", store.impressions(&c2, at(0), 100).await)),
+        vec![
+            (id("d6-item"), at(10)),
+            (id("d6-second"), at(10)),
+            (id("d5-item"), at(1)),
+        ],
+        "impressions must list each decision's items, newest decision first"
+    );
+    assert_eq!(
+        shown(ok(
+            "impressions since",
+            store.impressions(&c2, at(2), 100).await
+        ))
+        .len(),
+        2,
+        "impressions before `since` must not be listed"
+    );
+    assert_eq!(
+        shown(ok(
+            "impressions limit",
+            store.impressions(&c2, at(0), 1).await
+        )),
+        vec![(id("d6-item"), at(10))],
+        "impressions must stop at `limit`"
+    );
+    assert!(
+        ok(
+            "impressions of another customer",
+            store.impressions(&customer_id(&id("c3")), at(0), 100).await
+        )
+        .is_empty(),
+        "impressions are per customer"
+    );
+    // A decision replaced under another customer moves its impressions.
+    let mut d5b = d5.clone();
+    d5b.customer_id = c10.clone();
+    ok("put d5 for c10", store.put(&d5b).await);
+    assert_eq!(
+        shown(ok(
+            "impressions moved",
+            store.impressions(&c10, at(1), 100).await
+        )),
+        vec![(id("d5-item"), at(1))]
+    );
+    assert_eq!(
+        ok(
+            "impressions after move",
+            store.impressions(&c2, at(0), 100).await
+        )
+        .len(),
+        2
+    );
+    assert_eq!(
+        ok(
+            "pseudonymise c2",
+            store.pseudonymise(&c2, &id("anon-2")).await
+        ),
+        1
+    );
+    assert!(
+        ok(
+            "impressions erased",
+            store.impressions(&c2, at(-1), 100).await
+        )
+        .is_empty(),
+        "pseudonymise must delete the customer's impressions"
+    );
+    assert!(
+        ok(
+            "impressions of the pseudonym",
+            store
+                .impressions(&customer_id(&id("anon-2")), at(-1), 100)
+                .await
+        )
+        .is_empty(),
+        "impressions must not follow the pseudonym"
+    );
     // Pseudonymise.
     let pseudonym = id("anon-1");
     assert_eq!(

@@ -27,7 +27,7 @@ use serde_json::Value;
 use crate::bandit::ArmStats;
 use crate::content::ContentItem;
 use crate::customers::{Customer, CustomerId};
-use crate::decision::{Decision, Outcome};
+use crate::decision::{Decision, Impression, Outcome};
 use crate::events::{Event, StoredEvent};
 use crate::features::{FeatureKey, FeatureState};
 
@@ -169,8 +169,17 @@ pub trait DecisionStore: Send + Sync {
     async fn put_outcome(&self, outcome: &Outcome) -> StorageResult<Option<u64>>;
     /// The outcomes of one decision, in the order they were stored.
     async fn outcomes(&self, decision_id: &str) -> StorageResult<Vec<Outcome>>;
+    /// The items shown to `customer` (each decision's `items`) by decisions created at or
+    /// after `since`, newest first, at most `limit`: what frequency caps count.
+    async fn impressions(
+        &self,
+        customer: &CustomerId,
+        since: DateTime<Utc>,
+        limit: usize,
+    ) -> StorageResult<Vec<Impression>>;
     /// Replaces the customer id on their decisions and outcomes with `pseudonym`
-    /// (erasure keeps aggregate history). Returns how many decisions were changed.
+    /// (erasure keeps aggregate history) and deletes their impressions. Returns how many
+    /// decisions were changed.
     async fn pseudonymise(&self, customer: &CustomerId, pseudonym: &str) -> StorageResult<u64>;
 }
 

@@ -5,28 +5,34 @@
 //! - `outcomes`: (decision id, n `u64`) → JSON of [`Outcome`], n = 0, 1, 2, ... in the
 //!   order they were stored (outcomes are never removed, so n is also the count before);
 //! - `customer_decisions`: (customer id, decision id) → `()`: the customer's decisions,
-//!   for `pseudonymise`.
+//!   for `pseudonymise`;
+//! - `impressions`: (customer id, created at in ms `i64`, decision id) → the shown item
+//!   ids joined by `\n` (ids never contain a newline): what rules' frequency caps count.
 
 use std::ops::Bound;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 
 use super::{db_err, decode, encode, encode_checked, EmbeddedStore};
 use crate::customers::CustomerId;
-use crate::decision::{Decision, Outcome};
+use crate::decision::{Decision, Impression, Outcome};
 use crate::storage::{DecisionStore, StorageError, StorageResult};
 
 pub(super) const DECISIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("decisions");
 pub(super) const OUTCOMES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("outcomes");
 pub(super) const CUSTOMER_DECISIONS: TableDefinition<(&str, &str), ()> =
     TableDefinition::new("customer_decisions");
+pub(super) const IMPRESSIONS: TableDefinition<(&str, i64, &str), &str> =
+    TableDefinition::new("impressions");
 
 pub(super) fn create_tables(txn: &WriteTransaction) -> StorageResult<()> {
     txn.open_table(DECISIONS).map_err(db_err)?;
     txn.open_table(OUTCOMES).map_err(db_err)?;
     txn.open_table(CUSTOMER_DECISIONS).map_err(db_err)?;
+    txn.open_table(IMPRESSIONS).map_err(db_err)?;
     Ok(())
 }
 
@@ -47,10 +53,18 @@ impl DecisionStore for EmbeddedDecisions {
         let id = decision.id.clone();
         let customer = decision.customer_id.as_str().to_owned();
         let value = encode_checked("decision", decision)?;
+        let at = decision.created_at.timestamp_millis();
+        let shown = decision
+            .items
+            .iter()
+            .map(|s| s.item.id.as_str())
+            .collect::<Vec<_>>()
+            .join("\n");
         self.store
             .write(move |txn| {
                 let mut decisions = txn.open_table(DECISIONS).map_err(db_err)?;
                 let mut index = txn.open_table(CUSTOMER_DECISIONS).map_err(db_err)?;
+                let mut impressions = txn.open_table(IMPRESSIONS).map_err(db_err)?;
                 // A replaced decision may have named another customer: move its index entry.
                 // (A stored value that cannot be decoded is simply replaced; `pseudonymise`
                 // checks every index entry against the decision it names.)
@@ -64,6 +78,13 @@ impl DecisionStore for EmbeddedDecisions {
                             .remove((previous.customer_id.as_str(), id.as_str()))
                             .map_err(db_err)?;
                     }
+                    impressions
+                        .remove((
+                            previous.customer_id.as_str(),
+                            previous.created_at.timestamp_millis(),
+                            id.as_str(),
+                        ))
+                        .map_err(db_err)?;
                 }
                 decisions
                     .insert(id.as_str(), value.as_slice())
@@ -71,7 +92,51 @@ impl DecisionStore for EmbeddedDecisions {
                 index
                     .insert((customer.as_str(), id.as_str()), ())
                     .map_err(db_err)?;
+                impressions
+                    .insert((customer.as_str(), at, id.as_str()), shown.as_str())
+                    .map_err(db_err)?;
                 Ok(())
+            })
+            .await
+    }
+
+    async fn impressions(
+        &self,
+        customer: &CustomerId,
+        since: DateTime<Utc>,
+        limit: usize,
+    ) -> StorageResult<Vec<Impression>> {
+        let customer = customer.clone();
+        let since = since.timestamp_millis();
+        self.store
+            .read_blocking(move |txn| {
+                let table = txn.open_table(IMPRESSIONS).map_err(db_err)?;
+                let mut out = Vec::new();
+                let range = table
+                    .range::<(&str, i64, &str)>((
+                        Bound::Included((customer.as_str(), since, "")),
+                        Bound::Included((customer.as_str(), i64::MAX, "\u{10ffff}")),
+                    ))
+                    .map_err(db_err)?;
+                'newest: for entry in range.rev() {
+                    let (key, value) = entry.map_err(db_err)?;
+                    let at = DateTime::from_timestamp_millis(key.value().1).ok_or_else(|| {
+                        StorageError::Corrupt(format!(
+                            "impression of decision {}: time out of range",
+                            key.value().2
+                        ))
+                    })?;
+                    for item in value.value().split('\n') {
+                        if out.len() == limit {
+                            break 'newest;
+                        }
+                        out.push(Impression {
+                            item_id: item.to_owned(),
+                            at,
+                        });
+                    }
+                }
+                Ok(out)
             })
             .await
     }
@@ -152,6 +217,7 @@ impl DecisionStore for EmbeddedDecisions {
                 let mut decisions = txn.open_table(DECISIONS).map_err(db_err)?;
                 let mut outcomes = txn.open_table(OUTCOMES).map_err(db_err)?;
                 let mut index = txn.open_table(CUSTOMER_DECISIONS).map_err(db_err)?;
+                let mut impressions = txn.open_table(IMPRESSIONS).map_err(db_err)?;
 
                 // Check: collect the rewritten records; any undecodable one fails the call.
                 let mut ids = Vec::new();
@@ -213,6 +279,14 @@ impl DecisionStore for EmbeddedDecisions {
                         .insert((*id, *n), value.as_slice())
                         .map_err(db_err)?;
                 }
+                // What the customer was shown is theirs alone: erased, not pseudonymised.
+                impressions
+                    .retain_in::<(&str, i64, &str), _>(
+                        (customer.as_str(), i64::MIN, "")
+                            ..=(customer.as_str(), i64::MAX, "\u{10ffff}"),
+                        |_, _| false,
+                    )
+                    .map_err(db_err)?;
                 Ok(new_decisions.len() as u64)
             })
             .await
