@@ -10,6 +10,15 @@ pub enum Error {
     /// The caller sent something wrong; `field` names it (`events[3].timestamp`).
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
+    /// A script the caller sent does not compile; `line`/`column` are 1-based (0: the
+    /// whole script).
+    #[error("{field}: {line}:{column}: {message}")]
+    Script {
+        field: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
     /// An id the caller named does not exist.
     #[error("{field}: unknown {what} '{id}'")]
     NotFound {

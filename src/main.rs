@@ -1,13 +1,14 @@
 //! The `tailor` binary: parse the command line, load settings, run.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use tailor::app::{serve_http, Background, Engine};
 use tailor::config::Settings;
+use tailor::rules as tailor_rules;
 
 #[derive(Parser)]
 #[command(
@@ -48,8 +49,42 @@ enum Command {
 
 #[derive(Subcommand)]
 enum RulesCommand {
-    /// Compile every rule in DIR; exits non-zero with file:line:col on the first errors.
-    Check { dir: PathBuf },
+    /// Compile every rule in DIR; exits non-zero with file:line:col for each error.
+    Check {
+        dir: PathBuf,
+        /// Plugins the rules import (default: the `plugins` directory beside DIR).
+        #[arg(long)]
+        plugins: Option<PathBuf>,
+    },
+    /// Run the test cases next to the rules (NAME.test.toml beside NAME.rhai).
+    Test {
+        dir: PathBuf,
+        /// Plugins the rules import (default: the `plugins` directory beside DIR).
+        #[arg(long)]
+        plugins: Option<PathBuf>,
+    },
+}
+
+/// The rule engine with the plugins of `plugins`, or of the `plugins` directory beside
+/// the rules directory when it exists.
+fn rules_engine(dir: &Path, plugins: Option<PathBuf>) -> anyhow::Result<tailor_rules::Engine> {
+    let plugins_dir = plugins.or_else(|| {
+        let beside = dir.join("..").join("plugins");
+        beside.is_dir().then_some(beside)
+    });
+    let natives = tailor_rules::Natives::builtin();
+    let Some(plugins_dir) = plugins_dir else {
+        return Ok(tailor_rules::engine_with(&natives, None));
+    };
+    let bare = tailor_rules::engine_with(&natives, None);
+    let (plugins, errors) = tailor_rules::Plugins::load_dir(&bare, &plugins_dir);
+    for (path, e) in &errors {
+        eprintln!("{}:{e}", path.display());
+    }
+    if !errors.is_empty() {
+        anyhow::bail!("{} plugins do not compile", errors.len());
+    }
+    Ok(tailor_rules::engine_with(&natives, Some(&plugins)))
 }
 
 #[tokio::main]
@@ -61,9 +96,39 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Rules {
-            command: RulesCommand::Check { dir },
+            command: RulesCommand::Test { dir, plugins },
         } => {
-            let checked = tailor::rules::check_dir(&dir)
+            let engine = std::sync::Arc::new(rules_engine(&dir, plugins)?);
+            let reports = tailor_rules::testing::run_dir(&engine, &dir)
+                .with_context(|| format!("Failed to read rule tests from {}", dir.display()))?;
+            let (mut passed, mut failed) = (0, 0);
+            for report in &reports {
+                passed += report.passed;
+                failed += report.failed.len();
+                println!(
+                    "{}: {} passed, {} failed",
+                    report.path.display(),
+                    report.passed,
+                    report.failed.len()
+                );
+                for (case, why) in &report.failed {
+                    eprintln!("  FAIL {case}: {why}");
+                }
+            }
+            if reports.is_empty() {
+                anyhow::bail!("no *.test.toml files in {}", dir.display());
+            }
+            if failed > 0 {
+                anyhow::bail!("{failed} of {} rule test cases failed", passed + failed);
+            }
+            println!("{passed} rule test cases passed");
+            Ok(())
+        }
+        Command::Rules {
+            command: RulesCommand::Check { dir, plugins },
+        } => {
+            let engine = rules_engine(&dir, plugins)?;
+            let checked = tailor_rules::check_dir(&engine, &dir)
                 .with_context(|| format!("Failed to read rules from {}", dir.display()))?;
             let mut failed = 0;
             for c in &checked {

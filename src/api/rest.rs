@@ -32,6 +32,15 @@ impl IntoResponse for ApiError {
                 StatusCode::BAD_REQUEST,
                 json!({"code": "BAD_USER_INPUT", "field": field, "message": format!("{field}: {message}")}),
             ),
+            Error::Script {
+                field,
+                line,
+                column,
+                ..
+            } => (
+                StatusCode::BAD_REQUEST,
+                json!({"code": "BAD_USER_INPUT", "field": field, "line": line, "column": column, "message": self.0.to_string()}),
+            ),
             Error::NotFound { field, .. } => (
                 StatusCode::NOT_FOUND,
                 json!({"code": "NOT_FOUND", "field": field, "message": self.0.to_string()}),

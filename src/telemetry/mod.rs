@@ -35,6 +35,7 @@ pub struct Metrics {
     pub feature_rollbacks: Counter<u64>,
     pub segment_changes: Counter<u64>,
     pub backend_errors: Counter<u64>,
+    pub rule_errors: Counter<u64>,
 }
 
 impl Metrics {
@@ -108,6 +109,10 @@ impl Metrics {
                 "tailor_backend_errors_total",
                 "Storage backend failures, by capability",
             ),
+            rule_errors: counter(
+                "tailor_rule_errors_total",
+                "Rules skipped because they failed or ran out of budget, or did not load, by rule",
+            ),
             registry,
             provider,
         })
@@ -126,6 +131,13 @@ impl Metrics {
     pub fn backend_error(&self, capability: &'static str) {
         self.backend_errors
             .add(1, &[KeyValue::new("capability", capability)]);
+    }
+}
+
+impl Metrics {
+    pub fn rule_error(&self, rule: &str) {
+        self.rule_errors
+            .add(1, &[KeyValue::new("rule", rule.to_owned())]);
     }
 }
 

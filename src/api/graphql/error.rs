@@ -13,6 +13,19 @@ pub fn gql(error: Error) -> async_graphql::Error {
                 e.set("field", field.clone());
             })
         }
+        Error::Script {
+            field,
+            line,
+            column,
+            message,
+        } => async_graphql::Error::new(format!("{field}: {line}:{column}: {message}")).extend_with(
+            |_, e| {
+                e.set("code", "BAD_USER_INPUT");
+                e.set("field", field.clone());
+                e.set("line", line as u64);
+                e.set("column", column as u64);
+            },
+        ),
         Error::NotFound { field, what, id } => async_graphql::Error::new(format!(
             "{field}: unknown {what} '{id}'"
         ))
