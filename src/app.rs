@@ -10,12 +10,13 @@ use tokio::sync::watch;
 
 use crate::config::Settings;
 use crate::content::{Catalog, ContentItem};
-use crate::customers::{Customer, CustomerId, CustomerUpdate};
+use crate::customers::{Customer, CustomerId, CustomerLocks, CustomerUpdate};
 use crate::decision::pipeline::DecisionEngine;
 use crate::error::Result;
 use crate::events::ingest::Ingestor;
 use crate::events::processor::Processor;
 use crate::features::FeatureService;
+use crate::rules::{Natives, RuleService};
 use crate::segments::SegmentService;
 use crate::storage::embedded::EmbeddedStore;
 use crate::storage::Stores;
@@ -33,12 +34,9 @@ pub struct Engine {
     pub processor: Arc<Processor>,
     pub ingestor: Ingestor,
     pub decisions: DecisionEngine,
-    /// Striped locks serialising read-modify-write of one customer's profile. A tokio
-    /// mutex: held across the store's awaits.
-    customer_locks: Vec<tokio::sync::Mutex<()>>,
+    pub rules: Arc<RuleService>,
+    customer_locks: Arc<CustomerLocks>,
 }
-
-const CUSTOMER_LOCK_STRIPES: usize = 64;
 /// How long the decision path trusts its in-memory catalog when another process may
 /// have changed it.
 const CATALOG_TTL: Duration = Duration::from_secs(1);
@@ -61,7 +59,23 @@ impl Engine {
         .await?;
         let segments =
             SegmentService::start(stores.clone(), features.clone(), metrics.clone()).await?;
-        let processor = Processor::new(stores.clone(), features.clone(), segments.clone()).await?;
+        let rules = RuleService::open(
+            stores.definitions.clone(),
+            settings.rules.settings(),
+            Natives::builtin(),
+            metrics.clone(),
+        )
+        .await?;
+        let customer_locks = Arc::new(CustomerLocks::new());
+        let processor = Processor::new(
+            stores.clone(),
+            features.clone(),
+            segments.clone(),
+            rules.clone(),
+            customer_locks.clone(),
+            metrics.clone(),
+        )
+        .await?;
         let ingestor = Ingestor::new(
             stores.clone(),
             processor.clone(),
@@ -74,6 +88,7 @@ impl Engine {
             stores.clone(),
             catalog.clone(),
             features.clone(),
+            rules.clone(),
             settings.policy.clone(),
             settings.consent.default_personalization,
             settings.limits.max_candidates,
@@ -89,9 +104,8 @@ impl Engine {
             processor,
             ingestor,
             decisions,
-            customer_locks: (0..CUSTOMER_LOCK_STRIPES)
-                .map(|_| tokio::sync::Mutex::new(()))
-                .collect(),
+            rules,
+            customer_locks,
         }))
     }
 
@@ -115,6 +129,19 @@ impl Engine {
                 }
             },
         );
+        let rules = self.rules.clone();
+        let reload = every(
+            Duration::from_secs(self.settings.rules.reload_interval_secs.max(1)),
+            shutdown.clone(),
+            move || {
+                let rules = rules.clone();
+                async move {
+                    if let Err(e) = rules.reload().await {
+                        tracing::warn!(error = %e, "Failed to reload rules");
+                    }
+                }
+            },
+        );
         let features = self.features.clone();
         let health = every(
             Duration::from_secs(self.settings.features.health_check_interval_secs.max(1)),
@@ -128,14 +155,14 @@ impl Engine {
                 }
             },
         );
-        vec![processor, refresher, health]
+        vec![processor, refresher, health, reload]
     }
 
     /// Applies a partial profile update and re-evaluates the customer's segments.
     pub async fn upsert_customer(&self, update: CustomerUpdate) -> Result<Customer> {
         let id = update.id.clone();
         let customer = {
-            let _guard = self.customer_locks[stripe(&id)].lock().await;
+            let _guard = self.customer_locks.lock(&id).await;
             let existing = self.stores.profiles.get(&id).await?;
             let customer = update.apply(existing, Utc::now());
             self.stores.profiles.put(&customer).await?;
@@ -179,7 +206,7 @@ impl Engine {
             .filter(|i| i.is_active(now))
             .filter(|i| segment.is_none_or(|s| i.targets_segment(s)))
             .filter(|i| content_type.is_none_or(|t| i.content_type == t))
-            .cloned()
+            .map(|i| ContentItem::clone(i))
             .collect();
         items.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.id.cmp(&b.id)));
         items.truncate(limit);
@@ -207,13 +234,6 @@ where
             }
         }
     })
-}
-
-fn stripe(id: &CustomerId) -> usize {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    id.hash(&mut h);
-    (h.finish() as usize) % CUSTOMER_LOCK_STRIPES
 }
 
 /// The running background tasks (event processor, segment refresher).

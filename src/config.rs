@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
@@ -23,6 +24,7 @@ pub struct Settings {
     pub features: FeatureSettings,
     pub segments: SegmentSettings,
     pub consent: ConsentSettings,
+    pub rules: RulesConfig,
 }
 
 impl Default for Settings {
@@ -38,6 +40,7 @@ impl Default for Settings {
             features: FeatureSettings::default(),
             segments: SegmentSettings::default(),
             consent: ConsentSettings::default(),
+            rules: RulesConfig::default(),
         }
     }
 }
@@ -197,6 +200,42 @@ impl Default for SegmentSettings {
     fn default() -> Self {
         SegmentSettings {
             refresh_interval_secs: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RulesConfig {
+    /// Rule files (`*.rhai`), loaded at start and hot-reloaded; "" for API-managed
+    /// rules only. Relative to the working directory.
+    pub dir: String,
+    /// Plugin modules rules may import; "" for none.
+    pub plugins_dir: String,
+    /// Wall-clock budget of one rule in one decision (all candidates) or one event.
+    pub budget_ms: u64,
+    /// How often the directories (and rules changed by other replicas) are checked.
+    pub reload_interval_secs: u64,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        RulesConfig {
+            dir: "rules".into(),
+            plugins_dir: "plugins".into(),
+            budget_ms: 10,
+            reload_interval_secs: 2,
+        }
+    }
+}
+
+impl RulesConfig {
+    pub fn settings(&self) -> crate::rules::service::RuleSettings {
+        let dir = |d: &str| (!d.trim().is_empty()).then(|| PathBuf::from(d));
+        crate::rules::service::RuleSettings {
+            dir: dir(&self.dir),
+            plugins_dir: dir(&self.plugins_dir),
+            budget: Duration::from_millis(self.budget_ms.max(1)),
         }
     }
 }

@@ -98,7 +98,7 @@ pub struct Catalog {
     store: Arc<dyn ContentStore>,
     ttl: Duration,
     /// A std lock: held only to clone or replace the `Arc`, never across an await.
-    cached: RwLock<Option<(Instant, Arc<Vec<ContentItem>>)>>,
+    cached: RwLock<Option<(Instant, Arc<Vec<Arc<ContentItem>>>)>>,
 }
 
 impl Catalog {
@@ -111,13 +111,14 @@ impl Catalog {
     }
 
     /// Every item, in ascending id order.
-    pub async fn items(&self) -> StorageResult<Arc<Vec<ContentItem>>> {
+    pub async fn items(&self) -> StorageResult<Arc<Vec<Arc<ContentItem>>>> {
         if let Some((at, items)) = self.cached.read().as_ref() {
             if at.elapsed() < self.ttl {
                 return Ok(items.clone());
             }
         }
-        let items = Arc::new(self.store.list().await?);
+        let items: Arc<Vec<Arc<ContentItem>>> =
+            Arc::new(self.store.list().await?.into_iter().map(Arc::new).collect());
         *self.cached.write() = Some((Instant::now(), items.clone()));
         Ok(items)
     }

@@ -228,3 +228,36 @@ mod tests {
         assert!(err.to_string().starts_with("consent.telepathy:"));
     }
 }
+
+/// Striped locks serialising read-modify-write of one customer's profile (API updates
+/// and rules' `on_event` changes). Tokio mutexes: held across the store's awaits.
+pub struct CustomerLocks {
+    stripes: Vec<tokio::sync::Mutex<()>>,
+}
+
+impl CustomerLocks {
+    const STRIPES: usize = 64;
+
+    pub fn new() -> Self {
+        CustomerLocks {
+            stripes: (0..Self::STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+        }
+    }
+
+    pub async fn lock(&self, id: &CustomerId) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        id.hash(&mut h);
+        self.stripes[(h.finish() as usize) % Self::STRIPES]
+            .lock()
+            .await
+    }
+}
+
+impl Default for CustomerLocks {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -21,6 +21,7 @@ fn start(data_dir: &std::path::Path, port: u16) -> Child {
         .arg("--data-dir")
         .arg(data_dir)
         .env("RUST_LOG", "warn")
+        .env("TAILOR_RULES__DIR", "")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

@@ -51,6 +51,7 @@ async fn a_slow_feature_backend_gives_degraded_decisions_within_the_deadline() {
         data_dir: dir.path().to_path_buf(),
         ..Settings::default()
     };
+    settings.rules.dir = String::new();
     settings.timeouts.feature_read_ms = 20;
     let mut stores = EmbeddedStore::open(dir.path()).unwrap().stores();
     let slow = Arc::new(Slow {

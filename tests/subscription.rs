@@ -22,10 +22,11 @@ struct Served {
 
 async fn start() -> Served {
     let dir = tempfile::tempdir().unwrap();
-    let settings = Settings {
+    let mut settings = Settings {
         data_dir: dir.path().to_path_buf(),
         ..Settings::default()
     };
+    settings.rules.dir = String::new();
     let engine = Engine::open(settings).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -45,42 +45,61 @@ fn rank(scores: &[f64]) -> Vec<usize> {
     order
 }
 
-/// Beta-Bernoulli Thompson sampling: one posterior draw per arm, highest draw first.
+/// Beta-Bernoulli Thompson sampling: one posterior draw per arm, multiplied by the
+/// arm's rule weight (finite, > 0), highest first.
 ///
-/// The propensity of the first arm is estimated by Monte Carlo: the share of `samples`
-/// further independent draws in which it wins, Laplace-smoothed over the K arms
-/// (`(wins + 1) / (samples + K)`) so that no logged propensity is ever 0.
-/// The score shown for each arm is its posterior mean.
-pub fn thompson(stats: &[ArmStats], samples: usize, rng: &mut impl Rng) -> Ranking {
+/// The propensity of the first arm is estimated by Monte Carlo over the same weighted
+/// draws: the share of `samples` further independent rounds in which it wins,
+/// Laplace-smoothed over the K arms (`(wins + 1) / (samples + K)`) so that no logged
+/// propensity is ever 0. The score shown for each arm is its weighted posterior mean.
+pub fn thompson(
+    stats: &[ArmStats],
+    weights: &[f64],
+    samples: usize,
+    rng: &mut impl Rng,
+) -> Ranking {
     let posteriors: Vec<Posterior> = stats.iter().map(Posterior::new).collect();
-    let draws: Vec<f64> = posteriors.iter().map(|p| p.sample(rng)).collect();
+    let draw = |i: usize, rng: &mut _| posteriors[i].sample(rng) * weights[i];
+    let draws: Vec<f64> = (0..stats.len()).map(|i| draw(i, rng)).collect();
     let order = rank(&draws);
     let chosen = order[0];
+    let means: Vec<f64> = (0..stats.len())
+        .map(|i| posteriors[i].mean * weights[i])
+        .collect();
     // Each round asks "does the chosen arm's draw beat every other arm's draw?". Rivals
-    // are tried best posterior mean first and a round stops at the first rival that
+    // are tried best weighted mean first and a round stops at the first rival that
     // wins, so a typical round draws a few samples instead of K (same estimator).
     let mut rivals: Vec<usize> = (0..stats.len()).filter(|&i| i != chosen).collect();
-    rivals.sort_by(|&a, &b| posteriors[b].mean.total_cmp(&posteriors[a].mean));
+    rivals.sort_by(|&a, &b| means[b].total_cmp(&means[a]));
     let mut wins = 0usize;
     for _ in 0..samples {
-        let mine = posteriors[chosen].sample(rng);
-        if rivals.iter().all(|&j| posteriors[j].sample(rng) < mine) {
+        let mine = draw(chosen, rng);
+        if rivals.iter().all(|&j| draw(j, rng) < mine) {
             wins += 1;
         }
     }
     let k = stats.len();
     Ranking {
-        order: order.into_iter().map(|i| (i, posteriors[i].mean)).collect(),
+        order: order.into_iter().map(|i| (i, means[i])).collect(),
         propensity: (wins + 1) as f64 / (samples + k) as f64,
         propensity_kind: PropensityKind::Estimated,
     }
 }
 
 /// The seed's epsilon-greedy: with probability `epsilon` a uniformly random arm goes
-/// first, otherwise the arm with the highest posterior mean. The propensity is exact:
-/// `(1 − ε)·[chosen is greedy] + ε / K`.
-pub fn epsilon_greedy(stats: &[ArmStats], epsilon: f64, rng: &mut impl Rng) -> Ranking {
-    let means: Vec<f64> = stats.iter().map(ArmStats::mean).collect();
+/// first, otherwise the arm with the highest posterior mean × rule weight. The
+/// propensity is exact: `(1 − ε)·[chosen is greedy] + ε / K`.
+pub fn epsilon_greedy(
+    stats: &[ArmStats],
+    weights: &[f64],
+    epsilon: f64,
+    rng: &mut impl Rng,
+) -> Ranking {
+    let means: Vec<f64> = stats
+        .iter()
+        .zip(weights)
+        .map(|(s, w)| s.mean() * w)
+        .collect();
     let mut order = rank(&means);
     let greedy = order[0];
     let k = stats.len();
@@ -136,7 +155,7 @@ mod tests {
         let mut firsts = [0usize; 3];
         let mut propensity_of_best = Vec::new();
         for _ in 0..400 {
-            let r = thompson(&arms(), 200, &mut rng);
+            let r = thompson(&arms(), &[1.0; 3], 200, &mut rng);
             firsts[r.order[0].0] += 1;
             if r.order[0].0 == 1 {
                 propensity_of_best.push(r.propensity);
@@ -163,7 +182,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(1);
         let mut greedy_first = 0;
         for _ in 0..2000 {
-            let r = epsilon_greedy(&arms(), 0.1, &mut rng);
+            let r = epsilon_greedy(&arms(), &[1.0; 3], 0.1, &mut rng);
             let expected = if r.order[0].0 == 2 {
                 0.9 + 0.1 / 3.0
             } else {
@@ -177,5 +196,42 @@ mod tests {
         // arm 2's posterior mean is 0.5 (no data): greedy.
         let share = greedy_first as f64 / 2000.0;
         assert!((share - (0.9 + 0.1 / 3.0)).abs() < 0.03, "{share}");
+    }
+
+    #[test]
+    fn rule_weights_shift_choices_and_propensities_together() {
+        let mut rng = StdRng::seed_from_u64(3);
+        // Two equal arms; the second is weighted ×3 by a rule.
+        let equal = vec![
+            ArmStats {
+                trials: 100.0,
+                reward: 20.0,
+            };
+            2
+        ];
+        let weights = [1.0, 3.0];
+        let mut second_first = 0;
+        let mut propensities = Vec::new();
+        for _ in 0..400 {
+            let r = thompson(&equal, &weights, 200, &mut rng);
+            if r.order[0].0 == 1 {
+                second_first += 1;
+                propensities.push(r.propensity);
+            }
+            let (_, shown) = r.order.iter().find(|(i, _)| *i == 1).copied().unwrap();
+            assert!(
+                (shown - 3.0 * equal[1].mean()).abs() < 1e-12,
+                "weighted mean shown"
+            );
+        }
+        let observed = second_first as f64 / 400.0;
+        let estimated = propensities.iter().sum::<f64>() / propensities.len() as f64;
+        assert!(observed > 0.95, "{observed}");
+        assert!(
+            (observed - estimated).abs() < 0.05,
+            "{observed} vs {estimated}"
+        );
+        let r = epsilon_greedy(&equal, &weights, 0.0, &mut rng);
+        assert_eq!(r.order[0].0, 1, "greedy on weighted means");
     }
 }

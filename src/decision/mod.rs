@@ -54,6 +54,9 @@ pub struct Decision {
     pub model_version: Option<String>,
     pub experiments: Vec<Assignment>,
     pub segments: Vec<String>,
+    /// Rules that filtered, re-weighted or pinned a candidate.
+    #[serde(default)]
+    pub rules: Vec<String>,
     pub degraded: bool,
     pub explanation: Option<Value>,
     /// The request context, as sent.

@@ -1,5 +1,5 @@
 //! The `personalize` pipeline, one stage per function:
-//! load context → candidates → (rules, model: later stages) → choose → record.
+//! load context → candidates → rules → (model: a later stage) → choose → record.
 //! And `record_outcome`, which closes the loop.
 
 use std::collections::BTreeMap;
@@ -19,7 +19,10 @@ use crate::config::{PolicyKind, PolicySettings};
 use crate::content::{CandidateFilter, Catalog, ContentItem};
 use crate::customers::{Customer, CustomerId};
 use crate::error::{Error, Result};
-use crate::features::FeatureService;
+use crate::features::{FeatureService, Window};
+use crate::rules::host::{CtxData, CtxView, CustomerData, CustomerView};
+use crate::rules::runtime::{Effect, RuleEffects};
+use crate::rules::{RuleService, RuleSet};
 use crate::storage::Stores;
 use crate::telemetry::Metrics;
 
@@ -43,6 +46,13 @@ const MAX_ALTERNATIVES: usize = 10;
 const STREAM_CAPACITY: usize = 4096;
 /// Bandit arms of requests without a placement.
 const NO_PLACEMENT: &str = "_";
+/// How far back rules can count impressions, and how many are loaded at most.
+const IMPRESSION_LOOKBACK_DAYS: i64 = 30;
+const MAX_IMPRESSIONS: usize = 1_000;
+/// What a content item's own `frequencyCap` counts: impressions within a day.
+const FREQUENCY_CAP_WINDOW_DAYS: i64 = 1;
+/// The name under which an item's own frequency cap filters it.
+const FREQUENCY_CAP: &str = "frequency_cap(item)";
 
 /// What the pipeline knows about the customer when it decides.
 struct DecisionContext {
@@ -51,12 +61,16 @@ struct DecisionContext {
     segments: Vec<String>,
     personalized: bool,
     degraded: bool,
+    /// Items shown to the customer recently, newest first (loaded only when a rule or
+    /// an item's frequency cap needs them).
+    impressions: Vec<crate::decision::Impression>,
 }
 
 pub struct DecisionEngine {
     stores: Stores,
     catalog: Arc<Catalog>,
     features: Arc<FeatureService>,
+    rules: Arc<RuleService>,
     policy: PolicySettings,
     default_consent: bool,
     max_candidates: usize,
@@ -65,10 +79,12 @@ pub struct DecisionEngine {
 }
 
 impl DecisionEngine {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         stores: Stores,
         catalog: Arc<Catalog>,
         features: Arc<FeatureService>,
+        rules: Arc<RuleService>,
         policy: PolicySettings,
         default_consent: bool,
         max_candidates: usize,
@@ -78,6 +94,7 @@ impl DecisionEngine {
             stores,
             catalog,
             features,
+            rules,
             policy,
             default_consent,
             max_candidates,
@@ -102,25 +119,59 @@ impl DecisionEngine {
                 format!("must be between 1 and {MAX_COUNT}"),
             ));
         }
-        let ctx = self.load_context(&req.customer_id, now).await?;
-        let (candidates, filtered) = self.candidates(&req, &ctx, now).await?;
+        let rules = self.rules.current();
+        let (candidates, filtered) = self.candidates(&req, now).await?;
+        let needs_impressions =
+            rules.needs_impressions() || candidates.iter().any(|c| c.frequency_cap.is_some());
+        let ctx = self
+            .load_context(&req.customer_id, needs_impressions, now)
+            .await?;
+        let (candidates, mut filtered) = self.eligible(&req, &ctx, candidates, filtered)?;
         let placement = req.placement.as_deref().unwrap_or(NO_PLACEMENT);
-        let (ranking, policy_name, stats) = self.choose(placement, &candidates, &ctx).await?;
+        let effects = self.apply_rules(&rules, &req, &ctx, &candidates, placement, now);
+        for failure in &effects.failures {
+            tracing::warn!(rule = %failure.rule, error = %failure.error, "Rule skipped for this decision");
+            self.metrics.rule_error(&failure.rule);
+        }
+        for (i, by) in effects.filtered.iter().enumerate() {
+            if let Some(rule) = by {
+                filtered.push(json!({"id": candidates[i].id, "reason": "rule", "rule": rule}));
+            }
+        }
+        let (ranking, policy_name, stats) =
+            self.choose(placement, &candidates, &effects, &ctx).await?;
+        if ranking.order.is_empty() {
+            return Err(Error::invalid(
+                if req.available_items.is_some() {
+                    "availableItems"
+                } else {
+                    "placement"
+                },
+                format!(
+                    "no eligible content for placement '{}': rules filtered all {} candidates",
+                    req.placement.as_deref().unwrap_or("(any)"),
+                    candidates.len()
+                ),
+            ));
+        }
 
         let mut ranked = ranking.order.iter().map(|&(i, score)| ScoredItem {
-            item: candidates[i].clone(),
+            item: ContentItem::clone(&candidates[i]),
             score,
         });
         let items: Vec<ScoredItem> = ranked.by_ref().take(req.count).collect();
         let alternatives: Vec<ScoredItem> = ranked.take(MAX_ALTERNATIVES).collect();
         let selected = &items[0];
+        let selected_index = ranking.order[0].0;
         let reasoning = reasoning(
             &policy_name,
             placement,
-            candidates.len(),
+            ranking.order.len(),
             selected,
             &ranking,
             &ctx,
+            &effects,
+            selected_index,
         );
         let explanation = req.explain.then(|| {
             json!({
@@ -128,11 +179,20 @@ impl DecisionEngine {
                 "candidates": ranking.order.iter().map(|&(i, score)| json!({
                     "id": candidates[i].id,
                     "score": score,
+                    "weight": weight_json(effects.weights[i]),
+                    "pinned": effects.is_pinned(i),
+                    "rules": effects.trace[i],
                     "impressions": stats.get(i).map_or(0.0, |s| s.trials),
                     "reward": stats.get(i).map_or(0.0, |s| s.reward),
                 })).collect::<Vec<_>>(),
                 "filtered": filtered,
-                "rules": [],
+                "rules": rules.rules().iter().filter(|r| r.rule.meta.enabled).map(|r| json!({
+                    "name": r.rule.meta.name,
+                    "version": r.version,
+                    "priority": r.rule.meta.priority,
+                    "fired": effects.fired.contains(&r.rule.meta.name),
+                })).collect::<Vec<_>>(),
+                "rule_errors": effects.failures,
                 "features": ctx.features,
                 "personalized": ctx.personalized,
             })
@@ -150,6 +210,7 @@ impl DecisionEngine {
             model_version: None,
             experiments: Vec::new(),
             segments: ctx.segments,
+            rules: effects.fired,
             degraded: ctx.degraded,
             explanation,
             context: req.context,
@@ -166,12 +227,24 @@ impl DecisionEngine {
     async fn load_context(
         &self,
         customer: &CustomerId,
+        needs_impressions: bool,
         now: DateTime<Utc>,
     ) -> Result<DecisionContext> {
-        let (profile, features, segments) = tokio::join!(
+        let impressions = async {
+            if !needs_impressions {
+                return Ok(Vec::new());
+            }
+            let since = now - chrono::Duration::days(IMPRESSION_LOOKBACK_DAYS);
+            self.stores
+                .decisions
+                .impressions(customer, since, MAX_IMPRESSIONS)
+                .await
+        };
+        let (profile, features, segments, impressions) = tokio::join!(
             self.stores.profiles.get(customer),
             self.features.read(customer, None, "features", now),
             self.stores.segments.segments_of(customer),
+            impressions,
         );
         let mut degraded = false;
         let profile = profile.unwrap_or_else(|e| {
@@ -193,6 +266,12 @@ impl DecisionEngine {
             degraded = true;
             Vec::new()
         });
+        let impressions = impressions.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "Failed to load impressions; frequency caps see none");
+            self.metrics.backend_error("decisions");
+            degraded = true;
+            Vec::new()
+        });
         let personalized = profile
             .as_ref()
             .and_then(|p| p.consent.personalization)
@@ -203,21 +282,20 @@ impl DecisionEngine {
             segments,
             personalized,
             degraded,
+            impressions,
         })
     }
 
-    /// Stage 2: the request's items, or the catalog filtered by placement, type, active
-    /// window and segment eligibility; sorted by priority (highest first), then id.
+    /// Stage 2a: the request's items, or the catalog filtered by placement, type and
+    /// active window (segment eligibility needs the customer: [`Self::eligible`]).
     #[tracing::instrument(skip_all)]
     async fn candidates(
         &self,
         req: &PersonalizeRequest,
-        ctx: &DecisionContext,
         now: DateTime<Utc>,
-    ) -> Result<(Vec<ContentItem>, Vec<Value>)> {
-        let segments = &ctx.segments;
+    ) -> Result<(Vec<Arc<ContentItem>>, Vec<Value>)> {
         let mut filtered = Vec::new();
-        let mut items = match &req.available_items {
+        let items = match &req.available_items {
             Some(ids) => {
                 if ids.is_empty() {
                     return Err(Error::invalid("availableItems", "must not be empty"));
@@ -236,7 +314,7 @@ impl DecisionEngine {
                     })?;
                     // The caller named these items: only the active window still applies.
                     if item.is_active(now) {
-                        items.push(item);
+                        items.push(Arc::new(item));
                     } else {
                         filtered
                             .push(json!({"id": item.id, "reason": "outside its active window"}));
@@ -249,25 +327,39 @@ impl DecisionEngine {
                     placement: req.placement.as_deref(),
                     content_type: req.content_type.as_deref(),
                     now: Some(now),
-                    segments: Some(segments),
+                    segments: None,
                 };
-                let mut items = Vec::new();
-                for item in self.catalog.items().await?.iter() {
-                    if filter.matches(item) {
-                        items.push(item.clone());
-                    } else if req.explain
-                        && (CandidateFilter {
-                            segments: None,
-                            ..filter.clone()
-                        })
-                        .matches(item)
-                    {
-                        filtered.push(json!({"id": item.id, "reason": "not eligible for the customer's segments"}));
-                    }
-                }
-                items
+                self.catalog
+                    .items()
+                    .await?
+                    .iter()
+                    .filter(|item| filter.matches(item))
+                    .cloned()
+                    .collect()
             }
         };
+        Ok((items, filtered))
+    }
+
+    /// Stage 2b: segment eligibility (catalog candidates only: a caller's named items
+    /// are taken as eligible), then priority order (highest first, then id), at most
+    /// `max_candidates`.
+    fn eligible(
+        &self,
+        req: &PersonalizeRequest,
+        ctx: &DecisionContext,
+        mut items: Vec<Arc<ContentItem>>,
+        mut filtered: Vec<Value>,
+    ) -> Result<(Vec<Arc<ContentItem>>, Vec<Value>)> {
+        if req.available_items.is_none() {
+            items.retain(|item| {
+                let ok = item.eligible_for(&ctx.segments);
+                if !ok && req.explain {
+                    filtered.push(json!({"id": item.id, "reason": "not eligible for the customer's segments"}));
+                }
+                ok
+            });
+        }
         items.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.id.cmp(&b.id)));
         // A request naming an item twice gets it once (equal ids sort together).
         items.dedup_by(|a, b| a.id == b.id);
@@ -293,18 +385,94 @@ impl DecisionEngine {
         Ok((items, filtered))
     }
 
-    /// Stage 5: the policy ranks the candidates; without personalization consent the
-    /// highest-priority item wins.
+    /// Stage 3: items' own frequency caps, then the marketers' rules in priority order.
+    /// A rule that fails is skipped for this decision and reported in the effects.
+    #[tracing::instrument(skip_all)]
+    fn apply_rules(
+        &self,
+        rules: &RuleSet,
+        req: &PersonalizeRequest,
+        ctx: &DecisionContext,
+        candidates: &[Arc<ContentItem>],
+        placement: &str,
+        now: DateTime<Utc>,
+    ) -> RuleEffects {
+        let mut effects = RuleEffects::neutral(candidates.len());
+        let customer = CustomerData {
+            id: req.customer_id.as_str().to_owned(),
+            known: ctx.profile.is_some(),
+            traits: ctx
+                .profile
+                .as_ref()
+                .map(|p| {
+                    p.traits
+                        .iter()
+                        .map(|(k, v)| (k.as_str().into(), crate::rules::host::to_dynamic(v)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            features: ctx.features.clone(),
+            segments: ctx.segments.clone(),
+            personalization: ctx.personalized,
+            marketing: ctx
+                .profile
+                .as_ref()
+                .and_then(|p| p.consent.marketing)
+                .unwrap_or(false),
+            impressions: ctx.impressions.clone(),
+            now,
+        };
+        let day = Window::days(FREQUENCY_CAP_WINDOW_DAYS);
+        for (i, item) in candidates.iter().enumerate() {
+            if let Some(cap) = item.frequency_cap {
+                if customer.impressions(Some(&item.id), day) >= i64::from(cap) {
+                    effects.filter(i, FREQUENCY_CAP);
+                }
+            }
+        }
+        if rules.rules().is_empty() {
+            return effects;
+        }
+        let customer = CustomerView(Arc::new(customer));
+        let ctx = CtxView(Arc::new(CtxData {
+            placement: req.placement.clone().unwrap_or_default(),
+            content_type: req.content_type.clone().unwrap_or_default(),
+            count: req.count as i64,
+            request: req.context.clone(),
+            now,
+        }));
+        rules.decide(&customer, &ctx, candidates, placement, &mut effects);
+        effects
+    }
+
+    /// Stage 5: pinned items first (in priority order), then the policy ranks the
+    /// eligible items by score × rule weight, then items a rule weighted to 0. Without
+    /// personalization consent, priority order decides instead of the policy.
     #[tracing::instrument(skip_all)]
     async fn choose(
         &self,
         placement: &str,
-        candidates: &[ContentItem],
+        candidates: &[Arc<ContentItem>],
+        effects: &RuleEffects,
         ctx: &DecisionContext,
     ) -> Result<(Ranking, String, Vec<ArmStats>)> {
+        let eligible: Vec<usize> = (0..candidates.len())
+            .filter(|&i| effects.filtered[i].is_none())
+            .collect();
+        let pinned: Vec<usize> = eligible
+            .iter()
+            .copied()
+            .filter(|&i| effects.is_pinned(i))
+            .collect();
         if !ctx.personalized {
+            let mut order = pinned.clone();
+            order.extend(eligible.iter().filter(|i| !pinned.contains(i)));
             return Ok((
-                policy::by_priority(candidates.len()),
+                Ranking {
+                    order: order.into_iter().map(|i| (i, 0.0)).collect(),
+                    propensity: 1.0,
+                    propensity_kind: PropensityKind::Exact,
+                },
                 "default".into(),
                 Vec::new(),
             ));
@@ -318,19 +486,69 @@ impl DecisionEngine {
                 vec![ArmStats::default(); arms.len()]
             }
         };
+        let free: Vec<usize> = eligible
+            .iter()
+            .copied()
+            .filter(|&i| !effects.is_pinned(i) && effects.weights[i] > 0.0)
+            .collect();
+        let zero: Vec<usize> = eligible
+            .iter()
+            .copied()
+            .filter(|&i| effects.weights[i] == 0.0)
+            .collect();
+        let free_stats: Vec<ArmStats> = free.iter().map(|&i| stats[i]).collect();
+        let free_weights: Vec<f64> = free.iter().map(|&i| effects.weights[i]).collect();
         // The RNG is per decision and seeded from the OS: no shared lock on the hot path.
         let mut rng = rand::rngs::SmallRng::from_os_rng();
-        let (ranking, name) = match self.policy.default {
-            PolicyKind::Thompson => (
-                policy::thompson(&stats, self.policy.propensity_samples, &mut rng),
-                "thompson_sampling",
-            ),
-            PolicyKind::EpsilonGreedy => (
-                policy::epsilon_greedy(&stats, self.policy.epsilon, &mut rng),
-                "epsilon_greedy",
-            ),
+        let (ranked, name) = if free.is_empty() {
+            (policy::by_priority(0), self.policy_name())
+        } else {
+            match self.policy.default {
+                PolicyKind::Thompson => (
+                    policy::thompson(
+                        &free_stats,
+                        &free_weights,
+                        self.policy.propensity_samples,
+                        &mut rng,
+                    ),
+                    "thompson_sampling",
+                ),
+                PolicyKind::EpsilonGreedy => (
+                    policy::epsilon_greedy(
+                        &free_stats,
+                        &free_weights,
+                        self.policy.epsilon,
+                        &mut rng,
+                    ),
+                    "epsilon_greedy",
+                ),
+            }
         };
-        Ok((ranking, name.into(), stats))
+        let mut order: Vec<(usize, f64)> = pinned.iter().map(|&i| (i, stats[i].mean())).collect();
+        order.extend(ranked.order.iter().map(|&(k, score)| (free[k], score)));
+        order.extend(zero.iter().map(|&i| (i, 0.0)));
+        // A pin, or a single item the rules left, is chosen with certainty.
+        let (propensity, propensity_kind) = if pinned.is_empty() && !free.is_empty() {
+            (ranked.propensity, ranked.propensity_kind)
+        } else {
+            (1.0, PropensityKind::Exact)
+        };
+        Ok((
+            Ranking {
+                order,
+                propensity,
+                propensity_kind,
+            },
+            name.into(),
+            stats,
+        ))
+    }
+
+    fn policy_name(&self) -> &'static str {
+        match self.policy.default {
+            PolicyKind::Thompson => "thompson_sampling",
+            PolicyKind::EpsilonGreedy => "epsilon_greedy",
+        }
     }
 
     /// Stage 6: store the decision, count an impression per shown item, publish.
@@ -438,6 +656,16 @@ impl DecisionEngine {
     }
 }
 
+/// A rule weight as JSON: a pin is the string `"pin"` (JSON has no infinity).
+fn weight_json(weight: f64) -> Value {
+    if weight == f64::INFINITY {
+        json!("pin")
+    } else {
+        json!(weight)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn reasoning(
     policy: &str,
     placement: &str,
@@ -445,10 +673,35 @@ fn reasoning(
     selected: &ScoredItem,
     ranking: &Ranking,
     ctx: &DecisionContext,
+    effects: &RuleEffects,
+    selected_index: usize,
 ) -> String {
+    let mut notes = String::new();
+    if !effects.fired.is_empty() {
+        notes.push_str(&format!("; rules applied: {}", effects.fired.join(", ")));
+    }
+    for failure in &effects.failures {
+        notes.push_str(&format!(
+            "; rule '{}' skipped: {}",
+            failure.rule, failure.error
+        ));
+    }
+    if ctx.degraded {
+        notes.push_str("; degraded: features defaulted");
+    }
+    if let Some(Effect::Pinned { rule }) = effects.trace[selected_index]
+        .iter()
+        .rev()
+        .find(|e| matches!(e, Effect::Pinned { .. }))
+    {
+        return format!(
+            "'{}' pinned by rule '{rule}' for {placement} ({candidates} eligible){notes}",
+            selected.item.id
+        );
+    }
     if !ctx.personalized {
         return format!(
-            "No personalization consent: highest-priority eligible item '{}' of {candidates} for {placement}",
+            "No personalization consent: highest-priority eligible item '{}' of {candidates} for {placement}{notes}",
             selected.item.id
         );
     }
@@ -462,10 +715,9 @@ fn reasoning(
         " (unknown customer)"
     };
     format!(
-        "{policy} chose '{}' from {candidates} candidates for {placement}{known}: expected reward {:.3}, {estimated}propensity {:.3}{}",
+        "{policy} chose '{}' from {candidates} candidates for {placement}{known}: expected reward {:.3}, {estimated}propensity {:.3}{notes}",
         selected.item.id,
         selected.score,
         ranking.propensity,
-        if ctx.degraded { "; degraded: features defaulted" } else { "" }
     )
 }

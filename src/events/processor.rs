@@ -12,12 +12,16 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio::sync::{watch, Notify};
 
-use crate::customers::{Consent, Customer, CustomerId, Pii};
+use crate::customers::{Consent, Customer, CustomerId, CustomerLocks, Pii};
 use crate::error::Result;
+use crate::events::StoredEvent;
 use crate::features::service::PROCESSOR;
 use crate::features::FeatureService;
+use crate::rules::host::{self, CustomerData, CustomerView};
+use crate::rules::{testing::event_map, RuleService, RuleSet};
 use crate::segments::SegmentService;
 use crate::storage::Stores;
+use crate::telemetry::Metrics;
 
 const BATCH: usize = 2048;
 /// Poll interval when nothing woke the processor (events appended by another process).
@@ -27,6 +31,9 @@ pub struct Processor {
     stores: Stores,
     features: Arc<FeatureService>,
     segments: Arc<SegmentService>,
+    rules: Arc<RuleService>,
+    locks: Arc<CustomerLocks>,
+    metrics: Arc<Metrics>,
     applied: watch::Sender<u64>,
     wake: Notify,
 }
@@ -36,12 +43,18 @@ impl Processor {
         stores: Stores,
         features: Arc<FeatureService>,
         segments: Arc<SegmentService>,
+        rules: Arc<RuleService>,
+        locks: Arc<CustomerLocks>,
+        metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>> {
         let committed = stores.events.committed_offset(PROCESSOR).await?;
         Ok(Arc::new(Processor {
             stores,
             features,
             segments,
+            rules,
+            locks,
+            metrics,
             applied: watch::channel(committed).0,
             wake: Notify::new(),
         }))
@@ -87,11 +100,21 @@ impl Processor {
         let customers: BTreeSet<&CustomerId> = batch.iter().map(|e| &e.event.customer_id).collect();
         self.ensure_profiles(&customers, now).await?;
         self.features.apply(&batch, now).await?;
+        let rules = self.rules.current();
+        let changed = if rules.handles_events() {
+            self.run_event_rules(&rules, &batch).await?
+        } else {
+            Vec::new()
+        };
         let types: BTreeSet<&str> = batch.iter().map(|e| e.event.event_type.as_str()).collect();
         let customers: Vec<CustomerId> = customers.into_iter().cloned().collect();
         self.segments
             .evaluate_customers(&customers, Some(&types))
             .await?;
+        if !changed.is_empty() {
+            // Their traits changed: every trait condition may have a new answer.
+            self.segments.evaluate_customers(&changed, None).await?;
+        }
         self.stores.events.commit_offset(PROCESSOR, last).await?;
         tracing::debug!(events = batch.len(), elapsed = ?started.elapsed(), "Applied events");
         self.applied.send_replace(last);
@@ -121,6 +144,79 @@ impl Processor {
         // Concurrent puts share the store's group commits.
         futures::future::try_join_all(missing.iter().map(|c| self.stores.profiles.put(c))).await?;
         Ok(())
+    }
+
+    /// Runs the rules' `on_event` hooks over the batch, customer by customer in sequence
+    /// order, and stores the trait changes they return. Runs again for events replayed
+    /// after a crash, before the offset was committed: hooks are written to be idempotent.
+    /// Returns the customers whose traits changed.
+    async fn run_event_rules(
+        &self,
+        rules: &RuleSet,
+        batch: &[StoredEvent],
+    ) -> Result<Vec<CustomerId>> {
+        let mut changed_customers = Vec::new();
+        let mut by_customer: Vec<(&CustomerId, Vec<&StoredEvent>)> = Vec::new();
+        for event in batch {
+            let id = &event.event.customer_id;
+            match by_customer.iter_mut().find(|(c, _)| *c == id) {
+                Some((_, events)) => events.push(event),
+                None => by_customer.push((id, vec![event])),
+            }
+        }
+        for (id, events) in by_customer {
+            let _guard = self.locks.lock(id).await;
+            let Some(mut profile) = self.stores.profiles.get(id).await? else {
+                continue;
+            };
+            let segments = self.stores.segments.segments_of(id).await?;
+            let mut changed = false;
+            for stored in events {
+                let event = &stored.event;
+                let customer = CustomerView(Arc::new(CustomerData {
+                    id: id.as_str().to_owned(),
+                    known: true,
+                    traits: profile
+                        .traits
+                        .iter()
+                        .map(|(k, v)| (k.as_str().into(), host::to_dynamic(v)))
+                        .collect(),
+                    segments: segments.clone(),
+                    personalization: profile.consent.personalization.unwrap_or(true),
+                    marketing: profile.consent.marketing.unwrap_or(false),
+                    now: event.timestamp,
+                    ..Default::default()
+                }));
+                let view = event_map(
+                    &event.event_id,
+                    &event.event_type,
+                    event.timestamp,
+                    &serde_json::Value::Object(event.properties.clone()),
+                );
+                let (changes, failures) = rules.on_event(&customer, &view);
+                for failure in failures {
+                    tracing::warn!(rule = %failure.rule, error = %failure.error, event = %event.event_id, "on_event skipped");
+                    self.metrics.rule_error(&failure.rule);
+                }
+                for (key, value) in changes {
+                    if profile.traits.get(&key) == Some(&value) {
+                        continue;
+                    }
+                    changed = true;
+                    if value.is_null() {
+                        profile.traits.remove(&key);
+                    } else {
+                        profile.traits.insert(key, value);
+                    }
+                }
+            }
+            if changed {
+                profile.updated_at = Utc::now();
+                self.stores.profiles.put(&profile).await?;
+                changed_customers.push(id.clone());
+            }
+        }
+        Ok(changed_customers)
     }
 
     pub fn wake(&self) {

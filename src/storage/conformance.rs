@@ -1183,6 +1183,7 @@ pub fn sample_decision(id: &str, customer: &CustomerId, n: i32) -> Decision {
             variant: "b".into(),
         }],
         segments: vec!["vip".into()],
+        rules: vec!["vip_boost".into()],
         degraded: false,
         explanation: Some(json!({"why": "score"})),
         context: json!({"page": "/home"}),

@@ -27,6 +27,9 @@ impl TestApp {
             data_dir: dir.path().to_path_buf(),
             ..Settings::default()
         };
+        // Tests own their rules: none from the repository's rules/ unless they ask.
+        settings.rules.dir = String::new();
+        settings.rules.plugins_dir = String::new();
         tweak(&mut settings);
         let engine = Engine::open(settings).await.expect("engine opens");
         let (stop, rx) = tokio::sync::watch::channel(false);
