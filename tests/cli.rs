@@ -93,3 +93,50 @@ fn rules_check_reports_file_line_and_column() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("bad.rhai:2:11: "), "{stderr}");
 }
+
+#[test]
+fn rules_test_runs_the_cases_beside_the_rules_and_reports_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("cap.rhai"),
+        "fn eligible(customer, item, ctx) { customer.impressions(item.id, \"1d\") < 2 }\n",
+    )
+    .unwrap();
+    let case = |impressions: u32, eligible: bool| {
+        format!(
+            "[[case]]\nname = \"{impressions} shown\"\ncustomer = {{ impressions = {{ \"x\" = {impressions} }} }}\nitem = {{ id = \"x\" }}\nexpect = {{ eligible = {eligible} }}\n"
+        )
+    };
+    std::fs::write(
+        dir.path().join("cap.test.toml"),
+        case(1, true) + &case(2, false),
+    )
+    .unwrap();
+    let run = || {
+        tailor()
+            .args(["rules", "test"])
+            .arg(dir.path())
+            .output()
+            .expect("tailor runs")
+    };
+    let out = run();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("2 rule test cases passed"));
+
+    std::fs::write(
+        dir.path().join("cap.test.toml"),
+        case(1, true) + &case(2, true),
+    )
+    .unwrap();
+    let out = run();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("FAIL 2 shown: eligible: expected true, got false"),
+        "{stderr}"
+    );
+}

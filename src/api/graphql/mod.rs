@@ -4,6 +4,7 @@
 pub mod error;
 pub mod mutation;
 pub mod query;
+pub mod rules;
 pub mod subscription;
 pub mod types;
 

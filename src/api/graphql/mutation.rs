@@ -189,4 +189,8 @@ impl DefinitionMutation {
 }
 
 #[derive(MergedObject, Default)]
-pub struct Mutation(IngestMutation, DefinitionMutation);
+pub struct Mutation(
+    IngestMutation,
+    DefinitionMutation,
+    super::rules::RuleMutation,
+);

@@ -179,4 +179,10 @@ impl ContentQuery {
 }
 
 #[derive(MergedObject, Default)]
-pub struct Query(DecisionQuery, CustomerQuery, SegmentQuery, ContentQuery);
+pub struct Query(
+    DecisionQuery,
+    CustomerQuery,
+    SegmentQuery,
+    ContentQuery,
+    super::rules::RuleQuery,
+);

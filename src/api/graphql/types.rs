@@ -145,6 +145,10 @@ impl DecisionObject {
     async fn segments(&self) -> &[String] {
         &self.0.segments
     }
+    /// Rules that filtered, re-weighted or pinned a candidate of this decision.
+    async fn rules(&self) -> &[String] {
+        &self.0.rules
+    }
     async fn degraded(&self) -> bool {
         self.0.degraded
     }
