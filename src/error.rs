@@ -41,6 +41,16 @@ impl Error {
         }
     }
 
+    /// `field: unknown feature 'a'`, or `field: unknown features 'a', 'b'`.
+    pub fn unknown_features(field: impl Into<String>, names: &[&str]) -> Self {
+        let quoted: Vec<String> = names.iter().map(|n| format!("'{n}'")).collect();
+        let plural = if names.len() == 1 { "" } else { "s" };
+        Error::invalid(
+            field,
+            format!("unknown feature{plural} {}", quoted.join(", ")),
+        )
+    }
+
     pub fn not_found(field: impl Into<String>, what: &'static str, id: impl Into<String>) -> Self {
         Error::NotFound {
             field: field.into(),

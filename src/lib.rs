@@ -6,6 +6,7 @@
 //! - [`api`]: GraphQL and REST, the only module that knows the wire formats;
 //! - [`customers`], [`events`], [`features`], [`segments`], [`content`], [`decision`],
 //!   [`bandit`]: the domain, pure logic over the storage traits;
+//! - [`expressions`]: Rhai formulas of derived features and predicates of segments;
 //! - [`storage`]: one trait per capability and the backends;
 //! - [`telemetry`]: OpenTelemetry meters exported as Prometheus text, and tracing;
 //! - [`demo`]: the synthetic demo world.
@@ -20,6 +21,7 @@ pub mod decision;
 pub mod demo;
 pub mod error;
 pub mod events;
+pub mod expressions;
 pub mod features;
 pub mod rules;
 pub mod segments;

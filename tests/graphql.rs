@@ -607,3 +607,294 @@ async fn a_version_that_fails_at_runtime_is_rolled_back() {
         "{last}"
     );
 }
+
+const DEFINE_FEATURE: &str = "mutation($n: String!, $d: JSON!) { defineFeature(name: $n, definition: $d) { name activeVersion versions { version active definition } } }";
+
+#[tokio::test]
+async fn expression_features_are_versioned_like_any_feature() {
+    let app = TestApp::new().await;
+    app.track(json!([
+        {"customerId": "c1", "type": "page_view"},
+        {"customerId": "c1", "type": "page_view"},
+        {"customerId": "c1", "type": "email_open"},
+        {"customerId": "c1", "type": "form_submit"},
+    ]))
+    .await;
+    // The built-in engagement_score is an expression and gives the seed's value.
+    let engagement = 0.3 * 2.0 / 10.0 + 0.2 * 1.0 / 5.0 + 0.2 * 1.0 / 2.0;
+    assert_eq!(app.feature("c1", "engagement_score").await, engagement);
+
+    let v1 = app
+        .gql(
+            DEFINE_FEATURE,
+            json!({"n": "intent", "d": {"kind": "expression",
+                "expression": "if form_submits_30d > 0 { 1 } else { page_views_30d / 10.0 }",
+                "description": "Submitted a form, or the share of ten page views"}}),
+        )
+        .await;
+    let f = &v1["defineFeature"];
+    assert_eq!(f["activeVersion"], 1);
+    assert_eq!(
+        f["versions"][0]["definition"],
+        json!({"kind": "expression", "expression": "if form_submits_30d > 0 { 1 } else { page_views_30d / 10.0 }",
+               "default": 0.0, "description": "Submitted a form, or the share of ten page views"})
+    );
+    assert_eq!(
+        app.feature("c1", "intent").await,
+        1.0,
+        "an integer reads as a float"
+    );
+    assert_eq!(app.feature("c2", "intent").await, 0.0);
+
+    // An expression over an expression, then version 2 of the inner one.
+    app.gql(
+        DEFINE_FEATURE,
+        json!({"n": "intent_squared", "d": {"kind": "expression", "expression": "intent * intent"}}),
+    )
+    .await;
+    assert_eq!(app.feature("c1", "intent_squared").await, 1.0);
+    // Version 2 gives c1 the same value, so the activation's health check (which compares
+    // distributions) lets it through.
+    let v2 = app
+        .gql(
+            DEFINE_FEATURE,
+            json!({"n": "intent", "d": {"kind": "expression", "expression": "min(1, page_views_30d / 2)"}}),
+        )
+        .await;
+    assert_eq!(
+        v2["defineFeature"]["activeVersion"], 1,
+        "a new version waits for activation"
+    );
+    let activated = app
+        .gql(
+            "mutation { activateFeatureVersion(name: \"intent\", version: 2) { activated feature { activeVersion } } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        activated["activateFeatureVersion"]["activated"], true,
+        "{activated:#}"
+    );
+    let read = app
+        .gql(
+            "{ features(customerId: \"c1\", names: [\"intent\", \"intent_squared\"]) { name value version } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        read["features"],
+        json!([{"name": "intent", "value": 1.0, "version": 2},
+               {"name": "intent_squared", "value": 1.0, "version": 1}])
+    );
+
+    // No cycles, directly or through another feature.
+    let resp = app
+        .exec(
+            DEFINE_FEATURE,
+            json!({"n": "intent", "d": {"kind": "expression", "expression": "intent_squared + 1"}}),
+        )
+        .await;
+    assert_eq!(
+        first_error(&resp),
+        (
+            "BAD_USER_INPUT".to_owned(),
+            "definition: 'intent' would depend on itself".to_owned()
+        )
+    );
+}
+
+#[tokio::test]
+async fn expression_features_are_checked_when_defined() {
+    let app = TestApp::new().await;
+    let cases = [
+        (
+            json!({"kind": "expression", "expression": "page_views_30d / visits + bounce_rate"}),
+            "definition.expression: unknown features 'visits', 'bounce_rate'",
+        ),
+        (
+            json!({"kind": "expression", "expression": "min(1.0,\n  page_views_30d / )"}),
+            "definition.expression: line 2, column 20: ",
+        ),
+        (
+            json!({"kind": "expression", "expression": ""}),
+            "definition.expression: must not be empty",
+        ),
+    ];
+    for (definition, message) in cases {
+        let resp = app
+            .exec(DEFINE_FEATURE, json!({"n": "broken", "d": definition}))
+            .await;
+        let (code, got) = first_error(&resp);
+        assert_eq!(code, "BAD_USER_INPUT", "{resp:#}");
+        assert!(got.starts_with(message), "{got} vs {message}");
+    }
+}
+
+#[tokio::test]
+async fn an_expression_that_fails_at_runtime_is_rolled_back() {
+    let app = TestApp::new().await;
+    app.gql(
+        DEFINE_FEATURE,
+        json!({"n": "views", "d": {"kind": "expression", "expression": "page_views_30d"}}),
+    )
+    .await;
+    // Version 2 returns a string: not a number, for everyone.
+    app.gql(
+        DEFINE_FEATURE,
+        json!({"n": "views", "d": {"kind": "expression", "expression": "`${page_views_30d} views`", "default": -1}}),
+    )
+    .await;
+    app.gql(
+        "mutation { activateFeatureVersion(name: \"views\", version: 2) { activated } }",
+        json!({}),
+    )
+    .await;
+    app.track(json!([{"customerId": "c1", "type": "page_view"}]))
+        .await;
+    for _ in 0..120 {
+        assert_eq!(app.feature("c1", "views").await, -1.0, "the default");
+    }
+    let rolled_back = app.engine.features.check_runtime_health().await.unwrap();
+    assert_eq!(rolled_back, vec!["views".to_string()]);
+    assert_eq!(app.feature("c1", "views").await, 1.0);
+}
+
+const DEFINE_SEGMENT: &str = "mutation($n: String!, $c: JSON!) { defineSegment(name: $n, condition: $c) { segment { name size definition } joined left } }";
+
+#[tokio::test]
+async fn rhai_segments_follow_events_and_traits_in_real_time() {
+    let app = TestApp::new().await;
+    for (id, plan) in [("c1", "pro"), ("c2", "pro"), ("c3", "free")] {
+        app.gql(
+            "mutation($i: CustomerInput!) { upsertCustomer(input: $i) { id } }",
+            json!({"i": {"id": id, "traits": {"plan": plan}}}),
+        )
+        .await;
+    }
+    app.track(json!([{"customerId": "c1", "type": "page_view"}]))
+        .await;
+    let predicate =
+        "customer.traits.plan == \"pro\" && customer.event_count(\"page_view\", \"7d\") >= 2";
+    let defined = app
+        .gql(
+            DEFINE_SEGMENT,
+            json!({"n": "keen_pros", "c": {"all": [
+                {"rhai": predicate},
+                {"not": {"rhai": "customer.feature(\"purchases_30d\") > 0.0"}}
+            ]}}),
+        )
+        .await;
+    let d = &defined["defineSegment"];
+    assert_eq!(d["joined"], 0);
+    assert_eq!(
+        d["segment"]["definition"]["condition"],
+        json!({"all": [
+            {"rhai": predicate},
+            {"not": {"rhai": "customer.feature(\"purchases_30d\") > 0.0"}}
+        ]}),
+        "stored and shown as written"
+    );
+
+    // A second page view: c1 joins as soon as trackEvents returns.
+    let mut changes = app.engine.segments.subscribe();
+    app.track(json!([
+        {"customerId": "c1", "type": "page_view"},
+        {"customerId": "c3", "type": "page_view"},
+        {"customerId": "c3", "type": "page_view"},
+    ]))
+    .await;
+    assert_eq!(segment_size(&app, "keen_pros").await, 1);
+    let joined = changes.try_recv().expect("a join was published");
+    assert_eq!(
+        (
+            joined.segment.as_str(),
+            joined.customer.as_str(),
+            joined.joined
+        ),
+        ("keen_pros", "c1", true)
+    );
+
+    // A purchase (through a feature) moves c1 out; a trait change moves c3 in.
+    app.track(json!([{"customerId": "c1", "type": "purchase"}]))
+        .await;
+    app.gql(
+        "mutation { upsertCustomer(input: {id: \"c3\", traits: {plan: \"pro\"}}) { id } }",
+        json!({}),
+    )
+    .await;
+    let data = app
+        .gql(
+            "{ segment(name: \"keen_pros\") { size members(first: 10) { edges { node { id } } } } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(data["segment"]["size"], 1);
+    assert_eq!(data["segment"]["members"]["edges"][0]["node"]["id"], "c3");
+}
+
+#[tokio::test]
+async fn rhai_segments_that_name_events_at_run_time_read_every_event() {
+    let app = TestApp::new().await;
+    app.gql(
+        "mutation { upsertCustomer(input: {id: \"c1\", traits: {watches: \"webinar\"}}) { id } }",
+        json!({}),
+    )
+    .await;
+    app.gql(
+        DEFINE_SEGMENT,
+        json!({"n": "watchers", "c": {"rhai": "customer.event_count(customer.traits.watches, \"30d\") > 0"}}),
+    )
+    .await;
+    assert_eq!(segment_size(&app, "watchers").await, 0);
+    app.track(json!([{"customerId": "c1", "type": "webinar"}]))
+        .await;
+    assert_eq!(segment_size(&app, "watchers").await, 1);
+}
+
+#[tokio::test]
+async fn rhai_segments_are_checked_when_defined_and_fail_closed() {
+    let app = TestApp::new().await;
+    let cases = [
+        (
+            json!({"all": [{"trait": "plan", "op": "exists"}, {"rhai": "customer.traits.plan =="}]}),
+            "condition.all[1].rhai: line 1, column 24: ",
+        ),
+        (
+            json!({"any": [{"rhai": "customer.feature(\"ltv\") > 1.0"}]}),
+            "condition.any[0].rhai: unknown feature 'ltv'",
+        ),
+        (
+            json!({"rhai": "customer.event_count(\"click\", \"5y\") > 0"}),
+            "condition.rhai: line 1, column 10: '5y' is not a window",
+        ),
+    ];
+    for (condition, message) in cases {
+        let resp = app
+            .exec(DEFINE_SEGMENT, json!({"n": "broken", "c": condition}))
+            .await;
+        let (code, got) = first_error(&resp);
+        assert_eq!(code, "BAD_USER_INPUT", "{resp:#}");
+        assert!(got.starts_with(message), "{got} vs {message}");
+    }
+
+    // A predicate that fails for a customer keeps them out, even under `not`, and is counted.
+    app.gql(
+        "mutation { upsertCustomer(input: {id: \"c1\", traits: {plan: \"pro\"}}) { id } }",
+        json!({}),
+    )
+    .await;
+    let defined = app
+        .gql(
+            DEFINE_SEGMENT,
+            json!({"n": "odd", "c": {"not": {"rhai": "customer.traits.plan"}}}),
+        )
+        .await;
+    assert_eq!(defined["defineSegment"]["joined"], 0);
+    let metrics = app.engine.metrics.render();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tailor_segment_predicate_errors_total") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+}

@@ -10,6 +10,7 @@ use serde_json::Value;
 use super::{Bucket, FeatureState, Window};
 use crate::error::{Error, Result};
 use crate::events::StoredEvent;
+use crate::expressions::Formula;
 
 /// What a feature computes. Stateful kinds fold events into a [`FeatureState`]; derived
 /// kinds combine other features (at their active versions) at read time.
@@ -34,12 +35,19 @@ pub enum FeatureKind {
         numerator: String,
         denominator: String,
     },
-    /// `min(cap, Σ weight · value / scale)`.
+    /// `min(cap, Σ weight · value / scale)`. Kept for stored definitions; an `expression`
+    /// says the same and more.
     WeightedSum {
         terms: Vec<Term>,
         #[serde(default)]
         cap: Option<f64>,
     },
+    /// A Rhai expression over other features, each a variable named after the feature:
+    /// `min(1.0, email_opens_30d / 5.0 + page_views_30d / 10.0)`. Its result must be a
+    /// finite number (an integer reads as a float). Parsed by [`FeatureSpec::parse`],
+    /// which compiles it once, never by serde.
+    #[serde(skip_deserializing)]
+    Expression { expression: Formula },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,8 +100,12 @@ impl FeatureSpec {
                 ))
             }
         };
-        let kind: FeatureKind = serde_json::from_value(Value::Object(object))
-            .map_err(|e| Error::invalid(field, e.to_string()))?;
+        let kind = if object.get("kind").and_then(Value::as_str) == Some("expression") {
+            parse_expression(field, &object, known)?
+        } else {
+            serde_json::from_value(Value::Object(object))
+                .map_err(|e| Error::invalid(field, e.to_string()))?
+        };
         let spec = FeatureSpec {
             kind,
             default,
@@ -156,6 +168,8 @@ impl FeatureSpec {
                     return Err(Error::invalid(format!("{field}.cap"), "must be finite"));
                 }
             }
+            // Checked by `parse_expression`.
+            FeatureKind::Expression { .. } => {}
         }
         Ok(spec)
     }
@@ -170,6 +184,9 @@ impl FeatureSpec {
             FeatureKind::WeightedSum { terms, .. } => {
                 terms.iter().map(|t| t.feature.as_str()).collect()
             }
+            FeatureKind::Expression { expression } => {
+                expression.inputs().iter().map(String::as_str).collect()
+            }
             _ => BTreeSet::new(),
         }
     }
@@ -177,7 +194,9 @@ impl FeatureSpec {
     pub fn is_stateful(&self) -> bool {
         !matches!(
             self.kind,
-            FeatureKind::Ratio { .. } | FeatureKind::WeightedSum { .. }
+            FeatureKind::Ratio { .. }
+                | FeatureKind::WeightedSum { .. }
+                | FeatureKind::Expression { .. }
         )
     }
 
@@ -241,13 +260,16 @@ impl FeatureSpec {
                 let ms = ts.timestamp_millis();
                 state.last_seen_ms = Some(state.last_seen_ms.map_or(ms, |old| old.max(ms)));
             }
-            FeatureKind::Ratio { .. } | FeatureKind::WeightedSum { .. } => {}
+            FeatureKind::Ratio { .. }
+            | FeatureKind::WeightedSum { .. }
+            | FeatureKind::Expression { .. } => {}
         }
     }
 
     /// The value at `now`. `state` is this feature's state (stateful kinds); `input`
-    /// gives the value of another feature (derived kinds). Non-finite results read as
-    /// the default and are reported as `Err` so callers can count compute errors.
+    /// gives the value of another feature (derived kinds). Non-finite results and failed
+    /// expressions read as the default and are reported as `Err` so callers can count
+    /// compute errors.
     pub fn evaluate(
         &self,
         state: Option<&FeatureState>,
@@ -289,6 +311,13 @@ impl FeatureSpec {
                     .sum();
                 cap.map_or(sum, |c| sum.min(c))
             }
+            FeatureKind::Expression { expression } => match expression.evaluate(input) {
+                Ok(value) => value,
+                Err(e) => {
+                    tracing::debug!(expression = expression.source(), error = %e, "Feature expression failed");
+                    return Err(self.default);
+                }
+            },
         };
         if value.is_finite() {
             Ok(value)
@@ -296,6 +325,38 @@ impl FeatureSpec {
             Err(self.default)
         }
     }
+}
+
+/// An `expression` definition: `kind`, `expression` and nothing else (`default` and
+/// `description` are already taken out). Compiled here, once.
+fn parse_expression(
+    field: &str,
+    object: &serde_json::Map<String, Value>,
+    known: &dyn Fn(&str) -> bool,
+) -> Result<FeatureKind> {
+    if let Some(key) = object
+        .keys()
+        .find(|k| !matches!(k.as_str(), "kind" | "expression"))
+    {
+        return Err(Error::invalid(format!("{field}.{key}"), "unknown key"));
+    }
+    let path = format!("{field}.expression");
+    let source = match object.get("expression") {
+        Some(Value::String(s)) => s,
+        Some(_) => return Err(Error::invalid(path, "must be a string")),
+        None => return Err(Error::invalid(path, "is required")),
+    };
+    let expression = Formula::compile(source).map_err(|e| Error::invalid(&path, e.to_string()))?;
+    let unknown: Vec<&str> = expression
+        .inputs()
+        .iter()
+        .map(String::as_str)
+        .filter(|name| !known(name))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(Error::unknown_features(path, &unknown));
+    }
+    Ok(FeatureKind::Expression { expression })
 }
 
 fn now_minute(now: DateTime<Utc>) -> i64 {
@@ -321,7 +382,9 @@ fn numeric(value: Option<&Value>) -> Option<f64> {
 ///
 /// `engagement_score` is the seed's `min(1, 0.3·page views + 0.2·email opens + 0.2·form
 /// submits)` with each 30-day count normalised by the count at which that signal alone
-/// counts as fully engaged: 10 page views, 5 email opens, 2 form submits.
+/// counts as fully engaged: 10 page views, 5 email opens, 2 form submits. It is a Rhai
+/// expression computing exactly what the equivalent `weighted_sum` computes (each term
+/// `weight · value / scale`, summed left to right, then capped).
 pub fn builtin() -> Vec<(&'static str, Value)> {
     use serde_json::json;
     vec![
@@ -359,11 +422,9 @@ pub fn builtin() -> Vec<(&'static str, Value)> {
         ),
         (
             "engagement_score",
-            json!({"kind": "weighted_sum", "terms": [
-            {"feature": "page_views_30d", "weight": 0.3, "scale": 10.0},
-            {"feature": "email_opens_30d", "weight": 0.2, "scale": 5.0},
-            {"feature": "form_submits_30d", "weight": 0.2, "scale": 2.0}
-        ], "cap": 1.0, "description": "min(1, 0.3·pv/10 + 0.2·opens/5 + 0.2·submits/2) over 30 days"}),
+            json!({"kind": "expression",
+                   "expression": "min(1.0, 0.3 * page_views_30d / 10.0 + 0.2 * email_opens_30d / 5.0 + 0.2 * form_submits_30d / 2.0)",
+                   "description": "min(1, 0.3·pv/10 + 0.2·opens/5 + 0.2·submits/2) over 30 days"}),
         ),
     ]
 }
@@ -451,13 +512,7 @@ mod tests {
             Ok(0.25)
         );
         assert_eq!(ratio.evaluate(None, now, &mut |_| 0.0), Ok(0.0));
-        let engagement = spec(
-            builtin()
-                .into_iter()
-                .find(|(n, _)| *n == "engagement_score")
-                .unwrap()
-                .1,
-        );
+        let engagement = spec(builtin_body("engagement_score"));
         let values = |n: &str| match n {
             "page_views_30d" => 5.0,
             "email_opens_30d" => 5.0,
@@ -512,6 +567,143 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    fn builtin_body(name: &str) -> Value {
+        builtin()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, body)| body)
+            .unwrap()
+    }
+
+    #[test]
+    fn expressions_read_other_features() {
+        let now = Utc::now();
+        let f =
+            spec(json!({"kind": "expression", "expression": "max(a, b) / 2 + 1", "default": 7}));
+        assert!(!f.is_stateful());
+        assert_eq!(f.inputs(), BTreeSet::from(["a", "b"]));
+        assert_eq!(
+            f.evaluate(None, now, &mut |n| if n == "a" { 3.0 } else { 5.0 }),
+            Ok(3.5)
+        );
+        assert_eq!(
+            f.evaluate(None, now, &mut |n| if n == "a" { 0.0 } else { 1.0 }),
+            Ok(1.5),
+            "an integer result reads as a float"
+        );
+        assert_eq!(
+            serde_json::to_value(&f).unwrap(),
+            json!({"kind": "expression", "expression": "max(a, b) / 2 + 1", "default": 7.0}),
+            "stored as written, and read back the same"
+        );
+        assert_eq!(
+            FeatureSpec::parse("f", &serde_json::to_value(&f).unwrap(), &|_| true).unwrap(),
+            f
+        );
+    }
+
+    #[test]
+    fn a_failed_expression_reads_as_the_default_and_is_reported() {
+        let now = Utc::now();
+        for expression in [
+            "\"high\"",
+            "a > 1",
+            "a / 0.0",
+            "1 / 0",
+            "(|f| f.call(f)).call(|f| f.call(f))",
+        ] {
+            let f = spec(json!({"kind": "expression", "expression": expression, "default": 0.5}));
+            assert_eq!(
+                f.evaluate(None, now, &mut |_| 1.0),
+                Err(0.5),
+                "{expression}"
+            );
+        }
+        // An endless computation is stopped by the operations budget, not waited for.
+        let long = "x".repeat(500);
+        let endless = format!(
+            "\"{long}\".split(\"\").reduce(|s, c| s + \"{long}\".split(\"\").reduce(|t, d| t + a, 0.0), 0.0)"
+        );
+        let f = spec(json!({"kind": "expression", "expression": endless}));
+        assert_eq!(f.evaluate(None, now, &mut |_| 1.0), Err(0.0));
+    }
+
+    /// The built-in `engagement_score` (an expression) gives bit for bit what the
+    /// `weighted_sum` it replaced gives.
+    #[test]
+    fn engagement_score_is_unchanged() {
+        let now = Utc::now();
+        let expression = spec(builtin_body("engagement_score"));
+        assert!(matches!(expression.kind, FeatureKind::Expression { .. }));
+        let weighted = spec(json!({"kind": "weighted_sum", "terms": [
+            {"feature": "page_views_30d", "weight": 0.3, "scale": 10.0},
+            {"feature": "email_opens_30d", "weight": 0.2, "scale": 5.0},
+            {"feature": "form_submits_30d", "weight": 0.2, "scale": 2.0}
+        ], "cap": 1.0}));
+        let counts = [0.0, 1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 13.0, 0.5, 1e6];
+        for pv in counts {
+            for opens in counts {
+                for submits in counts {
+                    let mut values = |n: &str| match n {
+                        "page_views_30d" => pv,
+                        "email_opens_30d" => opens,
+                        "form_submits_30d" => submits,
+                        _ => f64::NAN,
+                    };
+                    let a = expression.evaluate(None, now, &mut values).unwrap();
+                    let b = weighted.evaluate(None, now, &mut values).unwrap();
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "{pv} {opens} {submits}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn expression_validation_names_the_field() {
+        let cases = [
+            (
+                json!({"kind": "expression", "expression": "x + nope + y + other"}),
+                "definition.expression: unknown features 'nope', 'y', 'other'",
+            ),
+            (
+                json!({"kind": "expression", "expression": "min(1.0, x / 5.0"}),
+                "definition.expression: line 1, column 17: Expecting ')'",
+            ),
+            (
+                json!({"kind": "expression", "expression": "x +\n  * 2"}),
+                "definition.expression: line 2, column 3: ",
+            ),
+            (
+                json!({"kind": "expression", "expression": "let y = x; y"}),
+                "definition.expression: line 1, column 1: Unexpected 'let'",
+            ),
+            (
+                json!({"kind": "expression", "expression": " "}),
+                "definition.expression: must not be empty",
+            ),
+            (
+                json!({"kind": "expression", "expression": 3}),
+                "definition.expression: must be a string",
+            ),
+            (
+                json!({"kind": "expression"}),
+                "definition.expression: is required",
+            ),
+            (
+                json!({"kind": "expression", "expression": "x", "terms": []}),
+                "definition.terms: unknown key",
+            ),
+        ];
+        for (body, expected) in cases {
+            let err = FeatureSpec::parse("definition", &body, &|n| n == "x").unwrap_err();
+            assert!(err.to_string().starts_with(expected), "{err} vs {expected}");
+        }
     }
 
     #[test]

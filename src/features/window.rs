@@ -16,6 +16,11 @@ pub struct Window {
 const MAX_MINUTES: i64 = 366 * 24 * 60;
 
 impl Window {
+    /// The longest window accepted.
+    pub const LONGEST: Window = Window {
+        minutes: MAX_MINUTES,
+    };
+
     pub fn parse(field: &str, raw: &str) -> Result<Self> {
         let raw = raw.trim();
         let bad = || {

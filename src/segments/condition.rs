@@ -8,6 +8,7 @@
 //! {"trait": "plan", "op": "eq", "value": "pro"}
 //! {"feature": "engagement_score", "op": "gte", "value": 0.5}
 //! {"event": "purchase", "atLeast": 2, "within": "30d"}
+//! {"rhai": "customer.traits.plan == \"pro\" && customer.feature(\"ltv\") > 100.0"}
 //! ```
 //!
 //! Trait ops: `eq`, `ne`, `gt`, `gte`, `lt`, `lte`, `in`, `contains`, `exists`.
@@ -27,17 +28,31 @@
 //! Event nodes hold when the customer has at least `atLeast` (default 1) events of that
 //! type within the window.
 //!
+//! Rhai nodes hold when their predicate (a [`Predicate`]: one boolean Rhai expression)
+//! returns `true` for a read-only `customer` with `customer.traits` (a map; a missing trait
+//! is `()`), `customer.feature("name")` (float; the default when the customer has none) and
+//! `customer.event_count("page_view", "7d")` (integer). At parse time the predicate must
+//! compile (errors give line and column), every feature it names with a literal must be
+//! defined and every literal window must be valid. A feature, event type or window it
+//! computes at run time is not checked, and makes the condition read every feature and the
+//! longest window of events ([`Condition::is_dynamic`]). A predicate that fails at run time
+//! (an error, a result other than a boolean, its operations budget spent) makes the whole
+//! condition false for that customer, whatever `not` surrounds it: see
+//! [`Condition::try_evaluate`].
+//!
 //! In the JSON, `null` is the same as an absent key. Every validation error is an
 //! [`Error::Invalid`] whose field is a path rooted at the `field` given to
 //! [`Condition::parse`], e.g. `condition.all[2].value`.
 
 use std::cmp::Ordering;
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
 use crate::customers::validate_id;
 use crate::error::{Error, Result};
+use crate::expressions::{EvalError, Predicate};
 use crate::features::Window;
 
 /// Deepest nesting accepted; the root node is at depth 1.
@@ -47,12 +62,14 @@ pub const MAX_NODES: usize = 256;
 /// Longest event type accepted (the same rule as event ingestion).
 const MAX_EVENT_TYPE_LEN: usize = 64;
 
-const SHAPE_KEYS: [&str; 6] = ["all", "any", "not", "trait", "feature", "event"];
+const SHAPE_KEYS: [&str; 7] = ["all", "any", "not", "trait", "feature", "event", "rhai"];
+const SHAPES: &str = "all, any, not, trait, feature, event, rhai";
 
-/// What a condition reads about one customer.
-pub trait Facts {
-    /// The trait's current value; `None` (or `Some(Value::Null)`) when the customer has none.
-    fn trait_value(&self, name: &str) -> Option<&Value>;
+/// What a condition reads about one customer. Rhai predicates hold on to a shared copy
+/// while they run, hence `Send + Sync`.
+pub trait Facts: Send + Sync {
+    /// The customer's traits; a trait whose value is `null` counts as missing.
+    fn traits(&self) -> &Map<String, Value>;
     /// The feature's current value, or its default when the customer has none.
     fn feature(&self, name: &str) -> f64;
     /// How many events of this type the customer had within the window ending now.
@@ -180,6 +197,8 @@ pub enum Condition {
         at_least: u32,
         within: Window,
     },
+    /// A compiled Rhai predicate; its features named by literals are defined.
+    Rhai(Predicate),
 }
 
 impl Condition {
@@ -225,17 +244,44 @@ impl Condition {
                 at_least,
                 within,
             } => json!({ "event": event_type, "atLeast": at_least, "within": within.to_string() }),
+            Condition::Rhai(predicate) => json!({ "rhai": predicate.source() }),
         }
     }
 
-    /// Whether the customer described by `facts` matches. Never allocates, never panics.
-    pub fn evaluate(&self, facts: &dyn Facts) -> bool {
-        match self {
-            Condition::All(items) => items.iter().all(|c| c.evaluate(facts)),
-            Condition::Any(items) => items.iter().any(|c| c.evaluate(facts)),
-            Condition::Not(inner) => !inner.evaluate(facts),
+    /// Whether the customer described by `facts` matches; a failed Rhai predicate makes
+    /// it false (see [`Condition::try_evaluate`]). Never panics.
+    pub fn evaluate<F: Facts + Clone + 'static>(&self, facts: &F) -> bool {
+        self.try_evaluate(facts).unwrap_or(false)
+    }
+
+    /// Whether the customer described by `facts` matches, or why a Rhai predicate on the
+    /// way failed. `all` and `any` stop at the first child that decides them, so a
+    /// predicate they never reach cannot fail them. Each Rhai predicate evaluated gets a
+    /// clone of `facts`, so make cloning cheap (share the data behind an `Arc`).
+    pub fn try_evaluate<F: Facts + Clone + 'static>(
+        &self,
+        facts: &F,
+    ) -> std::result::Result<bool, EvalError> {
+        Ok(match self {
+            Condition::All(items) => {
+                for item in items {
+                    if !item.try_evaluate(facts)? {
+                        return Ok(false);
+                    }
+                }
+                true
+            }
+            Condition::Any(items) => {
+                for item in items {
+                    if item.try_evaluate(facts)? {
+                        return Ok(true);
+                    }
+                }
+                false
+            }
+            Condition::Not(inner) => !inner.try_evaluate(facts)?,
             Condition::Trait { name, op, value } => {
-                eval_trait(*op, facts.trait_value(name), value.as_ref())
+                eval_trait(*op, facts.traits().get(name), value.as_ref())
             }
             Condition::Feature { name, op, value } => op.compare(facts.feature(name), *value),
             Condition::EventCount {
@@ -243,49 +289,79 @@ impl Condition {
                 at_least,
                 within,
             } => facts.event_count(event_type, *within) >= u64::from(*at_least),
-        }
+            Condition::Rhai(predicate) => predicate.evaluate(Arc::new(facts.clone()))?,
+        })
     }
 
-    /// The feature names referenced anywhere in the tree.
+    /// The feature names referenced anywhere in the tree: by feature nodes, and by Rhai
+    /// predicates with a literal name. See also [`Condition::is_dynamic`].
     pub fn features(&self) -> BTreeSet<String> {
         let mut out = BTreeSet::new();
-        self.visit(&mut |c| {
-            if let Condition::Feature { name, .. } = c {
-                if !out.contains(name) {
-                    out.insert(name.clone());
-                }
+        self.visit(&mut |c| match c {
+            Condition::Feature { name, .. } => {
+                out.insert(name.clone());
             }
+            Condition::Rhai(p) => out.extend(p.reads().features.iter().cloned()),
+            _ => {}
         });
         out
     }
 
-    /// The (event type, window) pairs referenced, without duplicates, in order of first use.
+    /// The (event type, window) pairs referenced, without duplicates, in order of first
+    /// use: by event nodes, and by Rhai predicates with literal arguments. See also
+    /// [`Condition::is_dynamic`].
     pub fn event_windows(&self) -> Vec<(String, Window)> {
         let mut out: Vec<(String, Window)> = Vec::new();
-        self.visit(&mut |c| {
-            if let Condition::EventCount {
+        let mut add = |event_type: &String, within: &Window| {
+            if !out.iter().any(|(t, w)| t == event_type && w == within) {
+                out.push((event_type.clone(), *within));
+            }
+        };
+        self.visit(&mut |c| match c {
+            Condition::EventCount {
                 event_type, within, ..
-            } = c
-            {
-                if !out.iter().any(|(t, w)| t == event_type && w == within) {
-                    out.push((event_type.clone(), *within));
+            } => add(event_type, within),
+            Condition::Rhai(p) => {
+                for (event_type, within) in &p.reads().events {
+                    add(event_type, within);
                 }
             }
+            _ => {}
         });
         out
     }
 
-    /// True when the outcome can change with time alone: any feature or event-count node.
+    /// True when a Rhai predicate names a feature, event type or window only at run
+    /// time: evaluating the condition may then read any feature, and any event count up
+    /// to [`Window::LONGEST`].
+    pub fn is_dynamic(&self) -> bool {
+        self.any_node(&|c| matches!(c, Condition::Rhai(p) if p.reads().dynamic))
+    }
+
+    /// True when the outcome can change with time alone: any feature or event-count node,
+    /// and any Rhai predicate that reads a feature, an event count or the clock.
     pub fn depends_on_time(&self) -> bool {
-        self.any_node(&|c| matches!(c, Condition::Feature { .. } | Condition::EventCount { .. }))
+        self.any_node(&|c| match c {
+            Condition::Feature { .. } | Condition::EventCount { .. } => true,
+            Condition::Rhai(p) => {
+                let r = p.reads();
+                r.dynamic || r.clock || !r.features.is_empty() || !r.events.is_empty()
+            }
+            _ => false,
+        })
     }
 
     /// True when an event of this type can change the outcome: an event-count node of that
-    /// type, or any feature node (a feature may be computed from any event type).
+    /// type, or any feature node (a feature may be computed from any event type); for Rhai
+    /// predicates likewise, and any dynamic one.
     pub fn depends_on_event(&self, event_type: &str) -> bool {
         self.any_node(&|c| match c {
             Condition::Feature { .. } => true,
             Condition::EventCount { event_type: t, .. } => t == event_type,
+            Condition::Rhai(p) => {
+                let r = p.reads();
+                r.dynamic || !r.features.is_empty() || r.events.iter().any(|(t, _)| t == event_type)
+            }
             _ => false,
         })
     }
@@ -416,7 +492,7 @@ impl Parser<'_> {
         let shape_error = || {
             Error::invalid(
                 field,
-                "must be an object with one of the keys all, any, not, trait, feature, event",
+                format!("must be an object with one of the keys {SHAPES}"),
             )
         };
         let map = json.as_object().ok_or_else(shape_error)?;
@@ -425,7 +501,9 @@ impl Parser<'_> {
         if let Some(other) = shapes.next() {
             return Err(Error::invalid(
                 field,
-                format!("has both '{shape}' and '{other}'; a condition has exactly one of all, any, not, trait, feature, event"),
+                format!(
+                    "has both '{shape}' and '{other}'; a condition has exactly one of {SHAPES}"
+                ),
             ));
         }
         let allowed: &[&str] = match shape {
@@ -451,7 +529,8 @@ impl Parser<'_> {
             }
             "trait" => parse_trait(field, map),
             "feature" => parse_feature(field, map, self.known_feature),
-            _ => parse_event(field, map),
+            "event" => parse_event(field, map),
+            _ => parse_rhai(field, map, self.known_feature),
         }
     }
 
@@ -588,6 +667,27 @@ fn parse_feature(
     })
 }
 
+fn parse_rhai(
+    field: &str,
+    map: &Map<String, Value>,
+    known_feature: &dyn Fn(&str) -> bool,
+) -> Result<Condition> {
+    let path = format!("{field}.rhai");
+    let source = name_field(field, map, "rhai")?;
+    let predicate = Predicate::compile(source).map_err(|e| Error::invalid(&path, e.to_string()))?;
+    let unknown: Vec<&str> = predicate
+        .reads()
+        .features
+        .iter()
+        .map(String::as_str)
+        .filter(|name| !known_feature(name))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(Error::unknown_features(path, &unknown));
+    }
+    Ok(Condition::Rhai(predicate))
+}
+
 fn parse_event(field: &str, map: &Map<String, Value>) -> Result<Condition> {
     let event_type = name_field(field, map, "event")?;
     if event_type.is_empty()
@@ -640,6 +740,7 @@ mod tests {
 
     /// Facts from JSON: `{"traits": {..}, "features": {..}, "events": {"type": {"30d": n}}}`.
     /// A feature not listed reads as 0; an event count not listed reads as 0.
+    #[derive(Clone)]
     struct TestFacts {
         traits: Map<String, Value>,
         features: HashMap<String, f64>,
@@ -671,8 +772,8 @@ mod tests {
     }
 
     impl Facts for TestFacts {
-        fn trait_value(&self, name: &str) -> Option<&Value> {
-            self.traits.get(name)
+        fn traits(&self) -> &Map<String, Value> {
+            &self.traits
         }
 
         fn feature(&self, name: &str) -> f64 {
@@ -813,6 +914,17 @@ mod tests {
                 {"all": [{"trait": "tags", "op": "contains", "value": "beta"},
                          {"not": {"event": "view", "within": "1d"}}]},
                 {"trait": "missing", "op": "exists"}]}}}), c, true),
+            // rhai predicates, alone and combined
+            (json!({"rhai": "customer.traits.plan == \"pro\" && customer.feature(\"ltv\") > 100.0"}), c, true),
+            (json!({"rhai": "customer.traits.plan == \"pro\" && customer.feature(\"ltv\") > 100.0"}), nobody, false),
+            (json!({"rhai": "customer.traits.plan == ()"}), nobody, true),
+            (json!({"rhai": "customer.event_count(\"purchase\", \"30d\") >= 3"}), c, true),
+            (json!({"rhai": "customer.event_count(\"purchase\", \"7d\") >= 3"}), c, false),
+            (json!({"all": [{"trait": "plan", "op": "exists"},
+                            {"rhai": "customer.traits.tags.contains(\"beta\")"}]}), c, true),
+            (json!({"any": [{"trait": "plan", "op": "eq", "value": "free"},
+                            {"rhai": "customer.traits.age >= 18"}]}), c, true),
+            (json!({"not": {"rhai": "customer.feature(\"engagement_score\") < 0.5"}}), c, true),
         ]
     }
 
@@ -884,17 +996,17 @@ mod tests {
         let long_type = "e".repeat(65);
         vec![
             // shapes and keys
-            (json!("plan"), "condition: must be an object with one of the keys all, any, not, trait, feature, event".into()),
-            (json!({}), "condition: must be an object with one of the keys all, any, not, trait, feature, event".into()),
-            (json!({"op": "eq", "value": 1}), "condition: must be an object with one of the keys all, any, not, trait, feature, event".into()),
-            (json!({"all": [{"trait": "a", "op": "exists"}], "any": []}), "condition: has both 'all' and 'any'; a condition has exactly one of all, any, not, trait, feature, event".into()),
-            (json!({"trait": "plan", "feature": "ltv", "op": "eq", "value": 1}), "condition: has both 'trait' and 'feature'; a condition has exactly one of all, any, not, trait, feature, event".into()),
+            (json!("plan"), "condition: must be an object with one of the keys all, any, not, trait, feature, event, rhai".into()),
+            (json!({}), "condition: must be an object with one of the keys all, any, not, trait, feature, event, rhai".into()),
+            (json!({"op": "eq", "value": 1}), "condition: must be an object with one of the keys all, any, not, trait, feature, event, rhai".into()),
+            (json!({"all": [{"trait": "a", "op": "exists"}], "any": []}), "condition: has both 'all' and 'any'; a condition has exactly one of all, any, not, trait, feature, event, rhai".into()),
+            (json!({"trait": "plan", "feature": "ltv", "op": "eq", "value": 1}), "condition: has both 'trait' and 'feature'; a condition has exactly one of all, any, not, trait, feature, event, rhai".into()),
             (json!({"any": [{"trait": "a", "op": "exists"}, {"trait": "plan", "opp": "eq", "value": "pro"}]}), "condition.any[1].opp: unknown key".into()),
             (json!({"not": {"trait": "a", "op": "exists"}, "negate": true}), "condition.negate: unknown key".into()),
             (json!({"feature": "ltv", "op": "gt", "value": 1, "default": 0}), "condition.default: unknown key".into()),
             (json!({"event": "purchase", "within": "30d", "op": "gte"}), "condition.op: unknown key".into()),
-            (json!({"all": [{"trait": "a", "op": "exists"}, 3]}), "condition.all[1]: must be an object with one of the keys all, any, not, trait, feature, event".into()),
-            (json!({"not": null}), "condition.not: must be an object with one of the keys all, any, not, trait, feature, event".into()),
+            (json!({"all": [{"trait": "a", "op": "exists"}, 3]}), "condition.all[1]: must be an object with one of the keys all, any, not, trait, feature, event, rhai".into()),
+            (json!({"not": null}), "condition.not: must be an object with one of the keys all, any, not, trait, feature, event, rhai".into()),
             // combinators
             (json!({"all": []}), "condition.all: must not be empty".into()),
             (json!({"any": []}), "condition.any: must not be empty".into()),
@@ -941,6 +1053,18 @@ mod tests {
             (nested(MAX_DEPTH + 1), format!("condition{}: nested deeper than 16", ".not".repeat(MAX_DEPTH))),
             (json!({"all": [nested(MAX_DEPTH)]}), format!("condition.all[0]{}: nested deeper than 16", ".not".repeat(MAX_DEPTH - 1))),
             (wide(MAX_NODES), "condition: more than 256 nodes".into()),
+            // rhai
+            (json!({"rhai": 3}), "condition.rhai: must be a string".into()),
+            (json!({"rhai": null}), "condition.rhai: is required".into()),
+            (json!({"rhai": " "}), "condition.rhai: must not be empty".into()),
+            (json!({"rhai": "customer.traits.plan =="}), "condition.rhai: line 1, column 24: Script is incomplete".into()),
+            (json!({"rhai": "plan == \"pro\""}), "condition.rhai: line 1, column 1: Undefined variable: plan".into()),
+            (json!({"all": [{"trait": "a", "op": "exists"},
+                            {"rhai": "customer.feature(\"clv\") > 1.0 || customer.feature(\"ltv\") > customer.feature(\"x\")"}]}),
+             "condition.all[1].rhai: unknown features 'clv', 'x'".into()),
+            (json!({"rhai": "customer.event_count(\"click\", \"3y\") > 0"}), "condition.rhai: line 1, column 10: '3y' is not a window such as 30d, 12h or 90m".into()),
+            (json!({"rhai": "true", "op": "eq"}), "condition.op: unknown key".into()),
+            (json!({"rhai": "true", "trait": "plan"}), "condition: has both 'trait' and 'rhai'; a condition has exactly one of all, any, not, trait, feature, event, rhai".into()),
             (json!({"all": [wide(200), wide(100)]}), "condition: more than 256 nodes".into()),
         ]
     }
@@ -1023,6 +1147,80 @@ mod tests {
         assert!(!traits_only.depends_on_event("purchase"));
         assert!(traits_only.event_windows().is_empty());
         assert!(traits_only.features().is_empty());
+    }
+
+    #[test]
+    fn reports_what_a_rhai_predicate_depends_on() {
+        let literal = parse(&json!({"all": [
+            {"trait": "plan", "op": "exists"},
+            {"rhai": "customer.event_count(\"purchase\", \"7d\") > 0 && customer.feature(\"ltv\") > 1.0"},
+            {"event": "purchase", "within": "7d"}
+        ]}))
+        .unwrap();
+        assert_eq!(literal.features(), BTreeSet::from(["ltv".to_owned()]));
+        assert_eq!(
+            literal.event_windows(),
+            vec![("purchase".to_owned(), Window::days(7))]
+        );
+        assert!(!literal.is_dynamic());
+        assert!(literal.depends_on_time());
+        assert!(
+            literal.depends_on_event("signup"),
+            "features may read any event"
+        );
+
+        let events_only =
+            parse(&json!({"rhai": "customer.event_count(\"purchase\", \"7d\") > 0"})).unwrap();
+        assert!(events_only.depends_on_time());
+        assert!(events_only.depends_on_event("purchase"));
+        assert!(!events_only.depends_on_event("view"));
+
+        let traits_only = parse(&json!({"rhai": "customer.traits.plan == \"pro\""})).unwrap();
+        assert!(!traits_only.depends_on_time());
+        assert!(!traits_only.depends_on_event("purchase"));
+        assert!(!traits_only.is_dynamic());
+        assert!(traits_only.features().is_empty());
+
+        let dynamic = parse(&json!({"not": {"rhai":
+            "customer.feature(customer.traits.favourite) > 1.0"}}))
+        .unwrap();
+        assert!(dynamic.is_dynamic());
+        assert!(dynamic.depends_on_time());
+        assert!(dynamic.depends_on_event("anything"));
+    }
+
+    #[test]
+    fn a_failed_predicate_makes_the_whole_condition_false() {
+        let facts = customer();
+        let failing = json!({"rhai": "customer.traits.plan"});
+        for json in [
+            failing.clone(),
+            json!({"not": failing}),
+            json!({"any": [{"not": failing}, {"trait": "plan", "op": "eq", "value": "free"}]}),
+        ] {
+            let condition = parse(&json).unwrap();
+            let err = condition.try_evaluate(&facts).unwrap_err();
+            assert_eq!(err.to_string(), "returned string, not true or false");
+            assert!(!condition.evaluate(&facts), "{json}");
+        }
+        // A predicate that is never reached cannot fail the condition.
+        let decided = [
+            (
+                json!({"any": [{"trait": "plan", "op": "eq", "value": "pro"}, failing]}),
+                true,
+            ),
+            (
+                json!({"all": [{"trait": "plan", "op": "eq", "value": "free"}, failing]}),
+                false,
+            ),
+        ];
+        for (json, expected) in decided {
+            assert_eq!(
+                parse(&json).unwrap().try_evaluate(&facts),
+                Ok(expected),
+                "{json}"
+            );
+        }
     }
 
     #[test]

@@ -1,13 +1,13 @@
-//! Segments: named sets of customers defined by condition trees, kept current as events
-//! and profile changes arrive, rebuilt in bulk when (re)defined, and re-evaluated on a
-//! timer when their conditions slide with time.
+//! Segments: named sets of customers defined by condition trees (whose nodes may be Rhai
+//! predicates), kept current as events and profile changes arrive, rebuilt in bulk when
+//! (re)defined, and re-evaluated on a timer when their conditions slide with time.
 //!
 //! - [`condition`]: the condition tree — parse/validate, evaluate over [`condition::Facts`];
 //! - [`SegmentService`]: definitions, membership upkeep and the join/leave stream.
 
 pub mod condition;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -18,6 +18,8 @@ use tokio::sync::broadcast;
 
 use crate::customers::{Customer, CustomerId};
 use crate::error::{Error, Result};
+use crate::events::StoredEvent;
+use crate::expressions::EvalError;
 use crate::features::{FeatureService, Window};
 use crate::storage::{DefinitionKind, MembershipChange, Stores};
 use crate::telemetry::Metrics;
@@ -43,25 +45,74 @@ impl SegmentDef {
     }
 }
 
-/// What one customer looks like to segment conditions.
-struct CustomerFacts {
+/// What one customer looks like to segment conditions: what the conditions being
+/// evaluated read, loaded once. Cheap to clone, as Rhai predicates need their own copy.
+#[derive(Clone)]
+struct CustomerFacts(Arc<LoadedFacts>);
+
+struct LoadedFacts {
     traits: Map<String, Value>,
     features: HashMap<String, f64>,
+    /// Event counts by (type, window), for the pairs the conditions name.
     counts: HashMap<(String, Window), u64>,
+    /// The customer's events within the longest window read, kept for conditions that
+    /// name an event type or window only at run time.
+    events: Vec<StoredEvent>,
+    now: DateTime<Utc>,
 }
 
 impl Facts for CustomerFacts {
-    fn trait_value(&self, name: &str) -> Option<&Value> {
-        self.traits.get(name)
+    fn traits(&self) -> &Map<String, Value> {
+        &self.0.traits
     }
     fn feature(&self, name: &str) -> f64 {
-        self.features.get(name).copied().unwrap_or(0.0)
+        self.0.features.get(name).copied().unwrap_or(0.0)
     }
     fn event_count(&self, event_type: &str, within: Window) -> u64 {
-        self.counts
-            .get(&(event_type.to_owned(), within))
-            .copied()
-            .unwrap_or(0)
+        if let Some(n) = self.0.counts.get(&(event_type.to_owned(), within)) {
+            return *n;
+        }
+        count_events(&self.0.events, event_type, within, self.0.now)
+    }
+}
+
+fn count_events(
+    events: &[StoredEvent],
+    event_type: &str,
+    within: Window,
+    now: DateTime<Utc>,
+) -> u64 {
+    let since = now - within.duration();
+    events
+        .iter()
+        .filter(|e| e.event.event_type == event_type && e.event.timestamp > since)
+        .count() as u64
+}
+
+/// Rhai predicates that failed while evaluating a batch, logged and counted once per
+/// segment rather than once per customer.
+#[derive(Default)]
+struct Failures(BTreeMap<String, (u64, EvalError)>);
+
+impl Failures {
+    /// Whether `facts` match `def`; a failure counts as not matching and is remembered.
+    fn evaluate(&mut self, def: &SegmentDef, facts: &CustomerFacts) -> bool {
+        def.condition.try_evaluate(facts).unwrap_or_else(|e| {
+            self.0.entry(def.name.clone()).or_insert((0, e)).0 += 1;
+            false
+        })
+    }
+
+    fn report(self, metrics: &Metrics) {
+        for (segment, (count, first)) in self.0 {
+            tracing::warn!(
+                segment,
+                customers = count,
+                error = %first,
+                "Segment predicate failed; counted as not a member"
+            );
+            metrics.segment_predicate_errors.add(count, &[]);
+        }
     }
 }
 
@@ -221,6 +272,7 @@ impl SegmentService {
         let defs = [Arc::new(def.clone())];
         let now = Utc::now();
         let mut wanted = BTreeSet::new();
+        let mut failures = Failures::default();
         let mut after: Option<CustomerId> = None;
         loop {
             let page = self.stores.profiles.list(after.as_ref(), PAGE).await?;
@@ -228,11 +280,12 @@ impl SegmentService {
             after = Some(last.id.clone());
             for customer in &page {
                 let facts = self.facts(&customer.id, Some(customer), &defs, now).await?;
-                if def.condition.evaluate(&facts) {
+                if failures.evaluate(def, &facts) {
                     wanted.insert(customer.id.clone());
                 }
             }
         }
+        failures.report(&self.metrics);
         let mut current = BTreeSet::new();
         let mut after: Option<CustomerId> = None;
         loop {
@@ -290,16 +343,18 @@ impl SegmentService {
         }
         let now = Utc::now();
         let mut wanted = Vec::new();
+        let mut failures = Failures::default();
         for customer in customers {
             let facts = self.facts(customer, None, &defs, now).await?;
             for d in &defs {
                 wanted.push(MembershipChange {
                     segment: d.name.clone(),
                     customer: customer.clone(),
-                    joined: d.condition.evaluate(&facts),
+                    joined: failures.evaluate(d, &facts),
                 });
             }
         }
+        failures.report(&self.metrics);
         self.apply(&wanted).await
     }
 
@@ -341,17 +396,20 @@ impl SegmentService {
                 .map(|c| c.traits)
                 .unwrap_or_default(),
         };
+        // A condition that names features or events only at run time may read any.
+        let dynamic = defs.iter().any(|d| d.condition.is_dynamic());
         let names: Vec<String> = defs
             .iter()
             .flat_map(|d| d.condition.features())
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let features = if names.is_empty() {
+        let features = if names.is_empty() && !dynamic {
             HashMap::new()
         } else {
+            let names = (!dynamic).then_some(names.as_slice());
             self.features
-                .read(id, Some(&names), "features", now)
+                .read(id, names, "features", now)
                 .await?
                 .values
                 .into_iter()
@@ -362,26 +420,34 @@ impl SegmentService {
             .iter()
             .flat_map(|d| d.condition.event_windows())
             .collect();
-        let mut counts = HashMap::new();
-        if let Some(longest) = windows.iter().map(|(_, w)| *w).max() {
-            let events = self
-                .stores
-                .events
-                .customer_events(id, now - longest.duration())
-                .await?;
-            for (ty, w) in windows {
-                let since = now - w.duration();
-                let n = events
-                    .iter()
-                    .filter(|e| e.event.event_type == ty && e.event.timestamp > since)
-                    .count() as u64;
-                counts.insert((ty, w), n);
+        let longest = if dynamic {
+            Some(Window::LONGEST)
+        } else {
+            windows.iter().map(|(_, w)| *w).max()
+        };
+        let events = match longest {
+            Some(longest) => {
+                self.stores
+                    .events
+                    .customer_events(id, now - longest.duration())
+                    .await?
             }
-        }
-        Ok(CustomerFacts {
+            None => Vec::new(),
+        };
+        let counts = windows
+            .into_iter()
+            .map(|(ty, w)| {
+                let n = count_events(&events, &ty, w, now);
+                ((ty, w), n)
+            })
+            .collect();
+        Ok(CustomerFacts(Arc::new(LoadedFacts {
             traits,
             features,
             counts,
-        })
+            // Only a dynamic condition counts past the named pairs.
+            events: if dynamic { events } else { Vec::new() },
+            now,
+        })))
     }
 }

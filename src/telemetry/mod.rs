@@ -34,6 +34,7 @@ pub struct Metrics {
     pub feature_compute_errors: Counter<u64>,
     pub feature_rollbacks: Counter<u64>,
     pub segment_changes: Counter<u64>,
+    pub segment_predicate_errors: Counter<u64>,
     pub backend_errors: Counter<u64>,
     pub rule_errors: Counter<u64>,
 }
@@ -95,7 +96,7 @@ impl Metrics {
             ),
             feature_compute_errors: counter(
                 "tailor_feature_compute_errors_total",
-                "Feature values that did not compute (NaN or infinite) and read as the default",
+                "Feature values that did not compute (NaN, infinite, or a failed expression) and read as the default",
             ),
             feature_rollbacks: counter(
                 "tailor_feature_rollbacks_total",
@@ -104,6 +105,10 @@ impl Metrics {
             segment_changes: counter(
                 "tailor_segment_changes_total",
                 "Segment joins and leaves, by change",
+            ),
+            segment_predicate_errors: counter(
+                "tailor_segment_predicate_errors_total",
+                "Rhai segment predicates that failed for a customer (error, non-boolean result, budget spent), counted as not a member",
             ),
             backend_errors: counter(
                 "tailor_backend_errors_total",

@@ -85,6 +85,16 @@ pub struct DefinitionMutation;
 #[Object]
 impl DefinitionMutation {
     /// Validates the condition tree, stores a new version and rebuilds membership.
+    ///
+    /// `condition` is one JSON node: `{"all": [C, ...]}`, `{"any": [C, ...]}`,
+    /// `{"not": C}`, `{"trait": "plan", "op": "eq", "value": "pro"}`,
+    /// `{"feature": "engagement_score", "op": "gte", "value": 0.5}`,
+    /// `{"event": "purchase", "atLeast": 2, "within": "30d"}`, or
+    /// `{"rhai": "PREDICATE"}`: a boolean Rhai expression over a read-only `customer` with
+    /// `customer.traits` (a map; a missing trait is `()`), `customer.feature("name")` (a
+    /// float) and `customer.event_count("page_view", "7d")` (an integer). A predicate must
+    /// compile (errors give line and column) and the features it names must exist; one
+    /// that fails for a customer at run time keeps that customer out.
     async fn define_segment(
         &self,
         ctx: &Context<'_>,
@@ -110,6 +120,16 @@ impl DefinitionMutation {
 
     /// Stores the next version of a feature, backfilled from the event history. The
     /// first version is active at once; later ones wait for `activateFeatureVersion`.
+    ///
+    /// `definition` is one JSON object: `kind` with its fields, and optional `default`
+    /// (0.0) and `description`. Kinds: `count` (`event_type`, `window`), `sum`
+    /// (`event_type`, `property`, `window`), `days_since` (optional `event_type`), `ratio`
+    /// (`numerator`, `denominator`), `weighted_sum` (`terms`: `[{feature, weight, scale}]`,
+    /// optional `cap`) and `expression` (`expression`): a Rhai expression over other
+    /// features, each a variable named after the feature, e.g.
+    /// `min(1.0, email_opens_30d / 5.0)`. An expression must compile (errors give line and
+    /// column) and read only existing features; a result that is not a finite number
+    /// reads as the default and counts as an error in the version's health.
     async fn define_feature(
         &self,
         ctx: &Context<'_>,
