@@ -138,12 +138,17 @@ async fn acknowledged_events_survive_sigkill() {
     let mut server = start(dir.path(), port);
     wait_healthy(&client, &base).await;
 
-    // Features catch up with the whole durable log after the restart.
+    // Features catch up with the whole durable log after the restart: at least every
+    // acknowledged event, plus any stored whose acknowledgement the kill cut off. Wait
+    // until the count stops moving, so the replay below compares against a settled log.
     let mut total = 0.0;
+    let mut steady = 0;
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        total = total_page_views(&client, &base).await;
-        if total >= acked.len() as f64 {
+        let now = total_page_views(&client, &base).await;
+        steady = if now == total { steady + 1 } else { 0 };
+        total = now;
+        if total >= acked.len() as f64 && steady >= 5 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
