@@ -96,17 +96,21 @@ fn customer() -> CustomerView {
     }))
 }
 
-fn rules_stage(c: &mut Criterion) {
-    let set = rule_set();
-    let items = candidates();
-    let customer = customer();
-    let ctx = CtxView(Arc::new(CtxData {
+fn context() -> CtxView {
+    CtxView(Arc::new(CtxData {
         placement: "homepage_hero".into(),
         content_type: String::new(),
         count: 1,
         request: json!({"channel": "web", "device": "mobile", "timezone": "Europe/Berlin"}),
         now: Utc::now(),
-    }));
+    }))
+}
+
+fn rules_stage(c: &mut Criterion) {
+    let set = rule_set();
+    let items = candidates();
+    let customer = customer();
+    let ctx = context();
     c.bench_function("rules/20_candidates_x_5_rules", |b| {
         b.iter(|| {
             let mut effects = RuleEffects::neutral(items.len());
@@ -121,13 +125,7 @@ fn rules_stage(c: &mut Criterion) {
 fn each_rule(c: &mut Criterion) {
     let items = candidates();
     let customer = customer();
-    let ctx = CtxView(Arc::new(CtxData {
-        placement: "homepage_hero".into(),
-        content_type: String::new(),
-        count: 1,
-        request: json!({"channel": "web", "device": "mobile", "timezone": "Europe/Berlin"}),
-        now: Utc::now(),
-    }));
+    let ctx = context();
     let mut group = c.benchmark_group("rules/one_rule_20_candidates");
     group.measurement_time(Duration::from_secs(2));
     for name in [

@@ -20,7 +20,9 @@ use crate::content::{CandidateFilter, Catalog, ContentItem};
 use crate::customers::{Customer, CustomerId};
 use crate::error::{Error, Result};
 use crate::features::{FeatureService, Window};
-use crate::rules::host::{CtxData, CtxView, CustomerData, CustomerView};
+use crate::rules::host::{
+    count_impressions, to_dynamic, CtxData, CtxView, CustomerData, CustomerView,
+};
 use crate::rules::runtime::{Effect, RuleEffects};
 use crate::rules::{RuleService, RuleSet};
 use crate::storage::Stores;
@@ -398,6 +400,17 @@ impl DecisionEngine {
         now: DateTime<Utc>,
     ) -> RuleEffects {
         let mut effects = RuleEffects::neutral(candidates.len());
+        let day = now - Window::days(FREQUENCY_CAP_WINDOW_DAYS).duration();
+        for (i, item) in candidates.iter().enumerate() {
+            if let Some(cap) = item.frequency_cap {
+                if count_impressions(&ctx.impressions, Some(&item.id), day) >= i64::from(cap) {
+                    effects.filter(i, FREQUENCY_CAP);
+                }
+            }
+        }
+        if !rules.decides() {
+            return effects;
+        }
         let customer = CustomerData {
             id: req.customer_id.as_str().to_owned(),
             known: ctx.profile.is_some(),
@@ -407,7 +420,7 @@ impl DecisionEngine {
                 .map(|p| {
                     p.traits
                         .iter()
-                        .map(|(k, v)| (k.as_str().into(), crate::rules::host::to_dynamic(v)))
+                        .map(|(k, v)| (k.as_str().into(), to_dynamic(v)))
                         .collect()
                 })
                 .unwrap_or_default(),
@@ -422,17 +435,6 @@ impl DecisionEngine {
             impressions: ctx.impressions.clone(),
             now,
         };
-        let day = Window::days(FREQUENCY_CAP_WINDOW_DAYS);
-        for (i, item) in candidates.iter().enumerate() {
-            if let Some(cap) = item.frequency_cap {
-                if customer.impressions(Some(&item.id), day) >= i64::from(cap) {
-                    effects.filter(i, FREQUENCY_CAP);
-                }
-            }
-        }
-        if rules.rules().is_empty() {
-            return effects;
-        }
         let customer = CustomerView(Arc::new(customer));
         let ctx = CtxView(Arc::new(CtxData {
             placement: req.placement.clone().unwrap_or_default(),

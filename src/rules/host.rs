@@ -103,13 +103,31 @@ pub struct CustomerData {
 impl CustomerData {
     /// Impressions of `item` (every item when `None`) within `window` before now.
     pub fn impressions(&self, item: Option<&str>, window: Window) -> i64 {
-        let since = self.now - window.duration();
-        self.impressions
-            .iter()
-            .take_while(|i| i.at >= since)
-            .filter(|i| item.is_none_or(|id| i.item_id == id))
-            .count() as i64
+        count_impressions(&self.impressions, item, self.now - window.duration())
     }
+}
+
+/// Impressions (newest first) of `item`, or of every item when `None`, at or after `since`.
+pub fn count_impressions(
+    impressions: &[Impression],
+    item: Option<&str>,
+    since: DateTime<Utc>,
+) -> i64 {
+    impressions
+        .iter()
+        .take_while(|i| i.at >= since)
+        .filter(|i| item.is_none_or(|id| i.item_id == id))
+        .count() as i64
+}
+
+/// The map `on_event` receives: `id`, `type`, `time` (a Time), `properties`.
+pub fn event_map(id: &str, event_type: &str, at: DateTime<Utc>, properties: &Value) -> Map {
+    let mut map = Map::new();
+    map.insert("id".into(), id.into());
+    map.insert("type".into(), event_type.into());
+    map.insert("time".into(), Dynamic::from(Time(at.fixed_offset())));
+    map.insert("properties".into(), to_dynamic(properties));
+    map
 }
 
 /// A candidate item.

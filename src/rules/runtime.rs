@@ -136,6 +136,13 @@ impl RuleSet {
         self.needs_impressions
     }
 
+    /// Whether any enabled rule has an `eligible` or `score` hook.
+    pub fn decides(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.rule.meta.enabled && r.rule.decide.is_some())
+    }
+
     /// Whether any enabled rule has an `on_event` hook.
     pub fn handles_events(&self) -> bool {
         self.rules

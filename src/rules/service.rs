@@ -371,21 +371,13 @@ impl RuleService {
                     continue;
                 }
             };
-            let default = super::stem(path);
-            let engine = self.current().engine().clone();
+            let current = self.current();
+            // The file's rule name (its NAME, else the file name); a file that does not
+            // compile goes to `put_locked` under its file name to be refused and counted.
+            let name = compile(current.engine(), &super::stem(path), &source)
+                .map_or_else(|_| super::stem(path), |rule| rule.meta.name);
             // Unchanged against the active version (a restart): nothing to store.
-            let unchanged = compile(&engine, &default, &source)
-                .ok()
-                .is_some_and(|rule| {
-                    self.current()
-                        .get(&rule.meta.name)
-                        .is_some_and(|a| a.source == source)
-                });
-            if !unchanged {
-                let name = match compile(&engine, &default, &source) {
-                    Ok(rule) => rule.meta.name,
-                    Err(_) => default.clone(),
-                };
+            if current.get(&name).is_none_or(|a| a.source != source) {
                 if let Err(error) = self.put_locked(Some(&name), &source, &origin).await {
                     tracing::error!(rule = %path.display(), %error, "Rule file does not compile; the previous version stays active");
                     self.metrics.rule_error(&name);
@@ -421,44 +413,35 @@ impl RuleService {
 
     /// Replaces (or adds) one rule in the active set.
     fn install(&self, active: Arc<ActiveRule>, origin: String, at: DateTime<Utc>) {
-        let mut state = self.state.write();
         let name = active.rule.meta.name.clone();
-        let mut rules: Vec<Arc<ActiveRule>> = state
-            .set
-            .rules()
-            .iter()
-            .filter(|r| r.rule.meta.name != name)
-            .cloned()
-            .collect();
-        rules.push(active);
-        state.set = Arc::new(RuleSet::new(
-            state.set.engine().clone(),
-            rules,
-            self.settings.budget,
-        ));
+        let mut state = self.state.write();
+        swap_rule(&mut state, &name, Some(active), self.settings.budget);
         state.origins.insert(name, (origin, at));
     }
 
+    /// Removes one rule from the active set; `false` if it was not there.
     fn remove(&self, name: &str) -> bool {
         let mut state = self.state.write();
         if state.set.get(name).is_none() {
             return false;
         }
-        let rules: Vec<Arc<ActiveRule>> = state
-            .set
-            .rules()
-            .iter()
-            .filter(|r| r.rule.meta.name != name)
-            .cloned()
-            .collect();
-        state.set = Arc::new(RuleSet::new(
-            state.set.engine().clone(),
-            rules,
-            self.settings.budget,
-        ));
+        swap_rule(&mut state, name, None, self.settings.budget);
         state.origins.remove(name);
         true
     }
+}
+
+/// Swaps in a new set: the current rules without `name`, plus `with` if given.
+fn swap_rule(state: &mut State, name: &str, with: Option<Arc<ActiveRule>>, budget: Duration) {
+    let rules = state
+        .set
+        .rules()
+        .iter()
+        .filter(|r| r.rule.meta.name != name)
+        .cloned()
+        .chain(with)
+        .collect();
+    state.set = Arc::new(RuleSet::new(state.set.engine().clone(), rules, budget));
 }
 
 /// Largest rule source accepted.

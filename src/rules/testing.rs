@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::host::{self, CtxData, CtxView, CustomerData, CustomerView};
+use super::host::{self, event_map, CtxData, CtxView, CustomerData, CustomerView};
 use super::runtime::{ActiveRule, RuleEffects, RuleSet};
 use super::{compile, Rule};
 use crate::content::ContentItem;
@@ -336,19 +336,6 @@ fn event_case(
         ));
     }
     Ok(())
-}
-
-/// The map `on_event` receives: `id`, `type`, `time` (a Time), `properties`.
-pub fn event_map(id: &str, event_type: &str, at: DateTime<Utc>, properties: &Value) -> rhai::Map {
-    let mut map = rhai::Map::new();
-    map.insert("id".into(), id.into());
-    map.insert("type".into(), event_type.into());
-    map.insert(
-        "time".into(),
-        rhai::Dynamic::from(host::Time(at.fixed_offset())),
-    );
-    map.insert("properties".into(), host::to_dynamic(properties));
-    map
 }
 
 fn customer_view(case: &CustomerCase, now: DateTime<Utc>) -> Result<CustomerView, String> {
