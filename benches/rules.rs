@@ -155,5 +155,40 @@ fn each_rule(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, rules_stage, each_rule);
+/// The interpreter's floor: rules whose hooks do nothing, so only the cost of running a
+/// rule over the candidates remains.
+fn floor(c: &mut Criterion) {
+    let items = candidates();
+    let customer = customer();
+    let ctx = context();
+    let engine = Arc::new(tailor::rules::engine());
+    let mut group = c.benchmark_group("rules/floor_20_candidates");
+    group.measurement_time(Duration::from_secs(2));
+    for (name, source) in [
+        ("eligible_true", "fn eligible(c, i, x) { true }"),
+        ("score_identity", "fn score(c, i, x, s) { s }"),
+    ] {
+        let rule = tailor::rules::compile(&engine, name, source).expect("compiles");
+        let set = RuleSet::new(
+            engine.clone(),
+            vec![Arc::new(ActiveRule {
+                rule,
+                version: 1,
+                source: source.into(),
+            })],
+            Duration::from_millis(50),
+        );
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let mut effects = RuleEffects::neutral(items.len());
+                set.decide(&customer, &ctx, &items, "homepage_hero", &mut effects);
+                effects
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, rules_stage, each_rule, floor);
 criterion_main!(benches);
+

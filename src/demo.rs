@@ -249,6 +249,14 @@ pub async fn ensure(engine: &Engine) -> Result<()> {
             .define(name, &condition, Some(description.to_string()))
             .await?;
     }
+    // Started outside a checkout there is no `rules/` directory: the demo then stores the
+    // example frequency cap through the API, so a newcomer still sees a rule fire.
+    if engine.rules.list().is_empty() {
+        engine
+            .rules
+            .put(None, include_str!("../rules/frequency_cap.rhai"))
+            .await?;
+    }
     tracing::info!(
         customers = CUSTOMERS,
         events,
