@@ -109,7 +109,7 @@ fn rules_test_runs_the_cases_beside_the_rules_and_reports_failures() {
     };
     std::fs::write(
         dir.path().join("cap.test.toml"),
-        case(1, true) + &case(2, false),
+        case(1, true) + case(2, false).as_str(),
     )
     .unwrap();
     let run = || {
@@ -129,7 +129,7 @@ fn rules_test_runs_the_cases_beside_the_rules_and_reports_failures() {
 
     std::fs::write(
         dir.path().join("cap.test.toml"),
-        case(1, true) + &case(2, true),
+        case(1, true) + case(2, true).as_str(),
     )
     .unwrap();
     let out = run();

@@ -86,7 +86,9 @@ impl From<ModelError> for Error {
                 let message = text.strip_prefix("version: ").unwrap_or(&text);
                 Error::invalid("version", message)
             }
-            ModelError::NotEnoughData(message) => Error::invalid("data", message),
+            ModelError::NotEnoughData(message) => {
+                Error::invalid("data", format!("not enough training data: {message}"))
+            }
             ModelError::Storage(e) => Error::Storage(e),
             e @ (ModelError::Io(_) | ModelError::Compute(_) | ModelError::Stopped) => {
                 Error::Internal(anyhow::anyhow!(e))
