@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use chrono::{Duration, Utc};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use criterion::{criterion_group, BenchmarkId, Criterion};
 use tailor::demo;
 use tailor::model::dataset::Dataset;
 use tailor::model::registry::Registry;
@@ -62,15 +62,7 @@ fn scoring(c: &mut Criterion) {
     group.finish();
 }
 
-fn one_thread() -> Criterion {
-    Criterion::default()
-}
-
-criterion_group! {
-    name = benches;
-    config = one_thread();
-    targets = scoring
-}
+criterion_group!(benches, scoring);
 
 fn main() {
     // One thread for candle's CPU kernels, read before its first use.

@@ -238,7 +238,7 @@ pub fn train(
     let val_labels = Tensor::from_slice(&val_y, val_y.len(), device)?;
     debug_assert_eq!(train_dense.dims(), &[train_y.len(), width]);
 
-    let mut rng = StdRng::seed_from_u64(params.seed ^ 0x5EED_0F_0DE2);
+    let mut rng = StdRng::seed_from_u64(params.seed ^ 0x005E_ED0F_0DE2);
     let mut order: Vec<u32> = (0..train_y.len() as u32).collect();
     let batches = train_y.len().div_ceil(params.batch_size);
     let total_steps = batches * params.epochs;
