@@ -1,6 +1,7 @@
 //! Builds the engine from settings and serves it: `Engine::open` wires the stores and
 //! services, `serve` runs the HTTP server and the background tasks until shutdown.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,8 @@ use crate::error::Result;
 use crate::events::ingest::Ingestor;
 use crate::events::processor::Processor;
 use crate::features::FeatureService;
+use crate::model::train::{Progress, TrainParams};
+use crate::model::{ModelService, TrainingSource, VersionInfo};
 use crate::rules::{Natives, RuleService};
 use crate::segments::SegmentService;
 use crate::storage::embedded::EmbeddedStore;
@@ -35,6 +38,8 @@ pub struct Engine {
     pub ingestor: Ingestor,
     pub decisions: DecisionEngine,
     pub rules: Arc<RuleService>,
+    /// The model registry and the scorer (`src/model`).
+    pub models: Arc<ModelService>,
     customer_locks: Arc<CustomerLocks>,
 }
 /// How long the decision path trusts its in-memory catalog when another process may
@@ -84,6 +89,7 @@ impl Engine {
             settings.limits.max_events_per_request,
         );
         let catalog = Arc::new(Catalog::new(stores.content.clone(), CATALOG_TTL));
+        let models = ModelService::open(&settings.data_dir, &settings.model)?;
         let decisions = DecisionEngine::new(
             stores.clone(),
             catalog.clone(),
@@ -105,6 +111,7 @@ impl Engine {
             ingestor,
             decisions,
             rules,
+            models,
             customer_locks,
         }))
     }
@@ -173,6 +180,41 @@ impl Engine {
         let _applying = self.features.apply_lock().lock().await;
         self.segments.evaluate_customers(&[id], None).await?;
         Ok(customer)
+    }
+
+    /// Names of the features whose active definition exists: what a model may read.
+    pub fn live_features(&self) -> BTreeSet<String> {
+        self.features
+            .catalog()
+            .entries()
+            .filter(|e| e.versions.contains_key(&e.active))
+            .map(|e| e.name.clone())
+            .collect()
+    }
+
+    /// Trains a new model version from `source` (not activated); training runs off the
+    /// async executor.
+    pub async fn train_model(
+        &self,
+        source: &TrainingSource,
+        params: TrainParams,
+        progress: impl FnMut(Progress) + Send + 'static,
+    ) -> Result<crate::model::registry::Manifest> {
+        let catalog = self.catalog.items().await?;
+        let data = self
+            .models
+            .dataset(source, self.stores.decisions.as_ref(), &catalog)
+            .await?;
+        Ok(self.models.train(data, params, progress).await?)
+    }
+
+    /// Activates a model version (or runs it in shadow) after checking its schema against
+    /// the live feature definitions.
+    pub async fn activate_model(&self, version: &str, shadow: bool) -> Result<VersionInfo> {
+        Ok(self
+            .models
+            .activate(version, shadow, self.live_features())
+            .await?)
     }
 
     pub async fn customer(&self, id: &CustomerId) -> Result<Option<Customer>> {

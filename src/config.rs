@@ -25,6 +25,7 @@ pub struct Settings {
     pub segments: SegmentSettings,
     pub consent: ConsentSettings,
     pub rules: RulesConfig,
+    pub model: ModelConfig,
 }
 
 impl Default for Settings {
@@ -41,6 +42,7 @@ impl Default for Settings {
             segments: SegmentSettings::default(),
             consent: ConsentSettings::default(),
             rules: RulesConfig::default(),
+            model: ModelConfig::default(),
         }
     }
 }
@@ -240,6 +242,46 @@ impl RulesConfig {
     }
 }
 
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelDevice {
+    Cpu,
+    /// The first NVIDIA GPU; needs a build with the `cuda` cargo feature.
+    Cuda,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    pub device: ModelDevice,
+    /// Longest a scoring request waits for others to share its forward pass.
+    pub batch_wait_us: u64,
+    /// Most candidates in one forward pass.
+    pub max_batch: usize,
+    /// An outcome counts for training when recorded this long after its decision.
+    pub attribution_window_secs: u64,
+    /// Decisions the active version and its predecessor each need before their online
+    /// rewards are compared for automatic rollback.
+    pub min_decisions: u64,
+    /// Automatic rollback when the active version's mean reward is below its
+    /// predecessor's by more than this.
+    pub margin: f64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            device: ModelDevice::Cpu,
+            batch_wait_us: 200,
+            max_batch: 2_048,
+            attribution_window_secs: 86_400,
+            min_decisions: 1_000,
+            margin: 0.02,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConsentSettings {
@@ -316,6 +358,18 @@ impl Settings {
         }
         if self.policy.propensity_samples == 0 {
             anyhow::bail!("policy.propensity_samples: must be at least 1");
+        }
+        if self.model.max_batch == 0 {
+            anyhow::bail!("model.max_batch: must be at least 1");
+        }
+        if self.model.batch_wait_us > 1_000_000 {
+            anyhow::bail!("model.batch_wait_us: must be at most 1000000 (one second)");
+        }
+        if !(self.model.margin.is_finite() && self.model.margin >= 0.0) {
+            anyhow::bail!("model.margin: must be a number ≥ 0");
+        }
+        if self.model.attribution_window_secs == 0 {
+            anyhow::bail!("model.attribution_window_secs: must be at least 1");
         }
         if self.limits.max_body_bytes < 1024 {
             anyhow::bail!("limits.max_body_bytes: must be at least 1024");
@@ -411,6 +465,27 @@ mod tests {
             jail.set_env("TAILOR_BACKENDS__FEATURES", "redis://127.0.0.1:6379");
             let err = Settings::load(None).unwrap_err().to_string();
             assert!(err.starts_with("backends.features:"), "{err}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("TAILOR_MODEL__DEVICE", "tpu");
+            let err = Settings::load(None).unwrap_err().to_string();
+            assert!(err.contains("model.device"), "{err}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "tailor.toml",
+                "[model]\ndevice = \"cuda\"\nbatch_wait_us = 50\n",
+            )?;
+            let s = Settings::load(None).unwrap();
+            assert_eq!(
+                (s.model.device, s.model.batch_wait_us),
+                (ModelDevice::Cuda, 50)
+            );
+            jail.set_env("TAILOR_MODEL__MAX_BATCH", "0");
+            let err = Settings::load(None).unwrap_err().to_string();
+            assert!(err.starts_with("model.max_batch:"), "{err}");
             Ok(())
         });
         Jail::expect_with(|jail| {

@@ -5,18 +5,30 @@
 //! persona (never stored) that favours one content category; [`click_probability`]
 //! says how likely a customer is to respond to an item, so simulations and later
 //! learning can be checked against the truth.
+//!
+//! For the model: [`simulate_history`] plays a uniform logging policy over the world (the
+//! first model's training data), [`simulated_customer`] draws fresh customers with their
+//! feature values, and [`compare_policies`] measures the click rate of the model's greedy
+//! policy against Thompson sampling on them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
-use chrono::{Duration, Utc};
+use chrono::{DateTime, Duration, Utc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Value};
 
 use crate::app::Engine;
+use crate::bandit::ArmStats;
 use crate::content::ContentItem;
 use crate::customers::{parse_traits, Consent, CustomerId, CustomerUpdate, Pii};
+use crate::decision::{Decision, Outcome, PropensityKind, ScoredItem};
 use crate::error::Result;
+use crate::model::schema::ScoreContext;
+use crate::model::serving::{LoadedModel, ScoreRequest};
+use crate::model::train::TrainParams;
+use crate::model::TrainingSource;
 
 pub const CUSTOMERS: usize = 10_000;
 pub const PLACEMENTS: [&str; 3] = ["homepage_hero", "email_offer", "sidebar"];
@@ -62,6 +74,68 @@ pub fn click_probability(i: usize, item: &ContentItem) -> f64 {
         0.0
     };
     ((0.02 + affinity) * (0.8 + 0.2 * p.activity)).min(1.0)
+}
+
+/// One generated demo event: `day` days and `minutes` minutes before the world was built.
+struct DemoEvent {
+    day: i64,
+    minutes: i64,
+    event_type: &'static str,
+    category: &'static str,
+    value: Option<f64>,
+}
+
+/// 30 days of a customer's events: the more active, the more events; 70% of them about
+/// the favourite category.
+fn customer_events(p: &Persona, rng: &mut StdRng) -> Vec<DemoEvent> {
+    let days_active: BTreeSet<i64> = (0..30)
+        .filter(|_| rng.random_bool((p.activity / 1.5).min(1.0) * 0.6))
+        .collect();
+    let mut events = Vec::new();
+    for day in days_active {
+        let n = rng.random_range(1..=3);
+        for _ in 0..n {
+            let minutes = rng.random_range(1..1440);
+            let event_type = match rng.random_range(0..100) {
+                0..=59 => "page_view",
+                60..=79 => "email_open",
+                80..=89 => "click",
+                90..=95 => "form_submit",
+                _ => "purchase",
+            };
+            let category = if rng.random_bool(0.7) {
+                p.favourite
+            } else {
+                CATEGORIES[rng.random_range(0..CATEGORIES.len())]
+            };
+            let value = (event_type == "purchase")
+                .then(|| (rng.random_range(10.0..200.0f64) * 100.0).round() / 100.0);
+            events.push(DemoEvent {
+                day,
+                minutes,
+                event_type,
+                category,
+                value,
+            });
+        }
+    }
+    events
+}
+
+/// The demo's own feature definitions, beside the built-ins: page views per content
+/// category over 30 days, the signal of each customer's taste.
+pub fn features() -> Vec<(String, Value)> {
+    CATEGORIES
+        .iter()
+        .map(|c| {
+            (
+                format!("category_views_{c}_30d"),
+                json!({"kind": "count", "event_type": "page_view", "window": "30d",
+                       "where": {"category": c},
+                       "description": format!("Page views about {c} in the last 30 days")}),
+            )
+        })
+        .collect()
 }
 
 pub fn catalog() -> Vec<ContentItem> {
@@ -139,15 +213,28 @@ pub fn segments() -> Vec<(&'static str, Value, &'static str)> {
 }
 
 /// Builds the demo world unless the store already holds customers.
+/// Then trains and activates a first model unless one exists.
 pub async fn ensure(engine: &Engine) -> Result<()> {
     if engine.stores.profiles.count().await? > 0 {
         tracing::info!("Demo world already present");
-        return Ok(());
+    } else {
+        build(engine).await?;
     }
+    ensure_model(engine).await
+}
+
+async fn build(engine: &Engine) -> Result<()> {
     let started = std::time::Instant::now();
     tracing::info!(customers = CUSTOMERS, "Building the demo world");
     for item in catalog() {
         engine.upsert_content(item).await?;
+    }
+    // Before the events, so the processor counts them as they arrive.
+    let live = engine.live_features();
+    for (name, body) in features() {
+        if !live.contains(&name) {
+            engine.features.define(&name, body).await?;
+        }
     }
     let mut rng = StdRng::seed_from_u64(SEED);
     let now = Utc::now();
@@ -189,45 +276,20 @@ pub async fn ensure(engine: &Engine) -> Result<()> {
             .apply(None, now - Duration::days(30)),
         );
         // 30 days of events; the more active, the more events.
-        let days_active: BTreeSet<i64> = (0..30)
-            .filter(|_| rng.random_bool((p.activity / 1.5).min(1.0) * 0.6))
-            .collect();
-        let mut seq = 0;
-        for day in days_active {
-            let n = rng.random_range(1..=3);
-            for _ in 0..n {
-                let at = now - Duration::days(day) - Duration::minutes(rng.random_range(1..1440));
-                let ty = match rng.random_range(0..100) {
-                    0..=59 => "page_view",
-                    60..=79 => "email_open",
-                    80..=89 => "click",
-                    90..=95 => "form_submit",
-                    _ => "purchase",
-                };
-                let mut props = Map::new();
-                props.insert(
-                    "category".into(),
-                    json!(if rng.random_bool(0.7) {
-                        p.favourite
-                    } else {
-                        CATEGORIES[rng.random_range(0..CATEGORIES.len())]
-                    }),
-                );
-                if ty == "purchase" {
-                    props.insert(
-                        "value".into(),
-                        json!((rng.random_range(10.0..200.0f64) * 100.0).round() / 100.0),
-                    );
-                }
-                batch.push(json!({
-                    "eventId": format!("demo-{id}-{seq}"),
-                    "customerId": id,
-                    "type": ty,
-                    "timestamp": at.to_rfc3339(),
-                    "properties": props,
-                }));
-                seq += 1;
+        for (seq, e) in customer_events(&p, &mut rng).into_iter().enumerate() {
+            let at = now - Duration::days(e.day) - Duration::minutes(e.minutes);
+            let mut props = Map::new();
+            props.insert("category".into(), json!(e.category));
+            if let Some(value) = e.value {
+                props.insert("value".into(), json!(value));
             }
+            batch.push(json!({
+                "eventId": format!("demo-{id}-{seq}"),
+                "customerId": id,
+                "type": e.event_type,
+                "timestamp": at.to_rfc3339(),
+                "properties": props,
+            }));
         }
         if batch.len() >= 5_000 {
             // Concurrent puts share the store's group commits.
@@ -263,6 +325,293 @@ pub async fn ensure(engine: &Engine) -> Result<()> {
         items = catalog().len(),
         seconds = started.elapsed().as_secs_f64(),
         "Demo world ready"
+    );
+    Ok(())
+}
+
+/// Decisions a logging policy would have made for the demo world: each picks a random
+/// placement and shows one of its items uniformly at random (propensity 1/n), and the
+/// customer responds with their [`click_probability`]. `customers` are (demo index,
+/// feature values the decision is made with); decisions are spread evenly over
+/// `[from, to)`; an outcome follows its decision within ten minutes.
+pub fn simulate_history(
+    customers: &[(usize, Arc<BTreeMap<String, f64>>)],
+    decisions_per_customer: usize,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    seed: u64,
+) -> Result<Vec<(Decision, Vec<Outcome>)>> {
+    let items = catalog();
+    let by_placement: Vec<Vec<&ContentItem>> = PLACEMENTS
+        .iter()
+        .map(|p| {
+            items
+                .iter()
+                .filter(|i| i.placements.iter().any(|ip| ip == p))
+                .collect()
+        })
+        .collect();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let total = (customers.len() * decisions_per_customer).max(1);
+    let step = (to - from).num_milliseconds().max(1) / total as i64;
+    let mut out = Vec::with_capacity(total);
+    let mut n = 0i64;
+    for _ in 0..decisions_per_customer {
+        for (i, features) in customers {
+            let at = from + Duration::milliseconds(step * n);
+            n += 1;
+            let p = rng.random_range(0..PLACEMENTS.len());
+            let candidates = &by_placement[p];
+            let shown = candidates[rng.random_range(0..candidates.len())];
+            let id = uuid::Uuid::new_v7(uuid::Timestamp::from_unix(
+                uuid::NoContext,
+                at.timestamp() as u64,
+                at.timestamp_subsec_nanos(),
+            ))
+            .to_string();
+            let customer_id = CustomerId::parse("customer", &customer_id(*i))?;
+            let decision = Decision {
+                id: id.clone(),
+                customer_id: customer_id.clone(),
+                placement: Some(PLACEMENTS[p].to_string()),
+                items: vec![ScoredItem {
+                    item: shown.clone(),
+                    score: 0.0,
+                }],
+                alternatives: Vec::new(),
+                confidence_score: 0.0,
+                reasoning: "simulated history: uniform logging policy".into(),
+                latency_ms: 0.0,
+                policy: "uniform".into(),
+                propensity: 1.0 / candidates.len() as f64,
+                propensity_kind: PropensityKind::Exact,
+                model_version: None,
+                experiments: Vec::new(),
+                segments: Vec::new(),
+                rules: Vec::new(),
+                degraded: false,
+                explanation: None,
+                context: json!({"device": (["web", "mobile"][rng.random_range(0..2)])}),
+                features: BTreeMap::clone(features),
+                created_at: at,
+            };
+            let mut outcomes = Vec::new();
+            if rng.random_bool(click_probability(*i, shown)) {
+                outcomes.push(Outcome {
+                    decision_id: id,
+                    customer_id,
+                    item_id: shown.id.clone(),
+                    reward: 1.0,
+                    conversion_type: "click".into(),
+                    value: None,
+                    created_at: at + Duration::seconds(rng.random_range(1..600)),
+                });
+            }
+            out.push((decision, outcomes));
+        }
+    }
+    Ok(out)
+}
+
+/// The feature values the demo's definitions give a customer whose 30 days of events
+/// are `events`, evaluated at the end of those days: the built-ins and
+/// [`features`], computed directly (the simulation needs no engine).
+fn features_of(events: &[DemoEvent]) -> BTreeMap<String, f64> {
+    let count = |ty: &str| events.iter().filter(|e| e.event_type == ty).count() as f64;
+    let page_views = count("page_view");
+    let opens = count("email_open");
+    let submits = count("form_submit");
+    let mut f = BTreeMap::new();
+    f.insert("page_views_30d".to_string(), page_views);
+    f.insert("email_opens_30d".to_string(), opens);
+    f.insert("form_submits_30d".to_string(), submits);
+    f.insert("clicks_30d".to_string(), count("click"));
+    f.insert("purchases_30d".to_string(), count("purchase"));
+    f.insert(
+        "revenue_30d".to_string(),
+        events.iter().filter_map(|e| e.value).sum(),
+    );
+    let last_visit = events
+        .iter()
+        .filter(|e| e.event_type == "page_view")
+        .map(|e| e.day as f64 + e.minutes as f64 / 1440.0)
+        .fold(f64::INFINITY, f64::min);
+    f.insert(
+        "days_since_last_visit".to_string(),
+        if last_visit.is_finite() {
+            last_visit
+        } else {
+            365.0
+        },
+    );
+    f.insert(
+        "conversion_rate".to_string(),
+        if page_views > 0.0 {
+            submits / page_views
+        } else {
+            0.0
+        },
+    );
+    f.insert(
+        "engagement_score".to_string(),
+        (0.3 * page_views / 10.0 + 0.2 * opens / 5.0 + 0.2 * submits / 2.0).min(1.0),
+    );
+    for c in CATEGORIES {
+        let views = events
+            .iter()
+            .filter(|e| e.event_type == "page_view" && e.category == c)
+            .count() as f64;
+        f.insert(format!("category_views_{c}_30d"), views);
+    }
+    f
+}
+
+/// A simulated demo customer `i` (any index; beyond [`CUSTOMERS`] they are fresh ones)
+/// with features from their own freshly drawn 30 days of events.
+pub fn simulated_customer(i: usize, seed: u64) -> (usize, Arc<BTreeMap<String, f64>>) {
+    let mut rng = StdRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
+    (
+        i,
+        Arc::new(features_of(&customer_events(&persona(i), &mut rng))),
+    )
+}
+
+/// Click rates of three policies on the same fresh simulated customers.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct PolicyComparison {
+    pub decisions: usize,
+    /// The model's greedy policy: the highest-scored candidate.
+    pub model_click_rate: f64,
+    /// Beta-Bernoulli Thompson sampling per (placement, item), learning online from the
+    /// same decisions (the foundation's policy).
+    pub thompson_click_rate: f64,
+    /// Uniform random choice.
+    pub random_click_rate: f64,
+    /// `model_click_rate / thompson_click_rate`.
+    pub lift: f64,
+}
+
+/// Plays `decisions` decisions on fresh simulated customers (indices from `first`) and
+/// measures each policy's click rate as the mean true click probability of what it
+/// picked (the expectation, so the comparison carries no Bernoulli noise). Thompson
+/// learns online from simulated clicks; the model is fixed.
+pub fn compare_policies(
+    model: &LoadedModel,
+    first: usize,
+    decisions: usize,
+    seed: u64,
+) -> Result<PolicyComparison> {
+    let items: Vec<Arc<ContentItem>> = catalog().into_iter().map(Arc::new).collect();
+    let by_placement: Vec<Vec<Arc<ContentItem>>> = PLACEMENTS
+        .iter()
+        .map(|p| {
+            items
+                .iter()
+                .filter(|i| i.placements.iter().any(|ip| ip == p))
+                .cloned()
+                .collect()
+        })
+        .collect();
+    let mut arms: Vec<Vec<ArmStats>> = by_placement
+        .iter()
+        .map(|c| vec![ArmStats::default(); c.len()])
+        .collect();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut model_sum, mut thompson_sum, mut random_sum) = (0.0, 0.0, 0.0);
+    for d in 0..decisions {
+        let (i, features) = simulated_customer(first + d, seed);
+        let p = rng.random_range(0..PLACEMENTS.len());
+        let candidates = &by_placement[p];
+        let request = ScoreRequest {
+            features,
+            items: candidates.clone(),
+            context: ScoreContext {
+                placement: Some(PLACEMENTS[p].to_string()),
+                device: Some(["web", "mobile"][rng.random_range(0..2)].to_string()),
+                hour: rng.random_range(0.0..24.0),
+            },
+        };
+        let scores = model
+            .score(&request)
+            .map_err(|e| anyhow::anyhow!("scoring the simulation: {e}"))?;
+        let best = (0..scores.len())
+            .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
+            .unwrap_or(0);
+        model_sum += click_probability(i, &candidates[best]);
+
+        let weights = vec![1.0; candidates.len()];
+        let pick = crate::bandit::policy::thompson(&arms[p], &weights, 1, &mut rng).order[0].0;
+        let truth = click_probability(i, &candidates[pick]);
+        thompson_sum += truth;
+        arms[p][pick].merge(ArmStats::trial());
+        if rng.random_bool(truth) {
+            arms[p][pick].merge(ArmStats::reward(1.0));
+        }
+        random_sum += click_probability(i, &candidates[rng.random_range(0..candidates.len())]);
+    }
+    let n = decisions.max(1) as f64;
+    let (model_click_rate, thompson_click_rate) = (model_sum / n, thompson_sum / n);
+    Ok(PolicyComparison {
+        decisions,
+        model_click_rate,
+        thompson_click_rate,
+        random_click_rate: random_sum / n,
+        lift: model_click_rate / thompson_click_rate.max(f64::MIN_POSITIVE),
+    })
+}
+
+/// Decisions simulated per demo customer for the first model.
+const HISTORY_PER_CUSTOMER: usize = 2;
+
+/// Trains and activates a first model from a simulated decision log, unless the registry
+/// already holds a version. The log is stored like any other (policy `uniform`), stamped
+/// in the week before the attribution window so that every outcome is final; each
+/// decision carries the customer's feature values read when the log is simulated.
+pub async fn ensure_model(engine: &Engine) -> Result<()> {
+    if !engine.models.versions()?.is_empty() {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let now = Utc::now();
+    let mut customers = Vec::with_capacity(CUSTOMERS);
+    for i in 0..CUSTOMERS {
+        let id = CustomerId::parse("customer", &customer_id(i))?;
+        let read = engine.features.read(&id, None, "features", now).await?;
+        let features: BTreeMap<String, f64> =
+            read.values.into_iter().map(|v| (v.name, v.value)).collect();
+        customers.push((i, Arc::new(features)));
+    }
+    let until = now - engine.models.attribution_window() - Duration::minutes(1);
+    let history = simulate_history(
+        &customers,
+        HISTORY_PER_CUSTOMER,
+        until - Duration::days(7),
+        until,
+        SEED,
+    )?;
+    for chunk in history.chunks(512) {
+        futures::future::try_join_all(chunk.iter().map(|(d, _)| engine.stores.decisions.put(d)))
+            .await?;
+        futures::future::try_join_all(
+            chunk
+                .iter()
+                .flat_map(|(_, o)| o.iter())
+                .map(|o| engine.stores.decisions.put_outcome(o)),
+        )
+        .await?;
+    }
+    let simulated = started.elapsed().as_secs_f64();
+    let manifest = engine
+        .train_model(&TrainingSource::DecisionLog, TrainParams::default(), |_| {})
+        .await?;
+    engine.activate_model(&manifest.version, false).await?;
+    tracing::info!(
+        version = manifest.version,
+        auc = manifest.report.metrics.auc,
+        decisions = history.len(),
+        simulate_seconds = simulated,
+        train_seconds = manifest.training_seconds,
+        "Demo model trained and active"
     );
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! - [`customers`], [`events`], [`features`], [`segments`], [`content`], [`decision`],
 //!   [`bandit`]: the domain, pure logic over the storage traits;
 //! - [`expressions`]: Rhai formulas of derived features and predicates of segments;
+//! - [`model`]: the candle recommendation model: training, registry, batched scoring;
 //! - [`storage`]: one trait per capability and the backends;
 //! - [`telemetry`]: OpenTelemetry meters exported as Prometheus text, and tracing;
 //! - [`demo`]: the synthetic demo world.
@@ -23,6 +24,7 @@ pub mod error;
 pub mod events;
 pub mod expressions;
 pub mod features;
+pub mod model;
 pub mod rules;
 pub mod segments;
 pub mod storage;

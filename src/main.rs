@@ -45,6 +45,232 @@ enum Command {
         #[command(subcommand)]
         command: RulesCommand,
     },
+    /// The recommendation model: train, list, activate, roll back. Works on a data
+    /// directory that no server has open (a running server: use the GraphQL mutations).
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+}
+
+/// Where a model command finds the engine's data.
+#[derive(clap::Args)]
+struct Store {
+    /// Configuration file (default: ./tailor.toml when it exists).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Directory of the embedded store.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Train a new version from the decision log (or a JSONL file of logged decisions)
+    /// and print its validation report.
+    Train {
+        #[command(flatten)]
+        store: Store,
+        /// Logged decisions from another system, one JSON object per line.
+        #[arg(long, value_name = "FILE")]
+        from_jsonl: Option<PathBuf>,
+        /// Seed of the initial weights and the minibatch order.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Most passes over the training data.
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// Activate the new version once trained.
+        #[arg(long)]
+        activate: bool,
+    },
+    /// List the versions with their validation metrics.
+    List {
+        #[command(flatten)]
+        store: Store,
+    },
+    /// Make VERSION the active model (or run it in shadow beside the active one).
+    Activate {
+        version: String,
+        #[command(flatten)]
+        store: Store,
+        /// Score beside the active version without serving.
+        #[arg(long)]
+        shadow: bool,
+    },
+    /// Return to the version the active one replaced.
+    Rollback {
+        #[command(flatten)]
+        store: Store,
+    },
+}
+
+/// The engine on the data directory, or a clear error when a server holds it.
+async fn open_store(store: Store) -> anyhow::Result<std::sync::Arc<Engine>> {
+    let mut settings = Settings::load(store.config.as_deref())?;
+    if let Some(dir) = store.data_dir {
+        settings.data_dir = dir;
+    }
+    let dir = settings.data_dir.clone();
+    Engine::open(settings).await.map_err(|e| {
+        if format!("{e:#}").contains("already open") {
+            anyhow::anyhow!(
+                "the data directory {} is in use by a running server; use the GraphQL \
+                 mutations (trainModel, activateModel) on that server instead",
+                dir.display()
+            )
+        } else {
+            e.context(format!(
+                "Failed to open the data directory {}",
+                dir.display()
+            ))
+        }
+    })
+}
+
+fn print_version(info: &tailor::model::VersionInfo) {
+    let m = &info.manifest;
+    let r = &m.report;
+    let flag = match (info.active, info.shadow) {
+        (true, _) => "active",
+        (_, true) => "shadow",
+        _ => "",
+    };
+    println!(
+        "{:<6} {:<7} {}  auc {:.4}  log_loss {:.4} (baseline {:.4})  ece {:.4}  examples {} ({} validation)  data {} .. {}",
+        m.version,
+        flag,
+        m.created_at.format("%Y-%m-%d %H:%M:%S"),
+        r.metrics.auc,
+        r.metrics.log_loss,
+        r.metrics.baseline_log_loss,
+        r.metrics.ece,
+        r.data.examples,
+        r.data.validation_examples,
+        r.data.from.format("%Y-%m-%d %H:%M"),
+        r.data.to.format("%Y-%m-%d %H:%M"),
+    );
+}
+
+async fn model_command(command: ModelCommand) -> anyhow::Result<()> {
+    use tailor::model::train::TrainParams;
+    use tailor::model::TrainingSource;
+    match command {
+        ModelCommand::Train {
+            store,
+            from_jsonl,
+            seed,
+            epochs,
+            activate,
+        } => {
+            let engine = open_store(store).await?;
+            let mut params = TrainParams::default();
+            if let Some(seed) = seed {
+                params.seed = seed;
+            }
+            if let Some(epochs) = epochs {
+                params.epochs = epochs;
+            }
+            let source = match from_jsonl {
+                Some(path) => TrainingSource::Jsonl(path),
+                None => TrainingSource::DecisionLog,
+            };
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} training [{bar:40}] {pos}/{len} steps, {msg} ({elapsed})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            let shown = bar.clone();
+            let manifest = engine
+                .train_model(&source, params, move |p| {
+                    shown.set_length(p.total_steps as u64);
+                    shown.set_position(p.step as u64);
+                    let validation = p
+                        .validation_loss
+                        .map(|v| format!(", validation loss {v:.4}"))
+                        .unwrap_or_default();
+                    shown.set_message(format!(
+                        "epoch {}/{}, loss {:.4}{validation}",
+                        p.epoch, p.epochs, p.train_loss
+                    ));
+                })
+                .await
+                .map_err(|e| anyhow::anyhow!("training failed: {e}"))?;
+            bar.finish_and_clear();
+            let r = &manifest.report;
+            println!(
+                "trained {} in {:.1}s: {} epochs (best {}), {} decisions, {} examples ({} positive)",
+                manifest.version,
+                manifest.training_seconds,
+                r.epochs_run,
+                r.best_epoch,
+                r.data.decisions,
+                r.data.examples,
+                r.data.positives
+            );
+            println!(
+                "validation ({} examples from {}): AUC {:.4}, log loss {:.4} (baseline {:.4}), ECE {:.4}",
+                r.data.validation_examples,
+                r.data.validation_from.to_rfc3339(),
+                r.metrics.auc,
+                r.metrics.log_loss,
+                r.metrics.baseline_log_loss,
+                r.metrics.ece
+            );
+            println!("reliability (predicted → observed, count):");
+            for b in &r.metrics.reliability {
+                println!(
+                    "  [{:.1}, {:.1})  {:.4} → {:.4}  {}",
+                    b.lower, b.upper, b.mean_predicted, b.observed_rate, b.count
+                );
+            }
+            if activate {
+                let info = engine
+                    .activate_model(&manifest.version, false)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("activation failed: {e}"))?;
+                println!("activated {}", info.manifest.version);
+            }
+            Ok(())
+        }
+        ModelCommand::List { store } => {
+            let engine = open_store(store).await?;
+            let versions = engine.models.versions()?;
+            if versions.is_empty() {
+                println!("no model versions yet: `tailor model train` makes one");
+            }
+            for v in &versions {
+                print_version(v);
+            }
+            Ok(())
+        }
+        ModelCommand::Activate {
+            version,
+            store,
+            shadow,
+        } => {
+            let engine = open_store(store).await?;
+            let info = engine
+                .activate_model(&version, shadow)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            print_version(&info);
+            Ok(())
+        }
+        ModelCommand::Rollback { store } => {
+            let engine = open_store(store).await?;
+            let info = engine
+                .models
+                .rollback("requested from the command line")
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            print_version(&info);
+            Ok(())
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -91,6 +317,7 @@ fn rules_engine(dir: &Path, plugins: Option<PathBuf>) -> anyhow::Result<tailor_r
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Model { command } => model_command(command).await,
         Command::Schema => {
             print!("{}", tailor::api::graphql::sdl());
             Ok(())

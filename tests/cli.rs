@@ -109,7 +109,7 @@ fn rules_test_runs_the_cases_beside_the_rules_and_reports_failures() {
     };
     std::fs::write(
         dir.path().join("cap.test.toml"),
-        case(1, true) + &case(2, false),
+        case(1, true) + case(2, false).as_str(),
     )
     .unwrap();
     let run = || {
@@ -129,7 +129,7 @@ fn rules_test_runs_the_cases_beside_the_rules_and_reports_failures() {
 
     std::fs::write(
         dir.path().join("cap.test.toml"),
-        case(1, true) + &case(2, true),
+        case(1, true) + case(2, true).as_str(),
     )
     .unwrap();
     let out = run();
@@ -137,6 +137,120 @@ fn rules_test_runs_the_cases_beside_the_rules_and_reports_failures() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("FAIL 2 shown: eligible: expected true, got false"),
+        "{stderr}"
+    );
+}
+
+/// `tailor model ...` on a data directory: refusals name the problem, JSONL training
+/// prints its report and activation checks the features.
+#[test]
+fn model_commands_train_from_jsonl_list_and_refuse_clearly() {
+    use chrono::{Duration, Utc};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let run = |args: &[&str]| {
+        let out = tailor()
+            .args(["model"])
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .expect("tailor runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, _) = run(&["list"]);
+    assert!(ok && stdout.contains("no model versions yet"), "{stdout}");
+    let (ok, _, stderr) = run(&["train"]);
+    assert!(
+        !ok && stderr.contains("not enough training data"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = run(&["activate", "v1"]);
+    assert!(
+        !ok && stderr.contains("unknown model version 'v1'"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = run(&["rollback"]);
+    assert!(
+        !ok && stderr.contains("no earlier model version"),
+        "{stderr}"
+    );
+
+    // Logged decisions from elsewhere, as JSONL; with only the built-in features.
+    let customers: Vec<_> = (0..800)
+        .map(|i| {
+            let (i, f) = tailor::demo::simulated_customer(i, 5);
+            let builtin: std::collections::BTreeMap<String, f64> = f
+                .iter()
+                .filter(|(k, _)| !k.starts_with("category_"))
+                .map(|(k, v)| (k.clone(), *v))
+                .collect();
+            (i, std::sync::Arc::new(builtin))
+        })
+        .collect();
+    let now = Utc::now();
+    let history = tailor::demo::simulate_history(
+        &customers,
+        1,
+        now - Duration::days(5),
+        now - Duration::days(2),
+        3,
+    )
+    .unwrap();
+    let lines: Vec<String> = history
+        .iter()
+        .map(|(d, outcomes)| {
+            serde_json::json!({
+                "id": d.id, "timestamp": d.created_at, "placement": d.placement,
+                "context": d.context, "features": d.features, "propensity": d.propensity,
+                "shown": d.items.iter().map(|s| &s.item).collect::<Vec<_>>(),
+                "outcomes": outcomes.iter().map(|o| serde_json::json!({
+                    "item_id": o.item_id, "reward": o.reward, "timestamp": o.created_at
+                })).collect::<Vec<_>>(),
+            })
+            .to_string()
+        })
+        .collect();
+    let file = dir.path().join("logged.jsonl");
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let file = file.to_str().unwrap();
+    let (ok, stdout, stderr) = run(&[
+        "train",
+        "--from-jsonl",
+        file,
+        "--seed",
+        "1",
+        "--epochs",
+        "3",
+        "--activate",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("trained v1"), "{stdout}");
+    assert!(
+        stdout.contains("validation (") && stdout.contains("AUC"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("activated v1"), "{stdout}");
+    let (ok, stdout, _) = run(&["list"]);
+    assert!(ok && stdout.starts_with("v1     active"), "{stdout}");
+
+    std::fs::write(dir.path().join("bad.jsonl"), "{\"id\": 1}\n").unwrap();
+    let bad = dir.path().join("bad.jsonl");
+    let (ok, _, stderr) = run(&["train", "--from-jsonl", bad.to_str().unwrap()]);
+    assert!(
+        !ok && stderr.contains("line 1.id: invalid type"),
+        "{stderr}"
+    );
+
+    // A running server holds the store: the command says what to do instead.
+    let _held = tailor::storage::embedded::EmbeddedStore::open(&data).unwrap();
+    let (ok, _, stderr) = run(&["list"]);
+    assert!(
+        !ok && stderr.contains("in use by a running server"),
         "{stderr}"
     );
 }

@@ -17,8 +17,18 @@ use crate::expressions::Formula;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum FeatureKind {
-    /// Number of events of a type within the window.
-    Count { event_type: String, window: Window },
+    /// Number of events of a type within the window; with `where`, only events whose
+    /// properties equal every given value (`{"category": "travel"}`).
+    Count {
+        event_type: String,
+        window: Window,
+        #[serde(
+            default,
+            rename = "where",
+            skip_serializing_if = "serde_json::Map::is_empty"
+        )]
+        filter: serde_json::Map<String, Value>,
+    },
     /// Sum of a numeric event property within the window.
     Sum {
         event_type: String,
@@ -213,6 +223,16 @@ impl FeatureSpec {
         }
     }
 
+    /// Whether an event with these properties passes the definition's `where` filter.
+    fn accepts(&self, properties: &serde_json::Map<String, Value>) -> bool {
+        match &self.kind {
+            FeatureKind::Count { filter, .. } => filter
+                .iter()
+                .all(|(key, wanted)| properties.get(key) == Some(wanted)),
+            _ => true,
+        }
+    }
+
     fn window(&self) -> Option<Window> {
         match &self.kind {
             FeatureKind::Count { window, .. } | FeatureKind::Sum { window, .. } => Some(*window),
@@ -224,7 +244,10 @@ impl FeatureSpec {
     /// was already counted and is skipped. Buckets that fell out of the window by `now`
     /// are pruned.
     pub fn fold(&self, state: &mut FeatureState, stored: &StoredEvent, now: DateTime<Utc>) {
-        if stored.seq <= state.applied_seq || !self.matches(&stored.event.event_type) {
+        if stored.seq <= state.applied_seq
+            || !self.matches(&stored.event.event_type)
+            || !self.accepts(&stored.event.properties)
+        {
             return;
         }
         state.applied_seq = stored.seq;
@@ -486,6 +509,32 @@ mod tests {
             Ok(0.0)
         );
         assert_eq!(st.buckets.len(), 2, "the 3-day-old event was never stored");
+    }
+
+    #[test]
+    fn counts_with_where_see_only_matching_events() {
+        let now = Utc::now();
+        let f = spec(
+            json!({"kind": "count", "event_type": "page_view", "window": "30d",
+                            "where": {"category": "travel"}}),
+        );
+        let mut st = FeatureState::default();
+        for (seq, props) in [
+            (1, json!({"category": "travel"})),
+            (2, json!({"category": "books"})),
+            (3, json!({})),
+            (4, json!({"category": "travel", "other": 1})),
+        ] {
+            f.fold(&mut st, &ev(seq, "page_view", now, props), now);
+        }
+        assert_eq!(f.evaluate(Some(&st), now, &mut |_| 0.0), Ok(2.0));
+        let stored = serde_json::to_value(&f).unwrap();
+        assert_eq!(stored["where"], json!({"category": "travel"}));
+        let plain = serde_json::to_value(spec(
+            json!({"kind": "count", "event_type": "page_view", "window": "30d"}),
+        ))
+        .unwrap();
+        assert!(plain.get("where").is_none(), "{plain}");
     }
 
     #[test]

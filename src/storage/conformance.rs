@@ -1449,6 +1449,63 @@ pub async fn decisions(store: &dyn DecisionStore, prefix: &str) {
         ),
         1
     );
+
+    // Scan: the log in ascending id order, each decision with its outcomes, paged.
+    let mut seen: Vec<(Decision, Vec<Outcome>)> = Vec::new();
+    let mut after = prefix.to_owned();
+    loop {
+        let page = ok("scan", store.scan(Some(&after), 2).await);
+        assert!(
+            page.len() <= 2,
+            "scan must return at most `limit` decisions"
+        );
+        let mine: Vec<_> = page
+            .iter()
+            .take_while(|(d, _)| d.id.starts_with(prefix))
+            .cloned()
+            .collect();
+        let done = mine.len() < page.len() || page.len() < 2;
+        if let Some((last, _)) = mine.last() {
+            after = last.id.clone();
+        }
+        seen.extend(mine);
+        if done {
+            break;
+        }
+    }
+    let ids: Vec<&str> = seen.iter().map(|(d, _)| d.id.as_str()).collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(
+        ids, sorted,
+        "scan must return decisions in ascending id order"
+    );
+    let expected: Vec<String> = ["d0", "d1", "d2", "d3", "d4", "d5", "d6"]
+        .iter()
+        .map(|s| id(s))
+        .collect();
+    assert_eq!(ids, expected, "scan must return every decision once");
+    for (d, outcomes) in &seen {
+        assert_eq!(
+            ok("get for scan", store.get(&d.id).await).as_ref(),
+            Some(d),
+            "scan must return the stored decision"
+        );
+        assert_eq!(
+            outcomes,
+            &ok("outcomes for scan", store.outcomes(&d.id).await),
+            "scan must return each decision's outcomes in stored order"
+        );
+    }
+    assert_eq!(
+        seen.iter().map(|(_, o)| o.len()).sum::<usize>(),
+        6,
+        "scan must carry every outcome"
+    );
+    assert!(
+        ok("scan limit 0", store.scan(None, 0).await).is_empty(),
+        "scan with limit 0 returns nothing"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -177,6 +177,15 @@ pub trait DecisionStore: Send + Sync {
         since: DateTime<Utc>,
         limit: usize,
     ) -> StorageResult<Vec<Impression>>;
+    /// Decisions with ids strictly after `after` (all when `None`), in ascending id order,
+    /// at most `limit`, each with its outcomes in the order they were stored: the
+    /// decision log for training. Ids are UUIDv7, so for decisions made by Tailor this is
+    /// creation order; readers that need time order sort by `created_at`.
+    async fn scan(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StorageResult<Vec<(Decision, Vec<Outcome>)>>;
     /// Replaces the customer id on their decisions and outcomes with `pseudonym`
     /// (erasure keeps aggregate history) and deletes their impressions. Returns how many
     /// decisions were changed.

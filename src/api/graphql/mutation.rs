@@ -213,4 +213,5 @@ pub struct Mutation(
     IngestMutation,
     DefinitionMutation,
     super::rules::RuleMutation,
+    super::models::ModelMutation,
 );

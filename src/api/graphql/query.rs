@@ -185,4 +185,5 @@ pub struct Query(
     SegmentQuery,
     ContentQuery,
     super::rules::RuleQuery,
+    super::models::ModelQuery,
 );

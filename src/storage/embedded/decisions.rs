@@ -208,6 +208,47 @@ impl DecisionStore for EmbeddedDecisions {
             .await
     }
 
+    async fn scan(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StorageResult<Vec<(Decision, Vec<Outcome>)>> {
+        let after = after.map(str::to_owned);
+        self.store
+            .read_blocking(move |txn| {
+                let decisions = txn.open_table(DECISIONS).map_err(db_err)?;
+                let outcomes = txn.open_table(OUTCOMES).map_err(db_err)?;
+                let start = match &after {
+                    Some(a) => Bound::Excluded(a.as_str()),
+                    None => Bound::Unbounded,
+                };
+                let mut out = Vec::new();
+                for entry in decisions
+                    .range::<&str>((start, Bound::Unbounded))
+                    .map_err(db_err)?
+                {
+                    if out.len() == limit {
+                        break;
+                    }
+                    let (key, value) = entry.map_err(db_err)?;
+                    let id = key.value();
+                    let decision: Decision = decode("decision", id, value.value())?;
+                    let mut list = Vec::new();
+                    for o in outcomes
+                        .range((id, 0u64)..=(id, u64::MAX))
+                        .map_err(db_err)?
+                    {
+                        let (k, v) = o.map_err(db_err)?;
+                        let n = k.value().1;
+                        list.push(decode("outcome", format_args!("{id}#{n}"), v.value())?);
+                    }
+                    out.push((decision, list));
+                }
+                Ok(out)
+            })
+            .await
+    }
+
     async fn pseudonymise(&self, customer: &CustomerId, pseudonym: &str) -> StorageResult<u64> {
         let pseudonym = CustomerId::parse("pseudonym", pseudonym)
             .map_err(|e| StorageError::Backend(format!("invalid pseudonym: {e}")))?;

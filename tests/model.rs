@@ -1,0 +1,248 @@
+//! The recommendation model at its boundaries: trained on simulated demo history it
+//! learns the hidden preferences; over GraphQL it trains, lists, activates, shadows,
+//! rolls back and refuses what it must.
+
+mod common;
+
+use std::sync::Arc;
+
+use candle_core::Device;
+use chrono::{Duration, Utc};
+use common::TestApp;
+use serde_json::json;
+use tailor::demo;
+use tailor::model::dataset::Dataset;
+use tailor::model::registry::Registry;
+use tailor::model::schema::ScoreContext;
+use tailor::model::serving::ScoreRequest;
+use tailor::model::train::{train, TrainParams};
+
+#[test]
+fn training_on_simulated_demo_history_learns_the_hidden_preferences() {
+    let customers: Vec<_> = (0..3_000)
+        .map(|i| demo::simulated_customer(i, 11))
+        .collect();
+    let now = Utc::now();
+    let history = demo::simulate_history(
+        &customers,
+        2,
+        now - Duration::days(8),
+        now - Duration::days(1),
+        5,
+    )
+    .unwrap();
+    let data = Dataset::from_decisions(history, Duration::days(1), now);
+    assert_eq!(data.decisions, 6_000);
+    let trained = train(&data, &TrainParams::default(), &Device::Cpu, &mut |_| {}).unwrap();
+    let m = &trained.report.metrics;
+    assert!(m.auc > 0.68, "validation AUC {}", m.auc);
+    assert!(m.log_loss < m.baseline_log_loss, "{m:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::new(dir.path());
+    let manifest = registry
+        .save(&trained, &TrainParams::default(), now, 0.0)
+        .unwrap();
+    let model = registry.load(&manifest.version, &Device::Cpu).unwrap();
+    // Fresh customers, never seen in training.
+    let cmp = demo::compare_policies(&model, 1_000_000, 2_000, 17).unwrap();
+    assert!(
+        cmp.model_click_rate > 1.5 * cmp.thompson_click_rate,
+        "the model's greedy policy beats Thompson sampling: {cmp:?}"
+    );
+    assert!(
+        cmp.thompson_click_rate > 0.9 * cmp.random_click_rate,
+        "{cmp:?}"
+    );
+}
+
+/// Stores `n` simulated decisions (with outcomes) whose features carry `extra` too.
+async fn log_history(app: &TestApp, n: usize, extra: Option<&str>) {
+    let customers: Vec<_> = (0..n)
+        .map(|i| {
+            let (i, f) = demo::simulated_customer(i, 3);
+            let mut f = (*f).clone();
+            if let Some(name) = extra {
+                f.insert(name.to_string(), i as f64 % 7.0);
+            }
+            (i, Arc::new(f))
+        })
+        .collect();
+    let now = Utc::now();
+    let history = demo::simulate_history(
+        &customers,
+        1,
+        now - Duration::days(9),
+        now - Duration::days(2),
+        extra.map_or(1, |_| 2),
+    )
+    .unwrap();
+    for (d, outcomes) in &history {
+        app.engine.stores.decisions.put(d).await.unwrap();
+        for o in outcomes {
+            app.engine.stores.decisions.put_outcome(o).await.unwrap();
+        }
+    }
+}
+
+/// The first error of a response.
+fn first_error(resp: &serde_json::Value) -> serde_json::Value {
+    resp["errors"][0].clone()
+}
+
+const VERSION_FIELDS: &str =
+    "version active shadow parent features metrics { auc logLoss baselineLogLoss ece reliability { count } } data { decisions examples validationExamples }";
+
+#[tokio::test]
+async fn train_list_activate_shadow_and_roll_back_over_graphql() {
+    let app = TestApp::new().await;
+    // Before any data: a clear error naming what is missing.
+    let resp = app
+        .exec("mutation { trainModel { version } }", json!({}))
+        .await;
+    let err = first_error(&resp);
+    assert_eq!(err["extensions"]["code"], "BAD_USER_INPUT", "{resp}");
+    assert_eq!(err["extensions"]["field"], "data");
+
+    for (name, body) in demo::features() {
+        app.engine.features.define(&name, body).await.unwrap();
+    }
+    log_history(&app, 3_000, None).await;
+    let q = format!("mutation {{ trainModel(seed: 3, epochs: 4) {{ {VERSION_FIELDS} }} }}");
+    let v1 = app.gql(&q, json!({})).await["trainModel"].clone();
+    assert_eq!(v1["version"], "v1");
+    assert_eq!(v1["active"], false);
+    assert_eq!(v1["data"]["decisions"], 3_000);
+    assert!(v1["metrics"]["auc"].as_f64().unwrap() > 0.55, "{v1}");
+    assert!(v1["features"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("category_views_travel_30d")));
+
+    let active = app
+        .gql(
+            &format!("mutation {{ activateModel(version: \"v1\") {{ {VERSION_FIELDS} }} }}"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(active["activateModel"]["active"], true);
+    assert_eq!(
+        app.engine.models.scorer().active_version().as_deref(),
+        Some("v1")
+    );
+
+    let v2 = app
+        .gql(
+            "mutation { trainModel(seed: 4, epochs: 3) { version parent } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(v2["trainModel"], json!({"version": "v2", "parent": "v1"}));
+    app.gql(
+        "mutation { activateModel(version: \"v2\", shadow: true) { version shadow } }",
+        json!({}),
+    )
+    .await;
+    let list = app
+        .gql("{ models { version active shadow } }", json!({}))
+        .await;
+    assert_eq!(
+        list["models"],
+        json!([
+            {"version": "v1", "active": true, "shadow": false},
+            {"version": "v2", "active": false, "shadow": true}
+        ])
+    );
+    let items: Vec<_> = demo::catalog().into_iter().take(5).map(Arc::new).collect();
+    let scores = app
+        .engine
+        .models
+        .scorer()
+        .score(ScoreRequest {
+            features: demo::simulated_customer(77, 1).1,
+            items,
+            context: ScoreContext::default(),
+        })
+        .await
+        .unwrap()
+        .expect("a model is active");
+    assert_eq!(scores.version, "v1");
+    assert_eq!(
+        scores.shadow.map(|s| (s.version, s.scores.len())),
+        Some(("v2".into(), 5))
+    );
+
+    // Promote the shadow, then roll back to v1.
+    app.gql(
+        "mutation { activateModel(version: \"v2\") { version } }",
+        json!({}),
+    )
+    .await;
+    let back = app
+        .gql("mutation { rollbackModel { version active } }", json!({}))
+        .await;
+    assert_eq!(
+        back["rollbackModel"],
+        json!({"version": "v1", "active": true})
+    );
+    assert_eq!(
+        app.engine.models.scorer().active_version().as_deref(),
+        Some("v1")
+    );
+
+    // Refusals name the field.
+    let check = |resp: serde_json::Value, code: &str, field: &str, text: &str| {
+        let err = first_error(&resp);
+        assert_eq!(err["extensions"]["code"], code, "{resp}");
+        assert_eq!(err["extensions"]["field"], field, "{resp}");
+        assert!(err["message"].as_str().unwrap().contains(text), "{resp}");
+    };
+    check(
+        app.exec(
+            "mutation { activateModel(version: \"v9\") { version } }",
+            json!({}),
+        )
+        .await,
+        "NOT_FOUND",
+        "version",
+        "unknown model version 'v9'",
+    );
+    check(
+        app.exec("mutation { trainModel(epochs: 0) { version } }", json!({}))
+            .await,
+        "BAD_USER_INPUT",
+        "epochs",
+        "between 1 and 1000",
+    );
+    check(
+        app.exec("mutation { trainModel(seed: -1) { version } }", json!({}))
+            .await,
+        "BAD_USER_INPUT",
+        "seed",
+        "≥ 0",
+    );
+    // A version reading a feature that is not defined here cannot serve.
+    log_history(&app, 600, Some("ghost_score")).await;
+    let v3 = app
+        .gql(
+            "mutation { trainModel(epochs: 2) { version features } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(v3["trainModel"]["version"], "v3");
+    check(
+        app.exec(
+            "mutation { activateModel(version: \"v3\") { version } }",
+            json!({}),
+        )
+        .await,
+        "BAD_USER_INPUT",
+        "version",
+        "not live feature definitions: ghost_score",
+    );
+    assert_eq!(
+        app.engine.models.scorer().active_version().as_deref(),
+        Some("v1"),
+        "a refused activation changes nothing"
+    );
+}
