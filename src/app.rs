@@ -95,6 +95,7 @@ impl Engine {
             catalog.clone(),
             features.clone(),
             rules.clone(),
+            models.clone(),
             settings.policy.clone(),
             settings.consent.default_personalization,
             settings.limits.max_candidates,

@@ -143,6 +143,9 @@ pub enum PolicyKind {
     Thompson,
     /// The seed's policy: explore uniformly with probability `epsilon`, else greedy.
     EpsilonGreedy,
+    /// The active model's score × rule weight, highest first, no exploration (Thompson
+    /// sampling while no model is active).
+    ModelGreedy,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -152,6 +155,9 @@ pub struct PolicySettings {
     pub epsilon: f64,
     /// Posterior draws used to estimate a Thompson pick's propensity.
     pub propensity_samples: usize,
+    /// How many pseudo-trials the active model's score is worth as the prior of Thompson
+    /// sampling and epsilon-greedy (0: the bandit ignores the model).
+    pub model_prior_strength: f64,
 }
 
 impl Default for PolicySettings {
@@ -160,6 +166,7 @@ impl Default for PolicySettings {
             default: PolicyKind::Thompson,
             epsilon: 0.1,
             propensity_samples: 200,
+            model_prior_strength: 20.0,
         }
     }
 }
@@ -358,6 +365,11 @@ impl Settings {
         }
         if self.policy.propensity_samples == 0 {
             anyhow::bail!("policy.propensity_samples: must be at least 1");
+        }
+        if !(self.policy.model_prior_strength.is_finite()
+            && self.policy.model_prior_strength >= 0.0)
+        {
+            anyhow::bail!("policy.model_prior_strength: must be a number ≥ 0");
         }
         if self.model.max_batch == 0 {
             anyhow::bail!("model.max_batch: must be at least 1");

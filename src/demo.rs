@@ -386,6 +386,7 @@ pub fn simulate_history(
                 propensity: 1.0 / candidates.len() as f64,
                 propensity_kind: PropensityKind::Exact,
                 model_version: None,
+                model_scores: None,
                 experiments: Vec::new(),
                 segments: Vec::new(),
                 rules: Vec::new(),

@@ -246,3 +246,65 @@ async fn train_list_activate_shadow_and_roll_back_over_graphql() {
         "a refused activation changes nothing"
     );
 }
+
+#[tokio::test]
+async fn decisions_are_scored_by_the_active_model_and_feed_its_online_reward() {
+    let app = TestApp::with(|s| s.policy.default = tailor::config::PolicyKind::ModelGreedy).await;
+    for item in demo::catalog() {
+        app.engine.upsert_content(item).await.unwrap();
+    }
+    let personalize = r#"query($c: ID!) { personalize(input: {customerId: $c, placement: "homepage_hero", explain: true}) {
+        id policy propensity modelVersion selectedItem { id } explanation } }"#;
+
+    // Cold start: no model yet, so the bandit decides alone.
+    let cold = app.gql(personalize, json!({"c": "cust-1"})).await["personalize"].clone();
+    assert_eq!(cold["modelVersion"], json!(null), "{cold}");
+    assert_eq!(cold["policy"], "thompson_sampling");
+
+    for (name, body) in demo::features() {
+        app.engine.features.define(&name, body).await.unwrap();
+    }
+    log_history(&app, 3_000, None).await;
+    app.gql(
+        "mutation { trainModel(seed: 5, epochs: 3, activate: true) { version } }",
+        json!({}),
+    )
+    .await;
+    let d = app.gql(personalize, json!({"c": "cust-1"})).await["personalize"].clone();
+    assert_eq!(d["modelVersion"], "v1", "{d}");
+    assert_eq!(d["policy"], "model_greedy");
+    assert_eq!(d["propensity"], 1.0);
+    let candidates = d["explanation"]["candidates"].as_array().unwrap();
+    assert!(candidates.len() >= 2, "{candidates:?}");
+    let scores: Vec<f64> = candidates
+        .iter()
+        .map(|c| c["model_score"].as_f64().expect("every candidate scored"))
+        .collect();
+    assert!(scores.iter().all(|s| (0.0..=1.0).contains(s)), "{scores:?}");
+    assert!(
+        scores.windows(2).all(|w| w[0] >= w[1]),
+        "greedy on the model's score: {scores:?}"
+    );
+    assert_eq!(d["selectedItem"]["id"], candidates[0]["id"]);
+    assert_eq!(d["explanation"]["model"]["version"], "v1");
+
+    // The decision keeps the scores it was made with, for evaluation and training.
+    let id = d["id"].as_str().unwrap();
+    let stored = app.engine.stores.decisions.get(id).await.unwrap().unwrap();
+    let logged = stored.model_scores.expect("model scores are logged");
+    assert_eq!(logged.version, "v1");
+    assert_eq!(logged.scores.len(), candidates.len());
+    assert_eq!(
+        logged.scores[d["selectedItem"]["id"].as_str().unwrap()],
+        scores[0]
+    );
+
+    // Outcomes count toward the version's online reward (automatic rollback compares it).
+    app.gql(
+        "mutation($d: ID!) { recordOutcome(decisionId: $d, reward: 1.0) { reward } }",
+        json!({"d": id}),
+    )
+    .await;
+    let online = app.engine.models.scorer().online_reward("v1");
+    assert_eq!((online.decisions, online.reward), (1, 1.0));
+}

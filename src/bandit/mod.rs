@@ -29,6 +29,20 @@ impl ArmStats {
         }
     }
 
+    /// These statistics with a model's estimate `p` of the reward as prior knowledge worth
+    /// `strength` pseudo-trials: with no data the posterior mean is about `p`, and the
+    /// arm's own data overtakes the prior as it grows past `strength` trials.
+    pub fn with_prior(self, p: f64, strength: f64) -> Self {
+        if !p.is_finite() || !strength.is_finite() || strength <= 0.0 {
+            return self;
+        }
+        let p = p.clamp(0.0, 1.0);
+        ArmStats {
+            trials: self.trials + strength,
+            reward: self.reward.clamp(0.0, self.trials.max(self.reward)) + p * strength,
+        }
+    }
+
     pub fn merge(&mut self, other: ArmStats) {
         self.trials += other.trials;
         self.reward += other.reward;

@@ -117,6 +117,20 @@ pub fn epsilon_greedy(
     }
 }
 
+/// Deterministic greedy ranking by `scores` × rule weight (the model-greedy policy): the
+/// first arm is chosen with certainty, so its propensity is exactly 1.
+pub fn greedy(scores: &[f64], weights: &[f64]) -> Ranking {
+    let weighted: Vec<f64> = scores.iter().zip(weights).map(|(s, w)| s * w).collect();
+    Ranking {
+        order: rank(&weighted)
+            .into_iter()
+            .map(|i| (i, weighted[i]))
+            .collect(),
+        propensity: 1.0,
+        propensity_kind: PropensityKind::Exact,
+    }
+}
+
 /// No personalization: candidates stay in priority order, deterministically.
 pub fn by_priority(count: usize) -> Ranking {
     Ranking {

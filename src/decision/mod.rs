@@ -63,6 +63,9 @@ pub struct Decision {
     pub context: Value,
     /// Feature values the decision was made with (point-in-time training data).
     pub features: BTreeMap<String, f64>,
+    /// What the model said about the candidates, when a version was active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_scores: Option<ModelScores>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -71,6 +74,19 @@ impl Decision {
         // A decision is only ever built with at least one item.
         &self.items[0]
     }
+}
+
+/// The active model's scores for a decision's candidates, and the shadow version's
+/// beside them (logged so the two can be compared; only the active one serves).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelScores {
+    pub version: String,
+    /// Probability of a positive outcome, by item id.
+    pub scores: BTreeMap<String, f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_version: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub shadow_scores: BTreeMap<String, f64>,
 }
 
 /// One item shown to a customer by a decision.

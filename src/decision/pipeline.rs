@@ -1,5 +1,5 @@
 //! The `personalize` pipeline, one stage per function:
-//! load context → candidates → rules → (model: a later stage) → choose → record.
+//! load context → candidates → rules → score (the active model) → choose → record.
 //! And `record_outcome`, which closes the loop.
 
 use std::collections::BTreeMap;
@@ -12,7 +12,7 @@ use rand::SeedableRng;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
-use super::{Decision, Outcome, PropensityKind, ScoredItem};
+use super::{Decision, ModelScores, Outcome, PropensityKind, ScoredItem};
 use crate::bandit::policy::{self, Ranking};
 use crate::bandit::ArmStats;
 use crate::config::{PolicyKind, PolicySettings};
@@ -20,6 +20,9 @@ use crate::content::{CandidateFilter, Catalog, ContentItem};
 use crate::customers::{Customer, CustomerId};
 use crate::error::{Error, Result};
 use crate::features::{FeatureService, Window};
+use crate::model::schema::ScoreContext;
+use crate::model::serving::{ScoreRequest, Scores};
+use crate::model::ModelService;
 use crate::rules::host::{
     count_impressions, to_dynamic, CtxData, CtxView, CustomerData, CustomerView,
 };
@@ -73,6 +76,7 @@ pub struct DecisionEngine {
     catalog: Arc<Catalog>,
     features: Arc<FeatureService>,
     rules: Arc<RuleService>,
+    models: Arc<ModelService>,
     policy: PolicySettings,
     default_consent: bool,
     max_candidates: usize,
@@ -87,6 +91,7 @@ impl DecisionEngine {
         catalog: Arc<Catalog>,
         features: Arc<FeatureService>,
         rules: Arc<RuleService>,
+        models: Arc<ModelService>,
         policy: PolicySettings,
         default_consent: bool,
         max_candidates: usize,
@@ -97,6 +102,7 @@ impl DecisionEngine {
             catalog,
             features,
             rules,
+            models,
             policy,
             default_consent,
             max_candidates,
@@ -140,8 +146,10 @@ impl DecisionEngine {
                 filtered.push(json!({"id": candidates[i].id, "reason": "rule", "rule": rule}));
             }
         }
-        let (ranking, policy_name, stats) =
-            self.choose(placement, &candidates, &effects, &ctx).await?;
+        let model = self.score(&req, &ctx, &candidates, &effects, now).await;
+        let (ranking, policy_name, stats) = self
+            .choose(placement, &candidates, &effects, &ctx, model.as_ref())
+            .await?;
         if ranking.order.is_empty() {
             return Err(Error::invalid(
                 if req.available_items.is_some() {
@@ -184,6 +192,7 @@ impl DecisionEngine {
                     "weight": weight_json(effects.weights[i]),
                     "pinned": effects.is_pinned(i),
                     "rules": effects.trace[i],
+                    "model_score": model.as_ref().map(|m| m.candidate[i]).filter(|s| !s.is_nan()),
                     "impressions": stats.get(i).map_or(0.0, |s| s.trials),
                     "reward": stats.get(i).map_or(0.0, |s| s.reward),
                 })).collect::<Vec<_>>(),
@@ -195,6 +204,11 @@ impl DecisionEngine {
                     "fired": effects.fired.contains(&r.rule.meta.name),
                 })).collect::<Vec<_>>(),
                 "rule_errors": effects.failures,
+                "model": model.as_ref().map(|m| json!({
+                    "version": m.scores.version,
+                    "shadow": m.scores.shadow.as_ref().map(|s| &s.version),
+                    "prior_strength": self.policy.model_prior_strength,
+                })),
                 "features": ctx.features,
                 "personalized": ctx.personalized,
             })
@@ -209,7 +223,8 @@ impl DecisionEngine {
             policy: policy_name,
             propensity: ranking.propensity,
             propensity_kind: ranking.propensity_kind,
-            model_version: None,
+            model_version: model.as_ref().map(|m| m.scores.version.clone()),
+            model_scores: model.as_ref().map(|m| m.log(&candidates)),
             experiments: Vec::new(),
             segments: ctx.segments,
             rules: effects.fired,
@@ -447,9 +462,64 @@ impl DecisionEngine {
         effects
     }
 
+    /// Stage 4: the active model scores every candidate still eligible in one batched
+    /// forward pass, off the executor. `None` without consent, without an active version
+    /// (cold start), or when scoring fails (the scorer has then rolled back; this decision
+    /// goes on without the model and says so in the log).
+    #[tracing::instrument(skip_all)]
+    async fn score(
+        &self,
+        req: &PersonalizeRequest,
+        ctx: &DecisionContext,
+        candidates: &[Arc<ContentItem>],
+        effects: &RuleEffects,
+        now: DateTime<Utc>,
+    ) -> Option<ModelView> {
+        if !ctx.personalized {
+            return None;
+        }
+        let alive: Vec<usize> = (0..candidates.len())
+            .filter(|&i| effects.filtered[i].is_none())
+            .collect();
+        if alive.is_empty() {
+            return None;
+        }
+        let request = ScoreRequest {
+            features: Arc::new(ctx.features.clone()),
+            items: alive.iter().map(|&i| candidates[i].clone()).collect(),
+            context: ScoreContext::from_request(req.placement.as_deref(), &req.context, now),
+        };
+        let scores = match self.models.scorer().score(request).await {
+            Ok(Some(scores)) => scores,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!(error = %e, "Model scoring failed; deciding without the model");
+                self.metrics.backend_error("model");
+                return None;
+            }
+        };
+        let mut candidate = vec![f64::NAN; candidates.len()];
+        for (k, &i) in alive.iter().enumerate() {
+            candidate[i] = scores.scores.get(k).map_or(f64::NAN, |&s| f64::from(s));
+        }
+        let mut shadow = vec![f64::NAN; candidates.len()];
+        if let Some(s) = &scores.shadow {
+            for (k, &i) in alive.iter().enumerate() {
+                shadow[i] = s.scores.get(k).map_or(f64::NAN, |&s| f64::from(s));
+            }
+        }
+        Some(ModelView {
+            scores,
+            candidate,
+            shadow,
+        })
+    }
+
     /// Stage 5: pinned items first (in priority order), then the policy ranks the
     /// eligible items by score × rule weight, then items a rule weighted to 0. Without
-    /// personalization consent, priority order decides instead of the policy.
+    /// personalization consent, priority order decides instead of the policy. The
+    /// model's scores, when there are any, are the bandit's prior (Thompson sampling,
+    /// epsilon-greedy) or the ranking itself (model-greedy).
     #[tracing::instrument(skip_all)]
     async fn choose(
         &self,
@@ -457,6 +527,7 @@ impl DecisionEngine {
         candidates: &[Arc<ContentItem>],
         effects: &RuleEffects,
         ctx: &DecisionContext,
+        model: Option<&ModelView>,
     ) -> Result<(Ranking, String, Vec<ArmStats>)> {
         let eligible: Vec<usize> = (0..candidates.len())
             .filter(|&i| effects.filtered[i].is_none())
@@ -498,7 +569,13 @@ impl DecisionEngine {
             .copied()
             .filter(|&i| effects.weights[i] == 0.0)
             .collect();
-        let free_stats: Vec<ArmStats> = free.iter().map(|&i| stats[i]).collect();
+        let prior = |i: usize| match model {
+            Some(m) if !m.candidate[i].is_nan() => {
+                stats[i].with_prior(m.candidate[i], self.policy.model_prior_strength)
+            }
+            _ => stats[i],
+        };
+        let free_stats: Vec<ArmStats> = free.iter().map(|&i| prior(i)).collect();
         let free_weights: Vec<f64> = free.iter().map(|&i| effects.weights[i]).collect();
         // The RNG is per decision and seeded from the OS: no shared lock on the hot path.
         let mut rng = rand::rngs::SmallRng::from_os_rng();
@@ -506,7 +583,15 @@ impl DecisionEngine {
             (policy::by_priority(0), self.policy_name())
         } else {
             match self.policy.default {
-                PolicyKind::Thompson => (
+                PolicyKind::ModelGreedy if model.is_some() => {
+                    let scores: Vec<f64> = free
+                        .iter()
+                        .map(|&i| model.map_or(f64::NAN, |m| m.candidate[i]))
+                        .map(|s| if s.is_nan() { 0.0 } else { s })
+                        .collect();
+                    (policy::greedy(&scores, &free_weights), "model_greedy")
+                }
+                PolicyKind::Thompson | PolicyKind::ModelGreedy => (
                     policy::thompson(
                         &free_stats,
                         &free_weights,
@@ -548,7 +633,7 @@ impl DecisionEngine {
 
     fn policy_name(&self) -> &'static str {
         match self.policy.default {
-            PolicyKind::Thompson => "thompson_sampling",
+            PolicyKind::Thompson | PolicyKind::ModelGreedy => "thompson_sampling",
             PolicyKind::EpsilonGreedy => "epsilon_greedy",
         }
     }
@@ -576,6 +661,9 @@ impl DecisionEngine {
         };
         let (stored, counted) = tokio::join!(self.stores.decisions.put(&decision), impressions);
         stored.inspect_err(|_| self.metrics.backend_error("decisions"))?;
+        if let Some(version) = &decision.model_version {
+            self.models.scorer().record_decision(version);
+        }
         if let Err(e) = counted {
             tracing::warn!(error = %e, "Failed to count impressions");
             self.metrics.backend_error("bandit");
@@ -637,6 +725,12 @@ impl DecisionEngine {
             .put_outcome(&outcome)
             .await?
             .ok_or_else(|| Error::not_found("decisionId", "decision", decision_id))?;
+        if earlier == 0 {
+            if let Some(version) = &decision.model_version {
+                // The online reward the scorer compares versions by (automatic rollback).
+                self.models.scorer().record_reward(version, reward);
+            }
+        }
         if earlier == 0 && decision.policy != "default" && reward > 0.0 {
             let placement = decision.placement.as_deref().unwrap_or(NO_PLACEMENT);
             self.stores
@@ -655,6 +749,33 @@ impl DecisionEngine {
             }
         }
         Ok(outcome)
+    }
+}
+
+/// The model's answer for one decision, indexed like its candidates (NaN: not scored).
+struct ModelView {
+    scores: Scores,
+    candidate: Vec<f64>,
+    shadow: Vec<f64>,
+}
+
+impl ModelView {
+    /// What the decision keeps of it: both versions' scores by item id.
+    fn log(&self, candidates: &[Arc<ContentItem>]) -> ModelScores {
+        let by_id = |scores: &[f64]| {
+            candidates
+                .iter()
+                .zip(scores)
+                .filter(|(_, s)| !s.is_nan())
+                .map(|(c, &s)| (c.id.clone(), s))
+                .collect()
+        };
+        ModelScores {
+            version: self.scores.version.clone(),
+            scores: by_id(&self.candidate),
+            shadow_version: self.scores.shadow.as_ref().map(|s| s.version.clone()),
+            shadow_scores: by_id(&self.shadow),
+        }
     }
 }
 

@@ -353,6 +353,7 @@ mod tests {
             propensity: 0.5,
             propensity_kind: PropensityKind::Estimated,
             model_version: None,
+            model_scores: None,
             experiments: vec![],
             segments: vec![],
             rules: vec![],

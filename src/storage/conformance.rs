@@ -1178,6 +1178,7 @@ pub fn sample_decision(id: &str, customer: &CustomerId, n: i32) -> Decision {
         propensity: 0.8125,
         propensity_kind: PropensityKind::Estimated,
         model_version: None,
+        model_scores: None,
         experiments: vec![Assignment {
             experiment: "exp".into(),
             variant: "b".into(),
