@@ -191,4 +191,3 @@ fn floor(c: &mut Criterion) {
 
 criterion_group!(benches, rules_stage, each_rule, floor);
 criterion_main!(benches);
-

@@ -15,6 +15,8 @@ use crate::decision::pipeline::DecisionEngine;
 use crate::error::Result;
 use crate::events::ingest::Ingestor;
 use crate::events::processor::Processor;
+use crate::experiments::assignment::Holdout;
+use crate::experiments::ExperimentService;
 use crate::features::FeatureService;
 use crate::rules::{Natives, RuleService};
 use crate::segments::SegmentService;
@@ -35,6 +37,7 @@ pub struct Engine {
     pub ingestor: Ingestor,
     pub decisions: DecisionEngine,
     pub rules: Arc<RuleService>,
+    pub experiments: Arc<ExperimentService>,
     customer_locks: Arc<CustomerLocks>,
 }
 /// How long the decision path trusts its in-memory catalog when another process may
@@ -84,11 +87,22 @@ impl Engine {
             settings.limits.max_events_per_request,
         );
         let catalog = Arc::new(Catalog::new(stores.content.clone(), CATALOG_TTL));
+        let experiments = Arc::new(ExperimentService::new(
+            stores.definitions.clone(),
+            stores.experiments.clone(),
+            stores.content.clone(),
+            Holdout {
+                percent: settings.experiments.holdout_percent,
+                salt: settings.experiments.holdout_salt.clone(),
+            },
+            CATALOG_TTL,
+        ));
         let decisions = DecisionEngine::new(
             stores.clone(),
             catalog.clone(),
             features.clone(),
             rules.clone(),
+            experiments.clone(),
             settings.policy.clone(),
             settings.consent.default_personalization,
             settings.limits.max_candidates,
@@ -105,6 +119,7 @@ impl Engine {
             ingestor,
             decisions,
             rules,
+            experiments,
             customer_locks,
         }))
     }

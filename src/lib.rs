@@ -21,6 +21,7 @@ pub mod decision;
 pub mod demo;
 pub mod error;
 pub mod events;
+pub mod experiments;
 pub mod expressions;
 pub mod features;
 pub mod rules;

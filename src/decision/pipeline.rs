@@ -1,6 +1,9 @@
 //! The `personalize` pipeline, one stage per function:
 //! load context → candidates → rules → (model: a later stage) → choose → record.
-//! And `record_outcome`, which closes the loop.
+//! And `record_outcome`, which closes the loop. Experiments' part of it is in
+//! [`experiments`].
+
+mod experiments;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,6 +22,7 @@ use crate::config::{PolicyKind, PolicySettings};
 use crate::content::{CandidateFilter, Catalog, ContentItem};
 use crate::customers::{Customer, CustomerId};
 use crate::error::{Error, Result};
+use crate::experiments::{ExperimentService, RuleOverride};
 use crate::features::{FeatureService, Window};
 use crate::rules::host::{
     count_impressions, to_dynamic, CtxData, CtxView, CustomerData, CustomerView,
@@ -73,6 +77,7 @@ pub struct DecisionEngine {
     catalog: Arc<Catalog>,
     features: Arc<FeatureService>,
     rules: Arc<RuleService>,
+    experiments: Arc<ExperimentService>,
     policy: PolicySettings,
     default_consent: bool,
     max_candidates: usize,
@@ -87,6 +92,7 @@ impl DecisionEngine {
         catalog: Arc<Catalog>,
         features: Arc<FeatureService>,
         rules: Arc<RuleService>,
+        experiments: Arc<ExperimentService>,
         policy: PolicySettings,
         default_consent: bool,
         max_candidates: usize,
@@ -97,6 +103,7 @@ impl DecisionEngine {
             catalog,
             features,
             rules,
+            experiments,
             policy,
             default_consent,
             max_candidates,
@@ -130,7 +137,14 @@ impl DecisionEngine {
             .await?;
         let (candidates, mut filtered) = self.eligible(&req, &ctx, candidates, filtered)?;
         let placement = req.placement.as_deref().unwrap_or(NO_PLACEMENT);
-        let effects = self.apply_rules(&rules, &req, &ctx, &candidates, placement, now);
+        let applied = self.assign_experiments(&req.customer_id, &ctx).await;
+        let rules = match &applied.rules {
+            Some(RuleOverride::Only(names)) => Arc::new(rules.restricted(names)),
+            Some(RuleOverride::None) => Arc::new(rules.restricted(&[])),
+            None => rules,
+        };
+        let mut effects = self.apply_rules(&rules, &req, &ctx, &candidates, placement, now);
+        let experiment_pin = experiments::pin(&applied, &candidates, &mut effects);
         for failure in &effects.failures {
             tracing::warn!(rule = %failure.rule, error = %failure.error, "Rule skipped for this decision");
             self.metrics.rule_error(&failure.rule);
@@ -140,8 +154,17 @@ impl DecisionEngine {
                 filtered.push(json!({"id": candidates[i].id, "reason": "rule", "rule": rule}));
             }
         }
-        let (ranking, policy_name, stats) =
-            self.choose(placement, &candidates, &effects, &ctx).await?;
+        let policy_kind = applied.policy.unwrap_or(self.policy.default);
+        let (mut ranking, policy_name, stats) = self
+            .choose(placement, &candidates, &effects, &ctx, policy_kind)
+            .await?;
+        if let Some(pinned) = experiment_pin {
+            // The experiment's pin goes before the rules' pins.
+            if let Some(at) = ranking.order.iter().position(|&(i, _)| i == pinned) {
+                let entry = ranking.order.remove(at);
+                ranking.order.insert(0, entry);
+            }
+        }
         if ranking.order.is_empty() {
             return Err(Error::invalid(
                 if req.available_items.is_some() {
@@ -210,7 +233,7 @@ impl DecisionEngine {
             propensity: ranking.propensity,
             propensity_kind: ranking.propensity_kind,
             model_version: None,
-            experiments: Vec::new(),
+            experiments: applied.assignments,
             segments: ctx.segments,
             rules: effects.fired,
             degraded: ctx.degraded,
@@ -457,6 +480,7 @@ impl DecisionEngine {
         candidates: &[Arc<ContentItem>],
         effects: &RuleEffects,
         ctx: &DecisionContext,
+        policy_kind: PolicyKind,
     ) -> Result<(Ranking, String, Vec<ArmStats>)> {
         let eligible: Vec<usize> = (0..candidates.len())
             .filter(|&i| effects.filtered[i].is_none())
@@ -503,9 +527,9 @@ impl DecisionEngine {
         // The RNG is per decision and seeded from the OS: no shared lock on the hot path.
         let mut rng = rand::rngs::SmallRng::from_os_rng();
         let (ranked, name) = if free.is_empty() {
-            (policy::by_priority(0), self.policy_name())
+            (policy::by_priority(0), policy_name(policy_kind))
         } else {
-            match self.policy.default {
+            match policy_kind {
                 PolicyKind::Thompson => (
                     policy::thompson(
                         &free_stats,
@@ -546,13 +570,6 @@ impl DecisionEngine {
         ))
     }
 
-    fn policy_name(&self) -> &'static str {
-        match self.policy.default {
-            PolicyKind::Thompson => "thompson_sampling",
-            PolicyKind::EpsilonGreedy => "epsilon_greedy",
-        }
-    }
-
     /// Stage 6: store the decision, count an impression per shown item, publish.
     #[tracing::instrument(skip_all)]
     async fn record(
@@ -574,11 +591,19 @@ impl DecisionEngine {
             }
             Ok::<_, crate::storage::StorageError>(())
         };
-        let (stored, counted) = tokio::join!(self.stores.decisions.put(&decision), impressions);
+        let (stored, counted, exposed) = tokio::join!(
+            self.stores.decisions.put(&decision),
+            impressions,
+            self.experiments.record_exposures(&decision.experiments),
+        );
         stored.inspect_err(|_| self.metrics.backend_error("decisions"))?;
         if let Err(e) = counted {
             tracing::warn!(error = %e, "Failed to count impressions");
             self.metrics.backend_error("bandit");
+        }
+        if let Err(e) = exposed {
+            tracing::warn!(error = %e, "Failed to count experiment exposures");
+            self.metrics.backend_error("experiments");
         }
         let attrs = [
             KeyValue::new("placement", placement.to_owned()),
@@ -644,6 +669,9 @@ impl DecisionEngine {
                 .add(placement, &outcome.item_id, ArmStats::reward(reward))
                 .await?;
         }
+        if reward > 0.0 && !decision.experiments.is_empty() {
+            self.count_conversion(&decision, earlier, value).await?;
+        }
         if reward > 0.0 {
             let attrs = [
                 KeyValue::new("conversion_type", outcome.conversion_type.clone()),
@@ -655,6 +683,13 @@ impl DecisionEngine {
             }
         }
         Ok(outcome)
+    }
+}
+
+fn policy_name(kind: PolicyKind) -> &'static str {
+    match kind {
+        PolicyKind::Thompson => "thompson_sampling",
+        PolicyKind::EpsilonGreedy => "epsilon_greedy",
     }
 }
 

@@ -2,6 +2,7 @@
 //! in-process.
 
 pub mod error;
+pub mod experiments;
 pub mod mutation;
 pub mod query;
 pub mod rules;
