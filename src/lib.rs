@@ -5,7 +5,7 @@
 //! - [`app`]: builds the [`app::Engine`] from settings and serves it;
 //! - [`api`]: GraphQL and REST, the only module that knows the wire formats;
 //! - [`customers`], [`events`], [`features`], [`segments`], [`content`], [`decision`],
-//!   [`bandit`]: the domain, pure logic over the storage traits;
+//!   [`bandit`], [`experiments`]: the domain, pure logic over the storage traits;
 //! - [`expressions`]: Rhai formulas of derived features and predicates of segments;
 //! - [`storage`]: one trait per capability and the backends;
 //! - [`telemetry`]: OpenTelemetry meters exported as Prometheus text, and tracing;
