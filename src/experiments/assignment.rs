@@ -104,7 +104,7 @@ impl Holdout {
 /// The index of the variant that owns `bucket` at coverage `coverage` in (0, 1], if any.
 pub fn variant_for_bucket(weights: &[f64], coverage: f64, bucket: u32) -> Option<usize> {
     let total: f64 = weights.iter().sum();
-    if !(total > 0.0) {
+    if total.is_nan() || total <= 0.0 {
         return None;
     }
     let n = f64::from(bucket) / f64::from(BUCKETS);

@@ -116,7 +116,8 @@ pub struct Experiment {
     pub salt: String,
     /// At least two; `variants[0]` is the control.
     pub variants: Vec<Variant>,
-    /// Share of eligible customers in the experiment, in (0, 100], a multiple of 0.01.
+    /// Share of eligible customers in the experiment, in [0.01, 100] (a layer's range is
+    /// this share rounded to whole buckets of 0.01%).
     pub traffic_percent: f64,
     /// Only members of this segment are eligible; `None`: everyone.
     #[serde(default)]

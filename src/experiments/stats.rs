@@ -133,6 +133,11 @@ pub fn normal_p_value(z: f64) -> f64 {
     (2.0 * standard_normal().sf(z.abs())).min(1.0)
 }
 
+/// `x > 0`, false for NaN.
+fn positive(x: f64) -> bool {
+    x > 0.0
+}
+
 fn finite(x: f64) -> Option<f64> {
     x.is_finite().then_some(x)
 }
@@ -145,7 +150,7 @@ pub fn two_proportion_z(c_t: u64, n_t: u64, c_c: u64, n_c: u64) -> Option<(f64, 
     let (nt, nc) = (n_t as f64, n_c as f64);
     let pooled = (c_t + c_c) as f64 / (nt + nc);
     let se = (pooled * (1.0 - pooled) * (1.0 / nt + 1.0 / nc)).sqrt();
-    if !(se > 0.0) {
+    if !positive(se) {
         return None;
     }
     let z = finite((c_t as f64 / nt - c_c as f64 / nc) / se)?;
@@ -168,7 +173,7 @@ pub fn welch(
     let a_t = var_t / n_t as f64;
     let a_c = var_c / n_c as f64;
     let se2 = a_t + a_c;
-    if !(se2 > 0.0) {
+    if !positive(se2) {
         return None;
     }
     let diff = mean_t - mean_c;
@@ -184,7 +189,7 @@ pub fn welch(
 /// Half-width of the always-valid interval of an estimate with variance `variance`
 /// after `n` observations (see the module docs).
 pub fn always_valid_halfwidth(variance: f64, n: f64) -> Option<f64> {
-    if !(variance >= 0.0) || !(n > 0.0) {
+    if !(positive(variance) || variance == 0.0) || !positive(n) {
         return None;
     }
     let log_alpha = ALPHA.ln();
@@ -264,13 +269,13 @@ pub fn srm(observed: &[u64], weights: &[f64]) -> Option<Srm> {
     }
     let total: u64 = observed.iter().sum();
     let weight_sum: f64 = weights.iter().sum();
-    if total == 0 || !(weight_sum > 0.0) {
+    if total == 0 || !positive(weight_sum) {
         return None;
     }
     let mut chi = 0.0;
     for (&o, &w) in observed.iter().zip(weights) {
         let expected = total as f64 * w / weight_sum;
-        if !(expected > 0.0) {
+        if !positive(expected) {
             return None;
         }
         chi += (o as f64 - expected).powi(2) / expected;
