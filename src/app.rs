@@ -16,6 +16,8 @@ use crate::decision::pipeline::DecisionEngine;
 use crate::error::Result;
 use crate::events::ingest::Ingestor;
 use crate::events::processor::Processor;
+use crate::experiments::assignment::Holdout;
+use crate::experiments::ExperimentService;
 use crate::features::FeatureService;
 use crate::model::train::{Progress, TrainParams};
 use crate::model::{ModelService, TrainingSource, VersionInfo};
@@ -40,6 +42,7 @@ pub struct Engine {
     pub rules: Arc<RuleService>,
     /// The model registry and the scorer (`src/model`).
     pub models: Arc<ModelService>,
+    pub experiments: Arc<ExperimentService>,
     customer_locks: Arc<CustomerLocks>,
 }
 /// How long the decision path trusts its in-memory catalog when another process may
@@ -90,12 +93,23 @@ impl Engine {
         );
         let catalog = Arc::new(Catalog::new(stores.content.clone(), CATALOG_TTL));
         let models = ModelService::open(&settings.data_dir, &settings.model)?;
+        let experiments = Arc::new(ExperimentService::new(
+            stores.definitions.clone(),
+            stores.experiments.clone(),
+            stores.content.clone(),
+            Holdout {
+                percent: settings.experiments.holdout_percent,
+                salt: settings.experiments.holdout_salt.clone(),
+            },
+            CATALOG_TTL,
+        ));
         let decisions = DecisionEngine::new(
             stores.clone(),
             catalog.clone(),
             features.clone(),
             rules.clone(),
             models.clone(),
+            experiments.clone(),
             settings.policy.clone(),
             settings.consent.default_personalization,
             settings.limits.max_candidates,
@@ -113,6 +127,7 @@ impl Engine {
             decisions,
             rules,
             models,
+            experiments,
             customer_locks,
         }))
     }

@@ -21,6 +21,7 @@ pub struct Settings {
     pub timeouts: Timeouts,
     pub api: ApiSettings,
     pub policy: PolicySettings,
+    pub experiments: ExperimentSettings,
     pub features: FeatureSettings,
     pub segments: SegmentSettings,
     pub consent: ConsentSettings,
@@ -38,6 +39,7 @@ impl Default for Settings {
             timeouts: Timeouts::default(),
             api: ApiSettings::default(),
             policy: PolicySettings::default(),
+            experiments: ExperimentSettings::default(),
             features: FeatureSettings::default(),
             segments: SegmentSettings::default(),
             consent: ConsentSettings::default(),
@@ -167,6 +169,25 @@ impl Default for PolicySettings {
             epsilon: 0.1,
             propensity_samples: 200,
             model_prior_strength: 20.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExperimentSettings {
+    /// Share of all customers (0 to under 100) kept out of every experiment, to measure
+    /// the experiments' combined effect.
+    pub holdout_percent: f64,
+    /// Hashed with the customer id to pick the holdout; changing it reshuffles it.
+    pub holdout_salt: String,
+}
+
+impl Default for ExperimentSettings {
+    fn default() -> Self {
+        ExperimentSettings {
+            holdout_percent: 0.0,
+            holdout_salt: "tailor-holdout".into(),
         }
     }
 }
@@ -362,6 +383,12 @@ impl Settings {
         }
         if !(0.0..=1.0).contains(&self.policy.epsilon) {
             anyhow::bail!("policy.epsilon: must be between 0 and 1");
+        }
+        if !(0.0..100.0).contains(&self.experiments.holdout_percent) {
+            anyhow::bail!("experiments.holdout_percent: must be at least 0 and below 100");
+        }
+        if self.experiments.holdout_salt.is_empty() {
+            anyhow::bail!("experiments.holdout_salt: must not be empty");
         }
         if self.policy.propensity_samples == 0 {
             anyhow::bail!("policy.propensity_samples: must be at least 1");

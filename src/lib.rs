@@ -5,7 +5,7 @@
 //! - [`app`]: builds the [`app::Engine`] from settings and serves it;
 //! - [`api`]: GraphQL and REST, the only module that knows the wire formats;
 //! - [`customers`], [`events`], [`features`], [`segments`], [`content`], [`decision`],
-//!   [`bandit`]: the domain, pure logic over the storage traits;
+//!   [`bandit`], [`experiments`]: the domain, pure logic over the storage traits;
 //! - [`expressions`]: Rhai formulas of derived features and predicates of segments;
 //! - [`model`]: the candle recommendation model: training, registry, batched scoring;
 //! - [`storage`]: one trait per capability and the backends;
@@ -22,6 +22,7 @@ pub mod decision;
 pub mod demo;
 pub mod error;
 pub mod events;
+pub mod experiments;
 pub mod expressions;
 pub mod features;
 pub mod model;

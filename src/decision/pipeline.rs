@@ -1,6 +1,9 @@
 //! The `personalize` pipeline, one stage per function:
 //! load context → candidates → rules → score (the active model) → choose → record.
-//! And `record_outcome`, which closes the loop.
+//! And `record_outcome`, which closes the loop. Experiments' part of it is in
+//! [`experiments`].
+
+mod experiments;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,6 +22,7 @@ use crate::config::{PolicyKind, PolicySettings};
 use crate::content::{CandidateFilter, Catalog, ContentItem};
 use crate::customers::{Customer, CustomerId};
 use crate::error::{Error, Result};
+use crate::experiments::{ExperimentService, RuleOverride};
 use crate::features::{FeatureService, Window};
 use crate::model::schema::ScoreContext;
 use crate::model::serving::{ScoreRequest, Scores};
@@ -77,6 +81,7 @@ pub struct DecisionEngine {
     features: Arc<FeatureService>,
     rules: Arc<RuleService>,
     models: Arc<ModelService>,
+    experiments: Arc<ExperimentService>,
     policy: PolicySettings,
     default_consent: bool,
     max_candidates: usize,
@@ -92,6 +97,7 @@ impl DecisionEngine {
         features: Arc<FeatureService>,
         rules: Arc<RuleService>,
         models: Arc<ModelService>,
+        experiments: Arc<ExperimentService>,
         policy: PolicySettings,
         default_consent: bool,
         max_candidates: usize,
@@ -103,6 +109,7 @@ impl DecisionEngine {
             features,
             rules,
             models,
+            experiments,
             policy,
             default_consent,
             max_candidates,
@@ -136,7 +143,16 @@ impl DecisionEngine {
             .await?;
         let (candidates, mut filtered) = self.eligible(&req, &ctx, candidates, filtered)?;
         let placement = req.placement.as_deref().unwrap_or(NO_PLACEMENT);
-        let effects = self.apply_rules(&rules, &req, &ctx, &candidates, placement, now);
+        // Variant overrides: rule set and pin here, policy in `choose`; the model stage is
+        // to score with `applied.model_version` when set (not wired yet: no model stage).
+        let applied = self.assign_experiments(&req.customer_id, &ctx).await;
+        let rules = match &applied.rules {
+            Some(RuleOverride::Only(names)) => Arc::new(rules.restricted(names)),
+            Some(RuleOverride::None) => Arc::new(rules.restricted(&[])),
+            None => rules,
+        };
+        let mut effects = self.apply_rules(&rules, &req, &ctx, &candidates, placement, now);
+        let experiment_pin = experiments::pin(&applied, &candidates, &mut effects);
         for failure in &effects.failures {
             tracing::warn!(rule = %failure.rule, error = %failure.error, "Rule skipped for this decision");
             self.metrics.rule_error(&failure.rule);
@@ -147,9 +163,24 @@ impl DecisionEngine {
             }
         }
         let model = self.score(&req, &ctx, &candidates, &effects, now).await;
-        let (ranking, policy_name, stats) = self
-            .choose(placement, &candidates, &effects, &ctx, model.as_ref())
+        let policy_kind = applied.policy.unwrap_or(self.policy.default);
+        let (mut ranking, policy_name, stats) = self
+            .choose(
+                placement,
+                &candidates,
+                &effects,
+                &ctx,
+                policy_kind,
+                model.as_ref(),
+            )
             .await?;
+        if let Some(pinned) = experiment_pin {
+            // The experiment's pin goes before the rules' pins.
+            if let Some(at) = ranking.order.iter().position(|&(i, _)| i == pinned) {
+                let entry = ranking.order.remove(at);
+                ranking.order.insert(0, entry);
+            }
+        }
         if ranking.order.is_empty() {
             return Err(Error::invalid(
                 if req.available_items.is_some() {
@@ -225,7 +256,7 @@ impl DecisionEngine {
             propensity_kind: ranking.propensity_kind,
             model_version: model.as_ref().map(|m| m.scores.version.clone()),
             model_scores: model.as_ref().map(|m| m.log(&candidates)),
-            experiments: Vec::new(),
+            experiments: applied.assignments,
             segments: ctx.segments,
             rules: effects.fired,
             degraded: ctx.degraded,
@@ -527,6 +558,7 @@ impl DecisionEngine {
         candidates: &[Arc<ContentItem>],
         effects: &RuleEffects,
         ctx: &DecisionContext,
+        policy_kind: PolicyKind,
         model: Option<&ModelView>,
     ) -> Result<(Ranking, String, Vec<ArmStats>)> {
         let eligible: Vec<usize> = (0..candidates.len())
@@ -580,9 +612,9 @@ impl DecisionEngine {
         // The RNG is per decision and seeded from the OS: no shared lock on the hot path.
         let mut rng = rand::rngs::SmallRng::from_os_rng();
         let (ranked, name) = if free.is_empty() {
-            (policy::by_priority(0), self.policy_name())
+            (policy::by_priority(0), policy_name(policy_kind))
         } else {
-            match self.policy.default {
+            match policy_kind {
                 PolicyKind::ModelGreedy if model.is_some() => {
                     let scores: Vec<f64> = free
                         .iter()
@@ -631,13 +663,6 @@ impl DecisionEngine {
         ))
     }
 
-    fn policy_name(&self) -> &'static str {
-        match self.policy.default {
-            PolicyKind::Thompson | PolicyKind::ModelGreedy => "thompson_sampling",
-            PolicyKind::EpsilonGreedy => "epsilon_greedy",
-        }
-    }
-
     /// Stage 6: store the decision, count an impression per shown item, publish.
     #[tracing::instrument(skip_all)]
     async fn record(
@@ -659,7 +684,11 @@ impl DecisionEngine {
             }
             Ok::<_, crate::storage::StorageError>(())
         };
-        let (stored, counted) = tokio::join!(self.stores.decisions.put(&decision), impressions);
+        let (stored, counted, exposed) = tokio::join!(
+            self.stores.decisions.put(&decision),
+            impressions,
+            self.experiments.record_exposures(&decision.experiments),
+        );
         stored.inspect_err(|_| self.metrics.backend_error("decisions"))?;
         if let Some(version) = &decision.model_version {
             self.models.scorer().record_decision(version);
@@ -667,6 +696,10 @@ impl DecisionEngine {
         if let Err(e) = counted {
             tracing::warn!(error = %e, "Failed to count impressions");
             self.metrics.backend_error("bandit");
+        }
+        if let Err(e) = exposed {
+            tracing::warn!(error = %e, "Failed to count experiment exposures");
+            self.metrics.backend_error("experiments");
         }
         let attrs = [
             KeyValue::new("placement", placement.to_owned()),
@@ -738,6 +771,9 @@ impl DecisionEngine {
                 .add(placement, &outcome.item_id, ArmStats::reward(reward))
                 .await?;
         }
+        if reward > 0.0 && !decision.experiments.is_empty() {
+            self.count_conversion(&decision, earlier, value).await?;
+        }
         if reward > 0.0 {
             let attrs = [
                 KeyValue::new("conversion_type", outcome.conversion_type.clone()),
@@ -776,6 +812,13 @@ impl ModelView {
             shadow_version: self.scores.shadow.as_ref().map(|s| s.version.clone()),
             shadow_scores: by_id(&self.shadow),
         }
+    }
+}
+
+fn policy_name(kind: PolicyKind) -> &'static str {
+    match kind {
+        PolicyKind::Thompson | PolicyKind::ModelGreedy => "thompson_sampling",
+        PolicyKind::EpsilonGreedy => "epsilon_greedy",
     }
 }
 

@@ -122,6 +122,18 @@ impl RuleSet {
         &self.engine
     }
 
+    /// The same set with only the rules named in `names` (an experiment variant's rule
+    /// set); names that are not in the set are ignored.
+    pub fn restricted(&self, names: &[String]) -> RuleSet {
+        let rules = self
+            .rules
+            .iter()
+            .filter(|r| names.contains(&r.rule.meta.name))
+            .cloned()
+            .collect();
+        RuleSet::new(self.engine.clone(), rules, self.budget)
+    }
+
     /// Every rule, enabled or not, in the order they run.
     pub fn rules(&self) -> &[Arc<ActiveRule>] {
         &self.rules

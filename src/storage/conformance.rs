@@ -24,13 +24,15 @@ use serde_json::{json, Map};
 
 use super::{
     AppendOutcome, BanditStore, ContentStore, DecisionStore, DefinitionKind, DefinitionStore,
-    EventLog, FeatureStore, MembershipChange, ProfileStore, SegmentStore, StorageResult,
+    EventLog, ExperimentStore, FeatureStore, MembershipChange, ProfileStore, SegmentStore,
+    StorageResult,
 };
 use crate::bandit::ArmStats;
 use crate::content::ContentItem;
 use crate::customers::{Consent, Customer, CustomerId, Pii};
 use crate::decision::{Assignment, Decision, Impression, Outcome, PropensityKind, ScoredItem};
 use crate::events::{Event, StoredEvent};
+use crate::experiments::VariantTotals;
 use crate::features::{Bucket, FeatureKey, FeatureState};
 
 /// Unwraps a storage result, failing the suite with `what` and the error.
@@ -1579,6 +1581,122 @@ pub async fn bandit(store: Arc<dyn BanditStore>, prefix: &str) {
     assert_eq!(
         ok("get c", store.get(&p, &arms(&["c"])).await),
         vec![stats(n, n * 0.5 + f64::from(per_task))],
+        "concurrent adds must all be merged by addition"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Experiments
+// ---------------------------------------------------------------------------------------
+
+fn totals(exposures: u64, conversions: u64, value_sum: f64, value_sum_sq: f64) -> VariantTotals {
+    VariantTotals {
+        exposures,
+        conversions,
+        value_sum,
+        value_sum_sq,
+    }
+}
+
+/// [`ExperimentStore`]: unseen experiments read as empty, totals per (experiment,
+/// variant) ascending by variant, additive `add` (a pair named twice in one call gets
+/// both), one call all-or-nothing (a non-finite delta stores nothing), concurrent adds
+/// from several tasks. Takes an `Arc` to spawn them.
+pub async fn experiments(store: Arc<dyn ExperimentStore>, prefix: &str) {
+    let e = format!("{prefix}e");
+    let e2 = format!("{prefix}e2"); // e is a prefix of e2
+    let e_colon = format!("{prefix}e:b"); // a separator-looking key
+    let add = |deltas: Vec<(&str, &str, VariantTotals)>| {
+        deltas
+            .into_iter()
+            .map(|(e, v, d)| (e.to_owned(), v.to_owned(), d))
+            .collect::<Vec<_>>()
+    };
+
+    assert!(
+        ok("totals unseen", store.totals(&e).await).is_empty(),
+        "an experiment never added to has no totals"
+    );
+    ok("add nothing", store.add(&[]).await);
+    ok(
+        "add",
+        store
+            .add(&add(vec![
+                (&e, "control", VariantTotals::exposure()),
+                (&e, "control", VariantTotals::exposure()),
+                (&e, "b", totals(3, 1, 2.5, 6.25)),
+                (&e2, "a", totals(7, 0, 0.0, 0.0)),
+                (&e_colon, "a", totals(1, 1, 1.0, 1.0)),
+            ]))
+            .await,
+    );
+    ok(
+        "add",
+        store
+            .add(&add(vec![(&e, "b", VariantTotals::conversion(0.5))]))
+            .await,
+    );
+    let got = ok("totals", store.totals(&e).await);
+    assert_eq!(
+        got,
+        vec![
+            ("b".to_owned(), totals(3, 2, 3.0, 6.5)),
+            ("control".to_owned(), totals(2, 0, 0.0, 0.0)),
+        ],
+        "add must sum into each (experiment, variant); totals ascend by variant and \
+         belong to that experiment only"
+    );
+    assert_eq!(
+        ok("totals e2", store.totals(&e2).await),
+        vec![("a".to_owned(), totals(7, 0, 0.0, 0.0))]
+    );
+
+    let bad = add(vec![
+        (&e, "control", VariantTotals::exposure()),
+        (&e, "b", totals(1, 1, f64::NAN, 0.0)),
+    ]);
+    assert!(
+        store.add(&bad).await.is_err(),
+        "a non-finite delta must be refused"
+    );
+    assert_eq!(
+        ok("totals after refusal", store.totals(&e).await),
+        got,
+        "a refused add must store nothing"
+    );
+
+    let tasks = 8;
+    let per_task = 25;
+    let mut handles = Vec::new();
+    for _ in 0..tasks {
+        let store = store.clone();
+        let deltas = add(vec![(&e2, "c", totals(1, 1, 0.5, 0.25))]);
+        handles.push(tokio::spawn(async move {
+            for _ in 0..per_task {
+                ok("concurrent add", store.add(&deltas).await);
+            }
+        }));
+    }
+    let one = add(vec![(&e2, "c", VariantTotals::exposure())]);
+    let joined = futures::future::join_all((0..per_task).map(|_| store.add(&one))).await;
+    for result in joined {
+        ok("concurrent add", result);
+    }
+    for handle in handles {
+        if let Err(e) = handle.await {
+            panic!("a concurrent add task failed: {e}");
+        }
+    }
+    let n = (tasks * per_task) as u64;
+    assert_eq!(
+        ok("totals c", store.totals(&e2).await),
+        vec![
+            ("a".to_owned(), totals(7, 0, 0.0, 0.0)),
+            (
+                "c".to_owned(),
+                totals(n + per_task as u64, n, 0.5 * n as f64, 0.25 * n as f64)
+            ),
+        ],
         "concurrent adds must all be merged by addition"
     );
 }

@@ -1,7 +1,7 @@
 //! Storage: one trait per capability, each with its contract, and the backends.
 //!
-//! Domain code (`decision`, `features`, `segments`, `bandit`, `events`) does I/O only
-//! through these traits. Only `storage/<backend>/` knows a concrete store; every backend
+//! Domain code (`decision`, `features`, `segments`, `bandit`, `events`, `experiments`)
+//! does I/O only through these traits. Only `storage/<backend>/` knows a concrete store; every backend
 //! passes the shared suites in [`conformance`].
 //!
 //! Common contract for every trait here:
@@ -29,6 +29,7 @@ use crate::content::ContentItem;
 use crate::customers::{Customer, CustomerId};
 use crate::decision::{Decision, Impression, Outcome};
 use crate::events::{Event, StoredEvent};
+use crate::experiments::VariantTotals;
 use crate::features::{FeatureKey, FeatureState};
 
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +203,18 @@ pub trait BanditStore: Send + Sync {
     async fn get(&self, placement: &str, arms: &[String]) -> StorageResult<Vec<ArmStats>>;
 }
 
+/// Experiment counters per (experiment key, variant key): additive sufficient statistics,
+/// so concurrent updates from many replicas merge by addition.
+#[async_trait]
+pub trait ExperimentStore: Send + Sync {
+    /// Adds every delta to its (experiment, variant) totals, all in one atomic write (a
+    /// pair named twice gets both). Refuses non-finite values, storing nothing.
+    async fn add(&self, deltas: &[(String, String, VariantTotals)]) -> StorageResult<()>;
+    /// The totals of every variant of `experiment` ever added to, ascending by variant
+    /// key; variants never added to are absent (they read as zero).
+    async fn totals(&self, experiment: &str) -> StorageResult<Vec<(String, VariantTotals)>>;
+}
+
 /// The kinds of definition the engine keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -281,4 +294,5 @@ pub struct Stores {
     pub decisions: Arc<dyn DecisionStore>,
     pub bandit: Arc<dyn BanditStore>,
     pub definitions: Arc<dyn DefinitionStore>,
+    pub experiments: Arc<dyn ExperimentStore>,
 }

@@ -2,6 +2,7 @@
 //! in-process.
 
 pub mod error;
+pub mod experiments;
 pub mod models;
 pub mod mutation;
 pub mod query;

@@ -211,6 +211,7 @@ impl DefinitionMutation {
 #[derive(MergedObject, Default)]
 pub struct Mutation(
     IngestMutation,
+    super::experiments::ExperimentMutation,
     DefinitionMutation,
     super::rules::RuleMutation,
     super::models::ModelMutation,

@@ -181,6 +181,7 @@ impl ContentQuery {
 #[derive(MergedObject, Default)]
 pub struct Query(
     DecisionQuery,
+    super::experiments::ExperimentQuery,
     CustomerQuery,
     SegmentQuery,
     ContentQuery,

@@ -6,7 +6,7 @@
 //! - [`writer`]: the group-commit writer thread that owns every write transaction;
 //! - one file per capability, each with its tables and its trait implementation:
 //!   [`profiles`], [`events`], [`features`], [`segments`], [`content`], [`decisions`],
-//!   [`bandit`], [`definitions`];
+//!   [`bandit`], [`definitions`], [`experiments`];
 //! - `tests` (test builds only): the conformance suite on this backend, durability,
 //!   group commit and corruption.
 //!
@@ -24,6 +24,7 @@ pub mod content;
 pub mod decisions;
 pub mod definitions;
 pub mod events;
+pub mod experiments;
 pub mod features;
 pub mod profiles;
 pub mod segments;
@@ -84,6 +85,7 @@ impl EmbeddedStore {
             decisions: Arc::new(decisions::EmbeddedDecisions::new(self.clone())),
             bandit: Arc::new(bandit::EmbeddedBandit::new(self.clone())),
             definitions: Arc::new(definitions::EmbeddedDefinitions::new(self.clone())),
+            experiments: Arc::new(experiments::EmbeddedExperiments::new(self.clone())),
         }
     }
 
@@ -135,6 +137,7 @@ fn create_tables(db: &Database) -> StorageResult<()> {
     decisions::create_tables(&txn)?;
     bandit::create_tables(&txn)?;
     definitions::create_tables(&txn)?;
+    experiments::create_tables(&txn)?;
     txn.commit().map_err(db_err)
 }
 

@@ -156,6 +156,12 @@ async fn definitions_conform() {
     conformance::definitions(stores.definitions.as_ref(), "t:").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn experiments_conform() {
+    let (_dir, _store, stores) = fresh();
+    conformance::experiments(stores.experiments.clone(), "t:").await;
+}
+
 /// The suites isolate themselves by prefix, as they must on a shared server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suites_share_one_store_by_prefix() {
@@ -169,6 +175,7 @@ async fn suites_share_one_store_by_prefix() {
         conformance::decisions(s.decisions.as_ref(), prefix).await;
         conformance::bandit(s.bandit.clone(), prefix).await;
         conformance::definitions(s.definitions.as_ref(), prefix).await;
+        conformance::experiments(s.experiments.clone(), prefix).await;
     }
 }
 
