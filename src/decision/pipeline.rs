@@ -143,8 +143,9 @@ impl DecisionEngine {
             .await?;
         let (candidates, mut filtered) = self.eligible(&req, &ctx, candidates, filtered)?;
         let placement = req.placement.as_deref().unwrap_or(NO_PLACEMENT);
-        // Variant overrides: rule set and pin here, policy in `choose`; the model stage is
-        // to score with `applied.model_version` when set (not wired yet: no model stage).
+        // Variant overrides: rule set and pin here, policy in `choose`. A variant's
+        // `model_version` is not served yet: the scorer holds only the active and the
+        // shadow version, so every decision is scored by the active one.
         let applied = self.assign_experiments(&req.customer_id, &ctx).await;
         let rules = match &applied.rules {
             Some(RuleOverride::Only(names)) => Arc::new(rules.restricted(names)),

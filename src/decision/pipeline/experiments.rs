@@ -3,7 +3,7 @@
 //!
 //! Exposures are counted in `record` (one per decision and experiment). The variant's
 //! policy and rule set are applied by `personalize` itself; its model version is carried
-//! on [`Applied::model_version`] for the model stage to honour.
+//! on [`Applied::model_version`], but the scorer serves only the active version so far.
 
 use std::sync::Arc;
 
