@@ -29,10 +29,12 @@ impl Window {
                 format!("'{raw}' is not a window such as 30d, 12h or 90m"),
             )
         };
-        if raw.len() < 2 {
+        // The unit is the last character, whatever its width: slicing at a byte offset
+        // would panic inside a multi-byte character (found by fuzzing the rules).
+        let Some((at, _)) = raw.char_indices().last().filter(|&(at, _)| at > 0) else {
             return Err(bad());
-        }
-        let (number, unit) = raw.split_at(raw.len() - 1);
+        };
+        let (number, unit) = raw.split_at(at);
         let n: i64 = number.parse().map_err(|_| bad())?;
         let per_unit = match unit {
             "m" => 1,
@@ -105,7 +107,9 @@ mod tests {
             assert_eq!(w.minutes(), minutes);
             assert_eq!(w.to_string(), shown);
         }
-        for bad in ["", "d", "0d", "-1d", "5y", "400d", "x3d"] {
+        for bad in [
+            "", "d", "0d", "-1d", "5y", "400d", "x3d", "Л", "1Л", "Лd", "é", "3日",
+        ] {
             let err = Window::parse("within", bad).unwrap_err().to_string();
             assert!(err.starts_with("within: "), "{err}");
         }
