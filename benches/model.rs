@@ -54,6 +54,7 @@ fn scoring(c: &mut Criterion) {
                 device: Some("mobile".into()),
                 hour: 14.5,
             },
+            version: None,
         };
         group.bench_with_input(BenchmarkId::new("candidates", n), &request, |b, r| {
             b.iter(|| model.score(r).expect("scores"))

@@ -531,6 +531,7 @@ pub fn compare_policies(
                 device: Some(["web", "mobile"][rng.random_range(0..2)].to_string()),
                 hour: rng.random_range(0.0..24.0),
             },
+            version: None,
         };
         let scores = model
             .score(&request)

@@ -162,6 +162,7 @@ async fn train_list_activate_shadow_and_roll_back_over_graphql() {
             features: demo::simulated_customer(77, 1).1,
             items,
             context: ScoreContext::default(),
+            version: None,
         })
         .await
         .unwrap()
@@ -307,4 +308,55 @@ async fn decisions_are_scored_by_the_active_model_and_feed_its_online_reward() {
     .await;
     let online = app.engine.models.scorer().online_reward("v1");
     assert_eq!((online.decisions, online.reward), (1, 1.0));
+}
+
+#[tokio::test]
+async fn an_experiment_variant_scores_with_its_own_model_version() {
+    let app = TestApp::new().await;
+    for item in demo::catalog() {
+        app.engine.upsert_content(item).await.unwrap();
+    }
+    for (name, body) in demo::features() {
+        app.engine.features.define(&name, body).await.unwrap();
+    }
+    log_history(&app, 3_000, None).await;
+    app.gql(
+        "mutation { trainModel(seed: 5, epochs: 2, activate: true) { version } }",
+        json!({}),
+    )
+    .await;
+    app.gql(
+        "mutation { trainModel(seed: 6, epochs: 2) { version } }",
+        json!({}),
+    )
+    .await;
+    app.gql(
+        "mutation($i: ExperimentInput!) { createExperiment(input: $i) { key } }",
+        json!({"i": {"key": "model_v2", "variants": [
+            {"key": "control", "weight": 1.0},
+            {"key": "candidate", "weight": 1.0, "modelVersion": "v2"},
+        ]}}),
+    )
+    .await;
+    app.gql(
+        "mutation { setExperimentStatus(key: \"model_v2\", status: RUNNING) { status } }",
+        json!({}),
+    )
+    .await;
+    let mut seen = std::collections::BTreeSet::new();
+    for c in 0..24 {
+        let d = app
+            .gql(
+                r#"query($c: ID!) { personalize(input: {customerId: $c, placement: "homepage_hero"}) {
+                    modelVersion experiments { experiment variant } } }"#,
+                json!({"c": format!("cust-{c}")}),
+            )
+            .await["personalize"]
+            .clone();
+        let variant = d["experiments"][0]["variant"].as_str().unwrap().to_owned();
+        let expected = if variant == "candidate" { "v2" } else { "v1" };
+        assert_eq!(d["modelVersion"], expected, "{d}");
+        seen.insert(variant);
+    }
+    assert_eq!(seen.len(), 2, "both variants were served: {seen:?}");
 }

@@ -143,9 +143,8 @@ impl DecisionEngine {
             .await?;
         let (candidates, mut filtered) = self.eligible(&req, &ctx, candidates, filtered)?;
         let placement = req.placement.as_deref().unwrap_or(NO_PLACEMENT);
-        // Variant overrides: rule set and pin here, policy in `choose`. A variant's
-        // `model_version` is not served yet: the scorer holds only the active and the
-        // shadow version, so every decision is scored by the active one.
+        // Variant overrides: rule set and pin here, model version in `score`, policy in
+        // `choose`.
         let applied = self.assign_experiments(&req.customer_id, &ctx).await;
         let rules = match &applied.rules {
             Some(RuleOverride::Only(names)) => Arc::new(rules.restricted(names)),
@@ -163,7 +162,16 @@ impl DecisionEngine {
                 filtered.push(json!({"id": candidates[i].id, "reason": "rule", "rule": rule}));
             }
         }
-        let model = self.score(&req, &ctx, &candidates, &effects, now).await;
+        let model = self
+            .score(
+                &req,
+                &ctx,
+                &candidates,
+                &effects,
+                applied.model_version.clone(),
+                now,
+            )
+            .await;
         let policy_kind = applied.policy.unwrap_or(self.policy.default);
         let (mut ranking, policy_name, stats) = self
             .choose(
@@ -494,10 +502,11 @@ impl DecisionEngine {
         effects
     }
 
-    /// Stage 4: the active model scores every candidate still eligible in one batched
-    /// forward pass, off the executor. `None` without consent, without an active version
-    /// (cold start), or when scoring fails (the scorer has then rolled back; this decision
-    /// goes on without the model and says so in the log).
+    /// Stage 4: the active model (or the experiment variant's `version`) scores every
+    /// candidate still eligible in one batched forward pass, off the executor. `None`
+    /// without consent, without a version to score with (cold start), or when scoring
+    /// fails (the scorer has then rolled back; this decision goes on without the model
+    /// and says so in the log).
     #[tracing::instrument(skip_all)]
     async fn score(
         &self,
@@ -505,6 +514,7 @@ impl DecisionEngine {
         ctx: &DecisionContext,
         candidates: &[Arc<ContentItem>],
         effects: &RuleEffects,
+        version: Option<String>,
         now: DateTime<Utc>,
     ) -> Option<ModelView> {
         if !ctx.personalized {
@@ -520,6 +530,7 @@ impl DecisionEngine {
             features: Arc::new(ctx.features.clone()),
             items: alive.iter().map(|&i| candidates[i].clone()).collect(),
             context: ScoreContext::from_request(req.placement.as_deref(), &req.context, now),
+            version,
         };
         let scores = match self.models.scorer().score(request).await {
             Ok(Some(scores)) => scores,

@@ -62,8 +62,8 @@ pub enum RuleOverride {
 pub struct Overrides {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyKind>,
-    /// The model version to score with. Carried on the assignment for the model stage to
-    /// honour; this module does not score.
+    /// The saved model version to score with instead of the active one (the pipeline's
+    /// model stage does; this module does not score).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_version: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -159,7 +159,7 @@ pub(crate) fn traffic_buckets(percent: f64) -> u32 {
 pub struct VariantInput {
     pub key: String,
     pub weight: f64,
-    /// `thompson_sampling` (or `thompson`) or `epsilon_greedy`.
+    /// `thompson_sampling` (or `thompson`), `epsilon_greedy` or `model_greedy`.
     pub policy: Option<String>,
     pub model_version: Option<String>,
     /// Run only these rules; an empty list runs none.

@@ -38,9 +38,8 @@ pub struct Applied {
     /// One per experiment the customer is in, by experiment key.
     pub assignments: Vec<Assignment>,
     pub policy: Option<PolicyKind>,
-    /// The model version the customer's variant asks for. The model stage of the
-    /// pipeline is to score with this version when it is set; this service only carries
-    /// it (the decision pipeline does not score with models yet, so nothing reads it).
+    /// The model version the customer's variant asks for: the pipeline's model stage
+    /// scores with it instead of the active version.
     pub model_version: Option<String>,
     pub rules: Option<RuleOverride>,
     /// (item id, experiment key): the item to show first when it is an eligible candidate.

@@ -47,6 +47,10 @@ pub struct ScoreRequest {
     pub features: Arc<BTreeMap<String, f64>>,
     pub items: Vec<Arc<ContentItem>>,
     pub context: ScoreContext,
+    /// Score with this saved version instead of the active one (an experiment variant's
+    /// model). When it cannot be loaded or fails, the active version scores instead;
+    /// [`Scores::version`] says which one did.
+    pub version: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -175,6 +179,9 @@ struct Shared {
     /// The version the active one replaced (what reward comparisons and rollback use).
     predecessor: ArcSwapOption<String>,
     registry: Option<Arc<Registry>>,
+    /// Versions experiment variants asked for, loaded on first use (a saved version never
+    /// changes). Only the scorer thread touches it.
+    variants: parking_lot::Mutex<HashMap<String, Arc<LoadedModel>>>,
     device: Device,
     settings: ScorerSettings,
     /// A std mutex: held for a counter update, never across an await.
@@ -204,6 +211,7 @@ impl Scorer {
             shadow: ArcSwapOption::empty(),
             predecessor: ArcSwapOption::empty(),
             registry,
+            variants: parking_lot::Mutex::new(HashMap::new()),
             device,
             settings,
             rewards: parking_lot::Mutex::new(HashMap::new()),
@@ -257,7 +265,7 @@ impl Scorer {
     /// Scores every candidate of the request with the active version (and the shadow);
     /// `Ok(None)` when no version is active. Never blocks the executor.
     pub async fn score(&self, request: ScoreRequest) -> ModelResult<Option<Scores>> {
-        if self.shared.active.load().is_none() {
+        if self.shared.active.load().is_none() && request.version.is_none() {
             return Ok(None);
         }
         let (reply, answer) = oneshot::channel();
@@ -389,18 +397,8 @@ impl Shared {
             self.batches.fetch_add(1, Ordering::Relaxed);
             self.requests
                 .fetch_add(requests.len() as u64, Ordering::Relaxed);
-            let answers = self.score_all(&requests);
-            match answers {
-                Ok(answers) => {
-                    for (reply, answer) in replies.into_iter().zip(answers) {
-                        let _ = reply.send(Ok(answer));
-                    }
-                }
-                Err(message) => {
-                    for reply in replies {
-                        let _ = reply.send(Err(ModelError::Compute(message.clone())));
-                    }
-                }
+            for (reply, answer) in replies.into_iter().zip(self.score_all(&requests)) {
+                let _ = reply.send(answer.map_err(ModelError::Compute));
             }
         }
         for job in after {
@@ -418,17 +416,87 @@ impl Shared {
         }
     }
 
-    /// One pass for the active version (rolling back once if it fails) and one for the
-    /// shadow.
-    fn score_all(&self, requests: &[ScoreRequest]) -> Result<Vec<Option<Scores>>, String> {
-        let refs: Vec<&ScoreRequest> = requests.iter().collect();
+    /// One pass per variant version requests asked for, then one for the active version
+    /// (rolling back once if it fails) and one for the shadow over every other request.
+    fn score_all(&self, requests: &[ScoreRequest]) -> Vec<Result<Option<Scores>, String>> {
+        let active = self.active.load().as_ref().map(|m| m.version().to_owned());
+        let mut answers: Vec<Result<Option<Scores>, String>> = vec![Ok(None); requests.len()];
+        let mut by_active = Vec::new();
+        let mut by_variant: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, r) in requests.iter().enumerate() {
+            match r.version.as_deref() {
+                Some(v) if Some(v) != active.as_deref() => by_variant.entry(v).or_default().push(i),
+                _ => by_active.push(i),
+            }
+        }
+        for (version, indices) in by_variant {
+            let refs: Vec<&ScoreRequest> = indices.iter().map(|&i| &requests[i]).collect();
+            match self
+                .variant(version)
+                .and_then(|model| Ok((guarded(&model, &refs)?, model)))
+            {
+                Ok((lists, model)) => {
+                    for (&i, scores) in indices.iter().zip(lists) {
+                        answers[i] = Ok(Some(Scores {
+                            version: model.version().to_owned(),
+                            scores,
+                            shadow: None,
+                        }));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(version, error = %e, "A variant's model version cannot score; the active version scores instead");
+                    by_active.extend(indices);
+                }
+            }
+        }
+        if !by_active.is_empty() {
+            let refs: Vec<&ScoreRequest> = by_active.iter().map(|&i| &requests[i]).collect();
+            match self.score_active(&refs) {
+                Ok(lists) => {
+                    for (&i, scores) in by_active.iter().zip(lists) {
+                        answers[i] = Ok(scores);
+                    }
+                }
+                Err(e) => {
+                    for &i in &by_active {
+                        answers[i] = Err(e.clone());
+                    }
+                }
+            }
+        }
+        answers
+    }
+
+    /// A saved version an experiment variant scores with, loaded once.
+    fn variant(&self, version: &str) -> ModelResult<Arc<LoadedModel>> {
+        /// Versions kept loaded at once; experiments rarely compare more.
+        const MAX_VARIANTS: usize = 8;
+        if let Some(model) = self.variants.lock().get(version) {
+            return Ok(model.clone());
+        }
+        let registry = self
+            .registry
+            .as_ref()
+            .ok_or_else(|| ModelError::invalid("version", "no registry to load it from"))?;
+        let model = Arc::new(registry.load(version, &self.device)?);
+        let mut variants = self.variants.lock();
+        if variants.len() >= MAX_VARIANTS {
+            variants.clear();
+        }
+        variants.insert(version.to_owned(), model.clone());
+        Ok(model)
+    }
+
+    /// The active version's pass (rolling back once if it fails) and the shadow's.
+    fn score_active(&self, refs: &[&ScoreRequest]) -> Result<Vec<Option<Scores>>, String> {
         let mut active = self.active.load_full();
         let mut scored = None;
         for attempt in 0..2 {
             let Some(model) = active.clone() else {
-                return Ok(vec![None; requests.len()]);
+                return Ok(vec![None; refs.len()]);
             };
-            match guarded(&model, &refs) {
+            match guarded(&model, refs) {
                 Ok(s) => {
                     scored = Some((model, s));
                     break;
@@ -453,7 +521,7 @@ impl Shared {
         let Some((model, lists)) = scored else {
             return Err("no model could score".into());
         };
-        let shadow = self.shadow.load_full().and_then(|sh| match guarded(&sh, &refs) {
+        let shadow = self.shadow.load_full().and_then(|sh| match guarded(&sh, refs) {
             Ok(s) => Some((sh.version().to_owned(), s)),
             Err(e) => {
                 tracing::warn!(version = sh.version(), error = %e, "Shadow model inference failed");
@@ -545,6 +613,7 @@ mod tests {
                 })
                 .collect(),
             context: ScoreContext::default(),
+            version: None,
         }
     }
 
@@ -584,6 +653,38 @@ mod tests {
         let stats = scorer.stats();
         assert_eq!(stats.requests, 12);
         assert!(stats.batches < 12, "requests were merged: {stats:?}");
+    }
+
+    #[tokio::test]
+    async fn experiment_variants_score_with_their_own_version_in_the_same_batch() {
+        let (_dir, registry) = registry_with(2);
+        let v2 = registry.load("v2", &Device::Cpu).unwrap();
+        let registry = Arc::new(registry);
+        let scorer = Scorer::start(settings(200), Some(registry.clone()), Device::Cpu).unwrap();
+        let asking = |version: Option<&str>| ScoreRequest {
+            version: version.map(str::to_owned),
+            ..request(5, 1.0)
+        };
+        // No active version: only a request naming one is scored.
+        assert_eq!(scorer.score(asking(None)).await.unwrap(), None);
+        let alone = scorer.score(asking(Some("v2"))).await.unwrap().unwrap();
+        assert_eq!(alone.version, "v2");
+        assert_eq!(alone.scores, v2.score(&asking(None)).unwrap());
+
+        scorer.set_active(Some(registry.load("v1", &Device::Cpu).unwrap()), None);
+        let asked = [None, Some("v2"), Some("v9"), Some("v1"), Some("../v1")];
+        let answers =
+            futures::future::join_all(asked.iter().map(|&v| scorer.score(asking(v)))).await;
+        let versions: Vec<String> = answers
+            .into_iter()
+            .map(|a| a.unwrap().expect("scored").version)
+            .collect();
+        assert_eq!(
+            versions,
+            ["v1", "v2", "v1", "v1", "v1"],
+            "a version that cannot be loaded falls back to the active one"
+        );
+        assert!(scorer.stats().batches < 5, "{:?}", scorer.stats());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -627,20 +728,24 @@ mod tests {
         assert_eq!(scorer.stats().failures, 0);
     }
 
-    #[tokio::test]
-    async fn a_failing_version_rolls_back_and_the_request_still_succeeds() {
-        let (dir, registry) = registry_with(2);
-        registry.activate("v1", &live, "first").unwrap();
-        registry.activate("v2", &live, "second").unwrap();
-        // v2 as loaded no longer matches its weights: every forward pass fails.
-        let good = registry.load("v2", &Device::Cpu).unwrap();
+    /// `version` as loaded but no longer matching its weights: every forward pass fails.
+    fn broken_copy(registry: &Registry, version: &str) -> LoadedModel {
+        let good = registry.load(version, &Device::Cpu).unwrap();
         let mut manifest = good.manifest().clone();
         manifest.schema.customer_features.push(NumericInput {
             name: "extra".into(),
             mean: 0.0,
             std: 1.0,
         });
-        let broken = LoadedModel::new(manifest, good.net.clone());
+        LoadedModel::new(manifest, good.net.clone())
+    }
+
+    #[tokio::test]
+    async fn a_failing_version_rolls_back_and_the_request_still_succeeds() {
+        let (dir, registry) = registry_with(2);
+        registry.activate("v1", &live, "first").unwrap();
+        registry.activate("v2", &live, "second").unwrap();
+        let broken = broken_copy(&registry, "v2");
         assert!(broken.score(&request(2, 1.0)).is_err());
 
         let registry = Arc::new(registry);
@@ -663,14 +768,7 @@ mod tests {
         // With nothing left to roll back to, a failure is an error, not a panic.
         let registry2 = Arc::new(Registry::new(dir.path()));
         let alone = Scorer::start(settings(0), Some(registry2), Device::Cpu).unwrap();
-        let good = registry.load("v2", &Device::Cpu).unwrap();
-        let mut manifest = good.manifest().clone();
-        manifest.schema.customer_features.push(NumericInput {
-            name: "extra".into(),
-            mean: 0.0,
-            std: 1.0,
-        });
-        alone.set_active(Some(LoadedModel::new(manifest, good.net.clone())), None);
+        alone.set_active(Some(broken_copy(&registry, "v2")), None);
         let err = alone.score(request(1, 1.0)).await.unwrap_err().to_string();
         assert!(err.starts_with("model computation:"), "{err}");
     }

@@ -47,9 +47,10 @@ pub struct VariantInput {
     pub key: String,
     /// Relative share of the experiment's traffic, > 0.
     pub weight: f64,
-    /// `thompson_sampling` or `epsilon_greedy`.
+    /// `thompson_sampling`, `epsilon_greedy` or `model_greedy`.
     pub policy: Option<String>,
-    /// The model version to score with (honoured by the model stage).
+    /// The saved model version to score with instead of the active one (the active one
+    /// scores when it cannot be loaded; the decision's `modelVersion` says which did).
     pub model_version: Option<String>,
     /// Run only these rules; `[]` runs none.
     pub rules: Option<Vec<String>>,

@@ -2,8 +2,7 @@
 //! the variant's pinned item, and counting a decision's conversion once.
 //!
 //! Exposures are counted in `record` (one per decision and experiment). The variant's
-//! policy and rule set are applied by `personalize` itself; its model version is carried
-//! on [`Applied::model_version`], but the scorer serves only the active version so far.
+//! policy, rule set and model version are applied by `personalize` itself.
 
 use std::sync::Arc;
 
