@@ -2,15 +2,15 @@
 //! eligibility rules (placement, type, active window, segments) that make them candidates.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::customers::validate_id;
 use crate::error::{Error, Result};
+use crate::snapshot::Snapshot;
 use crate::storage::{ContentStore, StorageResult};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,31 +96,24 @@ impl CandidateFilter<'_> {
 /// changes it or after `ttl` (so changes made by another replica show within `ttl`).
 pub struct Catalog {
     store: Arc<dyn ContentStore>,
-    ttl: Duration,
-    /// A std lock: held only to clone or replace the `Arc`, never across an await.
-    cached: RwLock<Option<(Instant, Arc<Vec<Arc<ContentItem>>>)>>,
+    items: Snapshot<Vec<Arc<ContentItem>>>,
 }
 
 impl Catalog {
     pub fn new(store: Arc<dyn ContentStore>, ttl: Duration) -> Self {
         Catalog {
             store,
-            ttl,
-            cached: RwLock::new(None),
+            items: Snapshot::new(ttl),
         }
     }
 
     /// Every item, in ascending id order.
     pub async fn items(&self) -> StorageResult<Arc<Vec<Arc<ContentItem>>>> {
-        if let Some((at, items)) = self.cached.read().as_ref() {
-            if at.elapsed() < self.ttl {
-                return Ok(items.clone());
-            }
-        }
-        let items: Arc<Vec<Arc<ContentItem>>> =
-            Arc::new(self.store.list().await?.into_iter().map(Arc::new).collect());
-        *self.cached.write() = Some((Instant::now(), items.clone()));
-        Ok(items)
+        self.items
+            .get_or_load(|| async {
+                Ok(self.store.list().await?.into_iter().map(Arc::new).collect())
+            })
+            .await
     }
 
     pub async fn upsert(&self, item: &ContentItem) -> StorageResult<()> {
@@ -136,7 +129,7 @@ impl Catalog {
     }
 
     fn invalidate(&self) {
-        *self.cached.write() = None;
+        self.items.invalidate();
     }
 }
 

@@ -178,6 +178,39 @@ pub fn parse_traits(field: &str, value: Option<Value>) -> Result<Map<String, Val
     }
 }
 
+/// Striped locks serialising read-modify-write of one customer's profile (API updates
+/// and rules' `on_event` changes). Tokio mutexes: held across the store's awaits.
+pub struct CustomerLocks {
+    stripes: Vec<tokio::sync::Mutex<()>>,
+}
+
+impl CustomerLocks {
+    const STRIPES: usize = 64;
+
+    pub fn new() -> Self {
+        CustomerLocks {
+            stripes: (0..Self::STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+        }
+    }
+
+    pub async fn lock(&self, id: &CustomerId) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        id.hash(&mut h);
+        self.stripes[(h.finish() as usize) % Self::STRIPES]
+            .lock()
+            .await
+    }
+}
+
+impl Default for CustomerLocks {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,38 +259,5 @@ mod tests {
     fn consent_rejects_unknown_purposes_by_name() {
         let err = Consent::from_json("consent", &json!({"telepathy": true})).unwrap_err();
         assert!(err.to_string().starts_with("consent.telepathy:"));
-    }
-}
-
-/// Striped locks serialising read-modify-write of one customer's profile (API updates
-/// and rules' `on_event` changes). Tokio mutexes: held across the store's awaits.
-pub struct CustomerLocks {
-    stripes: Vec<tokio::sync::Mutex<()>>,
-}
-
-impl CustomerLocks {
-    const STRIPES: usize = 64;
-
-    pub fn new() -> Self {
-        CustomerLocks {
-            stripes: (0..Self::STRIPES)
-                .map(|_| tokio::sync::Mutex::new(()))
-                .collect(),
-        }
-    }
-
-    pub async fn lock(&self, id: &CustomerId) -> tokio::sync::MutexGuard<'_, ()> {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        id.hash(&mut h);
-        self.stripes[(h.finish() as usize) % Self::STRIPES]
-            .lock()
-            .await
-    }
-}
-
-impl Default for CustomerLocks {
-    fn default() -> Self {
-        Self::new()
     }
 }

@@ -8,6 +8,7 @@
 //!   [`bandit`], [`experiments`]: the domain, pure logic over the storage traits;
 //! - [`expressions`]: Rhai formulas of derived features and predicates of segments;
 //! - [`model`]: the candle recommendation model: training, registry, batched scoring;
+//! - [`snapshot`]: in-memory copies the decision path reads, with a time to live;
 //! - [`storage`]: one trait per capability and the backends;
 //! - [`telemetry`]: OpenTelemetry meters exported as Prometheus text, and tracing;
 //! - [`demo`]: the synthetic demo world.
@@ -28,5 +29,6 @@ pub mod features;
 pub mod model;
 pub mod rules;
 pub mod segments;
+pub mod snapshot;
 pub mod storage;
 pub mod telemetry;

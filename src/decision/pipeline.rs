@@ -517,7 +517,8 @@ impl DecisionEngine {
         version: Option<String>,
         now: DateTime<Utc>,
     ) -> Option<ModelView> {
-        if !ctx.personalized {
+        // Cold start costs nothing: no request is built without a version to score with.
+        if !ctx.personalized || (version.is_none() && !self.models.scorer().has_active()) {
             return None;
         }
         let alive: Vec<usize> = (0..candidates.len())

@@ -12,10 +12,9 @@
 //! experiments through one replica at a time.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::Utc;
-use parking_lot::RwLock;
 use serde::Serialize;
 
 use super::assignment::{self, Holdout, BUCKETS};
@@ -26,6 +25,7 @@ use crate::config::PolicyKind;
 use crate::customers::CustomerId;
 use crate::decision::Assignment;
 use crate::error::{Error, Result};
+use crate::snapshot::Snapshot;
 use crate::storage::{
     ContentStore, DefinitionKind, DefinitionStore, ExperimentStore, StorageError, StorageResult,
 };
@@ -72,9 +72,8 @@ pub struct ExperimentService {
     totals: Arc<dyn ExperimentStore>,
     content: Arc<dyn ContentStore>,
     holdout: Holdout,
-    ttl: Duration,
-    /// Running experiments by key. A std lock: held only to clone or replace the `Arc`.
-    running: RwLock<Option<(Instant, Arc<Vec<Experiment>>)>>,
+    /// The running experiments, as the decision path reads them.
+    running: Snapshot<Vec<Experiment>>,
     /// Serializes creation and status changes (tokio: held across storage calls).
     changes: tokio::sync::Mutex<()>,
 }
@@ -94,8 +93,7 @@ impl ExperimentService {
             totals,
             content,
             holdout,
-            ttl,
-            running: RwLock::new(None),
+            running: Snapshot::new(ttl),
             changes: tokio::sync::Mutex::new(()),
         }
     }
@@ -223,20 +221,16 @@ impl ExperimentService {
     /// The running experiments, from a copy at most `ttl` old (or fresh after a change
     /// made by this process).
     pub async fn running(&self) -> StorageResult<Arc<Vec<Experiment>>> {
-        if let Some((at, running)) = self.running.read().as_ref() {
-            if at.elapsed() < self.ttl {
-                return Ok(running.clone());
-            }
-        }
-        let running: Arc<Vec<Experiment>> = Arc::new(
-            self.load_all()
-                .await?
-                .into_iter()
-                .filter(|e| e.status == Status::Running)
-                .collect(),
-        );
-        *self.running.write() = Some((Instant::now(), running.clone()));
-        Ok(running)
+        self.running
+            .get_or_load(|| async {
+                Ok(self
+                    .load_all()
+                    .await?
+                    .into_iter()
+                    .filter(|e| e.status == Status::Running)
+                    .collect())
+            })
+            .await
     }
 
     /// The customer's experiments and what they change for this decision.
@@ -344,7 +338,7 @@ impl ExperimentService {
         self.definitions
             .put(DefinitionKind::Experiment, &experiment.key, body)
             .await?;
-        *self.running.write() = None;
+        self.running.invalidate();
         Ok(())
     }
 

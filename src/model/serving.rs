@@ -242,6 +242,11 @@ impl Scorer {
         self.shared.shadow.store(model.map(Arc::new));
     }
 
+    /// Whether a version is active (cheaper than [`Self::active_version`]).
+    pub fn has_active(&self) -> bool {
+        self.shared.active.load().is_some()
+    }
+
     pub fn active_version(&self) -> Option<String> {
         self.shared
             .active
@@ -265,7 +270,7 @@ impl Scorer {
     /// Scores every candidate of the request with the active version (and the shadow);
     /// `Ok(None)` when no version is active. Never blocks the executor.
     pub async fn score(&self, request: ScoreRequest) -> ModelResult<Option<Scores>> {
-        if self.shared.active.load().is_none() && request.version.is_none() {
+        if !self.has_active() && request.version.is_none() {
             return Ok(None);
         }
         let (reply, answer) = oneshot::channel();

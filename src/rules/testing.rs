@@ -362,7 +362,7 @@ fn customer_view(case: &CustomerCase, now: DateTime<Utc>) -> Result<CustomerView
             }
         }
     }
-    impressions.sort_by(|a, b| b.at.cmp(&a.at));
+    impressions.sort_by_key(|i| std::cmp::Reverse(i.at));
     let traits = host::to_dynamic(&Value::Object(case.traits.clone()));
     Ok(CustomerView(Arc::new(CustomerData {
         id: case.id.clone(),
