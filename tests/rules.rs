@@ -232,6 +232,12 @@ async fn the_sandbox_stops_every_runaway_script_and_the_server_stays_healthy() {
             &["Size of object map", "time budget"],
         ),
         ("sleep", "sleep(10); true", &["Function not found: sleep"]),
+        // Found by the fuzz target: a window whose unit is a multi-byte character.
+        (
+            "multibyte_window",
+            r#"customer.impressions(item.id, "Л") < 3"#,
+            &["is not a window"],
+        ),
     ];
     for (name, body, expected) in runaway {
         let source = format!(
