@@ -9,12 +9,12 @@
 
 use std::time::Instant;
 
-use candle_core::Device;
 use chrono::{Duration, Utc};
 use tailor::demo;
 use tailor::model::dataset::Dataset;
 use tailor::model::registry::Registry;
 use tailor::model::train::{train, TrainParams};
+use tailor::model::Device;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

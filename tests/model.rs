@@ -6,7 +6,6 @@ mod common;
 
 use std::sync::Arc;
 
-use candle_core::Device;
 use chrono::{Duration, Utc};
 use common::TestApp;
 use serde_json::json;
@@ -16,6 +15,7 @@ use tailor::model::registry::Registry;
 use tailor::model::schema::ScoreContext;
 use tailor::model::serving::ScoreRequest;
 use tailor::model::train::{train, TrainParams};
+use tailor::model::Device;
 
 #[test]
 fn training_on_simulated_demo_history_learns_the_hidden_preferences() {

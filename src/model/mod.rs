@@ -25,6 +25,9 @@ pub mod service;
 pub mod serving;
 pub mod train;
 
+/// Where tensors live (CPU, or a CUDA device with the `cuda` feature), re-exported so
+/// callers need not depend on candle.
+pub use candle_core::Device;
 pub use service::{ModelService, TrainingSource, VersionInfo};
 
 use crate::error::Error;

@@ -83,6 +83,10 @@ impl LoadedModel {
         &self.manifest
     }
 
+    pub fn net(&self) -> &Net {
+        &self.net
+    }
+
     /// Scores one request in one forward pass, on the calling thread.
     pub fn score(&self, request: &ScoreRequest) -> ModelResult<Vec<f32>> {
         Ok(self.score_batch(&[request])?.pop().unwrap_or_default())
