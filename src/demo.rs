@@ -25,6 +25,8 @@ use crate::content::ContentItem;
 use crate::customers::{parse_traits, Consent, CustomerId, CustomerUpdate, Pii};
 use crate::decision::{Decision, Outcome, PropensityKind, ScoredItem};
 use crate::error::Result;
+use crate::experiments::definition::VariantInput;
+use crate::experiments::{ExperimentInput, Status};
 use crate::model::schema::ScoreContext;
 use crate::model::serving::{LoadedModel, ScoreRequest};
 use crate::model::train::TrainParams;
@@ -319,6 +321,14 @@ async fn build(engine: &Engine) -> Result<()> {
             .put(None, include_str!("../rules/frequency_cap.rhai"))
             .await?;
     }
+    let experiment = engine
+        .experiments
+        .create(experiment(), &|_: &str| false)
+        .await?;
+    engine
+        .experiments
+        .set_status(&experiment.key, Status::Running)
+        .await?;
     tracing::info!(
         customers = CUSTOMERS,
         events,
@@ -562,6 +572,32 @@ pub fn compare_policies(
     })
 }
 
+/// The demo's running experiment: half the customers get the model's greedy ranking,
+/// the other half (the control) the configured policy, whose prior is the model's score.
+pub fn experiment() -> ExperimentInput {
+    let variant = |key: &str, policy: Option<&str>| VariantInput {
+        key: key.into(),
+        weight: 1.0,
+        policy: policy.map(str::to_owned),
+        ..VariantInput::default()
+    };
+    ExperimentInput {
+        key: "model_greedy_vs_bandit".into(),
+        description: Some(
+            "Does ranking by the model's score alone beat the bandit that uses it as a prior?"
+                .into(),
+        ),
+        salt: None,
+        variants: vec![
+            variant("control", None),
+            variant("model_greedy", Some("model_greedy")),
+        ],
+        traffic_percent: 100.0,
+        targeting_segment: None,
+        layer: None,
+    }
+}
+
 /// Decisions simulated per demo customer for the first model.
 const HISTORY_PER_CUSTOMER: usize = 2;
 
@@ -635,5 +671,12 @@ mod tests {
         assert!(click_probability(7, fav) > 5.0 * click_probability(7, other));
         let ids: BTreeSet<_> = items.iter().map(|i| i.id.clone()).collect();
         assert_eq!(ids.len(), items.len(), "ids are unique");
+    }
+
+    #[test]
+    fn the_demo_experiment_is_valid() {
+        let (experiment, layer) = experiment().validate(Utc::now()).unwrap();
+        assert_eq!(experiment.variants.len(), 2);
+        assert_eq!(layer, None);
     }
 }
