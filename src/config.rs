@@ -3,6 +3,7 @@
 //!
 //! Unknown keys are rejected with their name, wherever they come from.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -142,12 +143,63 @@ impl Default for ApiSettings {
 #[serde(rename_all = "snake_case")]
 pub enum PolicyKind {
     /// Beta-Bernoulli Thompson sampling per (placement, item).
+    #[serde(alias = "thompson_sampling")]
     Thompson,
     /// The seed's policy: explore uniformly with probability `epsilon`, else greedy.
     EpsilonGreedy,
     /// The active model's score × rule weight, highest first, no exploration (Thompson
     /// sampling while no model is active).
     ModelGreedy,
+    /// The active model's score through a softmax with `softmax_temperature` (Thompson
+    /// sampling while no model is active).
+    Softmax,
+    /// LinUCB: a ridge regression per (placement, item) over the customer ⊕ context ⊕
+    /// model-score vector, ranked by estimate + `alpha` × its standard error.
+    LinUcb,
+    /// Linear Thompson sampling over the same regressions, with `linear_noise` as the
+    /// posterior's scale.
+    LinearThompson,
+}
+
+impl PolicyKind {
+    pub const ALL: [PolicyKind; 6] = [
+        PolicyKind::Thompson,
+        PolicyKind::EpsilonGreedy,
+        PolicyKind::ModelGreedy,
+        PolicyKind::Softmax,
+        PolicyKind::LinUcb,
+        PolicyKind::LinearThompson,
+    ];
+
+    /// The name decisions, experiments and the CLI use.
+    pub fn name(self) -> &'static str {
+        match self {
+            PolicyKind::Thompson => "thompson_sampling",
+            PolicyKind::EpsilonGreedy => "epsilon_greedy",
+            PolicyKind::ModelGreedy => "model_greedy",
+            PolicyKind::Softmax => "softmax",
+            PolicyKind::LinUcb => "lin_ucb",
+            PolicyKind::LinearThompson => "linear_thompson",
+        }
+    }
+
+    /// Reads [`PolicyKind::name`] (and `thompson`); `None` for anything else.
+    pub fn parse(raw: &str) -> Option<PolicyKind> {
+        if raw == "thompson" {
+            return Some(PolicyKind::Thompson);
+        }
+        PolicyKind::ALL.into_iter().find(|k| k.name() == raw)
+    }
+
+    /// Whether the policy learns per-item linear models (and records their contexts).
+    pub fn is_linear(self) -> bool {
+        matches!(self, PolicyKind::LinUcb | PolicyKind::LinearThompson)
+    }
+
+    /// Every name, for error messages.
+    pub fn names() -> String {
+        PolicyKind::ALL.map(PolicyKind::name).join(", ")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -160,6 +212,22 @@ pub struct PolicySettings {
     /// How many pseudo-trials the active model's score is worth as the prior of Thompson
     /// sampling and epsilon-greedy (0: the bandit ignores the model).
     pub model_prior_strength: f64,
+    /// Softmax temperature over model scores (lower: greedier).
+    pub softmax_temperature: f64,
+    /// LinUCB's exploration: how many standard errors are added to the estimate.
+    pub alpha: f64,
+    /// Linear Thompson sampling's posterior scale `v`.
+    pub linear_noise: f64,
+    /// Ridge `λ` of the linear policies' regressions (their prior precision).
+    pub ridge: f64,
+    /// Slots of the linear policies' hashed context vector (changing it starts their
+    /// models afresh).
+    pub linear_dims: usize,
+    /// An outcome later than this after its decision is stored and counted in metrics
+    /// and experiments, but no longer teaches the bandit.
+    pub attribution_window_secs: u64,
+    /// Per-placement policy and reward definition.
+    pub placements: BTreeMap<String, PlacementPolicy>,
 }
 
 impl Default for PolicySettings {
@@ -169,6 +237,113 @@ impl Default for PolicySettings {
             epsilon: 0.1,
             propensity_samples: 200,
             model_prior_strength: 20.0,
+            softmax_temperature: 0.05,
+            alpha: 0.5,
+            linear_noise: 0.25,
+            ridge: 1.0,
+            linear_dims: 32,
+            attribution_window_secs: 86_400,
+            placements: BTreeMap::new(),
+        }
+    }
+}
+
+impl PolicySettings {
+    /// The policy of `placement`: its own, else `default`.
+    pub fn kind_for(&self, placement: &str) -> PolicyKind {
+        self.placements
+            .get(placement)
+            .and_then(|p| p.policy)
+            .unwrap_or(self.default)
+    }
+
+    /// The reward definition of `placement`.
+    pub fn reward_for(&self, placement: &str) -> &RewardKind {
+        self.placements
+            .get(placement)
+            .map_or(&RewardKind::Outcome, |p| &p.reward)
+    }
+
+    /// What the bandit learns from an outcome under `placement`'s definition: `None`
+    /// when the outcome does not count (another conversion type, no value).
+    pub fn reward_of(
+        &self,
+        placement: &str,
+        reward: f64,
+        conversion_type: &str,
+        value: Option<f64>,
+    ) -> Option<f64> {
+        match self.reward_for(placement) {
+            RewardKind::Outcome => Some(reward),
+            RewardKind::Value => {
+                let cap = self
+                    .placements
+                    .get(placement)
+                    .and_then(|p| p.value_cap)
+                    .unwrap_or(1.0);
+                value.map(|v| (v / cap).clamp(0.0, 1.0))
+            }
+            RewardKind::Conversion(types) => {
+                types.iter().any(|t| t == conversion_type).then_some(reward)
+            }
+        }
+    }
+}
+
+/// A placement's own policy and what counts as its reward.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlacementPolicy {
+    pub policy: Option<PolicyKind>,
+    pub reward: RewardKind,
+    /// With `reward = "value"`: the value worth a reward of 1 (rewards are
+    /// `min(value / value_cap, 1)`).
+    pub value_cap: Option<f64>,
+}
+
+impl Default for PlacementPolicy {
+    fn default() -> Self {
+        PlacementPolicy {
+            policy: None,
+            reward: RewardKind::Outcome,
+            value_cap: None,
+        }
+    }
+}
+
+/// What teaches a placement's bandit. In `tailor.toml`: `"outcome"` (every outcome's own
+/// reward, the default), `"value"` (the outcome's value over `value_cap`), or a list of
+/// conversion types such as `["purchase"]` (only those count, each decision once).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RewardKind {
+    Outcome,
+    Value,
+    Conversion(Vec<String>),
+}
+
+impl Serialize for RewardKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            RewardKind::Outcome => s.serialize_str("outcome"),
+            RewardKind::Value => s.serialize_str("value"),
+            RewardKind::Conversion(types) => types.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RewardKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Name(String),
+            Types(Vec<String>),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Name(n) if n == "outcome" => Ok(RewardKind::Outcome),
+            Raw::Name(n) if n == "value" => Ok(RewardKind::Value),
+            Raw::Name(n) => Ok(RewardKind::Conversion(vec![n])),
+            Raw::Types(t) => Ok(RewardKind::Conversion(t)),
         }
     }
 }
@@ -390,6 +565,42 @@ impl Settings {
         if self.experiments.holdout_salt.is_empty() {
             anyhow::bail!("experiments.holdout_salt: must not be empty");
         }
+        let p = &self.policy;
+        for (name, value, min) in [
+            (
+                "softmax_temperature",
+                p.softmax_temperature,
+                f64::MIN_POSITIVE,
+            ),
+            ("ridge", p.ridge, f64::MIN_POSITIVE),
+            ("alpha", p.alpha, 0.0),
+            ("linear_noise", p.linear_noise, 0.0),
+        ] {
+            if !(value.is_finite() && value >= min) {
+                let bound = if min > 0.0 { "> 0" } else { "≥ 0" };
+                anyhow::bail!("policy.{name}: must be a number {bound}");
+            }
+        }
+        if !(crate::bandit::linear::MIN_DIMS..=256).contains(&p.linear_dims) {
+            anyhow::bail!("policy.linear_dims: must be between 3 and 256");
+        }
+        for (placement, pp) in &p.placements {
+            if pp.value_cap.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
+                anyhow::bail!("policy.placements.{placement}.value_cap: must be a number > 0");
+            }
+            if pp.reward == RewardKind::Value && pp.value_cap.is_none() {
+                anyhow::bail!(
+                    "policy.placements.{placement}.value_cap: required with reward = \"value\""
+                );
+            }
+            if let RewardKind::Conversion(types) = &pp.reward {
+                if types.is_empty() || types.iter().any(|t| t.is_empty() || t.len() > 64) {
+                    anyhow::bail!(
+                        "policy.placements.{placement}.reward: \"outcome\", \"value\", or conversion types of 1–64 characters"
+                    );
+                }
+            }
+        }
         if self.policy.propensity_samples == 0 {
             anyhow::bail!("policy.propensity_samples: must be at least 1");
         }
@@ -480,6 +691,57 @@ mod tests {
             assert_eq!(s.data_dir, PathBuf::from("/tmp/x"));
             Ok(())
         });
+    }
+
+    #[test]
+    fn placements_choose_their_policy_and_reward() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "tailor.toml",
+                "[policy]\ndefault = \"lin_ucb\"\n\
+                 [policy.placements.checkout]\npolicy = \"linear_thompson\"\nreward = \"value\"\nvalue_cap = 200.0\n\
+                 [policy.placements.email]\nreward = [\"click\", \"open\"]\n\
+                 [policy.placements.hero]\nreward = \"purchase\"\n",
+            )?;
+            let s = Settings::load(None).unwrap();
+            let p = &s.policy;
+            assert_eq!(p.kind_for("checkout"), PolicyKind::LinearThompson);
+            assert_eq!(p.kind_for("email"), PolicyKind::LinUcb, "the default");
+            assert_eq!(
+                p.reward_of("checkout", 1.0, "purchase", Some(50.0)),
+                Some(0.25)
+            );
+            assert_eq!(p.reward_of("checkout", 1.0, "click", None), None);
+            assert_eq!(p.reward_of("email", 0.5, "open", None), Some(0.5));
+            assert_eq!(p.reward_of("email", 1.0, "purchase", None), None);
+            assert_eq!(p.reward_of("hero", 1.0, "purchase", None), Some(1.0));
+            assert_eq!(p.reward_of("elsewhere", 0.7, "anything", None), Some(0.7));
+            Ok(())
+        });
+        for (toml, key) in [
+            (
+                "[policy.placements.c]\nreward = \"value\"\n",
+                "policy.placements.c.value_cap",
+            ),
+            (
+                "[policy.placements.c]\nreward = []\n",
+                "policy.placements.c.reward",
+            ),
+            ("[policy]\nalpha = -1.0\n", "policy.alpha"),
+            ("[policy]\nridge = 0.0\n", "policy.ridge"),
+            ("[policy]\nlinear_dims = 2\n", "policy.linear_dims"),
+            (
+                "[policy]\nsoftmax_temperature = 0.0\n",
+                "policy.softmax_temperature",
+            ),
+        ] {
+            Jail::expect_with(|jail| {
+                jail.create_file("tailor.toml", toml)?;
+                let err = Settings::load(None).unwrap_err().to_string();
+                assert!(err.starts_with(key), "{toml}: {err}");
+                Ok(())
+            });
+        }
     }
 
     #[test]

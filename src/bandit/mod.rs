@@ -3,6 +3,7 @@
 //!
 //! Pure logic: statistics come in as [`ArmStats`], randomness from the caller's RNG.
 
+pub mod linear;
 pub mod policy;
 
 use serde::{Deserialize, Serialize};

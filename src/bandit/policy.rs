@@ -39,7 +39,7 @@ impl Posterior {
 }
 
 /// Sorts indices by score descending; ties keep candidate order (priority order).
-fn rank(scores: &[f64]) -> Vec<usize> {
+pub(crate) fn rank(scores: &[f64]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
     order
@@ -129,6 +129,88 @@ pub fn greedy(scores: &[f64], weights: &[f64]) -> Ranking {
         propensity: 1.0,
         propensity_kind: PropensityKind::Exact,
     }
+}
+
+/// Softmax over the model's scores: arm `i` goes first with probability
+/// `exp(sᵢ·wᵢ/τ) / Σⱼ exp(sⱼ·wⱼ/τ)` (exact propensity); the others follow by weighted
+/// score. A lower temperature `τ` explores less.
+pub fn softmax(scores: &[f64], weights: &[f64], temperature: f64, rng: &mut impl Rng) -> Ranking {
+    let probabilities = softmax_distribution(scores, weights, temperature);
+    let weighted: Vec<f64> = scores.iter().zip(weights).map(|(s, w)| s * w).collect();
+    let mut u: f64 = rng.random();
+    let mut pick = probabilities.len() - 1;
+    for (i, p) in probabilities.iter().enumerate() {
+        if u < *p {
+            pick = i;
+            break;
+        }
+        u -= p;
+    }
+    let mut order = rank(&weighted);
+    order.retain(|&i| i != pick);
+    order.insert(0, pick);
+    Ranking {
+        order: order.into_iter().map(|i| (i, weighted[i])).collect(),
+        propensity: probabilities[pick],
+        propensity_kind: PropensityKind::Exact,
+    }
+}
+
+/// The probability that [`softmax`] puts each arm first.
+pub fn softmax_distribution(scores: &[f64], weights: &[f64], temperature: f64) -> Vec<f64> {
+    let logits: Vec<f64> = scores
+        .iter()
+        .zip(weights)
+        .map(|(s, w)| s * w / temperature.max(1e-9))
+        .collect();
+    let top = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let exp: Vec<f64> = logits.iter().map(|l| (l - top).exp()).collect();
+    let total: f64 = exp.iter().sum();
+    exp.into_iter().map(|e| e / total).collect()
+}
+
+/// The probability that [`epsilon_greedy`] puts each arm first (exact).
+pub fn epsilon_greedy_distribution(stats: &[ArmStats], weights: &[f64], epsilon: f64) -> Vec<f64> {
+    let means: Vec<f64> = stats
+        .iter()
+        .zip(weights)
+        .map(|(s, w)| s.mean() * w)
+        .collect();
+    let greedy = rank(&means)[0];
+    let k = stats.len() as f64;
+    (0..stats.len())
+        .map(|i| if i == greedy { 1.0 - epsilon } else { 0.0 } + epsilon / k)
+        .collect()
+}
+
+/// The probability that [`greedy`] puts each arm first: 1 for the best weighted score.
+pub fn greedy_distribution(scores: &[f64], weights: &[f64]) -> Vec<f64> {
+    let weighted: Vec<f64> = scores.iter().zip(weights).map(|(s, w)| s * w).collect();
+    let best = rank(&weighted)[0];
+    (0..scores.len())
+        .map(|i| f64::from(u8::from(i == best)))
+        .collect()
+}
+
+/// The probability that [`thompson`] puts each arm first, estimated from `samples` rounds
+/// of posterior draws (no smoothing: an arm that never wins reads 0).
+pub fn thompson_distribution(
+    stats: &[ArmStats],
+    weights: &[f64],
+    samples: usize,
+    rng: &mut impl Rng,
+) -> Vec<f64> {
+    let posteriors: Vec<Posterior> = stats.iter().map(Posterior::new).collect();
+    let mut wins = vec![0usize; stats.len()];
+    for _ in 0..samples.max(1) {
+        let draws: Vec<f64> = (0..stats.len())
+            .map(|i| posteriors[i].sample(rng) * weights[i])
+            .collect();
+        wins[rank(&draws)[0]] += 1;
+    }
+    wins.into_iter()
+        .map(|w| w as f64 / samples.max(1) as f64)
+        .collect()
 }
 
 /// No personalization: candidates stay in priority order, deterministically.
@@ -247,5 +329,44 @@ mod tests {
         );
         let r = epsilon_greedy(&equal, &weights, 0.0, &mut rng);
         assert_eq!(r.order[0].0, 1, "greedy on weighted means");
+    }
+
+    #[test]
+    fn softmax_propensity_is_exact_and_matches_frequencies() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let scores = [0.1, 0.3, 0.2];
+        let weights = [1.0, 1.0, 2.0];
+        let dist = softmax_distribution(&scores, &weights, 0.1);
+        assert!((dist.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        let mut firsts = [0usize; 3];
+        for _ in 0..20_000 {
+            let r = softmax(&scores, &weights, 0.1, &mut rng);
+            assert!((r.propensity - dist[r.order[0].0]).abs() < 1e-12);
+            firsts[r.order[0].0] += 1;
+        }
+        for i in 0..3 {
+            let observed = firsts[i] as f64 / 20_000.0;
+            assert!(
+                (observed - dist[i]).abs() < 0.015,
+                "{i}: {observed} vs {}",
+                dist[i]
+            );
+        }
+        // 0.2 × 2 beats 0.3: the boosted arm is the most likely.
+        assert!(dist[2] > dist[1] && dist[1] > dist[0], "{dist:?}");
+    }
+
+    #[test]
+    fn distributions_agree_with_the_policies() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let e = epsilon_greedy_distribution(&arms(), &[1.0; 3], 0.1);
+        assert!((e[2] - (0.9 + 0.1 / 3.0)).abs() < 1e-12 && (e[0] - 0.1 / 3.0).abs() < 1e-12);
+        assert_eq!(
+            greedy_distribution(&[0.1, 0.5, 0.2], &[1.0, 1.0, 3.0]),
+            vec![0.0, 0.0, 1.0]
+        );
+        let t = thompson_distribution(&arms(), &[1.0; 3], 20_000, &mut rng);
+        // Arm 2 (uniform posterior) beats arm 1 (≈ 0.2) about 80% of the time.
+        assert!((t[2] - 0.8).abs() < 0.02 && t[0] < 0.001, "{t:?}");
     }
 }

@@ -16,6 +16,9 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use super::{Decision, ModelScores, Outcome, PropensityKind, ScoredItem};
+use crate::bandit::linear::{
+    self, ContextInput, Featurizer, LinearArm, LinearPosterior, LinearStats,
+};
 use crate::bandit::policy::{self, Ranking};
 use crate::bandit::ArmStats;
 use crate::config::{PolicyKind, PolicySettings};
@@ -172,15 +175,24 @@ impl DecisionEngine {
                 now,
             )
             .await;
-        let policy_kind = applied.policy.unwrap_or(self.policy.default);
-        let (mut ranking, policy_name, stats) = self
+        let policy_kind = applied
+            .policy
+            .unwrap_or_else(|| self.policy.kind_for(placement));
+        let Choice {
+            mut ranking,
+            policy: policy_name,
+            stats,
+            contexts,
+        } = self
             .choose(
+                &req,
                 placement,
                 &candidates,
                 &effects,
                 &ctx,
                 policy_kind,
                 model.as_ref(),
+                now,
             )
             .await?;
         if let Some(pinned) = experiment_pin {
@@ -210,6 +222,14 @@ impl DecisionEngine {
             score,
         });
         let items: Vec<ScoredItem> = ranked.by_ref().take(req.count).collect();
+        // The linear policies learn from every shown item: its context vector now, its
+        // reward when the outcome comes.
+        let linear_impressions: Vec<(String, Vec<f64>)> = ranking
+            .order
+            .iter()
+            .take(items.len())
+            .filter_map(|(i, _)| Some((candidates[*i].id.clone(), contexts.get(i)?.clone())))
+            .collect();
         let alternatives: Vec<ScoredItem> = ranked.take(MAX_ALTERNATIVES).collect();
         let selected = &items[0];
         let selected_index = ranking.order[0].0;
@@ -276,7 +296,8 @@ impl DecisionEngine {
             items,
             alternatives,
         };
-        self.record(decision, placement, started).await
+        self.record(decision, placement, linear_impressions, started)
+            .await
     }
 
     /// Stage 1: profile, features (with a deadline) and segments, concurrently.
@@ -563,17 +584,21 @@ impl DecisionEngine {
     /// eligible items by score × rule weight, then items a rule weighted to 0. Without
     /// personalization consent, priority order decides instead of the policy. The
     /// model's scores, when there are any, are the bandit's prior (Thompson sampling,
-    /// epsilon-greedy) or the ranking itself (model-greedy).
+    /// epsilon-greedy), the ranking itself (model-greedy, softmax) or one more feature
+    /// of the linear policies' context vector (LinUCB, linear Thompson sampling).
     #[tracing::instrument(skip_all)]
+    #[allow(clippy::too_many_arguments)]
     async fn choose(
         &self,
+        req: &PersonalizeRequest,
         placement: &str,
         candidates: &[Arc<ContentItem>],
         effects: &RuleEffects,
         ctx: &DecisionContext,
         policy_kind: PolicyKind,
         model: Option<&ModelView>,
-    ) -> Result<(Ranking, String, Vec<ArmStats>)> {
+        now: DateTime<Utc>,
+    ) -> Result<Choice> {
         let eligible: Vec<usize> = (0..candidates.len())
             .filter(|&i| effects.filtered[i].is_none())
             .collect();
@@ -585,15 +610,16 @@ impl DecisionEngine {
         if !ctx.personalized {
             let mut order = pinned.clone();
             order.extend(eligible.iter().filter(|i| !pinned.contains(i)));
-            return Ok((
-                Ranking {
+            return Ok(Choice {
+                ranking: Ranking {
                     order: order.into_iter().map(|i| (i, 0.0)).collect(),
                     propensity: 1.0,
                     propensity_kind: PropensityKind::Exact,
                 },
-                "default".into(),
-                Vec::new(),
-            ));
+                policy: "default".into(),
+                stats: Vec::new(),
+                contexts: BTreeMap::new(),
+            });
         }
         let arms: Vec<String> = candidates.iter().map(|c| c.id.clone()).collect();
         let stats = match self.stores.bandit.get(placement, &arms).await {
@@ -614,29 +640,57 @@ impl DecisionEngine {
             .copied()
             .filter(|&i| effects.weights[i] == 0.0)
             .collect();
-        let prior = |i: usize| match model {
-            Some(m) if !m.candidate[i].is_nan() => {
-                stats[i].with_prior(m.candidate[i], self.policy.model_prior_strength)
-            }
-            _ => stats[i],
+        let model_score = |i: usize| model.map(|m| m.candidate[i]).filter(|s| !s.is_nan());
+        let prior = |i: usize| match model_score(i) {
+            Some(p) => stats[i].with_prior(p, self.policy.model_prior_strength),
+            None => stats[i],
         };
         let free_stats: Vec<ArmStats> = free.iter().map(|&i| prior(i)).collect();
         let free_weights: Vec<f64> = free.iter().map(|&i| effects.weights[i]).collect();
+        let free_scores = || -> Vec<f64> {
+            free.iter()
+                .map(|&i| model_score(i).unwrap_or(0.0))
+                .collect()
+        };
+        // The linear policies' context vector of every eligible item (the shown ones
+        // are learned from, whoever put them first).
+        let contexts: BTreeMap<usize, Vec<f64>> = if policy_kind.is_linear() {
+            let featurizer = Featurizer {
+                dims: self.policy.linear_dims,
+            };
+            let input = ContextInput {
+                features: &ctx.features,
+                segments: &ctx.segments,
+                context: &req.context,
+                at: now,
+            };
+            eligible
+                .iter()
+                .map(|&i| (i, featurizer.encode(&input, model_score(i))))
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
         // The RNG is per decision and seeded from the OS: no shared lock on the hot path.
         let mut rng = rand::rngs::SmallRng::from_os_rng();
         let (ranked, name) = if free.is_empty() {
             (policy::by_priority(0), policy_name(policy_kind))
         } else {
             match policy_kind {
-                PolicyKind::ModelGreedy if model.is_some() => {
-                    let scores: Vec<f64> = free
-                        .iter()
-                        .map(|&i| model.map_or(f64::NAN, |m| m.candidate[i]))
-                        .map(|s| if s.is_nan() { 0.0 } else { s })
-                        .collect();
-                    (policy::greedy(&scores, &free_weights), "model_greedy")
-                }
-                PolicyKind::Thompson | PolicyKind::ModelGreedy => (
+                PolicyKind::ModelGreedy if model.is_some() => (
+                    policy::greedy(&free_scores(), &free_weights),
+                    "model_greedy",
+                ),
+                PolicyKind::Softmax if model.is_some() => (
+                    policy::softmax(
+                        &free_scores(),
+                        &free_weights,
+                        self.policy.softmax_temperature,
+                        &mut rng,
+                    ),
+                    "softmax",
+                ),
+                PolicyKind::Thompson | PolicyKind::ModelGreedy | PolicyKind::Softmax => (
                     policy::thompson(
                         &free_stats,
                         &free_weights,
@@ -654,6 +708,25 @@ impl DecisionEngine {
                     ),
                     "epsilon_greedy",
                 ),
+                PolicyKind::LinUcb | PolicyKind::LinearThompson => {
+                    let linear = self.linear_arms(placement, &arms, &free, &contexts).await;
+                    if policy_kind == PolicyKind::LinUcb {
+                        (
+                            linear::lin_ucb(&linear, &free_weights, self.policy.alpha),
+                            "lin_ucb",
+                        )
+                    } else {
+                        (
+                            linear::linear_thompson(
+                                &linear,
+                                &free_weights,
+                                self.policy.linear_noise,
+                                &mut rng,
+                            ),
+                            "linear_thompson",
+                        )
+                    }
+                }
             }
         };
         let mut order: Vec<(usize, f64)> = pinned.iter().map(|&i| (i, stats[i].mean())).collect();
@@ -665,15 +738,53 @@ impl DecisionEngine {
         } else {
             (1.0, PropensityKind::Exact)
         };
-        Ok((
-            Ranking {
+        Ok(Choice {
+            ranking: Ranking {
                 order,
                 propensity,
                 propensity_kind,
             },
-            name.into(),
+            policy: name.into(),
             stats,
-        ))
+            contexts,
+        })
+    }
+
+    /// The linear policies' estimate and variance for each `free` candidate, from its
+    /// (placement, item) regression. A failed read explores from the prior.
+    async fn linear_arms(
+        &self,
+        placement: &str,
+        arms: &[String],
+        free: &[usize],
+        contexts: &BTreeMap<usize, Vec<f64>>,
+    ) -> Vec<LinearArm> {
+        let dims = self.policy.linear_dims;
+        let ids: Vec<String> = free.iter().map(|&i| arms[i].clone()).collect();
+        let stats = match self.stores.bandit.get_linear(placement, &ids, dims).await {
+            Ok(stats) => stats,
+            Err(e) => {
+                tracing::warn!(error = %e, "Failed to read linear bandit state; exploring from priors");
+                self.metrics.backend_error("bandit");
+                vec![LinearStats::zero(dims); ids.len()]
+            }
+        };
+        free.iter()
+            .zip(&stats)
+            .map(|(i, s)| {
+                let x = &contexts[i];
+                match LinearPosterior::new(s, self.policy.ridge) {
+                    Some(post) => {
+                        let (mean, variance) = post.predict(x);
+                        LinearArm { mean, variance }
+                    }
+                    None => LinearArm {
+                        mean: 0.0,
+                        variance: x.iter().map(|v| v * v).sum::<f64>() / self.policy.ridge,
+                    },
+                }
+            })
+            .collect()
     }
 
     /// Stage 6: store the decision, count an impression per shown item, publish.
@@ -682,6 +793,7 @@ impl DecisionEngine {
         &self,
         mut decision: Decision,
         placement: &str,
+        linear_impressions: Vec<(String, Vec<f64>)>,
         started: Instant,
     ) -> Result<Decision> {
         decision.latency_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -693,6 +805,12 @@ impl DecisionEngine {
                 self.stores
                     .bandit
                     .add(placement, &shown.item.id, ArmStats::trial())
+                    .await?;
+            }
+            for (item, x) in &linear_impressions {
+                self.stores
+                    .bandit
+                    .add_linear(placement, item, &LinearStats::impression(x))
                     .await?;
             }
             Ok::<_, crate::storage::StorageError>(())
@@ -777,13 +895,7 @@ impl DecisionEngine {
                 self.models.scorer().record_reward(version, reward);
             }
         }
-        if earlier == 0 && decision.policy != "default" && reward > 0.0 {
-            let placement = decision.placement.as_deref().unwrap_or(NO_PLACEMENT);
-            self.stores
-                .bandit
-                .add(placement, &outcome.item_id, ArmStats::reward(reward))
-                .await?;
-        }
+        self.teach_bandit(&decision, &outcome, earlier).await?;
         if reward > 0.0 && !decision.experiments.is_empty() {
             self.count_conversion(&decision, earlier, value).await?;
         }
@@ -799,6 +911,94 @@ impl DecisionEngine {
         }
         Ok(outcome)
     }
+}
+
+impl DecisionEngine {
+    /// The bandit learns from an outcome when it is the decision's first outcome that
+    /// counts under the placement's reward definition, within the attribution window:
+    /// its reward goes to the selected item's statistics (and, for a linear policy, to
+    /// its regression, with the context vector recomputed from what the decision
+    /// recorded).
+    async fn teach_bandit(
+        &self,
+        decision: &Decision,
+        outcome: &Outcome,
+        earlier: u64,
+    ) -> Result<()> {
+        if decision.policy == "default" {
+            return Ok(());
+        }
+        let placement = decision.placement.as_deref().unwrap_or(NO_PLACEMENT);
+        let window = chrono::Duration::seconds(
+            i64::try_from(self.policy.attribution_window_secs).unwrap_or(i64::MAX),
+        );
+        if outcome.created_at - decision.created_at > window {
+            return Ok(());
+        }
+        let counts = |o: &Outcome| {
+            self.policy
+                .reward_of(placement, o.reward, &o.conversion_type, o.value)
+        };
+        let Some(reward) = counts(outcome) else {
+            return Ok(());
+        };
+        if earlier > 0 {
+            // Outcomes are kept in the order they were stored: the first `earlier` came
+            // before this one.
+            let outcomes = self.stores.decisions.outcomes(&decision.id).await?;
+            let before = usize::try_from(earlier).unwrap_or(usize::MAX);
+            if outcomes.iter().take(before).any(|o| counts(o).is_some()) {
+                return Ok(());
+            }
+        }
+        if reward <= 0.0 {
+            return Ok(());
+        }
+        self.stores
+            .bandit
+            .add(placement, &outcome.item_id, ArmStats::reward(reward))
+            .await?;
+        if PolicyKind::parse(&decision.policy).is_some_and(PolicyKind::is_linear) {
+            let x = linear_context(decision, self.policy.linear_dims);
+            self.stores
+                .bandit
+                .add_linear(
+                    placement,
+                    &outcome.item_id,
+                    &LinearStats::reward(&x, reward),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// The linear policies' context vector of a decision's selected item, rebuilt from what
+/// the decision recorded (the same inputs `choose` encoded).
+fn linear_context(decision: &Decision, dims: usize) -> Vec<f64> {
+    let item = &decision.selected().item.id;
+    let model_score = decision
+        .model_scores
+        .as_ref()
+        .and_then(|m| m.scores.get(item).copied());
+    Featurizer { dims }.encode(
+        &ContextInput {
+            features: &decision.features,
+            segments: &decision.segments,
+            context: &decision.context,
+            at: decision.created_at,
+        },
+        model_score,
+    )
+}
+
+/// What `choose` decided: the ranking, the policy that made it, the candidates' bandit
+/// statistics, and the linear policies' context vector per eligible candidate index.
+struct Choice {
+    ranking: Ranking,
+    policy: String,
+    stats: Vec<ArmStats>,
+    contexts: BTreeMap<usize, Vec<f64>>,
 }
 
 /// The model's answer for one decision, indexed like its candidates (NaN: not scored).
@@ -828,10 +1028,12 @@ impl ModelView {
     }
 }
 
+/// The name a decision gives its policy when no model-based pick happened (the
+/// model's policies fall back to Thompson sampling).
 fn policy_name(kind: PolicyKind) -> &'static str {
     match kind {
-        PolicyKind::Thompson | PolicyKind::ModelGreedy => "thompson_sampling",
-        PolicyKind::EpsilonGreedy => "epsilon_greedy",
+        PolicyKind::ModelGreedy | PolicyKind::Softmax => PolicyKind::Thompson.name(),
+        other => other.name(),
     }
 }
 

@@ -201,17 +201,15 @@ pub fn validate_name(field: &str, raw: &str) -> Result<()> {
 }
 
 fn parse_policy(field: &str, raw: &str) -> Result<PolicyKind> {
-    match raw {
-        "thompson_sampling" | "thompson" => Ok(PolicyKind::Thompson),
-        "epsilon_greedy" => Ok(PolicyKind::EpsilonGreedy),
-        "model_greedy" => Ok(PolicyKind::ModelGreedy),
-        other => Err(Error::invalid(
+    PolicyKind::parse(raw).ok_or_else(|| {
+        Error::invalid(
             field,
             format!(
-                "unknown policy '{other}' (expected thompson_sampling, epsilon_greedy or model_greedy)"
+                "unknown policy '{raw}' (expected one of {})",
+                PolicyKind::names()
             ),
-        )),
-    }
+        )
+    })
 }
 
 impl ExperimentInput {

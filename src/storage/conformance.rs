@@ -27,6 +27,7 @@ use super::{
     EventLog, ExperimentStore, FeatureStore, MembershipChange, ProfileStore, SegmentStore,
     StorageResult,
 };
+use crate::bandit::linear::LinearStats;
 use crate::bandit::ArmStats;
 use crate::content::ContentItem;
 use crate::customers::{Consent, Customer, CustomerId, Pii};
@@ -1583,6 +1584,79 @@ pub async fn bandit(store: Arc<dyn BanditStore>, prefix: &str) {
         vec![stats(n, n * 0.5 + f64::from(per_task))],
         "concurrent adds must all be merged by addition"
     );
+
+    // Linear statistics: per (placement, arm, dims), additive, concurrent adds merged.
+    let x = [1.0, 0.5, -0.25];
+    assert_eq!(
+        ok(
+            "get_linear unseen",
+            store.get_linear(&p, &arms(&["a"]), 3).await
+        ),
+        vec![LinearStats::zero(3)],
+        "never-seen arms must read as zero"
+    );
+    ok(
+        "add_linear",
+        store
+            .add_linear(&p, "a", &LinearStats::impression(&x))
+            .await,
+    );
+    ok(
+        "add_linear",
+        store
+            .add_linear(&p, "a", &LinearStats::reward(&x, 0.5))
+            .await,
+    );
+    ok(
+        "add_linear",
+        store
+            .add_linear(&p2, "a", &LinearStats::impression(&x))
+            .await,
+    );
+    ok(
+        "add_linear 2 dims",
+        store
+            .add_linear(&p, "a", &LinearStats::impression(&[1.0, 1.0]))
+            .await,
+    );
+    let mut expected = LinearStats::impression(&x);
+    expected.merge(&LinearStats::reward(&x, 0.5));
+    assert_eq!(
+        ok(
+            "get_linear",
+            store.get_linear(&p, &arms(&["a", "b"]), 3).await
+        ),
+        vec![expected.clone(), LinearStats::zero(3)],
+        "add_linear must sum into the arm of its dimension"
+    );
+    assert_eq!(
+        ok("get_linear 2", store.get_linear(&p, &arms(&["a"]), 2).await),
+        vec![LinearStats::impression(&[1.0, 1.0])],
+        "each dimension is kept apart"
+    );
+    let mut bad = LinearStats::impression(&x);
+    bad.b[1] = f64::NAN;
+    assert!(
+        store.add_linear(&p, "a", &bad).await.is_err(),
+        "non-finite linear statistics are refused"
+    );
+    bad.b.pop();
+    assert!(
+        store.add_linear(&p, "a", &bad).await.is_err(),
+        "statistics whose lengths do not fit their dims are refused"
+    );
+    let one = LinearStats::impression(&x);
+    let joined = futures::future::join_all((0..50).map(|_| store.add_linear(&p, "c", &one))).await;
+    for result in joined {
+        ok("concurrent add_linear", result);
+    }
+    let c = ok(
+        "get_linear c",
+        store.get_linear(&p, &arms(&["c", "a"]), 3).await,
+    );
+    assert_eq!(c[0].n, 50.0, "concurrent linear adds must all be merged");
+    assert_eq!(c[0].a[0], 50.0);
+    assert_eq!(c[1], expected, "invalid adds stored nothing");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::bandit::linear::LinearStats;
 use crate::bandit::ArmStats;
 use crate::content::ContentItem;
 use crate::customers::{Customer, CustomerId};
@@ -201,6 +202,22 @@ pub trait BanditStore: Send + Sync {
     async fn add(&self, placement: &str, arm: &str, delta: ArmStats) -> StorageResult<()>;
     /// One entry per arm, in order; never-seen arms read as zero.
     async fn get(&self, placement: &str, arms: &[String]) -> StorageResult<Vec<ArmStats>>;
+    /// Adds `delta` to the arm's linear-model statistics of its dimension, atomically.
+    /// Refuses invalid statistics (lengths that do not fit `dims`, non-finite numbers).
+    async fn add_linear(
+        &self,
+        placement: &str,
+        arm: &str,
+        delta: &LinearStats,
+    ) -> StorageResult<()>;
+    /// One entry per arm, in order, of dimension `dims`; never-seen arms (or arms only
+    /// seen with another dimension) read as [`LinearStats::zero`].
+    async fn get_linear(
+        &self,
+        placement: &str,
+        arms: &[String],
+        dims: usize,
+    ) -> StorageResult<Vec<LinearStats>>;
 }
 
 /// Experiment counters per (experiment key, variant key): additive sufficient statistics,

@@ -158,11 +158,7 @@ impl VariantObject<'_> {
         self.0.weight
     }
     async fn policy(&self) -> Option<&str> {
-        self.0.overrides.policy.map(|p| match p {
-            crate::config::PolicyKind::Thompson => "thompson_sampling",
-            crate::config::PolicyKind::EpsilonGreedy => "epsilon_greedy",
-            crate::config::PolicyKind::ModelGreedy => "model_greedy",
-        })
+        self.0.overrides.policy.map(crate::config::PolicyKind::name)
     }
     async fn model_version(&self) -> Option<&str> {
         self.0.overrides.model_version.as_deref()

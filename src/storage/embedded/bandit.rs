@@ -3,6 +3,9 @@
 //! Table `bandit_arms`: (placement, arm) → (trials `f64`, reward `f64`). `add` reads and
 //! rewrites the pair inside the writer's transaction, so concurrent adds (even in one
 //! batch) merge by addition.
+//!
+//! Table `bandit_linear`: (placement, arm, dims) → the linear model's statistics as
+//! little-endian `f64`s ([`LinearStats::to_bytes`]), added to the same way.
 
 use std::sync::Arc;
 
@@ -10,14 +13,19 @@ use async_trait::async_trait;
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 
 use super::{db_err, EmbeddedStore};
+use crate::bandit::linear::LinearStats;
 use crate::bandit::ArmStats;
 use crate::storage::{BanditStore, StorageError, StorageResult};
 
 pub(super) const BANDIT_ARMS: TableDefinition<(&str, &str), (f64, f64)> =
     TableDefinition::new("bandit_arms");
 
+pub(super) const BANDIT_LINEAR: TableDefinition<(&str, &str, u32), &[u8]> =
+    TableDefinition::new("bandit_linear");
+
 pub(super) fn create_tables(txn: &WriteTransaction) -> StorageResult<()> {
     txn.open_table(BANDIT_ARMS).map_err(db_err)?;
+    txn.open_table(BANDIT_LINEAR).map_err(db_err)?;
     Ok(())
 }
 
@@ -72,6 +80,67 @@ impl BanditStore for EmbeddedBandit {
                     .map_err(db_err)?
                     .map_or((0.0, 0.0), |v| v.value());
                 out.push(ArmStats { trials, reward });
+            }
+            Ok(out)
+        })
+    }
+
+    async fn add_linear(
+        &self,
+        placement: &str,
+        arm: &str,
+        delta: &LinearStats,
+    ) -> StorageResult<()> {
+        let dims = u32::try_from(delta.dims).ok().filter(|_| delta.is_valid());
+        let Some(dims) = dims else {
+            return Err(StorageError::Backend(format!(
+                "bandit {placement}/{arm}: refusing invalid linear statistics (dims {})",
+                delta.dims
+            )));
+        };
+        let placement = placement.to_owned();
+        let arm = arm.to_owned();
+        let delta = delta.clone();
+        self.store
+            .write(move |txn| {
+                let mut table = txn.open_table(BANDIT_LINEAR).map_err(db_err)?;
+                let key = (placement.as_str(), arm.as_str(), dims);
+                let mut total = table
+                    .get(key)
+                    .map_err(db_err)?
+                    .and_then(|v| LinearStats::from_bytes(delta.dims, v.value()))
+                    .unwrap_or_else(|| LinearStats::zero(delta.dims));
+                total.merge(&delta);
+                table
+                    .insert(key, total.to_bytes().as_slice())
+                    .map_err(db_err)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn get_linear(
+        &self,
+        placement: &str,
+        arms: &[String],
+        dims: usize,
+    ) -> StorageResult<Vec<LinearStats>> {
+        let Ok(key_dims) = u32::try_from(dims) else {
+            return Ok(vec![LinearStats::zero(dims); arms.len()]);
+        };
+        if arms.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.store.read(|txn| {
+            let table = txn.open_table(BANDIT_LINEAR).map_err(db_err)?;
+            let mut out = Vec::with_capacity(arms.len());
+            for arm in arms {
+                let stats = table
+                    .get((placement, arm.as_str(), key_dims))
+                    .map_err(db_err)?
+                    .and_then(|v| LinearStats::from_bytes(dims, v.value()))
+                    .unwrap_or_else(|| LinearStats::zero(dims));
+                out.push(stats);
             }
             Ok(out)
         })
