@@ -8,6 +8,7 @@
 //!   [`bandit`], [`experiments`]: the domain, pure logic over the storage traits;
 //! - [`expressions`]: Rhai formulas of derived features and predicates of segments;
 //! - [`model`]: the candle recommendation model: training, registry, batched scoring;
+//! - [`ope`]: off-policy evaluation of a target policy on a log of bandit rounds;
 //! - [`snapshot`]: in-memory copies the decision path reads, with a time to live;
 //! - [`storage`]: one trait per capability and the backends;
 //! - [`telemetry`]: OpenTelemetry meters exported as Prometheus text, and tracing;
@@ -27,6 +28,7 @@ pub mod experiments;
 pub mod expressions;
 pub mod features;
 pub mod model;
+pub mod ope;
 pub mod rules;
 pub mod segments;
 pub mod snapshot;
