@@ -224,6 +224,22 @@ impl Engine {
         Ok(self.models.train(data, params, progress).await?)
     }
 
+    /// Estimates a policy's value from the decision log (off-policy evaluation).
+    pub async fn evaluate_policy(
+        &self,
+        req: &crate::ope::service::EvaluateRequest,
+    ) -> Result<crate::ope::service::PolicyEvaluation> {
+        let catalog = self.catalog.items().await?;
+        crate::ope::service::evaluate_log(
+            self.stores.decisions.as_ref(),
+            &self.models,
+            &catalog,
+            &self.settings.policy,
+            req,
+        )
+        .await
+    }
+
     /// Activates a model version (or runs it in shadow) after checking its schema against
     /// the live feature definitions.
     pub async fn activate_model(&self, version: &str, shadow: bool) -> Result<VersionInfo> {

@@ -23,7 +23,7 @@ use crate::app::Engine;
 use crate::bandit::ArmStats;
 use crate::content::ContentItem;
 use crate::customers::{parse_traits, Consent, CustomerId, CustomerUpdate, Pii};
-use crate::decision::{Decision, Outcome, PropensityKind, ScoredItem};
+use crate::decision::{Decision, LoggedArm, Outcome, PropensityKind, ScoredItem};
 use crate::error::Result;
 use crate::experiments::definition::VariantInput;
 use crate::experiments::{ExperimentInput, Status};
@@ -399,6 +399,13 @@ pub fn simulate_history(
                 model_scores: None,
                 experiments: Vec::new(),
                 segments: Vec::new(),
+                arms: candidates
+                    .iter()
+                    .map(|c| LoggedArm {
+                        id: c.id.clone(),
+                        weight: 1.0,
+                    })
+                    .collect(),
                 rules: Vec::new(),
                 degraded: false,
                 explanation: None,

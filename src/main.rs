@@ -51,6 +51,36 @@ enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
+    /// Off-policy evaluation: estimate what a policy would have earned on the decision
+    /// log (or on bandit data logged elsewhere, as JSONL) and print it as JSON.
+    Ope {
+        /// `uniform` or a policy (thompson_sampling, epsilon_greedy, model_greedy,
+        /// softmax, lin_ucb, linear_thompson).
+        #[arg(long)]
+        policy: String,
+        /// The model version the policy uses and the doubly robust regressor (default:
+        /// the active version, if any).
+        #[arg(long)]
+        model_version: Option<String>,
+        /// Only decisions of this placement.
+        #[arg(long)]
+        placement: Option<String>,
+        /// The newest decisions to evaluate on.
+        #[arg(long, default_value_t = tailor::ope::service::DEFAULT_ROUNDS)]
+        rounds: usize,
+        /// Cut importance weights above this (≥ 1).
+        #[arg(long)]
+        clip: Option<f64>,
+        /// Seed of the Monte Carlo draws of a Thompson sampling distribution.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Bandit data logged by another system, one JSON object per line: `context`
+        /// (numbers), `actions`, `action`, `propensity`, `reward`.
+        #[arg(long, value_name = "FILE")]
+        input: Option<PathBuf>,
+        #[command(flatten)]
+        store: Store,
+    },
 }
 
 /// Where a model command finds the engine's data.
@@ -318,6 +348,43 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Model { command } => model_command(command).await,
+        Command::Ope {
+            policy,
+            model_version,
+            placement,
+            rounds,
+            clip,
+            seed,
+            input,
+            store,
+        } => {
+            let req = tailor::ope::service::EvaluateRequest {
+                policy,
+                model_version,
+                placement,
+                rounds,
+                clip,
+                seed,
+            };
+            let evaluation = match input {
+                Some(path) => {
+                    let file = std::fs::File::open(&path)
+                        .with_context(|| format!("Failed to open {}", path.display()))?;
+                    let logged = tailor::ope::read_jsonl(std::io::BufReader::new(file))
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                    let settings = Settings::load(store.config.as_deref())?;
+                    tailor::ope::service::evaluate_imported(logged, &settings.policy, &req)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?
+                }
+                None => open_store(store)
+                    .await?
+                    .evaluate_policy(&req)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            };
+            println!("{}", serde_json::to_string_pretty(&evaluation)?);
+            Ok(())
+        }
         Command::Schema => {
             print!("{}", tailor::api::graphql::sdl());
             Ok(())

@@ -271,6 +271,35 @@ async fn decisions_are_scored_by_the_active_model_and_feed_its_online_reward() {
         json!({}),
     )
     .await;
+    // Off-policy evaluation of the model's greedy policy on the uniform log: it beats
+    // what the log earned, and the model as regressor makes doubly robust tighter.
+    let evaluation = app
+        .gql(
+            "{ evaluatePolicy(input: {policy: \"model_greedy\", rounds: 3000}) { modelVersion regressor rounds loggedValue estimates { estimator value stdError } } }",
+            json!({}),
+        )
+        .await["evaluatePolicy"]
+        .clone();
+    assert_eq!(evaluation["modelVersion"], "v1", "{evaluation:#}");
+    assert_eq!(evaluation["regressor"], "model v1");
+    assert_eq!(evaluation["rounds"], 3000);
+    let by_name = |name: &str| {
+        evaluation["estimates"]
+            .as_array()
+            .and_then(|e| e.iter().find(|e| e["estimator"] == name).cloned())
+            .unwrap_or_else(|| panic!("{name}: {evaluation:#}"))
+    };
+    let logged = evaluation["loggedValue"].as_f64().unwrap();
+    let (ips, dr) = (by_name("ips"), by_name("doubly_robust"));
+    assert!(
+        dr["value"].as_f64().unwrap() > 1.5 * logged,
+        "the model's policy is worth more than uniform choice: {evaluation:#}"
+    );
+    assert!(
+        dr["stdError"].as_f64().unwrap() < ips["stdError"].as_f64().unwrap(),
+        "{evaluation:#}"
+    );
+
     let d = app.gql(personalize, json!({"c": "cust-1"})).await["personalize"].clone();
     assert_eq!(d["modelVersion"], "v1", "{d}");
     assert_eq!(d["policy"], "model_greedy");

@@ -54,6 +54,11 @@ pub struct Decision {
     pub model_version: Option<String>,
     pub experiments: Vec<Assignment>,
     pub segments: Vec<String>,
+    /// The candidates the policy chose among (neither pinned nor weighted to 0), in
+    /// candidate order, with their rule weights: what off-policy evaluation replays.
+    /// Empty when no policy chose (no consent, a pin, a single candidate left).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub arms: Vec<LoggedArm>,
     /// Rules that filtered, re-weighted or pinned a candidate.
     #[serde(default)]
     pub rules: Vec<String>,
@@ -74,6 +79,13 @@ impl Decision {
         // A decision is only ever built with at least one item.
         &self.items[0]
     }
+}
+
+/// A candidate a policy chose among, with the rule weight it was chosen with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoggedArm {
+    pub id: String,
+    pub weight: f64,
 }
 
 /// The active model's scores for a decision's candidates, and the shadow version's

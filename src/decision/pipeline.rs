@@ -15,7 +15,7 @@ use rand::SeedableRng;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
-use super::{Decision, ModelScores, Outcome, PropensityKind, ScoredItem};
+use super::{Decision, LoggedArm, ModelScores, Outcome, PropensityKind, ScoredItem};
 use crate::bandit::linear::{
     self, ContextInput, Featurizer, LinearArm, LinearPosterior, LinearStats,
 };
@@ -183,6 +183,7 @@ impl DecisionEngine {
             policy: policy_name,
             stats,
             contexts,
+            arms,
         } = self
             .choose(
                 &req,
@@ -287,6 +288,7 @@ impl DecisionEngine {
             model_scores: model.as_ref().map(|m| m.log(&candidates)),
             experiments: applied.assignments,
             segments: ctx.segments,
+            arms,
             rules: effects.fired,
             degraded: ctx.degraded,
             explanation,
@@ -619,6 +621,7 @@ impl DecisionEngine {
                 policy: "default".into(),
                 stats: Vec::new(),
                 contexts: BTreeMap::new(),
+                arms: Vec::new(),
             });
         }
         let arms: Vec<String> = candidates.iter().map(|c| c.id.clone()).collect();
@@ -747,6 +750,16 @@ impl DecisionEngine {
             policy: name.into(),
             stats,
             contexts,
+            arms: if pinned.is_empty() && free.len() > 1 {
+                free.iter()
+                    .map(|&i| LoggedArm {
+                        id: candidates[i].id.clone(),
+                        weight: effects.weights[i],
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
         })
     }
 
@@ -999,6 +1012,8 @@ struct Choice {
     policy: String,
     stats: Vec<ArmStats>,
     contexts: BTreeMap<usize, Vec<f64>>,
+    /// What the decision logs as its `arms`.
+    arms: Vec<LoggedArm>,
 }
 
 /// The model's answer for one decision, indexed like its candidates (NaN: not scored).

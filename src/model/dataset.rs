@@ -356,6 +356,7 @@ mod tests {
             model_scores: None,
             experiments: vec![],
             segments: vec![],
+            arms: vec![],
             rules: vec![],
             degraded: false,
             explanation: None,

@@ -5,9 +5,14 @@
 //!   format logs are imported from and exported to ([`read_jsonl`], [`write_jsonl`]);
 //! - [`estimators`]: [`evaluate`] — inverse propensity scoring, its self-normalised form,
 //!   the direct method and the doubly robust estimator, each with a 95% interval, plus
-//!   the weight diagnostics (effective sample size, largest weight, clipped rounds).
+//!   the weight diagnostics (effective sample size, largest weight, clipped rounds);
+//! - [`replay`]: the engine's own policies and model versions as target policies: rounds
+//!   rebuilt from the decision log (or imported), the target replayed over them in time
+//!   order;
+//! - [`service`]: `evaluatePolicy` / `tailor ope` — the log, the replay and the
+//!   estimators together.
 //!
-//! Pure logic: no storage, no clock, no randomness. The caller supplies, per round, the
+//! `logged` and `estimators` are pure logic: no storage, no clock, no randomness. The caller supplies, per round, the
 //! target policy's probability for each of the round's actions and, for the direct method
 //! and doubly robust, a reward model's estimate for each action; how those are computed
 //! (a rule set, a model version, a bandit's posterior) is not this module's business.
@@ -30,6 +35,8 @@
 
 pub mod estimators;
 pub mod logged;
+pub mod replay;
+pub mod service;
 
 pub use estimators::{evaluate, Estimate, Estimator, Evaluation, Options, LEVEL};
 pub use logged::{read_jsonl, write_jsonl, LoggedRound};

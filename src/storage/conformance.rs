@@ -1187,6 +1187,10 @@ pub fn sample_decision(id: &str, customer: &CustomerId, n: i32) -> Decision {
             variant: "b".into(),
         }],
         segments: vec!["vip".into()],
+        arms: vec![crate::decision::LoggedArm {
+            id: "a".into(),
+            weight: 2.0,
+        }],
         rules: vec!["vip_boost".into()],
         degraded: false,
         explanation: Some(json!({"why": "score"})),

@@ -5,6 +5,7 @@ pub mod error;
 pub mod experiments;
 pub mod models;
 pub mod mutation;
+pub mod ope;
 pub mod query;
 pub mod rules;
 pub mod subscription;

@@ -187,4 +187,5 @@ pub struct Query(
     ContentQuery,
     super::rules::RuleQuery,
     super::models::ModelQuery,
+    super::ope::OpeQuery,
 );
