@@ -53,7 +53,13 @@ impl Engine {
     /// Opens the configured backends in `settings.data_dir` and loads the definitions.
     pub async fn open(settings: Settings) -> anyhow::Result<Arc<Engine>> {
         let store = EmbeddedStore::open(&settings.data_dir)?;
-        Ok(Self::with_stores(settings, store.stores()).await?)
+        let stores = crate::storage::with_backends(
+            store.stores(),
+            &settings.backends,
+            settings.timeouts.backend(),
+        )
+        .await?;
+        Ok(Self::with_stores(settings, stores).await?)
     }
 
     pub async fn with_stores(settings: Settings, stores: Stores) -> Result<Arc<Engine>> {

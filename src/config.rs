@@ -111,6 +111,15 @@ pub struct Timeouts {
     /// How long `trackEvents` waits for features and segments to reflect its events
     /// (they are durable before that either way); 0 answers as soon as they are durable.
     pub ingest_apply_ms: u64,
+    /// Deadline of each call to a scaled-out backend (Redis); past it the call fails and
+    /// the caller degrades as for an unreachable backend.
+    pub backend_ms: u64,
+}
+
+impl Timeouts {
+    pub fn backend(&self) -> Duration {
+        Duration::from_millis(self.backend_ms)
+    }
 }
 
 impl Default for Timeouts {
@@ -119,6 +128,7 @@ impl Default for Timeouts {
             feature_read_ms: 20,
             request_ms: 10_000,
             ingest_apply_ms: 2_000,
+            backend_ms: 1_000,
         }
     }
 }
@@ -536,19 +546,15 @@ impl Settings {
 
     fn validate(&self) -> anyhow::Result<()> {
         let b = &self.backends;
-        for (key, value) in [
-            ("backends.profiles", &b.profiles),
-            ("backends.features", &b.features),
-            ("backends.segments", &b.segments),
-            ("backends.bandit", &b.bandit),
-            ("backends.events", &b.events),
+        for (capability, value) in [
+            ("profiles", &b.profiles),
+            ("features", &b.features),
+            ("segments", &b.segments),
+            ("bandit", &b.bandit),
+            ("events", &b.events),
         ] {
-            if value != "embedded" {
-                anyhow::bail!(
-                    "{key}: '{value}' is not available in this build (only \"embedded\"; \
-                     scaled-out backends come with their cargo features)"
-                );
-            }
+            crate::storage::check_backend(capability, value, self.timeouts.backend())
+                .map_err(|e| anyhow::anyhow!("backends.{capability}: {e}"))?;
         }
         if b.search != "none" {
             anyhow::bail!(
@@ -763,7 +769,12 @@ mod tests {
     #[test]
     fn unavailable_backends_and_bad_values_name_the_key() {
         Jail::expect_with(|jail| {
-            jail.set_env("TAILOR_BACKENDS__FEATURES", "redis://127.0.0.1:6379");
+            // Without the `redis` feature any Redis URL is unavailable; with it, this one
+            // has an unknown parameter.
+            jail.set_env(
+                "TAILOR_BACKENDS__FEATURES",
+                "redis://127.0.0.1:6379?color=blue",
+            );
             let err = Settings::load(None).unwrap_err().to_string();
             assert!(err.starts_with("backends.features:"), "{err}");
             Ok(())

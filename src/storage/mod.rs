@@ -2,7 +2,8 @@
 //!
 //! Domain code (`decision`, `features`, `segments`, `bandit`, `events`, `experiments`)
 //! does I/O only through these traits. Only `storage/<backend>/` knows a concrete store; every backend
-//! passes the shared suites in [`conformance`].
+//! passes the shared suites in [`conformance`]. [`check_backend`] and [`with_backends`]
+//! turn the `backends.*` settings into stores.
 //!
 //! Common contract for every trait here:
 //! - a method that returns `Ok` has made its write durable: it survives `kill -9`
@@ -16,8 +17,11 @@
 
 pub mod conformance;
 pub mod embedded;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -26,6 +30,7 @@ use serde_json::Value;
 
 use crate::bandit::linear::LinearStats;
 use crate::bandit::ArmStats;
+use crate::config::Backends;
 use crate::content::ContentItem;
 use crate::customers::{Customer, CustomerId};
 use crate::decision::{Decision, Impression, Outcome};
@@ -312,4 +317,76 @@ pub struct Stores {
     pub bandit: Arc<dyn BanditStore>,
     pub definitions: Arc<dyn DefinitionStore>,
     pub experiments: Arc<dyn ExperimentStore>,
+}
+
+/// Capabilities that a Redis URL may serve.
+#[cfg(feature = "redis")]
+const REDIS_CAPABILITIES: [&str; 3] = ["features", "segments", "bandit"];
+
+/// Whether this build can serve `capability` (a `backends.*` key) from `value`; the
+/// error says why not, without echoing secrets.
+pub fn check_backend(capability: &str, value: &str, timeout: Duration) -> Result<(), String> {
+    if value == "embedded" {
+        return Ok(());
+    }
+    #[cfg(feature = "redis")]
+    if redis::config::is_redis_url(value) && REDIS_CAPABILITIES.contains(&capability) {
+        return redis::RedisConfig::parse(value, timeout).map(|_| ());
+    }
+    let _ = (capability, timeout);
+    Err(format!(
+        "'{value}' is not available in this build (only \"embedded\"; \
+         scaled-out backends come with their cargo features)"
+    ))
+}
+
+/// `stores` (the embedded ones) with each capability that `backends` puts elsewhere
+/// replaced by that backend, connected within `timeout`. Capabilities that name the same
+/// location share one connection. Values are assumed checked by [`check_backend`].
+pub async fn with_backends(
+    stores: Stores,
+    backends: &Backends,
+    timeout: Duration,
+) -> anyhow::Result<Stores> {
+    #[cfg(feature = "redis")]
+    {
+        use anyhow::Context as _;
+        use std::collections::HashMap;
+
+        let mut stores = stores;
+        let mut connected: HashMap<String, Arc<redis::RedisStore>> = HashMap::new();
+        for capability in REDIS_CAPABILITIES {
+            let value = match capability {
+                "features" => &backends.features,
+                "segments" => &backends.segments,
+                _ => &backends.bandit,
+            };
+            if !redis::config::is_redis_url(value) {
+                continue;
+            }
+            let store = match connected.get(value) {
+                Some(store) => store.clone(),
+                None => {
+                    let config = redis::RedisConfig::parse(value, timeout)
+                        .map_err(|e| anyhow::anyhow!("backends.{capability}: {e}"))?;
+                    let store = redis::RedisStore::connect(&config)
+                        .await
+                        .with_context(|| format!("Failed to connect backends.{capability}"))?;
+                    connected.insert(value.clone(), store.clone());
+                    store
+                }
+            };
+            match capability {
+                "features" => stores.features = Arc::new(store.features()),
+                "segments" => stores.segments = Arc::new(store.segments()),
+                _ => stores.bandit = Arc::new(store.bandit()),
+            }
+        }
+        Ok(stores)
+    }
+    #[cfg(not(feature = "redis"))]
+    {
+        let _ = (backends, timeout);
+        Ok(stores)
+    }
 }

@@ -1,0 +1,190 @@
+//! The Redis backend (cargo feature `redis`): [`FeatureStore`], [`SegmentStore`] and
+//! [`BanditStore`] on one Redis server or a Redis Cluster.
+//!
+//! - `config.rs`: the `redis://` / `redis+cluster://` values of `backends.*`;
+//! - `features.rs`, `segments.rs`, `bandit.rs`: one capability each, with its key layout;
+//! - `tests.rs`: the conformance suites against real servers.
+//!
+//! Keys carry a hash tag (`{...}`) so that everything one write must change atomically
+//! lives in one cluster slot: a customer's features and segment list, one segment's
+//! members, one (placement, arm)'s statistics. Writes that must be atomic are one Lua
+//! script or one `MULTI` on that slot.
+//!
+//! Every call runs under the configured deadline ([`RedisConfig::timeout`]); past it the
+//! call fails with [`StorageError::Unavailable`] and the command may still take effect
+//! (the storage contract allows that for a dropped write).
+//!
+//! Durability is the server's: `Ok` means Redis acknowledged the write; it survives a
+//! restart only as far as the server's persistence (`appendonly yes`, `appendfsync`) and
+//! replication are configured to keep it.
+
+mod bandit;
+pub mod config;
+mod features;
+mod segments;
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
+
+pub use self::bandit::RedisBandit;
+pub use self::config::RedisConfig;
+pub use self::features::RedisFeatures;
+pub use self::segments::RedisSegments;
+use crate::storage::{StorageError, StorageResult};
+
+/// One connection to a server or a cluster, shared by the capabilities that use it.
+///
+/// Both kinds multiplex concurrent calls over their sockets and reconnect on their own,
+/// so a clone per call is cheap and calls never queue behind each other.
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// A connected Redis backend; [`RedisStore::features`] and friends give its capabilities.
+pub struct RedisStore {
+    connection: Connection,
+    prefix: String,
+    timeout: Duration,
+}
+
+impl RedisStore {
+    /// Connects (within the configured deadline) and checks that the server answers.
+    pub async fn connect(config: &RedisConfig) -> StorageResult<Arc<RedisStore>> {
+        let connecting = async {
+            if config.cluster {
+                let client = redis::cluster::ClusterClientBuilder::new(config.nodes.clone())
+                    .connection_timeout(config.timeout)
+                    .response_timeout(config.timeout)
+                    .build()?;
+                Ok::<_, RedisError>(Connection::Cluster(client.get_async_connection().await?))
+            } else {
+                let client = redis::Client::open(config.nodes[0].as_str())?;
+                let manager = ConnectionManagerConfig::new()
+                    .set_connection_timeout(config.timeout)
+                    .set_response_timeout(config.timeout)
+                    .set_number_of_retries(1);
+                Ok(Connection::Single(
+                    ConnectionManager::new_with_config(client, manager).await?,
+                ))
+            }
+        };
+        let connection = match tokio::time::timeout(config.timeout, connecting).await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(e)) => return Err(redis_err("connecting", e)),
+            Err(_) => {
+                return Err(StorageError::Unavailable(format!(
+                    "connecting to Redis: no answer within {:?}",
+                    config.timeout
+                )))
+            }
+        };
+        let store = Arc::new(RedisStore {
+            connection,
+            prefix: config.prefix.clone(),
+            timeout: config.timeout,
+        });
+        store
+            .call("PING", |mut c| async move {
+                redis::cmd("PING").query_async::<()>(&mut c).await
+            })
+            .await?;
+        Ok(store)
+    }
+
+    pub fn features(self: &Arc<Self>) -> RedisFeatures {
+        RedisFeatures::new(self.clone())
+    }
+
+    pub fn segments(self: &Arc<Self>) -> RedisSegments {
+        RedisSegments::new(self.clone())
+    }
+
+    pub fn bandit(self: &Arc<Self>) -> RedisBandit {
+        RedisBandit::new(self.clone())
+    }
+
+    fn is_cluster(&self) -> bool {
+        matches!(self.connection, Connection::Cluster(_))
+    }
+
+    /// `<prefix><kind>:{<tag>}`: the braces make `tag` alone choose the cluster slot.
+    fn key(&self, kind: &str, tag: &str) -> String {
+        format!("{}{kind}:{{{tag}}}", self.prefix)
+    }
+
+    /// Runs one exchange with the server under the deadline.
+    async fn call<T, F, Fut>(&self, what: &str, exchange: F) -> StorageResult<T>
+    where
+        F: FnOnce(Connection) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        match tokio::time::timeout(self.timeout, exchange(self.connection.clone())).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(redis_err(what, e)),
+            Err(_) => Err(StorageError::Unavailable(format!(
+                "Redis {what}: no answer within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+}
+
+/// Connection trouble is `Unavailable` (callers may degrade); anything else, such as a
+/// script error, is `Backend`.
+fn redis_err(what: &str, e: RedisError) -> StorageError {
+    if e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_cluster_error()
+    {
+        StorageError::Unavailable(format!("Redis {what}: {e}"))
+    } else {
+        StorageError::Backend(format!("Redis {what}: {e}"))
+    }
+}
+
+/// Parses a number that Redis stored as text (`HINCRBYFLOAT` results).
+fn stored_f64(what: &str, raw: &str) -> StorageResult<f64> {
+    raw.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite())
+        .ok_or_else(|| StorageError::Corrupt(format!("{what}: {raw:?} is not a finite number")))
+}
