@@ -111,7 +111,10 @@ pub trait FeatureStore: Send + Sync {
         customer: &CustomerId,
         keys: &[FeatureKey],
     ) -> StorageResult<Vec<Option<FeatureState>>>;
-    /// Writes all states atomically (whole-batch visibility).
+    /// Writes all states. A customer's states become visible together; a single-node
+    /// backend makes the whole batch atomic, a clustered one (Redis Cluster) each
+    /// customer's part. After a failed call some customers' states may be written:
+    /// callers replay the batch, and each state's sequence makes that safe.
     async fn write(
         &self,
         updates: Vec<(CustomerId, FeatureKey, FeatureState)>,
@@ -133,8 +136,10 @@ pub struct MembershipChange {
 /// Segment membership: which customers are in which segment, both ways.
 #[async_trait]
 pub trait SegmentStore: Send + Sync {
-    /// Applies the given memberships atomically, in order, and returns those that changed
-    /// anything (a join of a member or a leave of a non-member is not a change).
+    /// Applies the given memberships in order and returns those that changed anything (a
+    /// join of a member or a leave of a non-member is not a change). Atomic as a whole on
+    /// a single-node backend, per segment on a clustered one; after a failed call a
+    /// replay is safe (applying a membership twice changes nothing the second time).
     async fn apply(&self, changes: &[MembershipChange]) -> StorageResult<Vec<MembershipChange>>;
     async fn contains(&self, segment: &str, customer: &CustomerId) -> StorageResult<bool>;
     async fn size(&self, segment: &str) -> StorageResult<u64>;
