@@ -11,7 +11,8 @@
 //! - [`snapshot`]: in-memory copies the decision path reads, with a time to live;
 //! - [`storage`]: one trait per capability and the backends;
 //! - [`telemetry`]: OpenTelemetry meters exported as Prometheus text, and tracing;
-//! - [`demo`]: the synthetic demo world.
+//! - [`demo`]: the synthetic demo world;
+//! - [`simulate`]: the policies played offline against the demo world's hidden preferences.
 
 pub mod api;
 pub mod app;
@@ -29,6 +30,7 @@ pub mod features;
 pub mod model;
 pub mod rules;
 pub mod segments;
+pub mod simulate;
 pub mod snapshot;
 pub mod storage;
 pub mod telemetry;
