@@ -12,7 +12,8 @@
 //! - [`snapshot`]: in-memory copies the decision path reads, with a time to live;
 //! - [`storage`]: one trait per capability and the backends;
 //! - [`telemetry`]: OpenTelemetry meters exported as Prometheus text, and tracing;
-//! - [`demo`]: the synthetic demo world.
+//! - [`demo`]: the synthetic demo world;
+//! - [`simulate`]: the policies played offline against the demo world's hidden preferences.
 
 pub mod api;
 pub mod app;
@@ -31,6 +32,7 @@ pub mod model;
 pub mod ope;
 pub mod rules;
 pub mod segments;
+pub mod simulate;
 pub mod snapshot;
 pub mod storage;
 pub mod telemetry;

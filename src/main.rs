@@ -81,6 +81,100 @@ enum Command {
         #[command(flatten)]
         store: Store,
     },
+    /// Play a policy against the demo world's hidden preferences, learning online as
+    /// the engine does, and print its rewards and regret against an oracle as JSON.
+    Simulate {
+        /// One of the engine's policies, `uniform` or `oracle`.
+        #[arg(long, value_parser = parse_policy)]
+        policy: tailor::simulate::Policy,
+        /// Decisions to simulate.
+        #[arg(long, default_value_t = 10_000, value_parser = parse_rounds)]
+        rounds: usize,
+        /// Seed of the stream (customers, placements, clicks) and of the policy.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Use the active model of this data directory's registry (every engine policy
+        /// then reads it) instead of training one in process for model_greedy and
+        /// softmax.
+        #[arg(long, value_name = "DIR")]
+        model_dir: Option<PathBuf>,
+        /// Give the bandit policies a model too, as the engine does when one is active:
+        /// the prior of Thompson sampling and epsilon-greedy, a feature of the linear
+        /// policies.
+        #[arg(long)]
+        with_model: bool,
+        /// Write every round (features, candidates, true click probabilities) as JSONL.
+        #[arg(long, value_name = "FILE")]
+        export: Option<PathBuf>,
+    },
+}
+
+fn parse_policy(raw: &str) -> Result<tailor::simulate::Policy, String> {
+    tailor::simulate::Policy::parse(raw).ok_or_else(|| {
+        format!(
+            "unknown policy; one of: {}",
+            tailor::simulate::Policy::names()
+        )
+    })
+}
+
+fn parse_rounds(raw: &str) -> Result<usize, String> {
+    match raw.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Runs `tailor simulate` (off the async executor: training and the loop are CPU work).
+fn simulate_command(
+    policy: tailor::simulate::Policy,
+    rounds: usize,
+    seed: u64,
+    model_dir: Option<PathBuf>,
+    with_model: bool,
+    export: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    use tailor::simulate::{self, Params};
+    let model = match model_dir {
+        Some(dir) if policy.uses_model() => {
+            Some(simulate::load_active_model(&dir).map_err(|e| match e {
+                tailor::error::Error::Invalid { message, .. } => {
+                    anyhow::anyhow!("--model-dir: {message}")
+                }
+                e => anyhow::anyhow!("--model-dir: {e}"),
+            })?)
+        }
+        None if policy.needs_model() || (with_model && policy.uses_model()) => Some(
+            simulate::train_demo_model(
+                seed,
+                tailor::demo::CUSTOMERS,
+                &tailor::model::train::TrainParams::default(),
+            )
+            .map_err(|e| anyhow::anyhow!("Failed to train the model: {e}"))?,
+        ),
+        _ => None,
+    };
+    let mut file = match &export {
+        Some(path) => Some(std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .with_context(|| format!("--export: cannot create {}", path.display()))?,
+        )),
+        None => None,
+    };
+    let report = simulate::simulate(
+        &Params::new(policy, rounds, seed),
+        model.as_ref(),
+        file.as_mut().map(|f| f as &mut dyn Write),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let (Some(mut f), Some(path)) = (file, export) {
+        f.flush()
+            .with_context(|| format!("--export: cannot write {}", path.display()))?;
+    }
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
 }
 
 /// Where a model command finds the engine's data.
@@ -385,6 +479,18 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&evaluation)?);
             Ok(())
         }
+        Command::Simulate {
+            policy,
+            rounds,
+            seed,
+            model_dir,
+            with_model,
+            export,
+        } => tokio::task::spawn_blocking(move || {
+            simulate_command(policy, rounds, seed, model_dir, with_model, export)
+        })
+        .await
+        .context("Failed to run the simulation")?,
         Command::Schema => {
             print!("{}", tailor::api::graphql::sdl());
             Ok(())

@@ -254,3 +254,89 @@ fn model_commands_train_from_jsonl_list_and_refuse_clearly() {
         "{stderr}"
     );
 }
+
+#[test]
+fn simulate_prints_the_report_and_exports_the_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let export = dir.path().join("stream.jsonl");
+    let out = tailor()
+        .args([
+            "simulate", "--policy", "lin_ucb", "--rounds", "40", "--seed", "3",
+        ])
+        .arg("--export")
+        .arg(&export)
+        .output()
+        .expect("tailor runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let mut keys: Vec<&str> = report
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    expect_test::expect![[r#"
+        [
+            "click_rate",
+            "cumulative_reward",
+            "decisions_per_second",
+            "expected_click_rate",
+            "expected_cumulative_reward",
+            "model",
+            "oracle_expected_cumulative_reward",
+            "policy",
+            "regret",
+            "rounds",
+            "seed",
+        ]
+    "#]]
+    .assert_debug_eq(&keys);
+    assert_eq!(report["policy"], "lin_ucb");
+    assert_eq!(report["rounds"], 40);
+    assert_eq!(report["model"], serde_json::Value::Null);
+    assert!(report["regret"].as_f64().unwrap() >= 0.0);
+
+    let stream = std::fs::read_to_string(&export).unwrap();
+    let lines: Vec<serde_json::Value> = stream
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 40);
+    let first = &lines[0];
+    assert_eq!(first["round"], 0);
+    for key in ["placement", "device", "at", "features", "click_draw"] {
+        assert!(!first[key].is_null(), "{key} in {first}");
+    }
+    let candidate = &first["candidates"][0];
+    assert!(candidate["id"].is_string() && candidate["tags"].is_array());
+    assert!(candidate["click_probability"].is_number());
+}
+
+#[test]
+fn simulate_refuses_bad_flags_by_name() {
+    let out = tailor()
+        .args(["simulate", "--policy", "greedy"])
+        .output()
+        .expect("tailor runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--policy") && stderr.contains("unknown policy; one of: thompson_sampling"),
+        "{stderr}"
+    );
+    let out = tailor()
+        .args(["simulate", "--policy", "uniform", "--rounds", "0"])
+        .output()
+        .expect("tailor runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--rounds") && stderr.contains("must be at least 1"),
+        "{stderr}"
+    );
+}
