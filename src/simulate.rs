@@ -43,9 +43,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::bandit::linear::{
-    self, ContextInput, Featurizer, LinearArm, LinearPosterior, LinearStats,
-};
+use crate::bandit::linear::{self, ContextInput, Featurizer, LinearArm, LinearStats};
 use crate::bandit::policy;
 use crate::bandit::ArmStats;
 use crate::config::{PolicyKind, PolicySettings};
@@ -505,21 +503,12 @@ fn choose(
 }
 
 /// Each candidate's estimate and variance factor from its regression, as the pipeline's
-/// `linear_arms` computes them (invalid statistics explore from the prior).
+/// `linear_arms` computes them.
 fn linear_arms(stats: &[LinearStats], contexts: &[Vec<f64>], ridge: f64) -> Vec<LinearArm> {
     stats
         .iter()
         .zip(contexts)
-        .map(|(s, x)| match LinearPosterior::new(s, ridge) {
-            Some(post) => {
-                let (mean, variance) = post.predict(x);
-                LinearArm { mean, variance }
-            }
-            None => LinearArm {
-                mean: 0.0,
-                variance: x.iter().map(|v| v * v).sum::<f64>() / ridge,
-            },
-        })
+        .map(|(s, x)| LinearArm::estimate(s, x, ridge))
         .collect()
 }
 

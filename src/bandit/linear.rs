@@ -254,6 +254,23 @@ pub struct LinearArm {
     pub variance: f64,
 }
 
+impl LinearArm {
+    /// The arm's estimate for context `x` from its statistics; statistics that give no
+    /// posterior (invalid ones) explore from the prior `N(0, |x|²/λ)`.
+    pub fn estimate(stats: &LinearStats, x: &[f64], ridge: f64) -> Self {
+        match LinearPosterior::new(stats, ridge) {
+            Some(post) => {
+                let (mean, variance) = post.predict(x);
+                LinearArm { mean, variance }
+            }
+            None => LinearArm {
+                mean: 0.0,
+                variance: x.iter().map(|v| v * v).sum::<f64>() / ridge,
+            },
+        }
+    }
+}
+
 /// `g_w`: the rule weight's monotone effect on a score (module docs).
 fn weighted(s: f64, w: f64) -> f64 {
     if s >= 0.0 {

@@ -16,9 +16,7 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use super::{Decision, LoggedArm, ModelScores, Outcome, PropensityKind, ScoredItem};
-use crate::bandit::linear::{
-    self, ContextInput, Featurizer, LinearArm, LinearPosterior, LinearStats,
-};
+use crate::bandit::linear::{self, ContextInput, Featurizer, LinearArm, LinearStats};
 use crate::bandit::policy::{self, Ranking};
 use crate::bandit::ArmStats;
 use crate::config::{PolicyKind, PolicySettings};
@@ -784,19 +782,7 @@ impl DecisionEngine {
         };
         free.iter()
             .zip(&stats)
-            .map(|(i, s)| {
-                let x = &contexts[i];
-                match LinearPosterior::new(s, self.policy.ridge) {
-                    Some(post) => {
-                        let (mean, variance) = post.predict(x);
-                        LinearArm { mean, variance }
-                    }
-                    None => LinearArm {
-                        mean: 0.0,
-                        variance: x.iter().map(|v| v * v).sum::<f64>() / self.policy.ridge,
-                    },
-                }
-            })
+            .map(|(i, s)| LinearArm::estimate(s, &contexts[i], self.policy.ridge))
             .collect()
     }
 

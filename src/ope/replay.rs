@@ -26,9 +26,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::LoggedRound;
-use crate::bandit::linear::{
-    self, ContextInput, Featurizer, LinearArm, LinearPosterior, LinearStats,
-};
+use crate::bandit::linear::{self, ContextInput, Featurizer, LinearArm, LinearStats};
 use crate::bandit::{policy, ArmStats};
 use crate::config::{PolicyKind, PolicySettings};
 use crate::content::ContentItem;
@@ -318,17 +316,7 @@ pub fn replay(
                                 .get(&key(&round.arms[i]))
                                 .cloned()
                                 .unwrap_or_else(|| LinearStats::zero(featurizer.dims));
-                            let x = &contexts[i];
-                            LinearPosterior::new(&s, settings.ridge).map_or(
-                                LinearArm {
-                                    mean: 0.0,
-                                    variance: x.iter().map(|v| v * v).sum::<f64>() / settings.ridge,
-                                },
-                                |p| {
-                                    let (mean, variance) = p.predict(x);
-                                    LinearArm { mean, variance }
-                                },
-                            )
+                            LinearArm::estimate(&s, &contexts[i], settings.ridge)
                         })
                         .collect();
                     if kind == PolicyKind::LinUcb {
