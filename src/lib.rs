@@ -9,6 +9,7 @@
 //! - [`expressions`]: Rhai formulas of derived features and predicates of segments;
 //! - [`model`]: the candle recommendation model: training, registry, batched scoring;
 //! - [`ope`]: off-policy evaluation of a target policy on a log of bandit rounds;
+//! - [`jsonl`]: JSON Lines imports, with errors naming the line and the field;
 //! - [`snapshot`]: in-memory copies the decision path reads, with a time to live;
 //! - [`storage`]: one trait per capability and the backends;
 //! - [`telemetry`]: OpenTelemetry meters exported as Prometheus text, and tracing;
@@ -28,6 +29,7 @@ pub mod events;
 pub mod experiments;
 pub mod expressions;
 pub mod features;
+pub mod jsonl;
 pub mod model;
 pub mod ope;
 pub mod rules;

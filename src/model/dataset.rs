@@ -41,6 +41,7 @@ use super::schema::ScoreContext;
 use super::{ModelError, ModelResult};
 use crate::content::ContentItem;
 use crate::decision::{Decision, Outcome};
+use crate::jsonl;
 use crate::storage::DecisionStore;
 
 /// One shown item of one decision, with its label.
@@ -248,25 +249,9 @@ fn parse_line(
     line_no: usize,
     catalog: &HashMap<String, Arc<ContentItem>>,
 ) -> ModelResult<Logged> {
-    let field = |path: &str| {
-        if path.is_empty() || path == "." {
-            format!("line {line_no}")
-        } else {
-            format!("line {line_no}.{path}")
-        }
-    };
-    let mut de = serde_json::Deserializer::from_str(line);
-    let d: JsonlDecision = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        // serde_json ends its text with "at line 1 column N"; the line is ours to name.
-        let text = e.inner().to_string();
-        let message = text
-            .rfind(" at line ")
-            .map_or(text.as_str(), |at| &text[..at]);
-        ModelError::invalid(
-            field(&e.path().to_string()),
-            format!("{message} (column {})", e.inner().column()),
-        )
-    })?;
+    let field = |path: &str| jsonl::field(line_no, path);
+    let d: JsonlDecision =
+        jsonl::parse_line(line, line_no).map_err(|e| ModelError::invalid(e.field, e.message))?;
     let _ = d.customer_id;
     if d.id.trim().is_empty() {
         return Err(ModelError::invalid(field("id"), "must not be empty"));

@@ -27,6 +27,7 @@ use std::io::{BufRead, ErrorKind, Write};
 use serde::{Deserialize, Serialize};
 
 use super::{OpeError, OpeResult};
+use crate::jsonl;
 
 /// One round the logging policy decided: the candidates, the one it chose, with what
 /// probability, and what that earned.
@@ -138,31 +139,9 @@ pub fn read_jsonl(reader: impl BufRead) -> OpeResult<Vec<LoggedRound>> {
 }
 
 fn parse_line(line: &str, line_no: usize) -> OpeResult<LoggedRound> {
-    let field = |path: &str| {
-        if path.is_empty() || path == "." {
-            format!("line {line_no}")
-        } else {
-            format!("line {line_no}.{path}")
-        }
-    };
-    let mut de = serde_json::Deserializer::from_str(line);
-    let r: JsonlRound = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        // serde_json ends its text with "at line 1 column N"; the line is ours to name.
-        let text = e.inner().to_string();
-        let message = text
-            .rfind(" at line ")
-            .map_or(text.as_str(), |at| &text[..at]);
-        OpeError::invalid(
-            field(&e.path().to_string()),
-            format!("{message} (column {})", e.inner().column()),
-        )
-    })?;
-    de.end().map_err(|e| {
-        OpeError::invalid(
-            field(""),
-            format!("trailing characters (column {})", e.column()),
-        )
-    })?;
+    let field = |path: &str| jsonl::field(line_no, path);
+    let r: JsonlRound =
+        jsonl::parse_line(line, line_no).map_err(|e| OpeError::invalid(e.field, e.message))?;
     if r.actions.is_empty() {
         return Err(OpeError::invalid(field("actions"), "must not be empty"));
     }
