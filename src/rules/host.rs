@@ -130,9 +130,20 @@ pub fn event_map(id: &str, event_type: &str, at: DateTime<Utc>, properties: &Val
     map
 }
 
-/// A candidate item.
+/// A candidate item, with its id ready as a script string (read once per rule and
+/// candidate by most rules).
 #[derive(Debug, Clone)]
-pub struct ItemView(pub Arc<ContentItem>);
+pub struct ItemView {
+    item: Arc<ContentItem>,
+    id: ImmutableString,
+}
+
+impl ItemView {
+    pub fn new(item: Arc<ContentItem>) -> Self {
+        let id = item.id.as_str().into();
+        ItemView { item, id }
+    }
+}
 
 /// The request: placement, channel, device, time and the whole request context.
 #[derive(Debug, Clone)]
@@ -210,6 +221,7 @@ fn shift(t: Time, d: Span, sign: i32) -> Fallible<Time> {
 /// Registers every host type and helper on `engine`.
 pub fn register(engine: &mut Engine) {
     register_customer(engine);
+    register_traits(engine);
     register_item(engine);
     register_ctx(engine);
     register_time(engine);
@@ -222,7 +234,7 @@ fn register_customer(engine: &mut Engine) {
             c.0.id.as_str().into()
         })
         .register_get("known", |c: &mut CustomerView| c.0.known)
-        .register_get("traits", |c: &mut CustomerView| c.0.traits.clone())
+        .register_get("traits", |c: &mut CustomerView| Traits(c.0.clone()))
         .register_get("features", |c: &mut CustomerView| -> Map {
             c.0.features
                 .iter()
@@ -264,38 +276,78 @@ fn register_customer(engine: &mut Engine) {
         });
 }
 
+/// `customer.traits`: a read-only view of the customer's traits. Reading a trait
+/// (`customer.traits.plan`, `customer.traits["plan"]`) copies that trait only; a missing
+/// trait is `()`. `to_map()` gives a copy of them all as a map.
+///
+/// A view, not a map, because a hook reads traits once per candidate: copying every
+/// trait (lists included) on each read was the largest cost of the example rules.
+#[derive(Debug, Clone)]
+pub struct Traits(Arc<CustomerData>);
+
+fn register_traits(engine: &mut Engine) {
+    fn get(t: &mut Traits, name: &str) -> Dynamic {
+        t.0.traits.get(name).cloned().unwrap_or(Dynamic::UNIT)
+    }
+    engine
+        .register_type_with_name::<Traits>("Traits")
+        // `traits.plan` falls back to this indexer for any property name.
+        .register_indexer_get(get)
+        .register_fn("get", get)
+        .register_fn("contains", |t: &mut Traits, name: &str| {
+            t.0.traits.contains_key(name)
+        })
+        .register_fn("keys", |t: &mut Traits| -> Array {
+            t.0.traits.keys().map(|k| k.clone().into()).collect()
+        })
+        .register_fn("values", |t: &mut Traits| -> Array {
+            t.0.traits.values().cloned().collect()
+        })
+        .register_fn("len", |t: &mut Traits| t.0.traits.len() as i64)
+        .register_fn("is_empty", |t: &mut Traits| t.0.traits.is_empty())
+        .register_fn("to_map", |t: &mut Traits| t.0.traits.clone())
+        .register_fn("to_string", |t: &mut Traits| format!("{:?}", t.0.traits))
+        .register_fn("to_debug", |t: &mut Traits| format!("{:?}", t.0.traits));
+}
+
 fn register_item(engine: &mut Engine) {
     fn strings(list: &[String]) -> Array {
         list.iter().map(|s| s.as_str().into()).collect()
     }
     engine
         .register_type_with_name::<ItemView>("Item")
-        .register_get("id", |i: &mut ItemView| -> ImmutableString {
-            i.0.id.as_str().into()
-        })
+        .register_get("id", |i: &mut ItemView| i.id.clone())
         .register_get("type", |i: &mut ItemView| -> ImmutableString {
-            i.0.content_type.as_str().into()
+            i.item.content_type.as_str().into()
         })
         .register_get("title", |i: &mut ItemView| -> Dynamic {
-            i.0.title.as_deref().map_or(Dynamic::UNIT, |t| t.into())
+            i.item.title.as_deref().map_or(Dynamic::UNIT, |t| t.into())
         })
-        .register_get("tags", |i: &mut ItemView| strings(&i.0.tags))
+        .register_get("tags", |i: &mut ItemView| strings(&i.item.tags))
         .register_fn("has_tag", |i: &mut ItemView, tag: &str| {
-            i.0.tags.iter().any(|t| t == tag)
+            i.item.tags.iter().any(|t| t == tag)
         })
-        .register_get("placements", |i: &mut ItemView| strings(&i.0.placements))
-        .register_get("segments", |i: &mut ItemView| strings(&i.0.segments))
-        .register_get("priority", |i: &mut ItemView| i64::from(i.0.priority))
-        .register_get("attributes", |i: &mut ItemView| map_of(&i.0.attributes))
+        .register_get("placements", |i: &mut ItemView| strings(&i.item.placements))
+        .register_get("segments", |i: &mut ItemView| strings(&i.item.segments))
+        .register_get("priority", |i: &mut ItemView| i64::from(i.item.priority))
+        .register_get("attributes", |i: &mut ItemView| map_of(&i.item.attributes))
         .register_fn("attr", |i: &mut ItemView, name: &str| -> Dynamic {
-            i.0.attributes.get(name).map_or(Dynamic::UNIT, to_dynamic)
+            i.item
+                .attributes
+                .get(name)
+                .map_or(Dynamic::UNIT, to_dynamic)
         })
         .register_get("frequency_cap", |i: &mut ItemView| -> Dynamic {
-            i.0.frequency_cap
+            i.item
+                .frequency_cap
                 .map_or(Dynamic::UNIT, |c| Dynamic::from(i64::from(c)))
         })
-        .register_fn("to_string", |i: &mut ItemView| format!("Item({})", i.0.id))
-        .register_fn("to_debug", |i: &mut ItemView| format!("Item({})", i.0.id));
+        .register_fn("to_string", |i: &mut ItemView| {
+            format!("Item({})", i.item.id)
+        })
+        .register_fn("to_debug", |i: &mut ItemView| {
+            format!("Item({})", i.item.id)
+        });
 }
 
 fn register_ctx(engine: &mut Engine) {
@@ -394,4 +446,48 @@ fn register_time(engine: &mut Engine) {
         .register_fn("to_debug", |d: &mut Span| {
             format!("{}ms", d.0.num_milliseconds())
         });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traits_read_like_a_map_without_being_copied_whole_and_cannot_be_changed() {
+        let engine = crate::rules::engine();
+        let traits = to_dynamic(&serde_json::json!({"plan": "gold", "bought": ["a", "b"]}));
+        let customer = CustomerView(Arc::new(CustomerData {
+            id: "c1".into(),
+            traits: traits.cast(),
+            ..Default::default()
+        }));
+        let eval = |script: &str| {
+            let mut scope = rhai::Scope::new();
+            scope.push("customer", customer.clone());
+            engine.eval_with_scope::<Dynamic>(&mut scope, script)
+        };
+        let text = |script: &str| eval(script).unwrap().to_string();
+        assert_eq!(text("customer.traits.plan"), "gold");
+        assert_eq!(text(r#"customer.traits["plan"]"#), "gold");
+        assert_eq!(text(r#"customer.traits.get("plan")"#), "gold");
+        assert!(eval("customer.traits.missing").unwrap().is_unit());
+        assert_eq!(text(r#"customer.traits.missing ?? "free""#), "free");
+        assert_eq!(text(r#"customer.traits.bought.contains("b")"#), "true");
+        assert_eq!(text(r#""plan" in customer.traits"#), "true");
+        assert_eq!(text(r#"customer.traits.contains("nope")"#), "false");
+        assert_eq!(text("customer.traits.len()"), "2");
+        assert_eq!(text("customer.traits.keys()"), r#"["bought", "plan"]"#);
+        assert_eq!(text("type_of(customer.traits.to_map())"), "map");
+        // A copy as a map may be changed; the customer's traits stay as they were.
+        assert_eq!(
+            text(
+                r#"let m = customer.traits.to_map(); m.plan = "x"; m.plan + customer.traits.plan"#
+            ),
+            "xgold"
+        );
+        // The view itself has no setters: writing a trait is an error, not a change.
+        assert!(eval(r#"customer.traits.plan = "x"; 1"#).is_err());
+        assert!(eval(r#"let t = customer.traits; t.plan = "x"; 1"#).is_err());
+        assert_eq!(text("customer.traits.plan"), "gold");
+    }
 }

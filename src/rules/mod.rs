@@ -206,19 +206,19 @@ const DRIVER_VARIABLES: [&str; 6] = [
 /// `[eligible results, score results]`: one eligible result per item (when the hook
 /// exists), one score result per item still eligible and not pinned.
 fn decide_driver(eligible: bool, score: bool) -> String {
-    let mut body = String::from("let __e = []; let __s = [];\nfor __i in 0..__items.len() {\n");
-    if eligible {
-        body.push_str(
-            "let __ok = eligible(__customer, __items[__i], __ctx); __e.push(__ok); if __ok != true { continue; }\n",
-        );
-    }
-    if score {
-        body.push_str(
-            "if !__pinned[__i] { __s.push(score(__customer, __items[__i], __ctx, __weights[__i])); }\n",
-        );
-    }
-    body.push_str("}\n[__e, __s]");
-    body
+    // Iterating the array (with its counter) costs less than indexing it, and a hook's
+    // result goes straight into its list: the driver runs once per rule and candidate.
+    let body = match (eligible, score) {
+        (true, false) => "for __item in __items { __e.push(eligible(__customer, __item, __ctx)); }",
+        (false, true) => {
+            "for (__item, __i) in __items { if !__pinned[__i] { __s.push(score(__customer, __item, __ctx, __weights[__i])); } }"
+        }
+        _ => {
+            "for (__item, __i) in __items { let __ok = eligible(__customer, __item, __ctx); __e.push(__ok); \
+             if __ok == true && !__pinned[__i] { __s.push(score(__customer, __item, __ctx, __weights[__i])); } }"
+        }
+    };
+    format!("let __e = []; let __s = [];\n{body}\n[__e, __s]")
 }
 
 /// Compiles one rule; `default_name` is used when the script declares no `NAME`.

@@ -179,6 +179,8 @@ impl RuleSet {
         placement: &str,
         effects: &mut RuleEffects,
     ) {
+        // Built once for every rule of the decision.
+        let mut views: Option<Vec<Dynamic>> = None;
         for active in &self.rules {
             let Some(ast) = active.rule.decide.as_ref() else {
                 continue;
@@ -193,7 +195,22 @@ impl RuleSet {
                 break;
             }
             let name = &active.rule.meta.name;
-            match self.run_decide(&active.rule, ast, customer, ctx, items, &alive, effects) {
+            let views = views.get_or_insert_with(|| {
+                items
+                    .iter()
+                    .map(|item| Dynamic::from(ItemView::new(item.clone())))
+                    .collect()
+            });
+            match self.run_decide(
+                &active.rule,
+                ast,
+                customer,
+                ctx,
+                items,
+                views,
+                &alive,
+                effects,
+            ) {
                 Ok(verdicts) => apply(name, &alive, verdicts, effects),
                 Err(error) => effects.failures.push(RuleFailure {
                     rule: name.clone(),
@@ -211,6 +228,7 @@ impl RuleSet {
         customer: &CustomerView,
         ctx: &CtxView,
         items: &[Arc<ContentItem>],
+        views: &[Dynamic],
         alive: &[usize],
         effects: &RuleEffects,
     ) -> Result<Vec<Verdict>, String> {
@@ -219,10 +237,7 @@ impl RuleSet {
         scope.push("__ctx", ctx.clone());
         scope.push(
             "__items",
-            alive
-                .iter()
-                .map(|&i| Dynamic::from(ItemView(items[i].clone())))
-                .collect::<Array>(),
+            alive.iter().map(|&i| views[i].clone()).collect::<Array>(),
         );
         scope.push(
             "__weights",
