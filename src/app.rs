@@ -99,6 +99,9 @@ impl Engine {
         );
         let catalog = Arc::new(Catalog::new(stores.content.clone(), CATALOG_TTL));
         let models = ModelService::open(&settings.data_dir, &settings.model)?;
+        if let Err(e) = models.load_online_rewards(stores.bandit.as_ref()).await {
+            tracing::warn!(error = %e, "Cannot read the models' online rewards; counting from zero");
+        }
         let experiments = Arc::new(ExperimentService::new(
             stores.definitions.clone(),
             stores.experiments.clone(),
@@ -174,7 +177,7 @@ impl Engine {
         let features = self.features.clone();
         let health = every(
             Duration::from_secs(self.settings.features.health_check_interval_secs.max(1)),
-            shutdown,
+            shutdown.clone(),
             move || {
                 let features = features.clone();
                 async move {
@@ -184,7 +187,8 @@ impl Engine {
                 }
             },
         );
-        vec![processor, refresher, health, reload]
+        let rewards = online_rewards(self.clone(), shutdown.clone());
+        vec![processor, refresher, health, reload, rewards]
     }
 
     /// Applies a partial profile update and re-evaluates the customer's segments.
@@ -292,6 +296,34 @@ impl Engine {
         items.truncate(limit);
         Ok(items)
     }
+}
+
+/// Adds the models' online rewards to the shared totals every second, and once more at
+/// shutdown, so that no counted decision is lost to a stop.
+fn online_rewards(
+    engine: Arc<Engine>,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        loop {
+            let stopping = tokio::select! {
+                _ = tick.tick() => false,
+                _ = shutdown.changed() => true,
+            };
+            if let Err(e) = engine
+                .models
+                .flush_online_rewards(engine.stores.bandit.as_ref())
+                .await
+            {
+                tracing::warn!(error = %e, "Cannot store the models' online rewards; retrying");
+            }
+            if stopping {
+                return;
+            }
+        }
+    })
 }
 
 /// Runs `task` every `period` (first after one period) until `shutdown`.

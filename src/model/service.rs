@@ -14,9 +14,15 @@ use super::registry::{Manifest, Registry};
 use super::serving::{Scorer, ScorerSettings};
 use super::train::{self, Progress, TrainParams};
 use super::{ModelError, ModelResult};
+use crate::bandit::ArmStats;
 use crate::config::{ModelConfig, ModelDevice};
 use crate::content::ContentItem;
-use crate::storage::DecisionStore;
+use crate::storage::{BanditStore, DecisionStore};
+
+/// The bandit-store placement under which online rewards are totalled, one arm per model
+/// version (`trials` = decisions). A placement name no catalog uses: it holds a colon and
+/// spaces are not what placements are named with, and the bandit never reads it.
+pub const ONLINE_REWARD_PLACEMENT: &str = "model versions: online reward";
 
 /// Where training examples come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -107,6 +113,64 @@ impl ModelService {
                 Err(e) => tracing::error!(version = v, error = %e, "Cannot load the shadow model"),
             }
         }
+    }
+
+    /// Adds what the scorer counted since the last flush to the totals in `store` (one
+    /// atomic add per version, so replicas' counts merge), then reads back the totals of
+    /// the versions compared for automatic rollback. What cannot be stored stays pending
+    /// for the next flush (a failed add that did reach the store counts twice: the
+    /// rollback comparison tolerates that, no decision depends on it).
+    pub async fn flush_online_rewards(
+        &self,
+        store: &dyn BanditStore,
+    ) -> crate::storage::StorageResult<()> {
+        let mut pending = self.scorer.take_pending();
+        let versions: Vec<String> = pending.keys().cloned().collect();
+        let mut failed = None;
+        for version in versions {
+            let reward = pending[&version];
+            let delta = ArmStats {
+                trials: reward.decisions as f64,
+                reward: reward.reward,
+            };
+            match store.add(ONLINE_REWARD_PLACEMENT, &version, delta).await {
+                Ok(()) => {
+                    pending.remove(&version);
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        self.scorer.restore_pending(pending);
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        self.load_online_rewards(store).await
+    }
+
+    /// Reads the stored totals of the versions compared for automatic rollback.
+    pub async fn load_online_rewards(
+        &self,
+        store: &dyn BanditStore,
+    ) -> crate::storage::StorageResult<()> {
+        let versions = self.scorer.compared_versions();
+        if versions.is_empty() {
+            return Ok(());
+        }
+        let totals = store.get(ONLINE_REWARD_PLACEMENT, &versions).await?;
+        self.scorer
+            .set_stored(versions.into_iter().zip(totals).map(|(v, t)| {
+                (
+                    v,
+                    super::serving::OnlineReward {
+                        decisions: t.trials.max(0.0) as u64,
+                        reward: t.reward,
+                    },
+                )
+            }));
+        Ok(())
     }
 
     pub fn scorer(&self) -> &Scorer {
@@ -260,5 +324,78 @@ impl ModelService {
             self.scorer.set_shadow(None);
         }
         self.info(&version)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::registry::tests::registry_with;
+    use crate::storage::embedded::EmbeddedStore;
+
+    fn live(_: &str) -> bool {
+        true
+    }
+
+    /// Two replicas over one bandit store: each counted too few decisions to judge the
+    /// new version alone, together they did, and the one that reads the merged totals
+    /// rolls back; a restarted replica starts from the stored totals, not from zero.
+    #[tokio::test]
+    async fn online_rewards_are_shared_by_replicas_and_kept_across_restarts() {
+        let (dir, registry) = registry_with(2);
+        registry.activate("v1", &live, "first").unwrap();
+        registry.activate("v2", &live, "second").unwrap();
+        drop(registry);
+        let store_dir = tempfile::tempdir().unwrap();
+        let stores = EmbeddedStore::open(store_dir.path()).unwrap().stores();
+        let bandit = stores.bandit.as_ref();
+        // v1 earned 0.30 per decision over 100 decisions while it served.
+        bandit
+            .add(
+                ONLINE_REWARD_PLACEMENT,
+                "v1",
+                ArmStats {
+                    trials: 100.0,
+                    reward: 30.0,
+                },
+            )
+            .await
+            .unwrap();
+        let config = ModelConfig {
+            min_decisions: 50,
+            margin: 0.05,
+            ..ModelConfig::default()
+        };
+        let a = ModelService::open(dir.path(), &config).unwrap();
+        let b = ModelService::open(dir.path(), &config).unwrap();
+        for service in [&a, &b] {
+            service.load_online_rewards(bandit).await.unwrap();
+            assert_eq!(service.scorer().online_reward("v1").decisions, 100);
+            // 30 decisions each with v2, none rewarded: below min_decisions alone.
+            for _ in 0..30 {
+                service.scorer().record_decision("v2");
+            }
+        }
+        a.flush_online_rewards(bandit).await.unwrap();
+        a.scorer().flush().await.unwrap();
+        assert_eq!(a.scorer().active_version().as_deref(), Some("v2"));
+        assert_eq!(a.scorer().online_reward("v2").decisions, 30);
+        // b adds its 30 and reads 60: enough, and 0.0 < 0.30 − 0.05.
+        b.flush_online_rewards(bandit).await.unwrap();
+        b.scorer().flush().await.unwrap();
+        assert_eq!(b.scorer().active_version().as_deref(), Some("v1"));
+        let totals = bandit
+            .get(ONLINE_REWARD_PLACEMENT, &["v1".into(), "v2".into()])
+            .await
+            .unwrap();
+        assert_eq!(totals[0].trials, 100.0);
+        assert_eq!(totals[1].trials, 60.0);
+        // Flushing twice adds nothing twice.
+        a.flush_online_rewards(bandit).await.unwrap();
+        let again = bandit
+            .get(ONLINE_REWARD_PLACEMENT, &["v2".into()])
+            .await
+            .unwrap();
+        assert_eq!(again[0].trials, 60.0);
     }
 }

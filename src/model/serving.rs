@@ -11,10 +11,12 @@
 //!   the active ones (for logging) and never serve. A failing shadow only loses its scores.
 //! - **Automatic rollback**: when the active version fails at inference, the registry
 //!   rolls back to its predecessor, which scores the same batch. When its online reward
-//!   (mean reward per decision, counted in this process) over at least `min_decisions`
-//!   falls below the predecessor's by more than `margin`, the scorer rolls back too. The
-//!   pipeline reports decisions and rewards through [`Scorer::record_decision`] and
-//!   [`Scorer::record_reward`].
+//!   (mean reward per decision) over at least `min_decisions` falls below the
+//!   predecessor's by more than `margin`, the scorer rolls back too. The pipeline reports
+//!   decisions and rewards through [`Scorer::record_decision`] and
+//!   [`Scorer::record_reward`]; [`ModelService`](super::service::ModelService) adds them
+//!   to totals in the bandit store (shared by replicas, kept across restarts) every
+//!   second and reads the totals back, so the comparison counts every replica.
 
 use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
@@ -139,7 +141,7 @@ impl Default for ScorerSettings {
     }
 }
 
-/// Decisions made with one version and the rewards they earned, in this process.
+/// Decisions made with one version and the rewards they earned.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct OnlineReward {
     pub decisions: u64,
@@ -153,6 +155,32 @@ impl OnlineReward {
         } else {
             self.reward / self.decisions as f64
         }
+    }
+}
+
+impl std::ops::Add for OnlineReward {
+    type Output = OnlineReward;
+
+    fn add(self, other: OnlineReward) -> OnlineReward {
+        OnlineReward {
+            decisions: self.decisions + other.decisions,
+            reward: self.reward + other.reward,
+        }
+    }
+}
+
+/// Online rewards per version: the totals last read from the shared store (every
+/// replica's, across restarts) plus what this process counted since it last flushed.
+#[derive(Debug, Default)]
+struct RewardBook {
+    stored: HashMap<String, OnlineReward>,
+    pending: HashMap<String, OnlineReward>,
+}
+
+impl RewardBook {
+    fn get(&self, version: &str) -> OnlineReward {
+        let stored = self.stored.get(version).copied().unwrap_or_default();
+        stored + self.pending.get(version).copied().unwrap_or_default()
     }
 }
 
@@ -189,7 +217,7 @@ struct Shared {
     device: Device,
     settings: ScorerSettings,
     /// A std mutex: held for a counter update, never across an await.
-    rewards: parking_lot::Mutex<HashMap<String, OnlineReward>>,
+    rewards: parking_lot::Mutex<RewardBook>,
     rollback_pending: AtomicBool,
     requests: AtomicU64,
     batches: AtomicU64,
@@ -218,7 +246,7 @@ impl Scorer {
             variants: parking_lot::Mutex::new(HashMap::new()),
             device,
             settings,
-            rewards: parking_lot::Mutex::new(HashMap::new()),
+            rewards: parking_lot::Mutex::new(RewardBook::default()),
             rollback_pending: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             batches: AtomicU64::new(0),
@@ -298,6 +326,7 @@ impl Scorer {
         self.shared
             .rewards
             .lock()
+            .pending
             .entry(version.to_owned())
             .or_default()
             .decisions += 1;
@@ -310,6 +339,7 @@ impl Scorer {
             self.shared
                 .rewards
                 .lock()
+                .pending
                 .entry(version.to_owned())
                 .or_default()
                 .reward += reward;
@@ -317,13 +347,48 @@ impl Scorer {
         }
     }
 
+    /// `version`'s decisions and rewards: the stored totals and this process's since.
     pub fn online_reward(&self, version: &str) -> OnlineReward {
-        self.shared
-            .rewards
-            .lock()
-            .get(version)
-            .copied()
-            .unwrap_or_default()
+        self.shared.rewards.lock().get(version)
+    }
+
+    /// What this process counted since the last call, per version, to be added to the
+    /// shared totals; counted as pending no more. Give back what could not be stored with
+    /// [`Self::restore_pending`].
+    pub fn take_pending(&self) -> HashMap<String, OnlineReward> {
+        std::mem::take(&mut self.shared.rewards.lock().pending)
+    }
+
+    /// Counts `pending` (taken, but not stored) as pending again.
+    pub fn restore_pending(&self, pending: HashMap<String, OnlineReward>) {
+        let mut book = self.shared.rewards.lock();
+        for (version, reward) in pending {
+            let entry = book.pending.entry(version).or_default();
+            *entry = *entry + reward;
+        }
+    }
+
+    /// Replaces the stored totals of the versions given (read from the shared store).
+    pub fn set_stored(&self, totals: impl IntoIterator<Item = (String, OnlineReward)>) {
+        let mut book = self.shared.rewards.lock();
+        for (version, reward) in totals {
+            book.stored.insert(version, reward);
+        }
+        drop(book);
+        self.check_reward();
+    }
+
+    /// The active version and the one it replaced (whose rewards are compared).
+    pub fn compared_versions(&self) -> Vec<String> {
+        let s = &self.shared;
+        let mut versions = Vec::new();
+        if let Some(active) = s.active.load().as_ref() {
+            versions.push(active.version().to_owned());
+        }
+        if let Some(previous) = s.predecessor.load().as_ref() {
+            versions.push(previous.as_str().to_owned());
+        }
+        versions
     }
 
     pub fn stats(&self) -> ScorerStats {
@@ -347,8 +412,8 @@ impl Scorer {
         let (now, before) = {
             let rewards = s.rewards.lock();
             (
-                rewards.get(active.version()).copied().unwrap_or_default(),
-                rewards.get(previous.as_str()).copied().unwrap_or_default(),
+                rewards.get(active.version()),
+                rewards.get(previous.as_str()),
             )
         };
         let enough = now.decisions >= s.settings.min_decisions
