@@ -136,17 +136,21 @@ impl DecisionEngine {
             ));
         }
         let rules = self.rules.current();
+        let mut stages = self.metrics.stages();
         let (candidates, filtered) = self.candidates(&req, now).await?;
+        stages.lap("candidates");
         let needs_impressions =
             rules.needs_impressions() || candidates.iter().any(|c| c.frequency_cap.is_some());
         let ctx = self
             .load_context(&req.customer_id, needs_impressions, now)
             .await?;
         let (candidates, mut filtered) = self.eligible(&req, &ctx, candidates, filtered)?;
+        stages.lap("context");
         let placement = req.placement.as_deref().unwrap_or(NO_PLACEMENT);
         // Variant overrides: rule set and pin here, model version in `score`, policy in
         // `choose`.
         let applied = self.assign_experiments(&req.customer_id, &ctx).await;
+        stages.lap("experiments");
         let rules = match &applied.rules {
             Some(RuleOverride::Only(names)) => Arc::new(rules.restricted(names)),
             Some(RuleOverride::None) => Arc::new(rules.restricted(&[])),
@@ -154,6 +158,7 @@ impl DecisionEngine {
         };
         let mut effects = self.apply_rules(&rules, &req, &ctx, &candidates, placement, now);
         let experiment_pin = experiments::pin(&applied, &candidates, &mut effects);
+        stages.lap("rules");
         for failure in &effects.failures {
             tracing::warn!(rule = %failure.rule, error = %failure.error, "Rule skipped for this decision");
             self.metrics.rule_error(&failure.rule);
@@ -173,6 +178,7 @@ impl DecisionEngine {
                 now,
             )
             .await;
+        stages.lap("model");
         let policy_kind = applied
             .policy
             .unwrap_or_else(|| self.policy.kind_for(placement));
@@ -194,6 +200,7 @@ impl DecisionEngine {
                 now,
             )
             .await?;
+        stages.lap("policy");
         if let Some(pinned) = experiment_pin {
             // The experiment's pin goes before the rules' pins.
             if let Some(at) = ranking.order.iter().position(|&(i, _)| i == pinned) {
@@ -296,8 +303,11 @@ impl DecisionEngine {
             items,
             alternatives,
         };
-        self.record(decision, placement, linear_impressions, started)
-            .await
+        let recorded = self
+            .record(decision, placement, linear_impressions, started)
+            .await;
+        stages.lap("record");
+        recorded
     }
 
     /// Stage 1: profile, features (with a deadline) and segments, concurrently.

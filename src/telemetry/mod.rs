@@ -25,6 +25,8 @@ pub struct Metrics {
     registry: prometheus::Registry,
     provider: SdkMeterProvider,
     pub decision_latency_ms: Histogram<f64>,
+    /// Per stage of a decision (`stage` label: see [`StageClock`]).
+    pub stage_latency_ms: Histogram<f64>,
     pub decisions: Counter<u64>,
     pub degraded_decisions: Counter<u64>,
     pub conversions: Counter<u64>,
@@ -68,6 +70,10 @@ impl Metrics {
             decision_latency_ms: ms_histogram(
                 "personalization_decision_latency_ms",
                 "Time to make one personalize decision, in milliseconds",
+            ),
+            stage_latency_ms: ms_histogram(
+                "tailor_decision_stage_latency_ms",
+                "Time spent in one stage of a personalize decision (candidates, context, experiments, rules, model, policy, record), in milliseconds",
             ),
             decisions: counter(
                 "personalization_decisions_total",
@@ -133,6 +139,14 @@ impl Metrics {
         String::from_utf8(out).unwrap_or_default()
     }
 
+    /// Starts timing the stages of one decision.
+    pub fn stages(&self) -> StageClock<'_> {
+        StageClock {
+            metrics: self,
+            last: std::time::Instant::now(),
+        }
+    }
+
     pub fn backend_error(&self, capability: &'static str) {
         self.backend_errors
             .add(1, &[KeyValue::new("capability", capability)]);
@@ -185,5 +199,23 @@ mod tests {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
         assert!(!text.contains("_total_total"));
+    }
+}
+
+/// Times consecutive stages of one decision into `tailor_decision_stage_latency_ms`.
+pub struct StageClock<'a> {
+    metrics: &'a Metrics,
+    last: std::time::Instant,
+}
+
+impl StageClock<'_> {
+    /// Records the time since the previous lap (or the start) as `stage`.
+    pub fn lap(&mut self, stage: &'static str) {
+        let now = std::time::Instant::now();
+        let ms = now.duration_since(self.last).as_secs_f64() * 1000.0;
+        self.metrics
+            .stage_latency_ms
+            .record(ms, &[KeyValue::new("stage", stage)]);
+        self.last = now;
     }
 }
