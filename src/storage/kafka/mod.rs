@@ -34,7 +34,7 @@ use tokio::task::JoinHandle;
 
 pub use self::config::KafkaConfig;
 use self::outbox::{Outbox, Payload};
-use self::producer::KafkaProducer;
+use self::producer::ProducerSlot;
 use crate::decision::{Decision, Outcome};
 use crate::events::Event;
 use crate::storage::{EventLog, EventSink, EventStream, StorageError, StorageResult};
@@ -48,7 +48,7 @@ pub const OUTCOMES: &str = "outcomes";
 /// [`EventStream`] on Kafka: three outboxes, their forwarders, and the workers' consumer.
 pub struct KafkaStream {
     config: KafkaConfig,
-    producer: Arc<KafkaProducer>,
+    producers: Arc<ProducerSlot>,
     events: Arc<Outbox>,
     decisions: Arc<Outbox>,
     outcomes: Arc<Outbox>,
@@ -65,10 +65,10 @@ impl KafkaStream {
         let events = open(EVENTS, Payload::Event)?;
         let decisions = open(DECISIONS, Payload::Properties)?;
         let outcomes = open(OUTCOMES, Payload::Properties)?;
-        let producer = Arc::new(KafkaProducer::new(&config)?);
+        let producers = Arc::new(ProducerSlot::new(&config)?);
         Ok(Arc::new(KafkaStream {
             config,
-            producer,
+            producers,
             events,
             decisions,
             outcomes,
@@ -148,7 +148,7 @@ impl EventStream for KafkaStream {
             .into_iter()
             .map(|outbox| {
                 tokio::spawn(outbox.clone().forward(
-                    self.producer.clone(),
+                    self.producers.clone(),
                     self.config.clone(),
                     metrics.clone(),
                     shutdown.clone(),
@@ -173,7 +173,7 @@ impl EventStream for KafkaStream {
     }
 
     async fn flush(&self, timeout: Duration) {
-        if let Err(e) = self.producer.flush(timeout).await {
+        if let Err(e) = self.producers.get().flush(timeout).await {
             tracing::warn!(error = %e, "Kafka producer not flushed; the outbox still holds what it did not deliver");
         }
     }

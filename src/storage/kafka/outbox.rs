@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
 use super::config::KafkaConfig;
-use super::producer::{ensure_topics, KafkaProducer};
+use super::producer::{ensure_topics, KafkaProducer, ProducerSlot};
 use crate::events::Event;
 use crate::storage::embedded::events::EmbeddedEventLog;
 use crate::storage::embedded::EmbeddedStore;
@@ -96,7 +96,7 @@ impl Outbox {
     /// mid-batch leaves the batch uncommitted: it is sent again on the next start.
     pub async fn forward(
         self: Arc<Self>,
-        producer: Arc<KafkaProducer>,
+        producers: Arc<ProducerSlot>,
         config: KafkaConfig,
         metrics: Arc<Metrics>,
         mut shutdown: watch::Receiver<bool>,
@@ -106,6 +106,7 @@ impl Outbox {
             if *shutdown.borrow() {
                 return;
             }
+            let producer = producers.get();
             let step = tokio::select! {
                 step = self.step(&producer) => step,
                 _ = shutdown.changed() => return,
@@ -126,6 +127,7 @@ impl Outbox {
                 Err(e) => {
                     tracing::warn!(topic = %self.topic, error = %e, retry_in = ?backoff, "Failed to forward to Kafka; the records stay in the outbox");
                     metrics.backend_error("events");
+                    producers.replace(&producer);
                     let retry = async {
                         tokio::time::sleep(backoff).await;
                         // A broker that restarted empty has lost its topics.

@@ -1,13 +1,14 @@
 //! The producer: idempotent, `acks=all`, lz4-compressed; sends a batch in order and
 //! waits for every delivery report.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
 use rdkafka::util::Timeout;
 
 use super::config::KafkaConfig;
@@ -80,14 +81,17 @@ impl KafkaProducer {
                 }
             }
         }
+        // Every report, even after a failure: the batch is settled before it is retried.
+        let mut failure = None;
         for delivery in deliveries {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(unavailable("delivering a message", e)),
-                Err(_) => return Err(unavailable("delivering a message", "producer closed")),
-            }
+            let error = match delivery.await {
+                Ok(Ok(_)) => continue,
+                Ok(Err((e, _))) => unavailable("delivering a message", e),
+                Err(_) => unavailable("delivering a message", "producer closed"),
+            };
+            failure.get_or_insert(error);
         }
-        Ok(())
+        failure.map_or(Ok(()), Err)
     }
 
     /// Waits for the queued messages to be delivered, at most `timeout`.
@@ -97,6 +101,53 @@ impl KafkaProducer {
             .await
             .map_err(|e| StorageError::Backend(format!("flush task failed: {e}")))?
             .map_err(|e| unavailable("flushing the producer", e))
+    }
+}
+
+/// The producer the forwarders share, replaced by a fresh one after a failed batch.
+///
+/// A fresh producer is a fresh idempotent session (new producer id, sequences from 0):
+/// a broker that lost the old session's state (restarted without it, or expired it
+/// during a long outage) refuses that session's next messages until they time out,
+/// but accepts a new one's.
+pub(super) struct ProducerSlot {
+    config: KafkaConfig,
+    current: parking_lot::Mutex<Arc<KafkaProducer>>,
+}
+
+impl ProducerSlot {
+    pub fn new(config: &KafkaConfig) -> StorageResult<Self> {
+        Ok(ProducerSlot {
+            config: config.clone(),
+            current: parking_lot::Mutex::new(Arc::new(KafkaProducer::new(config)?)),
+        })
+    }
+
+    pub fn get(&self) -> Arc<KafkaProducer> {
+        self.current.lock().clone()
+    }
+
+    /// Replaces `failed` with a fresh producer, unless another forwarder already did.
+    /// What `failed` still holds is purged: its senders have their reports, and their
+    /// records are still in their outboxes.
+    pub fn replace(&self, failed: &Arc<KafkaProducer>) {
+        let fresh = match KafkaProducer::new(&self.config) {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                tracing::warn!(error = %e, "Failed to create a fresh Kafka producer");
+                return;
+            }
+        };
+        let old = {
+            let mut current = self.current.lock();
+            if !Arc::ptr_eq(&current, failed) {
+                return;
+            }
+            std::mem::replace(&mut *current, fresh)
+        };
+        old.inner.purge(PurgeConfig::default().queue().inflight());
+        // Destroying a client may wait for its threads: not on the executor.
+        tokio::task::spawn_blocking(move || drop(old));
     }
 }
 
