@@ -342,8 +342,10 @@ pub trait EventSink: Send + Sync {
 ///
 /// Contract:
 /// - an append to [`EventStream::outbox`] that returns `Ok` is the acknowledgement point:
-///   the event is on local disk and will be delivered to the broker, in append order, at
-///   least once, even across broker outages and restarts of this process;
+///   the event is on local disk and will be delivered to the broker at least once, even
+///   across broker outages and restarts of this process, first deliveries in append
+///   order per customer (a batch that failed part-way is sent again whole, so a record
+///   may arrive twice, its second copy after its successors);
 /// - the consumer commits its position in the stream only after the sink has applied the
 ///   events, so a crash redelivers and never skips;
 /// - decisions and outcomes are delivered the same way through their own outboxes.

@@ -13,8 +13,8 @@
 //! order), `<prefix>decisions` and `<prefix>outcomes` (their JSON, keyed by customer id).
 //!
 //! Delivery: ingestion acknowledges once an event is in the local events outbox
-//! (`<data_dir>/outbox/events/`, fsync); the forwarder delivers the outbox at least once
-//! and in order, and the workers drop redeliveries by event id. A worker commits its
+//! (`<data_dir>/outbox/events/`, fsync); the forwarder delivers the outbox at least once,
+//! first deliveries in order, and the workers drop redeliveries by event id. A worker commits its
 //! offsets only after the sink applied the batch.
 
 pub mod config;

@@ -4,8 +4,9 @@
 //! An outbox is an embedded [`EventLog`] of its own (`<data_dir>/outbox/<stream>/`):
 //! durable (fsync) and idempotent on the record id. Its forwarder reads after its
 //! committed offset (consumer [`FORWARDER`]), sends the batch, waits for every delivery
-//! report and only then commits, so a record is delivered at least once and in append
-//! order; a broker outage only delays it. Decisions and outcomes ride in an outbox as an
+//! report and only then commits, so a record is delivered at least once and first in
+//! append order; a broker outage only delays it. A batch that failed part-way is sent
+//! again whole, so some of its records may arrive twice. Decisions and outcomes ride in an outbox as an
 //! [`Event`] whose `properties` are the payload.
 
 use std::path::Path;
