@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use tailor::app::{serve_http, Background, Engine};
+use tailor::app::{serve_role, Background, Engine, Role};
 use tailor::config::Settings;
 use tailor::rules as tailor_rules;
 
@@ -37,6 +37,15 @@ enum Command {
         /// Build the synthetic demo world on first start.
         #[arg(long)]
         demo: bool,
+        /// What this process does. `api`: serve the GraphQL and REST API; with
+        /// `backends.events = "kafka://…"` ingested events go to the broker (through a
+        /// durable local outbox) and are applied by workers, not here; with the embedded
+        /// event log, `api` also applies them, as `all` does. `worker`: apply events (with
+        /// Kafka: consume them in the workers' consumer group) and keep segments and
+        /// features up to date; serves only /metrics, /healthz and /readyz on the listen
+        /// address. `all`: both.
+        #[arg(long, value_enum, default_value_t = RoleArg::All)]
+        role: RoleArg,
     },
     /// Print the GraphQL schema (SDL).
     Schema,
@@ -168,6 +177,23 @@ fn parse_duration(raw: &str) -> Result<std::time::Duration, String> {
         return Err(format!("'{raw}': must be more than 0 and less than a day"));
     }
     Ok(std::time::Duration::from_secs_f64(seconds))
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    Api,
+    Worker,
+    All,
+}
+
+impl From<RoleArg> for Role {
+    fn from(role: RoleArg) -> Role {
+        match role {
+            RoleArg::Api => Role::Api,
+            RoleArg::Worker => Role::Worker,
+            RoleArg::All => Role::All,
+        }
+    }
 }
 
 fn parse_policy(raw: &str) -> Result<tailor::simulate::Policy, String> {
@@ -650,7 +676,9 @@ async fn main() -> anyhow::Result<()> {
             listen,
             data_dir,
             demo,
+            role,
         } => {
+            let role = Role::from(role);
             tailor::telemetry::init_tracing();
             let mut settings = Settings::load(config.as_deref())?;
             if let Some(listen) = listen {
@@ -666,13 +694,13 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("Failed to listen on {listen}"))?;
-            let background = Background::start(&engine);
+            let background = Background::start_role(&engine, role);
             if demo {
                 tailor::demo::ensure(&engine)
                     .await
                     .context("Failed to build the demo world")?;
             }
-            let served = serve_http(engine, listener, shutdown_signal()).await;
+            let served = serve_role(engine, role, listener, shutdown_signal()).await;
             background.stop().await;
             served
         }

@@ -65,6 +65,16 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .layer(TraceLayer::new_for_http())
 }
 
+/// The operations routes alone (`/metrics`, `/healthz`, `/readyz`): what a worker serves.
+pub fn ops_router(engine: Arc<Engine>) -> Router {
+    Router::new()
+        .route("/metrics", get(rest::metrics))
+        .route("/healthz", get(rest::healthz))
+        .route("/readyz", get(rest::readyz))
+        .with_state(engine)
+        .layer(TraceLayer::new_for_http())
+}
+
 /// The body is read with axum's limit (413 past it, before any parsing), then parsed
 /// as a single or batched GraphQL request.
 async fn graphql_post(State(state): State<ApiState>, body: Bytes) -> Response {

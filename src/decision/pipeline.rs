@@ -33,7 +33,7 @@ use crate::rules::host::{
 };
 use crate::rules::runtime::{Effect, RuleEffects};
 use crate::rules::{RuleService, RuleSet};
-use crate::storage::Stores;
+use crate::storage::{EventStream, Stores};
 use crate::telemetry::Metrics;
 
 /// A validated `personalize` request.
@@ -87,6 +87,8 @@ pub struct DecisionEngine {
     default_consent: bool,
     max_candidates: usize,
     stream: broadcast::Sender<Arc<Decision>>,
+    /// Where decisions and outcomes are published for other systems, if anywhere.
+    publisher: Option<Arc<dyn EventStream>>,
     metrics: Arc<Metrics>,
 }
 
@@ -115,8 +117,15 @@ impl DecisionEngine {
             default_consent,
             max_candidates,
             stream: broadcast::channel(STREAM_CAPACITY).0,
+            publisher: None,
             metrics,
         }
+    }
+
+    /// Publishes every stored decision and outcome to `publisher` as well.
+    pub fn with_publisher(mut self, publisher: Option<Arc<dyn EventStream>>) -> Self {
+        self.publisher = publisher;
+        self
     }
 
     /// Every decision as it is made. Sending never waits: a lagging receiver loses the
@@ -852,6 +861,13 @@ impl DecisionEngine {
         if decision.degraded {
             self.metrics.degraded_decisions.add(1, &[]);
         }
+        if let Some(publisher) = &self.publisher {
+            // A durable local write; the decision itself is already stored.
+            if let Err(e) = publisher.publish_decision(&decision).await {
+                tracing::warn!(error = %e, decision = %decision.id, "Failed to publish a decision");
+                self.metrics.backend_error("events");
+            }
+        }
         let decision = Arc::new(decision);
         // Never waits: with no subscriber this is a no-op.
         let _ = self.stream.send(decision.clone());
@@ -898,6 +914,12 @@ impl DecisionEngine {
             .put_outcome(&outcome)
             .await?
             .ok_or_else(|| Error::not_found("decisionId", "decision", decision_id))?;
+        if let Some(publisher) = &self.publisher {
+            if let Err(e) = publisher.publish_outcome(&outcome).await {
+                tracing::warn!(error = %e, decision = %outcome.decision_id, "Failed to publish an outcome");
+                self.metrics.backend_error("events");
+            }
+        }
         if earlier == 0 {
             if let Some(version) = &decision.model_version {
                 // The online reward the scorer compares versions by (automatic rollback).

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub segment_changes: Counter<u64>,
     pub segment_predicate_errors: Counter<u64>,
     pub backend_errors: Counter<u64>,
+    /// Messages on the event stream that did not decode as an event (skipped).
+    pub malformed_messages: Counter<u64>,
     pub rule_errors: Counter<u64>,
 }
 
@@ -119,6 +121,10 @@ impl Metrics {
             backend_errors: counter(
                 "tailor_backend_errors_total",
                 "Storage backend failures, by capability",
+            ),
+            malformed_messages: counter(
+                "tailor_stream_malformed_messages_total",
+                "Messages on the event stream that did not decode as an event and were skipped",
             ),
             rule_errors: counter(
                 "tailor_rule_errors_total",
