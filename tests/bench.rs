@@ -92,6 +92,19 @@ async fn open_and_closed_loops_measure_a_real_server_and_count_errors() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(decided, 100.0, "{metrics}");
+    // And timed every stage of them.
+    for stage in [
+        "candidates",
+        "context",
+        "experiments",
+        "rules",
+        "model",
+        "policy",
+        "record",
+    ] {
+        let count = format!("tailor_decision_stage_latency_ms_count{{stage=\"{stage}\"}} 100");
+        assert!(metrics.contains(&count), "{count}: {metrics}");
+    }
 
     let events = bench(args(&[
         "--url",

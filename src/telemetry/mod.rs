@@ -182,6 +182,24 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// Times consecutive stages of one decision into `tailor_decision_stage_latency_ms`.
+pub struct StageClock<'a> {
+    metrics: &'a Metrics,
+    last: std::time::Instant,
+}
+
+impl StageClock<'_> {
+    /// Records the time since the previous lap (or the start) as `stage`.
+    pub fn lap(&mut self, stage: &'static str) {
+        let now = std::time::Instant::now();
+        let ms = now.duration_since(self.last).as_secs_f64() * 1000.0;
+        self.metrics
+            .stage_latency_ms
+            .record(ms, &[KeyValue::new("stage", stage)]);
+        self.last = now;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,23 +223,5 @@ mod tests {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
         assert!(!text.contains("_total_total"));
-    }
-}
-
-/// Times consecutive stages of one decision into `tailor_decision_stage_latency_ms`.
-pub struct StageClock<'a> {
-    metrics: &'a Metrics,
-    last: std::time::Instant,
-}
-
-impl StageClock<'_> {
-    /// Records the time since the previous lap (or the start) as `stage`.
-    pub fn lap(&mut self, stage: &'static str) {
-        let now = std::time::Instant::now();
-        let ms = now.duration_since(self.last).as_secs_f64() * 1000.0;
-        self.metrics
-            .stage_latency_ms
-            .record(ms, &[KeyValue::new("stage", stage)]);
-        self.last = now;
     }
 }
