@@ -30,3 +30,8 @@ echo "== features (every active feature of a customer), open loop at 2000/s"
 bench --workload features --rate 2000 --concurrency 256
 echo "== trackEvents, 100 events per request, closed loop, 8 in flight"
 bench --workload events --rate 0 --concurrency 8 --events-per-request 100
+echo "== mean time per decision stage over every decision above (ms), from /metrics"
+curl -s 127.0.0.1:$port/metrics | awk -F'[{}" ]+' '
+  /^tailor_decision_stage_latency_ms_sum/ {sum[$3] = $NF}
+  /^tailor_decision_stage_latency_ms_count/ {n[$3] = $NF}
+  END {for (s in sum) if (n[s] > 0) printf "%-12s %.3f\n", s, sum[s] / n[s]}'
