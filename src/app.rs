@@ -43,6 +43,8 @@ pub struct Engine {
     /// The model registry and the scorer (`src/model`).
     pub models: Arc<ModelService>,
     pub experiments: Arc<ExperimentService>,
+    /// API keys: create, list, revoke, verify (`src/auth`).
+    pub keys: Arc<crate::auth::KeyService>,
     customer_locks: Arc<CustomerLocks>,
 }
 /// How long the decision path trusts its in-memory catalog when another process may
@@ -124,6 +126,7 @@ impl Engine {
             settings.limits.max_candidates,
             metrics.clone(),
         );
+        let keys = Arc::new(crate::auth::KeyService::new(stores.keys.clone()));
         Ok(Arc::new(Engine {
             settings,
             stores,
@@ -137,6 +140,7 @@ impl Engine {
             rules,
             models,
             experiments,
+            keys,
             customer_locks,
         }))
     }
@@ -379,6 +383,11 @@ pub async fn serve_http(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    if !engine.settings.auth.enabled {
+        tracing::warn!(
+            "Authentication is switched off (auth.enabled = false): every request acts as admin"
+        );
+    }
     let router = crate::api::router(engine);
     tracing::info!(addr = %listener.local_addr()?, "Tailor is listening");
     axum::serve(listener, router)
