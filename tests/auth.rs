@@ -551,3 +551,29 @@ async fn switched_off_explicitly_every_call_succeeds_without_a_key() {
         assert_eq!(status, StatusCode::OK, "{route}: {answer}");
     }
 }
+
+#[tokio::test]
+async fn the_demo_creates_one_key_per_role_once_and_reads_them_back() {
+    let app = TestApp::new().await;
+    let first = tailor::demo::ensure_keys(&app.engine).await.unwrap();
+    let roles: Vec<Role> = first.keys.iter().map(|(r, _)| *r).collect();
+    assert_eq!(roles, Role::ALL.to_vec());
+    for (role, key) in &first.keys {
+        let principal = app.engine.keys.verify(key).await.unwrap().unwrap();
+        assert_eq!(principal.role, *role);
+        assert!(
+            first.to_string().contains(&format!("{role}"))
+                && first.to_string().contains(key.as_str())
+        );
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&first.path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "only the owner may read the demo's keys");
+    }
+    let again = tailor::demo::ensure_keys(&app.engine).await.unwrap();
+    assert_eq!(again.keys, first.keys, "a later start reads the same keys");
+    // The harness's admin key and the demo's four.
+    assert_eq!(app.engine.keys.list().await.unwrap().len(), 5);
+}
