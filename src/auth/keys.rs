@@ -190,7 +190,9 @@ impl KeyService {
         record.ok_or_else(|| Error::not_found(field, "API key", id))
     }
 
-    /// Verifies a key's text.
+    /// Verifies a key's text: `Ok(Ok(principal))` for a known, unrevoked key whose secret
+    /// matches; `Ok(Err(reason))` otherwise (malformed, invalid or revoked, the reason
+    /// fit to send); `Err` when the store fails.
     pub async fn verify(&self, raw: &str) -> Result<std::result::Result<Principal, &'static str>> {
         let Some((id, secret)) = parse(raw) else {
             return Ok(Err("malformed API key (expected tk_<id>_<secret>)"));
