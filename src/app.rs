@@ -14,7 +14,7 @@ use crate::content::{Catalog, ContentItem};
 use crate::customers::{Customer, CustomerId, CustomerLocks, CustomerUpdate};
 use crate::decision::pipeline::DecisionEngine;
 use crate::error::Result;
-use crate::events::ingest::Ingestor;
+use crate::events::ingest::{Ingestor, LocalApply, Target};
 use crate::events::processor::Processor;
 use crate::experiments::assignment::Holdout;
 use crate::experiments::ExperimentService;
@@ -24,7 +24,7 @@ use crate::model::{ModelService, TrainingSource, VersionInfo};
 use crate::rules::{Natives, RuleService};
 use crate::segments::SegmentService;
 use crate::storage::embedded::EmbeddedStore;
-use crate::storage::Stores;
+use crate::storage::{EventStream, Stores};
 use crate::telemetry::Metrics;
 
 /// Everything the API serves, built once.
@@ -45,7 +45,23 @@ pub struct Engine {
     pub experiments: Arc<ExperimentService>,
     /// API keys: create, list, revoke, verify (`src/auth`).
     pub keys: Arc<crate::auth::KeyService>,
+    /// The event stream (`backends.events = "kafka://…"`), if any.
+    pub stream: Option<Arc<dyn EventStream>>,
     customer_locks: Arc<CustomerLocks>,
+}
+
+/// What one `tailor serve` process does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    /// Serves the API. With an event stream, ingested events go to the stream and
+    /// nothing is applied here; with the embedded event log this is [`Role::All`].
+    Api,
+    /// Applies events (with an event stream: consumes them in the workers' group) and
+    /// keeps segments and features healthy; serves no API.
+    Worker,
+    /// Both.
+    #[default]
+    All,
 }
 /// How long the decision path trusts its in-memory catalog when another process may
 /// have changed it.
@@ -61,10 +77,22 @@ impl Engine {
             settings.timeouts.backend(),
         )
         .await?;
-        Ok(Self::with_stores(settings, stores).await?)
+        let stream =
+            crate::storage::open_event_stream(&settings.backends, &settings.data_dir).await?;
+        Ok(Self::with_parts(settings, stores, stream).await?)
     }
 
     pub async fn with_stores(settings: Settings, stores: Stores) -> Result<Arc<Engine>> {
+        Self::with_parts(settings, stores, None).await
+    }
+
+    /// The engine on `stores`, sending events, decisions and outcomes to `stream` when
+    /// there is one.
+    pub async fn with_parts(
+        settings: Settings,
+        stores: Stores,
+        stream: Option<Arc<dyn EventStream>>,
+    ) -> Result<Arc<Engine>> {
         let metrics = Arc::new(Metrics::new()?);
         let features = FeatureService::start(
             stores.clone(),
@@ -92,11 +120,17 @@ impl Engine {
             metrics.clone(),
         )
         .await?;
+        let target = match &stream {
+            Some(stream) => Target::Stream(stream.clone()),
+            None => Target::Local {
+                processor: processor.clone(),
+                apply_wait: Duration::from_millis(settings.timeouts.ingest_apply_ms),
+            },
+        };
         let ingestor = Ingestor::new(
             stores.clone(),
-            processor.clone(),
+            target,
             metrics.clone(),
-            Duration::from_millis(settings.timeouts.ingest_apply_ms),
             settings.limits.max_events_per_request,
         );
         let catalog = Arc::new(Catalog::new(stores.content.clone(), CATALOG_TTL));
@@ -125,7 +159,8 @@ impl Engine {
             settings.consent.default_personalization,
             settings.limits.max_candidates,
             metrics.clone(),
-        );
+        )
+        .with_publisher(stream.clone());
         let keys = Arc::new(crate::auth::KeyService::new(stores.keys.clone()));
         Ok(Arc::new(Engine {
             settings,
@@ -141,32 +176,41 @@ impl Engine {
             models,
             experiments,
             keys,
+            stream,
             customer_locks,
         }))
     }
 
-    /// Starts the event processor, the segment refresher and the feature health check;
-    /// they stop with `shutdown`.
+    /// Starts every background task of [`Role::All`]; they stop with `shutdown`.
     pub fn spawn_background(
         self: &Arc<Self>,
         shutdown: watch::Receiver<bool>,
     ) -> Vec<tokio::task::JoinHandle<()>> {
-        let processor = tokio::spawn(self.processor.clone().run(shutdown.clone()));
-        let segments = self.segments.clone();
-        let refresher = every(
-            Duration::from_secs(self.settings.segments.refresh_interval_secs.max(1)),
-            shutdown.clone(),
-            move || {
-                let segments = segments.clone();
-                async move {
-                    if let Err(e) = segments.refresh_time_dependent().await {
-                        tracing::warn!(error = %e, "Failed to refresh time-dependent segments");
-                    }
-                }
-            },
-        );
+        self.spawn_role(Role::All, shutdown)
+    }
+
+    /// Starts the background tasks of `role`; they stop with `shutdown`:
+    /// - everywhere: the rule reloader, the flush of the models' online rewards, and the
+    ///   forwarders of the event stream's outboxes (so nothing an earlier run
+    ///   acknowledged stays behind);
+    /// - where events are applied (not [`Role::Api`] with an event stream): the event
+    ///   processor, the stream's consumer, the segment refresher and the feature health
+    ///   check.
+    pub fn spawn_role(
+        self: &Arc<Self>,
+        role: Role,
+        shutdown: watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        if let Some(stream) = &self.stream {
+            tasks.extend(
+                stream
+                    .clone()
+                    .spawn_forwarders(self.metrics.clone(), shutdown.clone()),
+            );
+        }
         let rules = self.rules.clone();
-        let reload = every(
+        tasks.push(every(
             Duration::from_secs(self.settings.rules.reload_interval_secs.max(1)),
             shutdown.clone(),
             move || {
@@ -177,9 +221,36 @@ impl Engine {
                     }
                 }
             },
-        );
+        ));
+        // Decisions are made (and models' rewards counted) in every role that serves.
+        tasks.push(online_rewards(self.clone(), shutdown.clone()));
+        if role == Role::Api && self.stream.is_some() {
+            return tasks;
+        }
+        tasks.push(tokio::spawn(self.processor.clone().run(shutdown.clone())));
+        if let Some(stream) = &self.stream {
+            let sink = Arc::new(LocalApply::new(self.stores.clone(), self.processor.clone()));
+            tasks.push(
+                stream
+                    .clone()
+                    .spawn_consumer(sink, self.metrics.clone(), shutdown.clone()),
+            );
+        }
+        let segments = self.segments.clone();
+        tasks.push(every(
+            Duration::from_secs(self.settings.segments.refresh_interval_secs.max(1)),
+            shutdown.clone(),
+            move || {
+                let segments = segments.clone();
+                async move {
+                    if let Err(e) = segments.refresh_time_dependent().await {
+                        tracing::warn!(error = %e, "Failed to refresh time-dependent segments");
+                    }
+                }
+            },
+        ));
         let features = self.features.clone();
-        let health = every(
+        tasks.push(every(
             Duration::from_secs(self.settings.features.health_check_interval_secs.max(1)),
             shutdown.clone(),
             move || {
@@ -190,9 +261,8 @@ impl Engine {
                     }
                 }
             },
-        );
-        let rewards = online_rewards(self.clone(), shutdown.clone());
-        vec![processor, refresher, health, reload, rewards]
+        ));
+        tasks
     }
 
     /// Applies a partial profile update and re-evaluates the customer's segments.
@@ -352,27 +422,49 @@ where
     })
 }
 
-/// The running background tasks (event processor, segment refresher).
+/// How long a stopping engine waits for its producer to deliver what it holds.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The running background tasks of one role.
 pub struct Background {
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    stream: Option<Arc<dyn EventStream>>,
 }
 
 impl Background {
+    /// Every task, as [`Role::All`].
     pub fn start(engine: &Arc<Engine>) -> Self {
+        Self::start_role(engine, Role::All)
+    }
+
+    pub fn start_role(engine: &Arc<Engine>, role: Role) -> Self {
         let (stop, rx) = watch::channel(false);
         Background {
-            tasks: engine.spawn_background(rx),
+            tasks: engine.spawn_role(role, rx),
             stop,
+            stream: engine.stream.clone(),
         }
     }
 
-    /// Signals every task and waits for it to finish its current step.
+    /// Signals every task, waits for it to finish its current step, then flushes the
+    /// event stream's producer (what it cannot deliver stays in the outboxes).
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         for t in self.tasks {
             let _ = t.await;
         }
+        if let Some(stream) = self.stream {
+            stream.flush(FLUSH_TIMEOUT).await;
+        }
+    }
+}
+
+fn warn_if_auth_off(engine: &Engine) {
+    if !engine.settings.auth.enabled {
+        tracing::warn!(
+            "Authentication is switched off (auth.enabled = false): every request acts as admin"
+        );
     }
 }
 
@@ -383,13 +475,32 @@ pub async fn serve_http(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    if !engine.settings.auth.enabled {
-        tracing::warn!(
-            "Authentication is switched off (auth.enabled = false): every request acts as admin"
-        );
-    }
+    warn_if_auth_off(&engine);
     let router = crate::api::router(engine);
     tracing::info!(addr = %listener.local_addr()?, "Tailor is listening");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Serves what `role` answers on `listener` until `shutdown` resolves: the whole API, or
+/// for a worker only `/metrics`, `/healthz` and `/readyz`. The background tasks must be
+/// running (see [`Background::start_role`]).
+pub async fn serve_role(
+    engine: Arc<Engine>,
+    role: Role,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let router = match role {
+        Role::Worker => crate::api::ops_router(engine),
+        Role::Api | Role::All => {
+            warn_if_auth_off(&engine);
+            crate::api::router(engine)
+        }
+    };
+    tracing::info!(addr = %listener.local_addr()?, ?role, "Tailor is listening");
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await?;

@@ -813,6 +813,25 @@ mod tests {
             Ok(())
         });
         Jail::expect_with(|jail| {
+            // Kafka serves events only; without the `kafka` feature no Kafka URL does.
+            jail.set_env("TAILOR_BACKENDS__EVENTS", "kafka://127.0.0.1:0");
+            let err = Settings::load(None).unwrap_err().to_string();
+            assert!(err.starts_with("backends.events:"), "{err}");
+            if cfg!(feature = "kafka") {
+                assert_eq!(err, "backends.events: '127.0.0.1:0' is not a host:port");
+                jail.set_env("TAILOR_BACKENDS__EVENTS", "kafka://k1:9092,k2:9092?group=g");
+                assert!(Settings::load(None).is_ok());
+            } else {
+                assert!(err.contains("is not available in this build"), "{err}");
+            }
+            jail.set_env("TAILOR_BACKENDS__EVENTS", "embedded");
+            jail.set_env("TAILOR_BACKENDS__FEATURES", "kafka://k1:9092");
+            let err = Settings::load(None).unwrap_err().to_string();
+            assert!(err.starts_with("backends.features:"), "{err}");
+            assert!(err.contains("is not available in this build"), "{err}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
             jail.set_env("TAILOR_MODEL__DEVICE", "tpu");
             let err = Settings::load(None).unwrap_err().to_string();
             assert!(err.contains("model.device"), "{err}");

@@ -32,6 +32,7 @@ pub mod experiments;
 pub mod expressions;
 pub mod features;
 pub mod jsonl;
+pub mod loadgen;
 pub mod model;
 pub mod ope;
 pub mod rules;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use tailor::app::{serve_http, Background, Engine};
+use tailor::app::{serve_role, Background, Engine, Role};
 use tailor::config::Settings;
 use tailor::rules as tailor_rules;
 
@@ -37,6 +37,15 @@ enum Command {
         /// Build the synthetic demo world on first start.
         #[arg(long)]
         demo: bool,
+        /// What this process does. `api`: serve the GraphQL and REST API; with
+        /// `backends.events = "kafka://…"` ingested events go to the broker (through a
+        /// durable local outbox) and are applied by workers, not here; with the embedded
+        /// event log, `api` also applies them, as `all` does. `worker`: apply events (with
+        /// Kafka: consume them in the workers' consumer group) and keep segments and
+        /// features up to date; serves only /metrics, /healthz and /readyz on the listen
+        /// address. `all`: both.
+        #[arg(long, value_enum, default_value_t = RoleArg::All)]
+        role: RoleArg,
     },
     /// Print the GraphQL schema (SDL).
     Schema,
@@ -113,6 +122,84 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         export: Option<PathBuf>,
     },
+    /// Drive a running server over GraphQL/HTTP and print latency and throughput as JSON:
+    /// open loop at `--rate` (latency from each request's intended send time), or closed
+    /// loop with `--rate 0` (the maximum throughput at `--concurrency`).
+    Bench {
+        /// The server, e.g. http://127.0.0.1:8080.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        #[arg(long, value_enum, default_value_t = tailor::loadgen::Workload::Personalize)]
+        workload: tailor::loadgen::Workload,
+        /// Requests per second offered; 0 for the closed loop.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// How long to send, e.g. 10s, 500ms, 2m.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        duration: std::time::Duration,
+        /// Most requests in flight (open loop) or workers (closed loop).
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// How customers are drawn from `cust-00000` onwards.
+        #[arg(long, value_enum, default_value_t = tailor::loadgen::Dist::Zipf)]
+        dist: tailor::loadgen::Dist,
+        /// How many customers to draw from (the demo world has 10,000).
+        #[arg(long, default_value_t = tailor::demo::CUSTOMERS)]
+        customers: usize,
+        #[arg(long, default_value = "homepage_hero")]
+        placement: String,
+        /// Events per `trackEvents` request (workload events).
+        #[arg(long, default_value_t = 100)]
+        events_per_request: usize,
+        /// API key, sent as `Authorization: Bearer KEY`.
+        #[arg(long, env = "TAILOR_API_KEY", hide_env_values = true)]
+        key: Option<String>,
+        /// Seed of the customer draws.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// A request not answered within this is an error.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
+}
+
+/// `10s`, `500ms`, `2m`: a positive duration.
+fn parse_duration(raw: &str) -> Result<std::time::Duration, String> {
+    let raw = raw.trim();
+    let split = raw
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("'{raw}' needs a unit: ms, s or m"))?;
+    let (number, unit) = raw.split_at(split);
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("'{raw}' is not a duration such as 10s, 500ms or 2m"))?;
+    let seconds = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("'{raw}': the unit must be ms, s or m")),
+    };
+    if !(seconds > 0.0 && seconds < 86_400.0) {
+        return Err(format!("'{raw}': must be more than 0 and less than a day"));
+    }
+    Ok(std::time::Duration::from_secs_f64(seconds))
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    Api,
+    Worker,
+    All,
+}
+
+impl From<RoleArg> for Role {
+    fn from(role: RoleArg) -> Role {
+        match role {
+            RoleArg::Api => Role::Api,
+            RoleArg::Worker => Role::Worker,
+            RoleArg::All => Role::All,
+        }
+    }
 }
 
 fn parse_policy(raw: &str) -> Result<tailor::simulate::Policy, String> {
@@ -606,6 +693,38 @@ async fn main() -> anyhow::Result<()> {
         })
         .await
         .context("Failed to run the simulation")?,
+        Command::Bench {
+            url,
+            workload,
+            rate,
+            duration,
+            concurrency,
+            dist,
+            customers,
+            placement,
+            events_per_request,
+            key,
+            seed,
+            timeout,
+        } => {
+            let report = tailor::loadgen::run(tailor::loadgen::BenchConfig {
+                url: url.trim_end_matches('/').to_owned(),
+                workload,
+                rate,
+                duration,
+                concurrency,
+                dist,
+                customers,
+                placement,
+                events_per_request,
+                key,
+                seed,
+                timeout,
+            })
+            .await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
         Command::Schema => {
             print!("{}", tailor::api::graphql::sdl());
             Ok(())
@@ -672,7 +791,9 @@ async fn main() -> anyhow::Result<()> {
             listen,
             data_dir,
             demo,
+            role,
         } => {
+            let role = Role::from(role);
             tailor::telemetry::init_tracing();
             let mut settings = Settings::load(config.as_deref())?;
             if let Some(listen) = listen {
@@ -688,7 +809,7 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("Failed to listen on {listen}"))?;
-            let background = Background::start(&engine);
+            let background = Background::start_role(&engine, role);
             if demo {
                 tailor::demo::ensure(&engine)
                     .await
@@ -700,7 +821,7 @@ async fn main() -> anyhow::Result<()> {
                     println!("{keys}");
                 }
             }
-            let served = serve_http(engine, listener, shutdown_signal()).await;
+            let served = serve_role(engine, role, listener, shutdown_signal()).await;
             background.stop().await;
             served
         }

@@ -104,6 +104,16 @@ fn authorization(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
+/// The operations routes alone (`/metrics`, `/healthz`, `/readyz`): what a worker serves.
+pub fn ops_router(engine: Arc<Engine>) -> Router {
+    Router::new()
+        .route("/metrics", get(rest::metrics))
+        .route("/healthz", get(rest::healthz))
+        .route("/readyz", get(rest::readyz))
+        .with_state(engine)
+        .layer(TraceLayer::new_for_http())
+}
+
 /// The body is read with axum's limit (413 past it, before any parsing), then parsed
 /// as a single or batched GraphQL request, which carries the caller for the guards.
 async fn graphql_post(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {

@@ -33,7 +33,7 @@ use crate::rules::host::{
 };
 use crate::rules::runtime::{Effect, RuleEffects};
 use crate::rules::{RuleService, RuleSet};
-use crate::storage::Stores;
+use crate::storage::{EventStream, Stores};
 use crate::telemetry::Metrics;
 
 /// A validated `personalize` request.
@@ -87,6 +87,8 @@ pub struct DecisionEngine {
     default_consent: bool,
     max_candidates: usize,
     stream: broadcast::Sender<Arc<Decision>>,
+    /// Where decisions and outcomes are published for other systems, if anywhere.
+    publisher: Option<Arc<dyn EventStream>>,
     metrics: Arc<Metrics>,
 }
 
@@ -115,8 +117,15 @@ impl DecisionEngine {
             default_consent,
             max_candidates,
             stream: broadcast::channel(STREAM_CAPACITY).0,
+            publisher: None,
             metrics,
         }
+    }
+
+    /// Publishes every stored decision and outcome to `publisher` as well.
+    pub fn with_publisher(mut self, publisher: Option<Arc<dyn EventStream>>) -> Self {
+        self.publisher = publisher;
+        self
     }
 
     /// Every decision as it is made. Sending never waits: a lagging receiver loses the
@@ -136,17 +145,21 @@ impl DecisionEngine {
             ));
         }
         let rules = self.rules.current();
+        let mut stages = self.metrics.stages();
         let (candidates, filtered) = self.candidates(&req, now).await?;
+        stages.lap("candidates");
         let needs_impressions =
             rules.needs_impressions() || candidates.iter().any(|c| c.frequency_cap.is_some());
         let ctx = self
             .load_context(&req.customer_id, needs_impressions, now)
             .await?;
         let (candidates, mut filtered) = self.eligible(&req, &ctx, candidates, filtered)?;
+        stages.lap("context");
         let placement = req.placement.as_deref().unwrap_or(NO_PLACEMENT);
         // Variant overrides: rule set and pin here, model version in `score`, policy in
         // `choose`.
         let applied = self.assign_experiments(&req.customer_id, &ctx).await;
+        stages.lap("experiments");
         let rules = match &applied.rules {
             Some(RuleOverride::Only(names)) => Arc::new(rules.restricted(names)),
             Some(RuleOverride::None) => Arc::new(rules.restricted(&[])),
@@ -154,6 +167,7 @@ impl DecisionEngine {
         };
         let mut effects = self.apply_rules(&rules, &req, &ctx, &candidates, placement, now);
         let experiment_pin = experiments::pin(&applied, &candidates, &mut effects);
+        stages.lap("rules");
         for failure in &effects.failures {
             tracing::warn!(rule = %failure.rule, error = %failure.error, "Rule skipped for this decision");
             self.metrics.rule_error(&failure.rule);
@@ -173,6 +187,7 @@ impl DecisionEngine {
                 now,
             )
             .await;
+        stages.lap("model");
         let policy_kind = applied
             .policy
             .unwrap_or_else(|| self.policy.kind_for(placement));
@@ -194,6 +209,7 @@ impl DecisionEngine {
                 now,
             )
             .await?;
+        stages.lap("policy");
         if let Some(pinned) = experiment_pin {
             // The experiment's pin goes before the rules' pins.
             if let Some(at) = ranking.order.iter().position(|&(i, _)| i == pinned) {
@@ -296,8 +312,11 @@ impl DecisionEngine {
             items,
             alternatives,
         };
-        self.record(decision, placement, linear_impressions, started)
-            .await
+        let recorded = self
+            .record(decision, placement, linear_impressions, started)
+            .await;
+        stages.lap("record");
+        recorded
     }
 
     /// Stage 1: profile, features (with a deadline) and segments, concurrently.
@@ -842,6 +861,13 @@ impl DecisionEngine {
         if decision.degraded {
             self.metrics.degraded_decisions.add(1, &[]);
         }
+        if let Some(publisher) = &self.publisher {
+            // A durable local write; the decision itself is already stored.
+            if let Err(e) = publisher.publish_decision(&decision).await {
+                tracing::warn!(error = %e, decision = %decision.id, "Failed to publish a decision");
+                self.metrics.backend_error("events");
+            }
+        }
         let decision = Arc::new(decision);
         // Never waits: with no subscriber this is a no-op.
         let _ = self.stream.send(decision.clone());
@@ -888,6 +914,12 @@ impl DecisionEngine {
             .put_outcome(&outcome)
             .await?
             .ok_or_else(|| Error::not_found("decisionId", "decision", decision_id))?;
+        if let Some(publisher) = &self.publisher {
+            if let Err(e) = publisher.publish_outcome(&outcome).await {
+                tracing::warn!(error = %e, decision = %outcome.decision_id, "Failed to publish an outcome");
+                self.metrics.backend_error("events");
+            }
+        }
         if earlier == 0 {
             if let Some(version) = &decision.model_version {
                 // The online reward the scorer compares versions by (automatic rollback).

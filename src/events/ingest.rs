@@ -1,6 +1,10 @@
 //! Ingestion: validate each event, append the valid ones to the event log in one
 //! durable, idempotent write (the acknowledgement point), then wait — boundedly — for the
 //! processor so that the caller's next read sees the new features and segments.
+//!
+//! With an event stream (Kafka) the write goes to the stream's local outbox instead and
+//! nothing more is awaited; a worker's consumer hands the events to [`LocalApply`], which
+//! appends them to its own log and waits for its processor.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +17,7 @@ use serde_json::Value;
 use super::processor::Processor;
 use super::EventInput;
 use crate::error::{Error, Result};
-use crate::storage::{AppendOutcome, Stores};
+use crate::storage::{AppendOutcome, EventSink, EventStream, Stores};
 use crate::telemetry::Metrics;
 
 /// One rejected event: its index in the request, the field at fault and why.
@@ -33,25 +37,30 @@ pub struct IngestReport {
 
 pub struct Ingestor {
     stores: Stores,
-    processor: Arc<Processor>,
+    target: Target,
     metrics: Arc<Metrics>,
-    apply_wait: Duration,
     max_events: usize,
 }
 
-impl Ingestor {
-    pub fn new(
-        stores: Stores,
+/// Where accepted events go, and what the caller waits for.
+pub enum Target {
+    /// The local event log; the caller then waits — at most the given time — for the
+    /// processor to apply them, so that its next read sees them.
+    Local {
         processor: Arc<Processor>,
-        metrics: Arc<Metrics>,
         apply_wait: Duration,
-        max_events: usize,
-    ) -> Self {
+    },
+    /// The outbox of an event stream (Kafka); the caller waits for nothing more: workers
+    /// apply the events elsewhere, later.
+    Stream(Arc<dyn EventStream>),
+}
+
+impl Ingestor {
+    pub fn new(stores: Stores, target: Target, metrics: Arc<Metrics>, max_events: usize) -> Self {
         Ingestor {
             stores,
-            processor,
+            target,
             metrics,
-            apply_wait,
             max_events,
         }
     }
@@ -90,7 +99,11 @@ impl Ingestor {
         let outcomes = if events.is_empty() {
             Vec::new()
         } else {
-            self.stores.events.append(&events).await.inspect_err(|_| {
+            let log = match &self.target {
+                Target::Local { .. } => self.stores.events.clone(),
+                Target::Stream(stream) => stream.outbox(),
+            };
+            log.append(&events).await.inspect_err(|_| {
                 self.metrics.backend_error("events");
             })?
         };
@@ -116,16 +129,58 @@ impl Ingestor {
             }
         }
         if last > 0 {
-            self.processor.wake();
-            if !self.apply_wait.is_zero()
-                && !self.processor.wait_applied(last, self.apply_wait).await
-            {
-                tracing::warn!(
-                    seq = last,
-                    "Events are durable but not yet applied to features"
-                );
+            match &self.target {
+                Target::Local {
+                    processor,
+                    apply_wait,
+                } => {
+                    processor.wake();
+                    if !apply_wait.is_zero() && !processor.wait_applied(last, *apply_wait).await {
+                        tracing::warn!(
+                            seq = last,
+                            "Events are durable but not yet applied to features"
+                        );
+                    }
+                }
+                Target::Stream(stream) => stream.forward(),
             }
         }
         Ok(report)
+    }
+}
+
+/// The [`EventSink`] of a worker: appends consumed events to the local event log (a
+/// redelivered event is recognised by id and not stored again) and returns once the
+/// processor has applied everything appended so far.
+pub struct LocalApply {
+    stores: Stores,
+    processor: Arc<Processor>,
+}
+
+/// How often a worker waiting for its processor says so.
+const APPLY_REPORT: Duration = Duration::from_secs(10);
+
+impl LocalApply {
+    pub fn new(stores: Stores, processor: Arc<Processor>) -> Self {
+        LocalApply { stores, processor }
+    }
+}
+
+#[async_trait::async_trait]
+impl EventSink for LocalApply {
+    async fn apply(&self, events: &[crate::events::Event]) -> Result<()> {
+        self.stores.events.append(events).await?;
+        // Duplicates were appended by an earlier delivery and may not be applied yet:
+        // wait for the whole log, not only for this batch's new events.
+        let last = self.stores.events.last_seq().await?;
+        self.processor.wake();
+        while !self.processor.wait_applied(last, APPLY_REPORT).await {
+            tracing::warn!(
+                seq = last,
+                applied = self.processor.applied(),
+                "Still waiting for the processor to apply consumed events"
+            );
+        }
+        Ok(())
     }
 }

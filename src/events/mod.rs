@@ -74,17 +74,7 @@ impl EventInput {
 
         let event_type = string_field(&format!("{field}.type"), self.event_type)?
             .ok_or_else(|| Error::invalid(format!("{field}.type"), "is required"))?;
-        if event_type.is_empty()
-            || event_type.len() > MAX_TYPE_LEN
-            || !event_type
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
-        {
-            return Err(Error::invalid(
-                format!("{field}.type"),
-                format!("must be 1–{MAX_TYPE_LEN} characters of [A-Za-z0-9_.:-]"),
-            ));
-        }
+        validate_type(&format!("{field}.type"), &event_type)?;
 
         let event_id = match string_field(&format!("{field}.eventId"), self.event_id)? {
             Some(id) => {
@@ -148,6 +138,35 @@ impl EventInput {
     }
 }
 
+fn validate_type(field: &str, event_type: &str) -> Result<()> {
+    if event_type.is_empty()
+        || event_type.len() > MAX_TYPE_LEN
+        || !event_type
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
+    {
+        return Err(Error::invalid(
+            field,
+            format!("must be 1–{MAX_TYPE_LEN} characters of [A-Za-z0-9_.:-]"),
+        ));
+    }
+    Ok(())
+}
+
+impl Event {
+    /// Decodes an event as stored (its serde JSON, the payload of the event stream) and
+    /// checks what ingestion checked: ids and type. The clock-skew check is not repeated:
+    /// a stored event may be read long after it was accepted.
+    pub fn from_stored_json(bytes: &[u8]) -> Result<Event> {
+        let event: Event = serde_json::from_slice(bytes)
+            .map_err(|e| Error::invalid("event", format!("not a stored event: {e}")))?;
+        CustomerId::parse("event.customer_id", event.customer_id.as_str())?;
+        validate_id("event.event_id", &event.event_id)?;
+        validate_type("event.type", &event.event_type)?;
+        Ok(event)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,6 +205,35 @@ mod tests {
         for (body, expected) in cases {
             let err = input(body).validate("events[0]", now).unwrap_err();
             assert_eq!(err.to_string(), expected);
+        }
+    }
+
+    #[test]
+    fn stored_json_round_trips_and_is_checked() {
+        let event = input(
+            json!({"customerId": "c1", "type": "x", "eventId": "e1", "properties": {"a": 1}}),
+        )
+        .validate("events[0]", Utc::now())
+        .unwrap();
+        let bytes = serde_json::to_vec(&event).unwrap();
+        assert_eq!(Event::from_stored_json(&bytes).unwrap(), event);
+        let cases = [
+            (json!([1]), "event: not a stored event: invalid type: integer `1`, expected a string at line 1 column 2"),
+            (
+                json!({"event_id": "e", "customer_id": "", "type": "x", "timestamp": "2026-01-01T00:00:00Z"}),
+                "event.customer_id: must not be empty",
+            ),
+            (
+                json!({"event_id": "e", "customer_id": "c", "type": "a b", "timestamp": "2026-01-01T00:00:00Z"}),
+                "event.type: must be 1–64 characters of [A-Za-z0-9_.:-]",
+            ),
+        ];
+        for (value, expected) in cases {
+            let bytes = serde_json::to_vec(&value).unwrap();
+            assert_eq!(
+                Event::from_stored_json(&bytes).unwrap_err().to_string(),
+                expected
+            );
         }
     }
 

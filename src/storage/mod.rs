@@ -17,6 +17,8 @@
 
 pub mod conformance;
 pub mod embedded;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "redis")]
 pub mod redis;
 
@@ -38,6 +40,7 @@ use crate::decision::{Decision, Impression, Outcome};
 use crate::events::{Event, StoredEvent};
 use crate::experiments::VariantTotals;
 use crate::features::{FeatureKey, FeatureState};
+use crate::telemetry::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -340,6 +343,76 @@ pub struct Stores {
     pub keys: Arc<dyn KeyStore>,
 }
 
+/// Where a stream consumer hands the events it received. `apply` returns once they are
+/// appended to the local event log (idempotently on `event_id`: an event delivered twice
+/// is stored and applied once) and applied to features and segment membership, so that
+/// the consumer may then commit its position.
+#[async_trait]
+pub trait EventSink: Send + Sync {
+    async fn apply(&self, events: &[Event]) -> crate::error::Result<()>;
+}
+
+/// The event stream of a scaled-out deployment (`backends.events = "kafka://…"`):
+/// ingested events, decisions and outcomes go out to a broker, and workers consume the
+/// events into their local log.
+///
+/// Contract:
+/// - an append to [`EventStream::outbox`] that returns `Ok` is the acknowledgement point:
+///   the event is on local disk and will be delivered to the broker at least once, even
+///   across broker outages and restarts of this process, first deliveries in append
+///   order per customer (a batch that failed part-way is sent again whole, so a record
+///   may arrive twice, its second copy after its successors);
+/// - the consumer commits its position in the stream only after the sink has applied the
+///   events, so a crash redelivers and never skips;
+/// - decisions and outcomes are delivered the same way through their own outboxes.
+#[async_trait]
+pub trait EventStream: Send + Sync {
+    /// The durable local outbox of ingested events.
+    fn outbox(&self) -> Arc<dyn EventLog>;
+    /// Tells the events forwarder that the outbox has new events (it also polls).
+    fn forward(&self);
+    /// Queues a decision event for its topic (a durable local write).
+    async fn publish_decision(&self, decision: &Decision) -> StorageResult<()>;
+    /// Queues an outcome for its topic (a durable local write).
+    async fn publish_outcome(&self, outcome: &Outcome) -> StorageResult<()>;
+    /// Starts the forwarders that deliver the outboxes to the broker; they stop with
+    /// `shutdown`.
+    fn spawn_forwarders(
+        self: Arc<Self>,
+        metrics: Arc<Metrics>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>>;
+    /// Starts the consumer of the events topic (a member of the workers' group) that
+    /// hands every batch to `sink` and then commits; it stops with `shutdown`.
+    fn spawn_consumer(
+        self: Arc<Self>,
+        sink: Arc<dyn EventSink>,
+        metrics: Arc<Metrics>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()>;
+    /// Waits for what the producer still holds to be delivered, at most `timeout`.
+    async fn flush(&self, timeout: Duration);
+}
+
+/// The event stream `backends.events` names, if it names one; its outboxes live under
+/// `data_dir`. The value is assumed checked by [`check_backend`].
+pub async fn open_event_stream(
+    backends: &Backends,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<Option<Arc<dyn EventStream>>> {
+    #[cfg(feature = "kafka")]
+    if kafka::config::is_kafka_url(&backends.events) {
+        let config = kafka::KafkaConfig::parse(&backends.events)
+            .map_err(|e| anyhow::anyhow!("backends.events: {e}"))?;
+        let stream = kafka::KafkaStream::open(config, data_dir)
+            .await
+            .map_err(|e| anyhow::anyhow!("backends.events: {e:#}"))?;
+        return Ok(Some(stream));
+    }
+    let _ = (backends, data_dir);
+    Ok(None)
+}
+
 /// Capabilities that a Redis URL may serve.
 #[cfg(feature = "redis")]
 const REDIS_CAPABILITIES: [&str; 3] = ["features", "segments", "bandit"];
@@ -353,6 +426,10 @@ pub fn check_backend(capability: &str, value: &str, timeout: Duration) -> Result
     #[cfg(feature = "redis")]
     if redis::config::is_redis_url(value) && REDIS_CAPABILITIES.contains(&capability) {
         return redis::RedisConfig::parse(value, timeout).map(|_| ());
+    }
+    #[cfg(feature = "kafka")]
+    if kafka::config::is_kafka_url(value) && capability == "events" {
+        return kafka::KafkaConfig::parse(value).map(|_| ());
     }
     let _ = (capability, timeout);
     Err(format!(

@@ -25,6 +25,8 @@ pub struct Metrics {
     registry: prometheus::Registry,
     provider: SdkMeterProvider,
     pub decision_latency_ms: Histogram<f64>,
+    /// Per stage of a decision (`stage` label: see [`StageClock`]).
+    pub stage_latency_ms: Histogram<f64>,
     pub decisions: Counter<u64>,
     pub degraded_decisions: Counter<u64>,
     pub conversions: Counter<u64>,
@@ -36,6 +38,8 @@ pub struct Metrics {
     pub segment_changes: Counter<u64>,
     pub segment_predicate_errors: Counter<u64>,
     pub backend_errors: Counter<u64>,
+    /// Messages on the event stream that did not decode as an event (skipped).
+    pub malformed_messages: Counter<u64>,
     pub rule_errors: Counter<u64>,
 }
 
@@ -68,6 +72,10 @@ impl Metrics {
             decision_latency_ms: ms_histogram(
                 "personalization_decision_latency_ms",
                 "Time to make one personalize decision, in milliseconds",
+            ),
+            stage_latency_ms: ms_histogram(
+                "tailor_decision_stage_latency_ms",
+                "Time spent in one stage of a personalize decision (candidates, context, experiments, rules, model, policy, record), in milliseconds",
             ),
             decisions: counter(
                 "personalization_decisions_total",
@@ -114,6 +122,10 @@ impl Metrics {
                 "tailor_backend_errors_total",
                 "Storage backend failures, by capability",
             ),
+            malformed_messages: counter(
+                "tailor_stream_malformed_messages_total",
+                "Messages on the event stream that did not decode as an event and were skipped",
+            ),
             rule_errors: counter(
                 "tailor_rule_errors_total",
                 "Rules skipped because they failed or ran out of budget, or did not load, by rule",
@@ -131,6 +143,14 @@ impl Metrics {
             tracing::warn!(error = %e, "Failed to encode metrics");
         }
         String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Starts timing the stages of one decision.
+    pub fn stages(&self) -> StageClock<'_> {
+        StageClock {
+            metrics: self,
+            last: std::time::Instant::now(),
+        }
     }
 
     pub fn backend_error(&self, capability: &'static str) {
@@ -160,6 +180,24 @@ pub fn init_tracing() {
         .with_env_filter(filter)
         .with_target(false)
         .try_init();
+}
+
+/// Times consecutive stages of one decision into `tailor_decision_stage_latency_ms`.
+pub struct StageClock<'a> {
+    metrics: &'a Metrics,
+    last: std::time::Instant,
+}
+
+impl StageClock<'_> {
+    /// Records the time since the previous lap (or the start) as `stage`.
+    pub fn lap(&mut self, stage: &'static str) {
+        let now = std::time::Instant::now();
+        let ms = now.duration_since(self.last).as_secs_f64() * 1000.0;
+        self.metrics
+            .stage_latency_ms
+            .record(ms, &[KeyValue::new("stage", stage)]);
+        self.last = now;
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# `tailor bench` against a release server with the demo world on a fresh data dir: the
+# open loop at a few offered rates, the closed loop for the maximum, and the events and
+# features workloads. Server and load generator share the machine's cores (no pinning).
+# Customers are drawn uniformly: under Zipf the few hottest customers get thousands of
+# decisions in seconds, the demo's frequency cap (3 per item per day) then filters every
+# candidate for them and those decisions are refused ("no eligible content").
+# Usage: benches/http/tailor-bench.sh [seconds]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+secs="${1:-10}"
+port=18091
+dir=$(mktemp -d)
+cargo build --release --quiet
+RUST_LOG=warn target/release/tailor serve --demo --data-dir "$dir" --listen 127.0.0.1:$port &
+pid=$!
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$dir"' EXIT
+until curl -sf 127.0.0.1:$port/readyz >/dev/null; do sleep 0.5; done
+# The demo's admin key (written on first start, before the server listens).
+TAILOR_API_KEY=$(awk '$1 == "admin" {print $2}' "$dir/demo-keys.txt")
+export TAILOR_API_KEY
+bench() { target/release/tailor bench --url http://127.0.0.1:$port --dist uniform "$@"; }
+# Warm up (caches, connections, the allocator) and discard.
+bench --workload personalize --rate 0 --concurrency 16 --duration 3s >/dev/null
+bench() { target/release/tailor bench --url http://127.0.0.1:$port --dist uniform --duration "${secs}s" "$@"; }
+for rate in 1000 2500 5000; do
+  echo "== personalize, open loop at $rate/s"
+  bench --workload personalize --rate "$rate" --concurrency 256
+done
+echo "== personalize, closed loop, 16 in flight"
+bench --workload personalize --rate 0 --concurrency 16
+echo "== features (every active feature of a customer), open loop at 2000/s"
+bench --workload features --rate 2000 --concurrency 256
+echo "== trackEvents, 100 events per request, closed loop, 8 in flight"
+bench --workload events --rate 0 --concurrency 8 --events-per-request 100

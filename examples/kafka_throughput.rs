@@ -1,0 +1,113 @@
+//! Events per second end to end through a Kafka-protocol broker: an engine in role `api`
+//! ingests (acknowledged from its outbox), its forwarder delivers to the broker, an engine
+//! in role `worker` consumes, appends and applies to features and segments. Both run in
+//! this process, each on its own fresh data directory, under fresh topics and group.
+//!
+//! ```sh
+//! cargo run --release --features kafka --example kafka_throughput -- kafka://127.0.0.1:9092 [EVENTS]
+//! ```
+//!
+//! Prints the ingest rate (acknowledged) and the end-to-end rate (first event ingested to
+//! last event applied by the worker), as JSON.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use chrono::Utc;
+use serde_json::json;
+use tailor::app::{Background, Engine, Role};
+use tailor::config::Settings;
+
+const CUSTOMERS: usize = 1_000;
+const PER_REQUEST: usize = 500;
+
+fn settings(dir: &std::path::Path, events: &str) -> Settings {
+    let mut settings = Settings {
+        data_dir: dir.to_path_buf(),
+        ..Settings::default()
+    };
+    settings.rules.dir = String::new();
+    settings.rules.plugins_dir = String::new();
+    settings.backends.events = events.to_owned();
+    settings
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let Some(broker) = args.next() else {
+        bail!("usage: kafka_throughput kafka://host:port [EVENTS]");
+    };
+    let total: usize = match args.next() {
+        Some(n) => n.parse().context("EVENTS: a whole number")?,
+        None => 100_000,
+    };
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let url = format!("{broker}?topic_prefix=bench{id}.&group=bench{id}");
+
+    let api_dir = tempfile::tempdir()?;
+    let worker_dir = tempfile::tempdir()?;
+    let api = Engine::open(settings(api_dir.path(), &url)).await?;
+    let worker = Engine::open(settings(worker_dir.path(), &url)).await?;
+    let api_tasks = Background::start_role(&api, Role::Api);
+    let worker_tasks = Background::start_role(&worker, Role::Worker);
+
+    let base = Utc::now() - chrono::Duration::hours(1);
+    let requests: Vec<Vec<serde_json::Value>> = (0..total)
+        .collect::<Vec<_>>()
+        .chunks(PER_REQUEST)
+        .map(|chunk| {
+            chunk
+                .iter()
+                .map(|&i| {
+                    json!({
+                        "eventId": format!("{id}-{i}"),
+                        "customerId": format!("c{}", i % CUSTOMERS),
+                        "type": if i % 5 == 0 { "purchase" } else { "page_view" },
+                        "timestamp": (base + chrono::Duration::milliseconds(i as i64)).to_rfc3339(),
+                        "properties": {"value": 10.0},
+                    })
+                })
+                .collect()
+        })
+        .collect();
+
+    let started = Instant::now();
+    for batch in requests {
+        let report = api.ingestor.ingest(batch).await?;
+        if !report.rejected.is_empty() {
+            bail!("rejected events: {:?}", report.rejected);
+        }
+    }
+    let ingested = started.elapsed();
+
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let last = worker.stores.events.last_seq().await?;
+        if last >= total as u64 && worker.processor.applied() >= last {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the worker applied only {last} of {total} events in 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let applied = started.elapsed();
+    worker_tasks.stop().await;
+    api_tasks.stop().await;
+
+    let rate = |d: Duration| (total as f64 / d.as_secs_f64()).round();
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({
+            "events": total,
+            "customers": CUSTOMERS,
+            "events_per_request": PER_REQUEST,
+            "ingest_seconds": ingested.as_secs_f64(),
+            "ingest_events_per_second": rate(ingested),
+            "end_to_end_seconds": applied.as_secs_f64(),
+            "end_to_end_events_per_second": rate(applied),
+        }))?
+    );
+    Ok(())
+}

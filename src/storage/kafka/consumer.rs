@@ -1,0 +1,236 @@
+//! The worker's consumer: a member of the workers' group on the events topic. Each batch
+//! goes to the [`EventSink`] (appended to the local log, idempotently, and applied), and
+//! only then are the consumed positions committed, synchronously. A crash between the
+//! two redelivers the batch; the log recognises the events by id and nothing is applied
+//! twice.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+use super::config::KafkaConfig;
+use super::producer::{client_config, ensure_topics};
+use crate::events::Event;
+use crate::storage::{EventSink, StorageError, StorageResult};
+use crate::telemetry::Metrics;
+
+/// Most messages per batch.
+pub(super) const BATCH: usize = 1000;
+/// How long a batch waits for more messages after its first.
+const LINGER: Duration = Duration::from_millis(20);
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Messages received together, decoded, with the positions to commit once they are
+/// applied.
+#[derive(Debug, Default)]
+pub(super) struct Batch {
+    pub events: Vec<Event>,
+    /// Messages that did not decode as an event (skipped, committed with the rest).
+    pub malformed: usize,
+    /// (topic, partition) → offset of the next message to read.
+    positions: BTreeMap<(String, i32), i64>,
+}
+
+pub(super) struct EventConsumer {
+    // In an Arc so that the synchronous commit can run on the blocking pool.
+    consumer: Arc<StreamConsumer>,
+}
+
+impl EventConsumer {
+    /// Joins `config.group` on `topic` (created if missing), reading a partition from its
+    /// beginning when the group has no committed offset for it.
+    pub async fn subscribe(config: &KafkaConfig, topic: &str) -> StorageResult<Self> {
+        ensure_topics(config, &[topic.to_owned()]).await?;
+        let consumer: StreamConsumer = client_config(config)
+            .set("group.id", &config.group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .create()
+            .map_err(|e| StorageError::Backend(format!("creating the Kafka consumer: {e}")))?;
+        consumer
+            .subscribe(&[topic])
+            .map_err(|e| StorageError::Unavailable(format!("subscribing to {topic}: {e}")))?;
+        Ok(EventConsumer {
+            consumer: Arc::new(consumer),
+        })
+    }
+
+    /// Waits for the next message, then takes what else arrives within a short linger,
+    /// at most [`BATCH`] messages.
+    pub async fn next_batch(&self) -> StorageResult<Batch> {
+        let mut batch = Batch::default();
+        let first = self
+            .consumer
+            .recv()
+            .await
+            .map_err(|e| StorageError::Unavailable(format!("consuming: {e}")))?;
+        batch.take(&first);
+        drop(first);
+        let deadline = tokio::time::Instant::now() + LINGER;
+        while batch.len() < BATCH {
+            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Ok(Ok(message)) => batch.take(&message),
+                // The error comes back on the next call, after this batch is done.
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Commits the batch's positions and waits for the broker to confirm.
+    pub async fn commit(&self, batch: &Batch) -> StorageResult<()> {
+        if batch.positions.is_empty() {
+            return Ok(());
+        }
+        let mut list = TopicPartitionList::new();
+        for ((topic, partition), next) in &batch.positions {
+            list.add_partition_offset(topic, *partition, Offset::Offset(*next))
+                .map_err(|e| StorageError::Backend(format!("offset list: {e}")))?;
+        }
+        let consumer = self.consumer.clone();
+        tokio::task::spawn_blocking(move || consumer.commit(&list, CommitMode::Sync))
+            .await
+            .map_err(|e| StorageError::Backend(format!("commit task failed: {e}")))?
+            .map_err(|e| StorageError::Unavailable(format!("committing offsets: {e}")))
+    }
+
+    /// Leaves the group now rather than after the session times out.
+    pub fn close(self) {
+        self.consumer.unsubscribe();
+    }
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.events.len() + self.malformed
+    }
+
+    fn take<M: Message>(&mut self, message: &M) {
+        let position = (message.topic().to_owned(), message.partition());
+        let next = message.offset() + 1;
+        let entry = self.positions.entry(position).or_insert(next);
+        *entry = (*entry).max(next);
+        match message.payload().map(Event::from_stored_json) {
+            Some(Ok(event)) => self.events.push(event),
+            Some(Err(e)) => {
+                tracing::warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(), error = %e, "Skipping a malformed message");
+                self.malformed += 1;
+            }
+            None => {
+                tracing::warn!(
+                    topic = message.topic(),
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    "Skipping a message without payload"
+                );
+                self.malformed += 1;
+            }
+        }
+    }
+}
+
+/// Runs the worker's consumer until `shutdown`: batch → sink → commit. Failures are
+/// retried with backoff; a batch is committed only after the sink applied it.
+pub(super) async fn run(
+    config: KafkaConfig,
+    topic: String,
+    sink: Arc<dyn EventSink>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = MIN_BACKOFF;
+    let consumer = loop {
+        let subscribed = tokio::select! {
+            c = EventConsumer::subscribe(&config, &topic) => c,
+            _ = shutdown.changed() => return,
+        };
+        match subscribed {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "Failed to join the workers' group");
+                metrics.backend_error("events");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => return,
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    };
+    tracing::info!(topic = %topic, group = %config.group, "Consuming events");
+    loop {
+        let batch = tokio::select! {
+            b = consumer.next_batch() => b,
+            _ = shutdown.changed() => break,
+        };
+        let batch = match batch {
+            Ok(b) => {
+                backoff = MIN_BACKOFF;
+                b
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "Failed to consume events");
+                metrics.backend_error("events");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => break,
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        if batch.malformed > 0 {
+            metrics.malformed_messages.add(batch.malformed as u64, &[]);
+        }
+        if !apply(&*sink, &batch, &metrics, &mut shutdown).await {
+            break;
+        }
+        if let Err(e) = consumer.commit(&batch).await {
+            // Not lost: the batch is redelivered after a restart or a rebalance, and the
+            // sink drops what it already has.
+            tracing::warn!(error = %e, "Failed to commit consumed offsets");
+            metrics.backend_error("events");
+        }
+    }
+    consumer.close();
+}
+
+/// Hands the batch to the sink until it succeeds; `false` if `shutdown` came first.
+async fn apply(
+    sink: &dyn EventSink,
+    batch: &Batch,
+    metrics: &Metrics,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    if batch.events.is_empty() {
+        return true;
+    }
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let applied = tokio::select! {
+            r = sink.apply(&batch.events) => r,
+            _ = shutdown.changed() => return false,
+        };
+        match applied {
+            Ok(()) => return true,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "Failed to apply consumed events");
+                metrics.backend_error("events");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => return false,
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}

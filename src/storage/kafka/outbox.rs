@@ -1,0 +1,150 @@
+//! The outboxes: durable local logs of what must reach a topic, and the forwarders that
+//! deliver them.
+//!
+//! An outbox is an embedded [`EventLog`] of its own (`<data_dir>/outbox/<stream>/`):
+//! durable (fsync) and idempotent on the record id. Its forwarder reads after its
+//! committed offset (consumer [`FORWARDER`]), sends the batch, waits for every delivery
+//! report and only then commits, so a record is delivered at least once and first in
+//! append order; a broker outage only delays it. A batch that failed part-way is sent
+//! again whole, so some of its records may arrive twice. Decisions and outcomes ride in an outbox as an
+//! [`Event`] whose `properties` are the payload.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+
+use super::config::KafkaConfig;
+use super::producer::{ensure_topics, KafkaProducer, ProducerSlot};
+use crate::events::Event;
+use crate::storage::embedded::events::EmbeddedEventLog;
+use crate::storage::embedded::EmbeddedStore;
+use crate::storage::{EventLog, StorageError, StorageResult};
+use crate::telemetry::Metrics;
+
+/// The forwarder's consumer name in each outbox.
+pub const FORWARDER: &str = "kafka-forwarder";
+const BATCH: usize = 1000;
+/// Poll interval when nothing woke the forwarder.
+const IDLE_POLL: Duration = Duration::from_millis(250);
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What a record's message carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Payload {
+    /// The event itself (its stored JSON).
+    Event,
+    /// The event's `properties` (a decision or an outcome as JSON).
+    Properties,
+}
+
+pub(super) struct Outbox {
+    pub topic: String,
+    pub log: Arc<dyn EventLog>,
+    payload: Payload,
+    wake: Notify,
+}
+
+impl Outbox {
+    pub fn open(dir: &Path, topic: String, payload: Payload) -> anyhow::Result<Outbox> {
+        let store = EmbeddedStore::open(dir)?;
+        Ok(Outbox {
+            topic,
+            log: Arc::new(EmbeddedEventLog::new(store)),
+            payload,
+            wake: Notify::new(),
+        })
+    }
+
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Appends one record and wakes the forwarder.
+    pub async fn push(&self, event: Event) -> StorageResult<()> {
+        self.log.append(std::slice::from_ref(&event)).await?;
+        self.wake();
+        Ok(())
+    }
+
+    /// Delivers the next batch after the committed offset; returns how many records.
+    async fn step(&self, producer: &KafkaProducer) -> StorageResult<usize> {
+        let from = self.log.committed_offset(FORWARDER).await?;
+        let batch = self.log.scan(from, BATCH).await?;
+        let Some(last) = batch.last().map(|e| e.seq) else {
+            return Ok(0);
+        };
+        let records = batch
+            .iter()
+            .map(|stored| {
+                let event = &stored.event;
+                let payload = match self.payload {
+                    Payload::Event => serde_json::to_vec(event),
+                    Payload::Properties => serde_json::to_vec(&event.properties),
+                }
+                .map_err(|e| StorageError::Backend(format!("encoding a message: {e}")))?;
+                Ok((event.customer_id.as_str().to_owned(), payload))
+            })
+            .collect::<StorageResult<Vec<_>>>()?;
+        producer.send_all(&self.topic, &records).await?;
+        self.log.commit_offset(FORWARDER, last).await?;
+        Ok(batch.len())
+    }
+
+    /// Forwards until `shutdown`, retrying with backoff while the broker fails. Stopping
+    /// mid-batch leaves the batch uncommitted: it is sent again on the next start.
+    pub async fn forward(
+        self: Arc<Self>,
+        producers: Arc<ProducerSlot>,
+        config: KafkaConfig,
+        metrics: Arc<Metrics>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let producer = producers.get();
+            let step = tokio::select! {
+                step = self.step(&producer) => step,
+                _ = shutdown.changed() => return,
+            };
+            match step {
+                Ok(0) => {
+                    backoff = MIN_BACKOFF;
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(IDLE_POLL) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+                Ok(n) => {
+                    backoff = MIN_BACKOFF;
+                    tracing::debug!(topic = %self.topic, records = n, "Forwarded to Kafka");
+                }
+                Err(e) => {
+                    tracing::warn!(topic = %self.topic, error = %e, retry_in = ?backoff, "Failed to forward to Kafka; the records stay in the outbox");
+                    metrics.backend_error("events");
+                    producers.replace(&producer);
+                    let retry = async {
+                        tokio::time::sleep(backoff).await;
+                        // A broker that restarted empty has lost its topics.
+                        if let Err(e) =
+                            ensure_topics(&config, std::slice::from_ref(&self.topic)).await
+                        {
+                            tracing::debug!(error = %e, "Failed to ensure the topic");
+                        }
+                    };
+                    tokio::select! {
+                        _ = retry => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+}

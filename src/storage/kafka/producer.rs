@@ -1,0 +1,187 @@
+//! The producer: idempotent, `acks=all`, lz4-compressed; sends a batch in order and
+//! waits for every delivery report.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
+use rdkafka::util::Timeout;
+
+use super::config::KafkaConfig;
+use crate::storage::{StorageError, StorageResult};
+
+/// How long librdkafka keeps trying to deliver one message (retries included) before it
+/// reports the delivery as failed; the forwarder then sends the batch again.
+pub(super) const MESSAGE_TIMEOUT: Duration = Duration::from_secs(15);
+
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Settings every client of this backend shares.
+pub(super) fn client_config(config: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", config.bootstrap())
+        .set("client.id", "tailor")
+        // Topics recreated after a broker restart are noticed within seconds.
+        .set("topic.metadata.refresh.interval.ms", "2000")
+        .set("reconnect.backoff.max.ms", "1000")
+        .set("socket.connection.setup.timeout.ms", "5000");
+    c
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> StorageError {
+    StorageError::Unavailable(format!("{what}: {e}"))
+}
+
+pub(super) struct KafkaProducer {
+    inner: FutureProducer,
+}
+
+impl KafkaProducer {
+    pub fn new(config: &KafkaConfig) -> StorageResult<Self> {
+        let inner = client_config(config)
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("compression.type", "lz4")
+            .set("linger.ms", "5")
+            .set(
+                "message.timeout.ms",
+                MESSAGE_TIMEOUT.as_millis().to_string(),
+            )
+            .create()
+            .map_err(|e| StorageError::Backend(format!("creating the Kafka producer: {e}")))?;
+        Ok(KafkaProducer { inner })
+    }
+
+    /// Queues every record in order (the idempotent producer keeps that order within a
+    /// partition and never leaves a gap), then waits for every delivery report. `Err` if
+    /// any record was not delivered; some others may have been, so the caller sends the
+    /// whole batch again and consumers drop what they already have.
+    pub async fn send_all(&self, topic: &str, records: &[(String, Vec<u8>)]) -> StorageResult<()> {
+        let mut deliveries: Vec<DeliveryFuture> = Vec::with_capacity(records.len());
+        for (key, payload) in records {
+            let mut record = FutureRecord::to(topic).key(key).payload(payload);
+            loop {
+                match self.inner.send_result(record) {
+                    Ok(delivery) => {
+                        deliveries.push(delivery);
+                        break;
+                    }
+                    Err((e, back))
+                        if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) =>
+                    {
+                        // The local queue is full: let librdkafka drain it.
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    Err((e, _)) => return Err(unavailable("queueing a message", e)),
+                }
+            }
+        }
+        // Every report, even after a failure: the batch is settled before it is retried.
+        let mut failure = None;
+        for delivery in deliveries {
+            let error = match delivery.await {
+                Ok(Ok(_)) => continue,
+                Ok(Err((e, _))) => unavailable("delivering a message", e),
+                Err(_) => unavailable("delivering a message", "producer closed"),
+            };
+            failure.get_or_insert(error);
+        }
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// Waits for the queued messages to be delivered, at most `timeout`.
+    pub async fn flush(&self, timeout: Duration) -> StorageResult<()> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.flush(Timeout::After(timeout)))
+            .await
+            .map_err(|e| StorageError::Backend(format!("flush task failed: {e}")))?
+            .map_err(|e| unavailable("flushing the producer", e))
+    }
+}
+
+/// The producer the forwarders share, replaced by a fresh one after a failed batch.
+///
+/// A fresh producer is a fresh idempotent session (new producer id, sequences from 0):
+/// a broker that lost the old session's state (restarted without it, or expired it
+/// during a long outage) refuses that session's next messages until they time out,
+/// but accepts a new one's.
+pub(super) struct ProducerSlot {
+    config: KafkaConfig,
+    current: parking_lot::Mutex<Arc<KafkaProducer>>,
+}
+
+impl ProducerSlot {
+    pub fn new(config: &KafkaConfig) -> StorageResult<Self> {
+        Ok(ProducerSlot {
+            config: config.clone(),
+            current: parking_lot::Mutex::new(Arc::new(KafkaProducer::new(config)?)),
+        })
+    }
+
+    pub fn get(&self) -> Arc<KafkaProducer> {
+        self.current.lock().clone()
+    }
+
+    /// Replaces `failed` with a fresh producer, unless another forwarder already did.
+    /// What `failed` still holds is purged: its senders have their reports, and their
+    /// records are still in their outboxes.
+    pub fn replace(&self, failed: &Arc<KafkaProducer>) {
+        let fresh = match KafkaProducer::new(&self.config) {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                tracing::warn!(error = %e, "Failed to create a fresh Kafka producer");
+                return;
+            }
+        };
+        let old = {
+            let mut current = self.current.lock();
+            if !Arc::ptr_eq(&current, failed) {
+                return;
+            }
+            std::mem::replace(&mut *current, fresh)
+        };
+        old.inner.purge(PurgeConfig::default().queue().inflight());
+        // Destroying a client may wait for its threads: not on the executor.
+        tokio::task::spawn_blocking(move || drop(old));
+    }
+}
+
+/// Creates the topics that do not exist yet (`config.partitions`, `config.replication`);
+/// existing topics are left as they are.
+pub(super) async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> StorageResult<()> {
+    let admin: AdminClient<DefaultClientContext> = client_config(config)
+        .create()
+        .map_err(|e| StorageError::Backend(format!("creating the Kafka admin client: {e}")))?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| {
+            NewTopic::new(
+                t,
+                config.partitions,
+                TopicReplication::Fixed(config.replication),
+            )
+        })
+        .collect();
+    let options = AdminOptions::new()
+        .operation_timeout(Some(ADMIN_TIMEOUT))
+        .request_timeout(Some(ADMIN_TIMEOUT));
+    let results = tokio::time::timeout(ADMIN_TIMEOUT, admin.create_topics(&new, &options))
+        .await
+        .map_err(|_| unavailable("creating topics", "timed out"))?
+        .map_err(|e| unavailable("creating topics", e))?;
+    for result in results {
+        match result {
+            Ok(_) => {}
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(unavailable(&format!("creating topic {topic}"), code));
+            }
+        }
+    }
+    Ok(())
+}
