@@ -43,6 +43,8 @@ pub struct Engine {
     /// The model registry and the scorer (`src/model`).
     pub models: Arc<ModelService>,
     pub experiments: Arc<ExperimentService>,
+    /// API keys: create, list, revoke, verify (`src/auth`).
+    pub keys: Arc<crate::auth::KeyService>,
     /// The event stream (`backends.events = "kafka://…"`), if any.
     pub stream: Option<Arc<dyn EventStream>>,
     customer_locks: Arc<CustomerLocks>,
@@ -159,6 +161,7 @@ impl Engine {
             metrics.clone(),
         )
         .with_publisher(stream.clone());
+        let keys = Arc::new(crate::auth::KeyService::new(stores.keys.clone()));
         Ok(Arc::new(Engine {
             settings,
             stores,
@@ -172,6 +175,7 @@ impl Engine {
             rules,
             models,
             experiments,
+            keys,
             stream,
             customer_locks,
         }))
@@ -456,6 +460,14 @@ impl Background {
     }
 }
 
+fn warn_if_auth_off(engine: &Engine) {
+    if !engine.settings.auth.enabled {
+        tracing::warn!(
+            "Authentication is switched off (auth.enabled = false): every request acts as admin"
+        );
+    }
+}
+
 /// Serves the API on `listener` until `shutdown` resolves. The background tasks must
 /// be running (see [`Background`]).
 pub async fn serve_http(
@@ -463,6 +475,7 @@ pub async fn serve_http(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    warn_if_auth_off(&engine);
     let router = crate::api::router(engine);
     tracing::info!(addr = %listener.local_addr()?, "Tailor is listening");
     axum::serve(listener, router)
@@ -482,7 +495,10 @@ pub async fn serve_role(
 ) -> anyhow::Result<()> {
     let router = match role {
         Role::Worker => crate::api::ops_router(engine),
-        Role::Api | Role::All => crate::api::router(engine),
+        Role::Api | Role::All => {
+            warn_if_auth_off(&engine);
+            crate::api::router(engine)
+        }
     };
     tracing::info!(addr = %listener.local_addr()?, ?role, "Tailor is listening");
     axum::serve(listener, router)

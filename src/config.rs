@@ -21,6 +21,7 @@ pub struct Settings {
     pub limits: Limits,
     pub timeouts: Timeouts,
     pub api: ApiSettings,
+    pub auth: AuthSettings,
     pub policy: PolicySettings,
     pub experiments: ExperimentSettings,
     pub features: FeatureSettings,
@@ -39,6 +40,7 @@ impl Default for Settings {
             limits: Limits::default(),
             timeouts: Timeouts::default(),
             api: ApiSettings::default(),
+            auth: AuthSettings::default(),
             policy: PolicySettings::default(),
             experiments: ExperimentSettings::default(),
             features: FeatureSettings::default(),
@@ -146,6 +148,22 @@ impl Default for ApiSettings {
             graphiql: true,
             introspection: true,
         }
+    }
+}
+
+/// `[auth]`: API keys with roles (`tailor keys`, SPEC §7).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Every GraphQL field and REST route except health checks and metrics needs a key
+    /// whose role it is open to. `false` lets every request act as admin (the server
+    /// warns at start); for a trusted network only.
+    pub enabled: bool,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings { enabled: true }
     }
 }
 
@@ -695,6 +713,21 @@ mod tests {
             assert_eq!(s.listen.port(), 9000);
             assert_eq!(s.policy.epsilon, 0.3);
             assert_eq!(s.data_dir, PathBuf::from("/tmp/x"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn auth_is_on_by_default_and_switched_off_by_file_or_environment() {
+        Jail::expect_with(|jail| {
+            assert!(Settings::load(None).unwrap().auth.enabled);
+            jail.create_file("tailor.toml", "[auth]\nenabled = false\n")?;
+            assert!(!Settings::load(None).unwrap().auth.enabled);
+            jail.set_env("TAILOR_AUTH__ENABLED", "true");
+            assert!(Settings::load(None).unwrap().auth.enabled);
+            jail.create_file("tailor.toml", "[auth]\nenabledd = false\n")?;
+            let e = Settings::load(None).unwrap_err().to_string();
+            assert!(e.contains("auth.enabledd"), "{e}");
             Ok(())
         });
     }

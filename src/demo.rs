@@ -10,6 +10,10 @@
 //! first model's training data), [`simulated_customer`] draws fresh customers with their
 //! feature values, and [`compare_policies`] measures the click rate of the model's greedy
 //! policy against Thompson sampling on them.
+//!
+//! [`ensure_keys`] creates one API key per role at first start and keeps their text in
+//! [`KEYS_FILE`] in the data directory (readable by its owner only), so the demo can be
+//! called at once; the store itself holds only their hashes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -20,6 +24,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Value};
 
 use crate::app::Engine;
+use crate::auth::Role;
 use crate::bandit::ArmStats;
 use crate::content::ContentItem;
 use crate::customers::{parse_traits, Consent, CustomerId, CustomerUpdate, Pii};
@@ -216,6 +221,68 @@ pub fn segments() -> Vec<(&'static str, Value, &'static str)> {
 
 /// Builds the demo world unless the store already holds customers.
 /// Then trains and activates a first model unless one exists.
+/// The demo's key file in the data directory: one `ROLE KEY` line per role.
+pub const KEYS_FILE: &str = "demo-keys.txt";
+
+/// The demo's keys, one per role, and the file that keeps them.
+pub struct DemoKeys {
+    pub path: std::path::PathBuf,
+    pub keys: Vec<(Role, String)>,
+}
+
+impl std::fmt::Display for DemoKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "Demo API keys (kept in {}); send one as `Authorization: Bearer KEY`:",
+            self.path.display()
+        )?;
+        for (role, key) in &self.keys {
+            writeln!(f, "  {:<8}  {key}", role.name())?;
+        }
+        Ok(())
+    }
+}
+
+/// Creates one key per role on first start (recorded in [`KEYS_FILE`]); later starts
+/// read the file.
+pub async fn ensure_keys(engine: &Engine) -> Result<DemoKeys> {
+    let path = engine.settings.data_dir.join(KEYS_FILE);
+    let failed = |what: &str, e: std::io::Error| {
+        crate::error::Error::Internal(anyhow::anyhow!("{what} {}: {e}", path.display()))
+    };
+    if path.exists() {
+        let text = std::fs::read_to_string(&path).map_err(|e| failed("reading", e))?;
+        let keys = text
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter_map(|(role, key)| Some((Role::parse("role", role).ok()?, key.to_owned())))
+            .collect();
+        return Ok(DemoKeys { path, keys });
+    }
+    let mut keys = Vec::new();
+    for role in Role::ALL {
+        let issued = engine
+            .keys
+            .create(role, Some(format!("demo {role}")), "name")
+            .await?;
+        keys.push((role, issued.key.expose().to_owned()));
+    }
+    let text: String = keys.iter().map(|(r, k)| format!("{r} {k}\n")).collect();
+    write_private(&path, &text).map_err(|e| failed("writing", e))?;
+    Ok(DemoKeys { path, keys })
+}
+
+/// Writes a file only its owner can read (on Unix).
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(text.as_bytes())
+}
+
 pub async fn ensure(engine: &Engine) -> Result<()> {
     if engine.stores.profiles.count().await? > 0 {
         tracing::info!("Demo world already present");

@@ -4,6 +4,7 @@
 //! - [`config`]: compiled-in defaults → `tailor.toml` → `TAILOR_*` environment;
 //! - [`app`]: builds the [`app::Engine`] from settings and serves it;
 //! - [`api`]: GraphQL and REST, the only module that knows the wire formats;
+//! - [`auth`]: API keys (hashed) and the roles each API field and route is open to;
 //! - [`customers`], [`events`], [`features`], [`segments`], [`content`], [`decision`],
 //!   [`bandit`], [`experiments`]: the domain, pure logic over the storage traits;
 //! - [`expressions`]: Rhai formulas of derived features and predicates of segments;
@@ -18,6 +19,7 @@
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod bandit;
 pub mod config;
 pub mod content;

@@ -60,6 +60,12 @@ enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
+    /// API keys: create, list, revoke. Works on a data directory that no server has open
+    /// (a running server: the GraphQL mutations createApiKey, revokeApiKey).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Off-policy evaluation: estimate what a policy would have earned on the decision
     /// log (or on bandit data logged elsewhere, as JSONL) and print it as JSON.
     Ope {
@@ -485,6 +491,114 @@ async fn model_command(command: ModelCommand) -> anyhow::Result<()> {
 }
 
 #[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key and print it on standard output; it is shown only this once.
+    Create {
+        /// frontend, marketer, admin or internal.
+        #[arg(long, value_parser = parse_role)]
+        role: tailor::auth::Role,
+        /// A name to recognise the key by (1–64 characters).
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        store: Store,
+    },
+    /// List the keys: id, role, created, revoked, name (never the secret).
+    List {
+        #[command(flatten)]
+        store: Store,
+    },
+    /// Revoke key ID; it never works again.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        store: Store,
+    },
+}
+
+fn parse_role(raw: &str) -> Result<tailor::auth::Role, String> {
+    tailor::auth::Role::parse("role", raw).map_err(|e| match e {
+        tailor::error::Error::Invalid { message, .. } => message,
+        e => e.to_string(),
+    })
+}
+
+/// The key service on the data directory's store alone, or a clear error when a server
+/// holds it.
+fn open_keys(store: Store) -> anyhow::Result<tailor::auth::KeyService> {
+    let mut settings = Settings::load(store.config.as_deref())?;
+    if let Some(dir) = store.data_dir {
+        settings.data_dir = dir;
+    }
+    let dir = settings.data_dir;
+    let embedded = tailor::storage::embedded::EmbeddedStore::open(&dir).map_err(|e| {
+        if format!("{e:#}").contains("already open") {
+            anyhow::anyhow!(
+                "the data directory {} is in use by a running server; use the GraphQL \
+                 mutations (createApiKey, revokeApiKey) on that server instead",
+                dir.display()
+            )
+        } else {
+            e.context(format!(
+                "Failed to open the data directory {}",
+                dir.display()
+            ))
+        }
+    })?;
+    Ok(tailor::auth::KeyService::new(embedded.stores().keys))
+}
+
+async fn keys_command(command: KeysCommand) -> anyhow::Result<()> {
+    let time = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    match command {
+        KeysCommand::Create { role, name, store } => {
+            let issued = open_keys(store)?
+                .create(role, name, "--name")
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("{}", issued.key.expose());
+            eprintln!(
+                "created API key {} (role {role}); it is shown only this once: send it as \
+                 `Authorization: Bearer KEY`",
+                issued.record.id
+            );
+        }
+        KeysCommand::List { store } => {
+            let keys = open_keys(store)?
+                .list()
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!(
+                "{:<16}  {:<8}  {:<20}  {:<20}  name",
+                "id", "role", "created", "revoked"
+            );
+            for k in keys {
+                println!(
+                    "{:<16}  {:<8}  {:<20}  {:<20}  {}",
+                    k.id,
+                    k.role,
+                    time(k.created_at),
+                    k.revoked_at.map(time).unwrap_or_else(|| "-".into()),
+                    k.name.unwrap_or_default()
+                );
+            }
+        }
+        KeysCommand::Revoke { id, store } => {
+            let record = open_keys(store)?
+                .revoke("ID", &id)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let at = record.revoked_at.map(time).unwrap_or_default();
+            println!(
+                "revoked API key {} (role {}) at {at}",
+                record.id, record.role
+            );
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
 enum RulesCommand {
     /// Compile every rule in DIR; exits non-zero with file:line:col for each error.
     Check {
@@ -529,6 +643,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Model { command } => model_command(command).await,
+        Command::Keys { command } => keys_command(command).await,
         Command::Ope {
             policy,
             model_version,
@@ -699,6 +814,12 @@ async fn main() -> anyhow::Result<()> {
                 tailor::demo::ensure(&engine)
                     .await
                     .context("Failed to build the demo world")?;
+                if engine.settings.auth.enabled {
+                    let keys = tailor::demo::ensure_keys(&engine)
+                        .await
+                        .context("Failed to create the demo's API keys")?;
+                    println!("{keys}");
+                }
             }
             let served = serve_role(engine, role, listener, shutdown_signal()).await;
             background.stop().await;

@@ -1,6 +1,7 @@
 //! `tailor bench` against a real HTTP server on a free port: the open loop sends what it
 //! offers and measures it, the closed loop finds a throughput, and failed requests are
-//! counted as errors with their reason.
+//! counted as errors with their reason. Requests carry the test app's admin key
+//! (`TAILOR_API_KEY`); without one every request is refused and counted.
 
 mod common;
 
@@ -22,14 +23,20 @@ async fn serve(app: &TestApp) -> String {
     url
 }
 
-/// Runs `tailor bench` with `args` (off the async executor) and parses its JSON.
-async fn bench(args: Vec<String>) -> Value {
+/// Runs `tailor bench` with `args` and the app's admin key and parses its JSON.
+async fn bench(app: &TestApp, args: Vec<String>) -> Value {
+    bench_as(app.admin_key.clone(), args).await
+}
+
+/// Runs `tailor bench` with `args` and `key` (off the async executor) and parses its JSON.
+async fn bench_as(key: Option<String>, args: Vec<String>) -> Value {
     let output = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_tailor"))
-            .arg("bench")
-            .args(args)
-            .output()
-            .unwrap()
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tailor"));
+        command.arg("bench").args(args).env_remove("TAILOR_API_KEY");
+        if let Some(key) = key {
+            command.env("TAILOR_API_KEY", key);
+        }
+        command.output().unwrap()
     })
     .await
     .unwrap();
@@ -53,20 +60,23 @@ async fn open_and_closed_loops_measure_a_real_server_and_count_errors() {
     app.upsert_content("hero-2", "homepage_hero", 1, &[]).await;
     let url = serve(&app).await;
 
-    let open = bench(args(&[
-        "--url",
-        &url,
-        "--workload",
-        "personalize",
-        "--rate",
-        "100",
-        "--duration",
-        "1s",
-        "--customers",
-        "50",
-        "--dist",
-        "zipf",
-    ]))
+    let open = bench(
+        &app,
+        args(&[
+            "--url",
+            &url,
+            "--workload",
+            "personalize",
+            "--rate",
+            "100",
+            "--duration",
+            "1s",
+            "--customers",
+            "50",
+            "--dist",
+            "zipf",
+        ]),
+    )
     .await;
     assert_eq!(open["mode"], "open", "{open:#}");
     assert_eq!(open["offered_rps"], 100.0);
@@ -106,22 +116,25 @@ async fn open_and_closed_loops_measure_a_real_server_and_count_errors() {
         assert!(metrics.contains(&count), "{count}: {metrics}");
     }
 
-    let events = bench(args(&[
-        "--url",
-        &url,
-        "--workload",
-        "events",
-        "--rate",
-        "0",
-        "--duration",
-        "500ms",
-        "--concurrency",
-        "2",
-        "--events-per-request",
-        "10",
-        "--customers",
-        "20",
-    ]))
+    let events = bench(
+        &app,
+        args(&[
+            "--url",
+            &url,
+            "--workload",
+            "events",
+            "--rate",
+            "0",
+            "--duration",
+            "500ms",
+            "--concurrency",
+            "2",
+            "--events-per-request",
+            "10",
+            "--customers",
+            "20",
+        ]),
+    )
     .await;
     assert_eq!(events["mode"], "closed", "{events:#}");
     assert_eq!(events["errors"], 0, "{events:#}");
@@ -134,33 +147,54 @@ async fn open_and_closed_loops_measure_a_real_server_and_count_errors() {
         "{events:#}"
     );
 
-    let features = bench(args(&[
-        "--url",
-        &url,
-        "--workload",
-        "features",
-        "--rate",
-        "50",
-        "--duration",
-        "500ms",
-        "--dist",
-        "uniform",
-        "--customers",
-        "20",
-    ]))
+    let features = bench(
+        &app,
+        args(&[
+            "--url",
+            &url,
+            "--workload",
+            "features",
+            "--rate",
+            "50",
+            "--duration",
+            "500ms",
+            "--dist",
+            "uniform",
+            "--customers",
+            "20",
+        ]),
+    )
     .await;
     assert_eq!(features["errors"], 0, "{features:#}");
     assert_eq!(features["requests"], 25, "{features:#}");
 
+    // Without a key every request is refused, and counted.
+    let refused = bench_as(
+        None,
+        args(&["--url", &url, "--rate", "20", "--duration", "500ms"]),
+    )
+    .await;
+    assert_eq!(refused["errors"], refused["requests"], "{refused:#}");
+    assert!(
+        refused["error_samples"][0]
+            .as_str()
+            .unwrap()
+            .contains("UNAUTHENTICATED"),
+        "{refused:#}"
+    );
+
     // A wrong path: every request fails, and says why.
-    let wrong = bench(args(&[
-        "--url",
-        &format!("{url}/nope"),
-        "--rate",
-        "20",
-        "--duration",
-        "500ms",
-    ]))
+    let wrong = bench(
+        &app,
+        args(&[
+            "--url",
+            &format!("{url}/nope"),
+            "--rate",
+            "20",
+            "--duration",
+            "500ms",
+        ]),
+    )
     .await;
     assert_eq!(wrong["requests"], 10, "{wrong:#}");
     assert_eq!(wrong["errors"], 10, "{wrong:#}");

@@ -345,3 +345,97 @@ fn simulate_refuses_bad_flags_by_name() {
         "{stderr}"
     );
 }
+
+/// `tailor keys create|list|revoke` on a data directory: the key is printed once, works
+/// against the engine, is listed without its secret, and stops working once revoked.
+#[test]
+fn keys_commands_create_list_and_revoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let run = |args: &[&str]| {
+        let out = tailor()
+            .arg("keys")
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .expect("tailor runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, stderr) = run(&["create", "--role", "marketer", "--name", "campaigns"]);
+    assert!(ok, "{stderr}");
+    let key = stdout.trim().to_owned();
+    assert!(
+        key.starts_with("tk_") && key.len() == 3 + 16 + 1 + 64,
+        "{stdout}"
+    );
+    let id = &key[3..19];
+    assert!(
+        stderr.contains(id) && stderr.contains("only this once"),
+        "{stderr}"
+    );
+    let (ok, second, _) = run(&["create", "--role", "frontend"]);
+    assert!(ok && second.trim() != key);
+
+    let (ok, stdout, _) = run(&["list"]);
+    assert!(ok, "{stdout}");
+    let line = stdout.lines().find(|l| l.starts_with(id)).expect("listed");
+    assert!(
+        line.contains("marketer") && line.ends_with("campaigns") && line.contains(" - "),
+        "{line}"
+    );
+    assert_eq!(stdout.lines().count(), 3, "a header and two keys: {stdout}");
+    assert!(
+        !stdout.contains(&key[20..]),
+        "no secret is listed: {stdout}"
+    );
+
+    // The key verifies against the same store.
+    let verify = |key: &str| {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let store = tailor::storage::embedded::EmbeddedStore::open(&data).unwrap();
+            let keys = tailor::auth::KeyService::new(store.stores().keys);
+            keys.verify(key).await.unwrap()
+        })
+    };
+    assert_eq!(verify(&key).unwrap().role, tailor::auth::Role::Marketer);
+
+    let (ok, stdout, stderr) = run(&["revoke", id]);
+    assert!(
+        ok && stdout.starts_with(&format!("revoked API key {id}")),
+        "{stderr}"
+    );
+    assert_eq!(verify(&key), Err("revoked API key"));
+    let (_, stdout, _) = run(&["list"]);
+    let line = stdout.lines().find(|l| l.starts_with(id)).unwrap();
+    assert!(
+        !line.contains(" - "),
+        "the revocation time is listed: {line}"
+    );
+
+    // Bad input names its argument.
+    let (ok, _, stderr) = run(&["create", "--role", "root"]);
+    assert!(
+        !ok && stderr.contains("--role") && stderr.contains("unknown role 'root'"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = run(&["create", "--role", "admin", "--name", &"x".repeat(65)]);
+    assert!(
+        !ok && stderr.contains("--name: must be 1 to 64"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = run(&["revoke", "nope"]);
+    assert!(
+        !ok && stderr.contains("ID: unknown API key 'nope'"),
+        "{stderr}"
+    );
+
+    let _held = tailor::storage::embedded::EmbeddedStore::open(&data).unwrap();
+    let (ok, _, stderr) = run(&["list"]);
+    assert!(!ok && stderr.contains("createApiKey"), "{stderr}");
+}

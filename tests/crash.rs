@@ -83,8 +83,22 @@ async fn acknowledged_events_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
+    // A key from the command line, before the server holds the data directory.
+    let created = Command::new(env!("CARGO_BIN_EXE_tailor"))
+        .args(["keys", "create", "--role", "admin", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .expect("tailor runs");
+    assert!(created.status.success(), "{created:?}");
+    let key = String::from_utf8(created.stdout).unwrap().trim().to_owned();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {key}").parse().unwrap(),
+    );
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
+        .default_headers(headers)
         .build()
         .unwrap();
     let mut server = start(dir.path(), port);

@@ -9,7 +9,12 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-async fn call(app: &TestApp, req: Request<Body>) -> (StatusCode, String) {
+/// Sends `req` with the app's admin key unless it carries an `Authorization` header.
+async fn call(app: &TestApp, mut req: Request<Body>) -> (StatusCode, String) {
+    if app.admin_key.is_some() && !req.headers().contains_key(header::AUTHORIZATION) {
+        let value = app.admin_bearer().parse().expect("header value");
+        req.headers_mut().insert(header::AUTHORIZATION, value);
+    }
     let router = tailor::api::router(app.engine.clone());
     let resp = router.oneshot(req).await.expect("infallible");
     let status = resp.status();

@@ -16,6 +16,9 @@ RUST_LOG=warn target/release/tailor serve --demo --data-dir "$dir" --listen 127.
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$dir"' EXIT
 until curl -sf 127.0.0.1:$port/readyz >/dev/null; do sleep 0.5; done
+# The demo's admin key (written on first start, before the server listens).
+TAILOR_API_KEY=$(awk '$1 == "admin" {print $2}' "$dir/demo-keys.txt")
+export TAILOR_API_KEY
 bench() { target/release/tailor bench --url http://127.0.0.1:$port --dist uniform "$@"; }
 # Warm up (caches, connections, the allocator) and discard.
 bench --workload personalize --rate 0 --concurrency 16 --duration 3s >/dev/null

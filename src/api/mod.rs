@@ -1,6 +1,13 @@
 //! The API: GraphQL (`/graphql`, GraphiQL on GET, subscriptions over WebSocket on
 //! `/graphql` and `/graphql/ws`) and the REST routes. The only module that knows axum,
 //! async-graphql and the wire formats.
+//!
+//! Authentication: every GraphQL request carries the [`Caller`] found from its
+//! `Authorization: Bearer KEY` header (a WebSocket: from the `connection_init` payload's
+//! `Authorization`, else the upgrade request's header), and each field's guard checks it
+//! (`graphql::auth`); each REST route checks it in [`rest::authorize`]. Open without a
+//! key: `/healthz`, `/readyz`, `/metrics` (numbers with bounded labels, no customer data,
+//! for scrapers) and the GraphiQL page (static; its requests need a key like any other).
 
 pub mod graphql;
 pub mod rest;
@@ -9,20 +16,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_graphql::http::GraphiQLSource;
-use async_graphql_axum::{GraphQLResponse, GraphQLSubscription};
-use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, StatusCode};
+use async_graphql::http::ALL_WEBSOCKET_PROTOCOLS;
+use async_graphql_axum::{GraphQLProtocol, GraphQLResponse, GraphQLWebSocket};
+use axum::body::Bytes;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::from_fn_with_state;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use tower::ServiceExt;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::app::Engine;
+use crate::auth::{Caller, Role};
 use graphql::TailorSchema;
+use rest::{authorize, RouteAccess};
 
 #[derive(Clone)]
 struct ApiState {
@@ -40,6 +51,19 @@ impl axum::extract::FromRef<ApiState> for Arc<Engine> {
 pub fn router(engine: Arc<Engine>) -> Router {
     let limits = engine.settings.limits.clone();
     let timeout = Duration::from_millis(engine.settings.timeouts.request_ms);
+    // The roles each REST route is open to, besides admin.
+    let access = |roles: &'static [Role]| {
+        from_fn_with_state(
+            RouteAccess {
+                engine: engine.clone(),
+                roles,
+            },
+            authorize,
+        )
+    };
+    let personalize = post(rest::personalize).layer(access(&[Role::Frontend]));
+    let events = post(rest::events).layer(access(&[Role::Frontend]));
+    let content = get(rest::content).layer(access(&[Role::Frontend, Role::Marketer]));
     let state = ApiState {
         schema: graphql::schema(engine.clone()),
         engine,
@@ -47,9 +71,9 @@ pub fn router(engine: Arc<Engine>) -> Router {
     Router::new()
         .route("/graphql", get(graphql_get).post(graphql_post))
         .route("/graphql/ws", get(graphql_ws))
-        .route("/api/v1/personalize", post(rest::personalize))
-        .route("/api/v1/events", post(rest::events))
-        .route("/api/v2/content/personalized", get(rest::content))
+        .route("/api/v1/personalize", personalize)
+        .route("/api/v1/events", events)
+        .route("/api/v2/content/personalized", content)
         .route("/metrics", get(rest::metrics))
         .route("/healthz", get(rest::healthz))
         .route("/readyz", get(rest::readyz))
@@ -65,6 +89,21 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .layer(TraceLayer::new_for_http())
 }
 
+/// The caller of a request with this `Authorization` value; `None` while authentication
+/// is switched off (every field is open then).
+async fn caller(engine: &Engine, authorization: Option<&str>) -> Option<Caller> {
+    if !engine.settings.auth.enabled {
+        return None;
+    }
+    Some(engine.keys.caller(authorization).await)
+}
+
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+}
+
 /// The operations routes alone (`/metrics`, `/healthz`, `/readyz`): what a worker serves.
 pub fn ops_router(engine: Arc<Engine>) -> Router {
     Router::new()
@@ -76,10 +115,15 @@ pub fn ops_router(engine: Arc<Engine>) -> Router {
 }
 
 /// The body is read with axum's limit (413 past it, before any parsing), then parsed
-/// as a single or batched GraphQL request.
-async fn graphql_post(State(state): State<ApiState>, body: Bytes) -> Response {
+/// as a single or batched GraphQL request, which carries the caller for the guards.
+async fn graphql_post(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
     match serde_json::from_slice::<async_graphql::BatchRequest>(&body) {
-        Ok(batch) => GraphQLResponse::from(state.schema.execute_batch(batch).await).into_response(),
+        Ok(mut batch) => {
+            if let Some(caller) = caller(&state.engine, authorization(&headers)).await {
+                batch = batch.data(caller);
+            }
+            GraphQLResponse::from(state.schema.execute_batch(batch).await).into_response()
+        }
         Err(e) => (
             StatusCode::BAD_REQUEST,
             axum::Json(serde_json::json!({
@@ -108,9 +152,47 @@ async fn graphql_get(State(state): State<ApiState>, req: Request) -> Response {
     .into_response()
 }
 
+/// Subscriptions over WebSocket (`graphql-transport-ws` or `graphql-ws`). The key comes
+/// in the `connection_init` payload (`{"Authorization": "Bearer KEY"}`; browsers cannot
+/// set headers on a WebSocket), else from the upgrade request's header. A missing or
+/// invalid key refuses the connection; each subscription's guard checks the role.
 async fn graphql_ws(State(state): State<ApiState>, req: Request) -> Response {
-    match GraphQLSubscription::new(state.schema).oneshot(req).await {
-        Ok(resp) => resp.map(Body::new),
-        Err(never) => match never {},
-    }
+    let (mut parts, _body) = req.into_parts();
+    let protocol = match GraphQLProtocol::from_request_parts(&mut parts, &()).await {
+        Ok(protocol) => protocol,
+        Err(e) => return e.into_response(),
+    };
+    let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(upgrade) => upgrade,
+        Err(e) => return e.into_response(),
+    };
+    let header = authorization(&parts.headers).map(str::to_owned);
+    let (engine, schema) = (state.engine, state.schema);
+    upgrade
+        .protocols(ALL_WEBSOCKET_PROTOCOLS)
+        .on_upgrade(move |stream| {
+            GraphQLWebSocket::new(stream, schema, protocol)
+                .on_connection_init(move |payload| async move {
+                    let from_payload = ["Authorization", "authorization"]
+                        .iter()
+                        .find_map(|k| payload.get(*k).and_then(|v| v.as_str()))
+                        .map(str::to_owned);
+                    let mut data = async_graphql::Data::default();
+                    let Some(caller) = caller(&engine, from_payload.or(header).as_deref()).await
+                    else {
+                        return Ok(data);
+                    };
+                    if let Caller::Key(_) = caller {
+                        data.insert(caller);
+                        return Ok(data);
+                    }
+                    // Any role will do here; the subscription's guard checks its own.
+                    match caller.check(true, &Role::ALL) {
+                        Ok(()) => Ok(data),
+                        Err(denied) => Err(graphql::error::denied(denied)),
+                    }
+                })
+                .serve()
+        })
+        .into_response()
 }

@@ -24,9 +24,10 @@ use serde_json::{json, Map};
 
 use super::{
     AppendOutcome, BanditStore, ContentStore, DecisionStore, DefinitionKind, DefinitionStore,
-    EventLog, ExperimentStore, FeatureStore, MembershipChange, ProfileStore, SegmentStore,
-    StorageResult,
+    EventLog, ExperimentStore, FeatureStore, KeyStore, MembershipChange, ProfileStore,
+    SegmentStore, StorageResult,
 };
+use crate::auth::{KeyRecord, Role};
 use crate::bandit::linear::LinearStats;
 use crate::bandit::ArmStats;
 use crate::content::ContentItem;
@@ -1983,6 +1984,110 @@ pub async fn definitions(store: &dyn DefinitionStore, prefix: &str) {
     assert_eq!(
         ok("active after re-put", store.active(kind, &n).await),
         None
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// API keys
+// ---------------------------------------------------------------------------------------
+
+/// A key record (a hash, never a secret) with every field set, varying with `n`.
+pub fn sample_key(id: &str, n: u8) -> KeyRecord {
+    KeyRecord {
+        id: id.to_owned(),
+        name: Some(format!("key {n} \u{e9}")),
+        role: Role::ALL[usize::from(n) % Role::ALL.len()],
+        secret_sha256: format!("{n:02x}").repeat(32),
+        created_at: base_time() + Duration::seconds(i64::from(n)),
+        revoked_at: None,
+    }
+}
+
+/// [`KeyStore`]: unknown ids, insert refusing an existing id without writing, get and
+/// list ascending by (byte) id, revoke setting the time once and only on its key.
+pub async fn keys(store: &dyn KeyStore, prefix: &str) {
+    let id = |suffix: &str| format!("{prefix}{suffix}");
+    let ours = |keys: Vec<KeyRecord>| -> Vec<KeyRecord> {
+        keys.into_iter()
+            .filter(|k| k.id.starts_with(prefix))
+            .collect()
+    };
+    assert_eq!(ok("get missing", store.get(&id("missing")).await), None);
+    assert_eq!(
+        ok(
+            "revoke missing",
+            store.revoke(&id("missing"), base_time()).await
+        ),
+        None,
+        "revoking an unknown id returns None"
+    );
+    assert!(
+        ours(ok("list", store.list().await)).is_empty(),
+        "the prefix {prefix:?} is not fresh"
+    );
+
+    let mut expected = BTreeMap::new();
+    for (n, suffix) in TRICKY_SUFFIXES.iter().enumerate() {
+        let key = sample_key(&id(suffix), n as u8);
+        assert!(
+            ok("insert", store.insert(&key).await),
+            "a new id is inserted"
+        );
+        expected.insert(key.id.clone(), key);
+    }
+    for key in expected.values() {
+        assert_eq!(ok("get", store.get(&key.id).await).as_ref(), Some(key));
+    }
+    let a = expected[&id("a")].clone();
+    let mut impostor = sample_key(&a.id, 200);
+    impostor.role = Role::Admin;
+    assert!(
+        !ok("insert existing", store.insert(&impostor).await),
+        "insert of an existing id returns false"
+    );
+    assert_eq!(
+        ok("get after refused insert", store.get(&a.id).await),
+        Some(a.clone()),
+        "a refused insert must not change the stored key"
+    );
+    assert_eq!(
+        ours(ok("list", store.list().await)),
+        expected.values().cloned().collect::<Vec<_>>(),
+        "list must return every key in ascending (byte) id order"
+    );
+
+    let first = base_time() + Duration::days(1);
+    let revoked = ok("revoke", store.revoke(&a.id, first).await);
+    let mut want = a.clone();
+    want.revoked_at = Some(first);
+    assert_eq!(
+        revoked.as_ref(),
+        Some(&want),
+        "revoke returns the revoked record"
+    );
+    assert_eq!(
+        ok("get revoked", store.get(&a.id).await),
+        Some(want.clone())
+    );
+    assert_eq!(
+        ok(
+            "revoke again",
+            store.revoke(&a.id, first + Duration::days(1)).await
+        ),
+        Some(want.clone()),
+        "a second revoke keeps the first time"
+    );
+    let b = &expected[&id("b")];
+    assert_eq!(
+        ok("get other", store.get(&b.id).await).as_ref(),
+        Some(b),
+        "revoke touches only its key"
+    );
+    expected.insert(want.id.clone(), want);
+    assert_eq!(
+        ours(ok("list", store.list().await)),
+        expected.values().cloned().collect::<Vec<_>>(),
+        "revoked keys stay listed"
     );
 }
 

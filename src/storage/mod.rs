@@ -30,6 +30,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::auth::KeyRecord;
 use crate::bandit::linear::LinearStats;
 use crate::bandit::ArmStats;
 use crate::config::Backends;
@@ -313,6 +314,20 @@ pub trait DefinitionStore: Send + Sync {
     async fn active(&self, kind: DefinitionKind, name: &str) -> StorageResult<Option<u32>>;
 }
 
+/// API keys (hashes only: a [`KeyRecord`] holds no secret), by their public id.
+#[async_trait]
+pub trait KeyStore: Send + Sync {
+    /// Stores a new key. `false`: a key with this id exists (nothing was written).
+    async fn insert(&self, key: &KeyRecord) -> StorageResult<bool>;
+    /// `None`: no key with this id.
+    async fn get(&self, id: &str) -> StorageResult<Option<KeyRecord>>;
+    /// Every key, revoked ones included, ascending by id.
+    async fn list(&self) -> StorageResult<Vec<KeyRecord>>;
+    /// Sets `revoked_at` to `at` unless it is already set (the first revocation time
+    /// stays), atomically, and returns the record as stored; `None`: no such key.
+    async fn revoke(&self, id: &str, at: DateTime<Utc>) -> StorageResult<Option<KeyRecord>>;
+}
+
 /// Every capability, each on the backend the configuration chose.
 #[derive(Clone)]
 pub struct Stores {
@@ -325,6 +340,7 @@ pub struct Stores {
     pub bandit: Arc<dyn BanditStore>,
     pub definitions: Arc<dyn DefinitionStore>,
     pub experiments: Arc<dyn ExperimentStore>,
+    pub keys: Arc<dyn KeyStore>,
 }
 
 /// Where a stream consumer hands the events it received. `apply` returns once they are

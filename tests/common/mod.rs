@@ -1,5 +1,9 @@
 //! Shared helpers for the behaviour tests: an engine on a fresh data directory, the
 //! schema executed in-process, and the HTTP app.
+//!
+//! Authentication is on, as by default: the app creates an admin key through the engine's
+//! key service and sends it with every request unless a test sends another (`exec_as`);
+//! a test that needs authentication off says so with `settings.auth.enabled = false`.
 #![allow(dead_code)]
 
 use std::sync::Arc;
@@ -7,12 +11,15 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 use tailor::api::graphql::{schema, TailorSchema};
 use tailor::app::Engine;
+use tailor::auth::Role;
 use tailor::config::Settings;
 
 pub struct TestApp {
     pub engine: Arc<Engine>,
     pub schema: TailorSchema,
     pub dir: tempfile::TempDir,
+    /// An admin key, sent by default (`None` while authentication is off).
+    pub admin_key: Option<String>,
     stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -34,12 +41,44 @@ impl TestApp {
         let engine = Engine::open(settings).await.expect("engine opens");
         let (stop, rx) = tokio::sync::watch::channel(false);
         engine.spawn_background(rx);
+        let admin_key = if engine.settings.auth.enabled {
+            Some(create_key(&engine, Role::Admin).await)
+        } else {
+            None
+        };
         TestApp {
             schema: schema(engine.clone()),
             engine,
             dir,
+            admin_key,
             stop,
         }
+    }
+
+    /// A new key for `role`.
+    pub async fn key(&self, role: Role) -> String {
+        create_key(&self.engine, role).await
+    }
+
+    /// `Authorization` header value of the admin key (empty while authentication is off).
+    pub fn admin_bearer(&self) -> String {
+        self.admin_key
+            .as_ref()
+            .map(|k| format!("Bearer {k}"))
+            .unwrap_or_default()
+    }
+
+    /// Executes a GraphQL request as the holder of `key` (`None`: no key at all) and
+    /// returns the whole response.
+    pub async fn exec_as(&self, key: Option<&str>, query: &str, variables: Value) -> Value {
+        let mut request = async_graphql::Request::new(query)
+            .variables(async_graphql::Variables::from_json(variables));
+        if self.engine.settings.auth.enabled {
+            let header = key.map(|k| format!("Bearer {k}"));
+            request = request.data(self.engine.keys.caller(header.as_deref()).await);
+        }
+        let resp = self.schema.execute(request).await;
+        serde_json::to_value(&resp).expect("response serialises")
     }
 
     /// Executes a GraphQL request and returns `data`, failing on any error.
@@ -51,10 +90,8 @@ impl TestApp {
 
     /// Executes a GraphQL request and returns the whole response (`data`, `errors`).
     pub async fn exec(&self, query: &str, variables: Value) -> Value {
-        let request = async_graphql::Request::new(query)
-            .variables(async_graphql::Variables::from_json(variables));
-        let resp = self.schema.execute(request).await;
-        serde_json::to_value(&resp).expect("response serialises")
+        self.exec_as(self.admin_key.as_deref(), query, variables)
+            .await
     }
 
     pub async fn upsert_content(
@@ -96,6 +133,18 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
     }
+}
+
+/// A new key for `role` from the engine's key service.
+pub async fn create_key(engine: &Engine, role: Role) -> String {
+    engine
+        .keys
+        .create(role, Some(format!("test {role}")), "name")
+        .await
+        .expect("key created")
+        .key
+        .expose()
+        .to_owned()
 }
 
 /// The first error's `extensions.code` and message.

@@ -3,6 +3,7 @@
 
 use async_graphql::ErrorExtensions;
 
+use crate::auth::Denied;
 use crate::error::Error;
 
 pub fn gql(error: Error) -> async_graphql::Error {
@@ -41,6 +42,17 @@ pub fn gql(error: Error) -> async_graphql::Error {
             })
         }
     }
+}
+
+/// A caller turned away: `UNAUTHENTICATED` (no, malformed, unknown or revoked key) or
+/// `FORBIDDEN` (the key's role may not use the field).
+pub fn denied(d: Denied) -> async_graphql::Error {
+    let code = match &d {
+        Denied::Unauthenticated(_) => "UNAUTHENTICATED",
+        Denied::Forbidden { .. } => "FORBIDDEN",
+        Denied::Unverified(_) => "INTERNAL",
+    };
+    async_graphql::Error::new(d.message()).extend_with(|_, e| e.set("code", code))
 }
 
 /// `Result` of a resolver.

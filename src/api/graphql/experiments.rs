@@ -4,6 +4,7 @@
 use async_graphql::{Context, Enum, InputObject, Object, SimpleObject};
 use chrono::{DateTime, Utc};
 
+use super::auth::Allow;
 use super::engine;
 use super::error::{gql, GqlResult};
 use crate::experiments::definition::VariantInput as DomainVariantInput;
@@ -306,6 +307,7 @@ pub struct ExperimentQuery;
 
 #[Object]
 impl ExperimentQuery {
+    #[graphql(guard = "Allow::MARKETER")]
     async fn experiment(
         &self,
         ctx: &Context<'_>,
@@ -316,6 +318,7 @@ impl ExperimentQuery {
     }
 
     /// Every experiment, by key.
+    #[graphql(guard = "Allow::MARKETER")]
     async fn experiments(&self, ctx: &Context<'_>) -> GqlResult<Vec<ExperimentObject>> {
         let list = engine(ctx).experiments.list().await.map_err(gql)?;
         Ok(list.into_iter().map(ExperimentObject).collect())
@@ -323,6 +326,7 @@ impl ExperimentQuery {
 
     /// Per-variant exposures, conversions and value, each treatment against the control,
     /// and the sample-ratio-mismatch check. Null for an unknown key.
+    #[graphql(guard = "Allow::MARKETER")]
     async fn experiment_results(
         &self,
         ctx: &Context<'_>,
@@ -339,6 +343,7 @@ pub struct ExperimentMutation;
 #[Object]
 impl ExperimentMutation {
     /// Creates an experiment as a draft; `setExperimentStatus(key, RUNNING)` starts it.
+    #[graphql(guard = "Allow::MARKETER")]
     async fn create_experiment(
         &self,
         ctx: &Context<'_>,
@@ -355,6 +360,7 @@ impl ExperimentMutation {
     }
 
     /// DRAFT → RUNNING → STOPPED (STOPPED is final; DRAFT may stop directly).
+    #[graphql(guard = "Allow::MARKETER")]
     async fn set_experiment_status(
         &self,
         ctx: &Context<'_>,

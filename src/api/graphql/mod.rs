@@ -1,6 +1,9 @@
 //! The GraphQL schema, built without the web framework so tests can execute it
-//! in-process.
+//! in-process. Every Query, Mutation and Subscription field carries an [`auth::Allow`]
+//! guard naming the roles it is open to; the caller is the [`crate::auth::Caller`] in the
+//! request's data (in-process callers attach one with `Request::data`).
 
+pub mod auth;
 pub mod error;
 pub mod experiments;
 pub mod models;

@@ -5,6 +5,7 @@ use async_graphql::{Context, Json, Object, SimpleObject};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
+use super::auth::Allow;
 use super::engine;
 use super::error::{gql, GqlResult};
 use crate::error::Error;
@@ -119,6 +120,7 @@ pub struct ModelQuery;
 #[Object]
 impl ModelQuery {
     /// Every model version, oldest first, with its validation metrics and pointers.
+    #[graphql(guard = "Allow::ADMIN")]
     async fn models(&self, ctx: &Context<'_>) -> GqlResult<Vec<ModelVersionObject>> {
         let versions = engine(ctx).models.versions().map_err(|e| gql(e.into()))?;
         Ok(versions.into_iter().map(Into::into).collect())
@@ -132,6 +134,7 @@ pub struct ModelMutation;
 impl ModelMutation {
     /// Trains a new version from the decision log (off the request executor) and returns
     /// it with its validation report; `activate` makes it serve at once.
+    #[graphql(guard = "Allow::ADMIN")]
     async fn train_model(
         &self,
         ctx: &Context<'_>,
@@ -171,6 +174,7 @@ impl ModelMutation {
     /// Makes `version` the active model, or with `shadow` runs it beside the active one
     /// (both scores logged, only the active one serves). Refused when the version reads
     /// features that are not live definitions.
+    #[graphql(guard = "Allow::ADMIN")]
     async fn activate_model(
         &self,
         ctx: &Context<'_>,
@@ -185,6 +189,7 @@ impl ModelMutation {
     }
 
     /// Returns to the version the active one replaced.
+    #[graphql(guard = "Allow::ADMIN")]
     async fn rollback_model(&self, ctx: &Context<'_>) -> GqlResult<ModelVersionObject> {
         let info = engine(ctx)
             .models

@@ -3,6 +3,7 @@
 use async_graphql::{Context, Json, MergedObject, Object, ID};
 use serde_json::{json, Value};
 
+use super::auth::Allow;
 use super::engine;
 use super::error::{gql, GqlResult};
 use super::types::*;
@@ -17,6 +18,7 @@ pub struct IngestMutation;
 impl IngestMutation {
     /// Ingests events idempotently on `eventId`; invalid events are reported by index
     /// and field and do not stop the others. Returns once accepted events are durable.
+    #[graphql(guard = "Allow::FRONTEND")]
     async fn track_events(
         &self,
         ctx: &Context<'_>,
@@ -39,6 +41,7 @@ impl IngestMutation {
     }
 
     /// Creates or updates a customer: traits merge key by key (`null` removes a key).
+    #[graphql(guard = "Allow::ADMIN")]
     async fn upsert_customer(
         &self,
         ctx: &Context<'_>,
@@ -62,6 +65,7 @@ impl IngestMutation {
     }
 
     /// Reward feedback on a decision: updates the policy and the conversion metrics.
+    #[graphql(guard = "Allow::FRONTEND_INTERNAL")]
     async fn record_outcome(
         &self,
         ctx: &Context<'_>,
@@ -95,6 +99,7 @@ impl DefinitionMutation {
     /// float) and `customer.event_count("page_view", "7d")` (an integer). A predicate must
     /// compile (errors give line and column) and the features it names must exist; one
     /// that fails for a customer at run time keeps that customer out.
+    #[graphql(guard = "Allow::MARKETER")]
     async fn define_segment(
         &self,
         ctx: &Context<'_>,
@@ -114,6 +119,7 @@ impl DefinitionMutation {
         })
     }
 
+    #[graphql(guard = "Allow::MARKETER")]
     async fn delete_segment(&self, ctx: &Context<'_>, name: String) -> GqlResult<bool> {
         engine(ctx).segments.delete(&name).await.map_err(gql)
     }
@@ -130,6 +136,7 @@ impl DefinitionMutation {
     /// `min(1.0, email_opens_30d / 5.0)`. An expression must compile (errors give line and
     /// column) and read only existing features; a result that is not a finite number
     /// reads as the default and counts as an error in the version's health.
+    #[graphql(guard = "Allow::ADMIN")]
     async fn define_feature(
         &self,
         ctx: &Context<'_>,
@@ -146,6 +153,7 @@ impl DefinitionMutation {
 
     /// Switches a feature to a version (also how a rollback is done). A version whose
     /// health check fails is rolled back at once, and the rollback is recorded.
+    #[graphql(guard = "Allow::ADMIN")]
     async fn activate_feature_version(
         &self,
         ctx: &Context<'_>,
@@ -166,6 +174,7 @@ impl DefinitionMutation {
         })
     }
 
+    #[graphql(guard = "Allow::MARKETER")]
     async fn upsert_content(
         &self,
         ctx: &Context<'_>,
@@ -198,6 +207,7 @@ impl DefinitionMutation {
         Ok(ContentItemObject(item))
     }
 
+    #[graphql(guard = "Allow::MARKETER")]
     async fn delete_content(&self, ctx: &Context<'_>, id: ID) -> GqlResult<bool> {
         engine(ctx)
             .stores
@@ -215,4 +225,5 @@ pub struct Mutation(
     DefinitionMutation,
     super::rules::RuleMutation,
     super::models::ModelMutation,
+    super::auth::KeyMutation,
 );

@@ -2,6 +2,7 @@
 
 use async_graphql::{Context, InputObject, Object, SimpleObject};
 
+use super::auth::Allow;
 use super::engine;
 use super::error::{gql, GqlResult};
 use crate::error::Error;
@@ -116,6 +117,7 @@ impl OpeQuery {
     /// Estimates what `policy` would have earned on the decision log (IPS, self-normalised
     /// IPS, direct method and doubly robust, with 95% intervals and the effective sample
     /// size). Learning policies are replayed over the log in time order.
+    #[graphql(guard = "Allow::ADMIN")]
     async fn evaluate_policy(
         &self,
         ctx: &Context<'_>,

@@ -4,6 +4,7 @@ use async_graphql::connection::Connection;
 use async_graphql::{Context, MergedObject, Object, ID};
 use chrono::Utc;
 
+use super::auth::Allow;
 use super::engine;
 use super::error::{gql, GqlResult};
 use super::types::*;
@@ -34,6 +35,7 @@ pub fn personalize_request(input: PersonalizeInput) -> crate::error::Result<Pers
 #[Object]
 impl DecisionQuery {
     /// Decides which content this customer sees at this placement, and records why.
+    #[graphql(guard = "Allow::FRONTEND")]
     async fn personalize(
         &self,
         ctx: &Context<'_>,
@@ -45,6 +47,7 @@ impl DecisionQuery {
     }
 
     /// A decision made earlier, by id.
+    #[graphql(guard = "Allow::INTERNAL")]
     async fn decision(&self, ctx: &Context<'_>, id: ID) -> GqlResult<Option<DecisionObject>> {
         let d = engine(ctx)
             .stores
@@ -56,6 +59,7 @@ impl DecisionQuery {
     }
 
     /// Outcomes recorded for a decision, oldest first.
+    #[graphql(guard = "Allow::INTERNAL")]
     async fn outcomes(&self, ctx: &Context<'_>, decision_id: ID) -> GqlResult<Vec<OutcomeObject>> {
         let list = engine(ctx)
             .stores
@@ -72,6 +76,7 @@ pub struct CustomerQuery;
 
 #[Object]
 impl CustomerQuery {
+    #[graphql(guard = "Allow::MARKETER")]
     async fn customer(&self, ctx: &Context<'_>, id: ID) -> GqlResult<Option<CustomerObject>> {
         let id = CustomerId::parse("id", &id).map_err(gql)?;
         Ok(engine(ctx)
@@ -82,6 +87,7 @@ impl CustomerQuery {
     }
 
     /// Customers by id (all, or the members of `segment`), as a Relay connection.
+    #[graphql(guard = "Allow::MARKETER")]
     async fn customers(
         &self,
         ctx: &Context<'_>,
@@ -93,6 +99,7 @@ impl CustomerQuery {
     }
 
     /// Active feature values of a customer (all features when `names` is omitted).
+    #[graphql(guard = "Allow::MARKETER")]
     async fn features(
         &self,
         ctx: &Context<'_>,
@@ -109,6 +116,7 @@ impl CustomerQuery {
     }
 
     /// Every feature with all its versions and activation history.
+    #[graphql(guard = "Allow::MARKETER")]
     async fn feature_definitions(&self, ctx: &Context<'_>) -> Vec<FeatureDefinitionObject> {
         engine(ctx)
             .features
@@ -124,10 +132,12 @@ pub struct SegmentQuery;
 
 #[Object]
 impl SegmentQuery {
+    #[graphql(guard = "Allow::MARKETER")]
     async fn segment(&self, ctx: &Context<'_>, name: String) -> Option<SegmentObject> {
         engine(ctx).segments.get(&name).map(SegmentObject)
     }
 
+    #[graphql(guard = "Allow::MARKETER")]
     async fn segments(&self, ctx: &Context<'_>) -> Vec<SegmentObject> {
         engine(ctx)
             .segments
@@ -146,6 +156,7 @@ pub struct ContentQuery;
 impl ContentQuery {
     /// Active catalog items for a segment (targeting it or everyone) and type, highest
     /// priority first.
+    #[graphql(guard = "Allow::FRONTEND_MARKETER")]
     async fn content(
         &self,
         ctx: &Context<'_>,
@@ -163,6 +174,7 @@ impl ContentQuery {
         Ok(items.into_iter().map(ContentItemObject).collect())
     }
 
+    #[graphql(guard = "Allow::FRONTEND_MARKETER")]
     async fn content_item(
         &self,
         ctx: &Context<'_>,
@@ -188,4 +200,5 @@ pub struct Query(
     super::rules::RuleQuery,
     super::models::ModelQuery,
     super::ope::OpeQuery,
+    super::auth::KeyQuery,
 );

@@ -4,6 +4,7 @@
 use async_graphql::{Context, Object};
 use chrono::{DateTime, Utc};
 
+use super::auth::Allow;
 use super::engine;
 use super::error::{gql, GqlResult};
 use crate::rules::service::{RuleInfo, RuleVersion};
@@ -81,6 +82,7 @@ pub struct RuleQuery;
 #[Object]
 impl RuleQuery {
     /// Every active rule, in the order rules run (highest priority first).
+    #[graphql(guard = "Allow::MARKETER")]
     async fn rules(&self, ctx: &Context<'_>) -> Vec<RuleObject> {
         engine(ctx)
             .rules
@@ -90,6 +92,7 @@ impl RuleQuery {
             .collect()
     }
 
+    #[graphql(guard = "Allow::MARKETER")]
     async fn rule(&self, ctx: &Context<'_>, name: String) -> Option<RuleObject> {
         engine(ctx).rules.get(&name).map(RuleObject)
     }
@@ -104,6 +107,7 @@ impl RuleMutation {
     /// rule and activates it. The name is `name`, else the script's `NAME` constant. A
     /// script that does not compile is refused with `extensions.line`/`column` and the
     /// version before stays active.
+    #[graphql(guard = "Allow::MARKETER")]
     async fn put_rule(
         &self,
         ctx: &Context<'_>,
@@ -119,11 +123,13 @@ impl RuleMutation {
     }
 
     /// Deletes a rule and every version of it. `false` if there was none.
+    #[graphql(guard = "Allow::MARKETER")]
     async fn delete_rule(&self, ctx: &Context<'_>, name: String) -> GqlResult<bool> {
         engine(ctx).rules.delete(&name).await.map_err(gql)
     }
 
     /// Makes a stored version active again (rollback), after compiling it.
+    #[graphql(guard = "Allow::MARKETER")]
     async fn activate_rule_version(
         &self,
         ctx: &Context<'_>,

@@ -6,6 +6,7 @@ use async_graphql::{Context, Subscription, ID};
 use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::BroadcastStream;
 
+use super::auth::Allow;
 use super::engine;
 use super::types::{DecisionObject, SegmentChangeObject};
 
@@ -15,6 +16,7 @@ pub struct Subscription;
 #[Subscription]
 impl Subscription {
     /// Decisions as they are made, optionally only for one placement or customer.
+    #[graphql(guard = "Allow::INTERNAL")]
     async fn decisions(
         &self,
         ctx: &Context<'_>,
@@ -35,6 +37,7 @@ impl Subscription {
     }
 
     /// Joins and leaves, optionally of one segment.
+    #[graphql(guard = "Allow::INTERNAL")]
     async fn segment_changes(
         &self,
         ctx: &Context<'_>,

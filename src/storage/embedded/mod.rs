@@ -6,7 +6,7 @@
 //! - [`writer`]: the group-commit writer thread that owns every write transaction;
 //! - one file per capability, each with its tables and its trait implementation:
 //!   [`profiles`], [`events`], [`features`], [`segments`], [`content`], [`decisions`],
-//!   [`bandit`], [`definitions`], [`experiments`];
+//!   [`bandit`], [`definitions`], [`experiments`], [`keys`];
 //! - `tests` (test builds only): the conformance suite on this backend, durability,
 //!   group commit and corruption.
 //!
@@ -26,6 +26,7 @@ pub mod definitions;
 pub mod events;
 pub mod experiments;
 pub mod features;
+pub mod keys;
 pub mod profiles;
 pub mod segments;
 mod writer;
@@ -86,6 +87,7 @@ impl EmbeddedStore {
             bandit: Arc::new(bandit::EmbeddedBandit::new(self.clone())),
             definitions: Arc::new(definitions::EmbeddedDefinitions::new(self.clone())),
             experiments: Arc::new(experiments::EmbeddedExperiments::new(self.clone())),
+            keys: Arc::new(keys::EmbeddedKeys::new(self.clone())),
         }
     }
 
@@ -138,6 +140,7 @@ fn create_tables(db: &Database) -> StorageResult<()> {
     bandit::create_tables(&txn)?;
     definitions::create_tables(&txn)?;
     experiments::create_tables(&txn)?;
+    keys::create_tables(&txn)?;
     txn.commit().map_err(db_err)
 }
 

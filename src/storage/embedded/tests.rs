@@ -162,6 +162,12 @@ async fn experiments_conform() {
     conformance::experiments(stores.experiments.clone(), "t:").await;
 }
 
+#[tokio::test]
+async fn keys_conform() {
+    let (_dir, _store, stores) = fresh();
+    conformance::keys(stores.keys.as_ref(), "t:").await;
+}
+
 /// The suites isolate themselves by prefix, as they must on a shared server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suites_share_one_store_by_prefix() {
@@ -176,6 +182,7 @@ async fn suites_share_one_store_by_prefix() {
         conformance::bandit(s.bandit.clone(), prefix).await;
         conformance::definitions(s.definitions.as_ref(), prefix).await;
         conformance::experiments(s.experiments.clone(), prefix).await;
+        conformance::keys(s.keys.as_ref(), prefix).await;
     }
 }
 

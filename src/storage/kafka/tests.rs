@@ -440,6 +440,14 @@ async fn an_engine_in_role_all_applies_tracked_events_and_publishes_decisions() 
         .expect("engine");
     let background = Background::start_role(&engine, Role::All);
     let schema = crate::api::graphql::schema(engine.clone());
+    // Authentication is on: the requests carry a frontend key's caller.
+    let key = engine
+        .keys
+        .create(crate::auth::Role::Frontend, None, "name")
+        .await
+        .expect("key");
+    let bearer = format!("Bearer {}", key.key.expose());
+    let caller = engine.keys.caller(Some(&bearer)).await;
     let track = "mutation($e: [EventInput!]!) { trackEvents(events: $e) { accepted duplicates } }";
     let events = json!([
         {"customerId": "all-c1", "type": "page_view", "eventId": "all-1"},
@@ -449,7 +457,8 @@ async fn an_engine_in_role_all_applies_tracked_events_and_publishes_decisions() 
     let response = schema
         .execute(
             async_graphql::Request::new(track)
-                .variables(async_graphql::Variables::from_json(json!({"e": events}))),
+                .variables(async_graphql::Variables::from_json(json!({"e": events})))
+                .data(caller.clone()),
         )
         .await;
     assert!(response.errors.is_empty(), "{:?}", response.errors);
@@ -483,7 +492,8 @@ async fn an_engine_in_role_all_applies_tracked_events_and_publishes_decisions() 
     let response = schema
         .execute(
             async_graphql::Request::new(track)
-                .variables(async_graphql::Variables::from_json(json!({"e": events}))),
+                .variables(async_graphql::Variables::from_json(json!({"e": events})))
+                .data(caller.clone()),
         )
         .await;
     let data = response.data.into_json().expect("json");
