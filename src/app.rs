@@ -13,7 +13,7 @@ use crate::config::Settings;
 use crate::content::{Catalog, ContentItem};
 use crate::customers::{Customer, CustomerId, CustomerLocks, CustomerUpdate};
 use crate::decision::pipeline::DecisionEngine;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::events::ingest::{Ingestor, LocalApply, Target};
 use crate::events::processor::Processor;
 use crate::experiments::assignment::Holdout;
@@ -21,6 +21,7 @@ use crate::experiments::ExperimentService;
 use crate::features::FeatureService;
 use crate::model::train::{Progress, TrainParams};
 use crate::model::{ModelService, TrainingSource, VersionInfo};
+use crate::privacy::{KeyRing, Profiles};
 use crate::rules::{Natives, RuleService};
 use crate::segments::SegmentService;
 use crate::storage::embedded::EmbeddedStore;
@@ -31,6 +32,9 @@ use crate::telemetry::Metrics;
 pub struct Engine {
     pub settings: Settings,
     pub stores: Stores,
+    /// Customer profiles: read and write them here, never through `stores.profiles`
+    /// (which holds them sealed).
+    pub profiles: Arc<Profiles>,
     /// The content catalog, cached for the decision path; write content through it.
     pub catalog: Arc<Catalog>,
     pub metrics: Arc<Metrics>,
@@ -48,6 +52,23 @@ pub struct Engine {
     /// The event stream (`backends.events = "kafka://…"`), if any.
     pub stream: Option<Arc<dyn EventStream>>,
     customer_locks: Arc<CustomerLocks>,
+}
+
+/// What [`Engine::erase_customer`] removed.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Erasure {
+    pub customer_id: CustomerId,
+    /// Whether there was a profile to delete.
+    pub profile: bool,
+    /// Events deleted from the log.
+    pub events: u64,
+    /// Segments the customer left.
+    pub segments: Vec<String>,
+    /// Decisions whose customer id was replaced by `pseudonym`.
+    pub decisions: u64,
+    pub pseudonym: Option<String>,
+    pub erased_at: chrono::DateTime<Utc>,
 }
 
 /// What one `tailor serve` process does.
@@ -71,8 +92,10 @@ impl Engine {
     /// Opens the configured backends in `settings.data_dir` and loads the definitions.
     pub async fn open(settings: Settings) -> anyhow::Result<Arc<Engine>> {
         let store = EmbeddedStore::open(&settings.data_dir)?;
+        let mut embedded = store.stores();
+        embedded.data_keys = crate::storage::embedded::open_keyring(&settings.data_dir)?;
         let stores = crate::storage::with_backends(
-            store.stores(),
+            embedded,
             &settings.backends,
             settings.timeouts.backend(),
         )
@@ -94,15 +117,24 @@ impl Engine {
         stream: Option<Arc<dyn EventStream>>,
     ) -> Result<Arc<Engine>> {
         let metrics = Arc::new(Metrics::new()?);
+        let ring = KeyRing::load(&settings.encryption, &settings.data_dir)?;
+        let profiles =
+            Arc::new(Profiles::open(&stores, ring, &settings.encryption.sensitive_traits).await?);
         let features = FeatureService::start(
             stores.clone(),
+            profiles.clone(),
             settings.features.clone(),
             Duration::from_millis(settings.timeouts.feature_read_ms),
             metrics.clone(),
         )
         .await?;
-        let segments =
-            SegmentService::start(stores.clone(), features.clone(), metrics.clone()).await?;
+        let segments = SegmentService::start(
+            stores.clone(),
+            profiles.clone(),
+            features.clone(),
+            metrics.clone(),
+        )
+        .await?;
         let rules = RuleService::open(
             stores.definitions.clone(),
             settings.rules.settings(),
@@ -113,6 +145,7 @@ impl Engine {
         let customer_locks = Arc::new(CustomerLocks::new());
         let processor = Processor::new(
             stores.clone(),
+            profiles.clone(),
             features.clone(),
             segments.clone(),
             rules.clone(),
@@ -129,6 +162,7 @@ impl Engine {
         };
         let ingestor = Ingestor::new(
             stores.clone(),
+            profiles.clone(),
             target,
             metrics.clone(),
             settings.limits.max_events_per_request,
@@ -150,6 +184,7 @@ impl Engine {
         ));
         let decisions = DecisionEngine::new(
             stores.clone(),
+            profiles.clone(),
             catalog.clone(),
             features.clone(),
             rules.clone(),
@@ -165,6 +200,7 @@ impl Engine {
         Ok(Arc::new(Engine {
             settings,
             stores,
+            profiles,
             catalog,
             metrics,
             features,
@@ -266,13 +302,31 @@ impl Engine {
     }
 
     /// Applies a partial profile update and re-evaluates the customer's segments.
+    ///
+    /// A customer who was erased is refused (`input.id`), unless the update grants
+    /// consent for some purpose again: that re-consent lifts the suppression.
     pub async fn upsert_customer(&self, update: CustomerUpdate) -> Result<Customer> {
         let id = update.id.clone();
         let customer = {
             let _guard = self.customer_locks.lock(&id).await;
-            let existing = self.stores.profiles.get(&id).await?;
+            if self.profiles.erased_at(&id).await?.is_some() {
+                if !update.consent.grants_any() {
+                    self.metrics
+                        .erased_writes_suppressed
+                        .add(1, &[opentelemetry::KeyValue::new("kind", "profile")]);
+                    return Err(Error::invalid(
+                        "input.id",
+                        format!(
+                            "customer '{id}' was erased; an update must grant consent \
+                             (input.consent) to store them again"
+                        ),
+                    ));
+                }
+                self.profiles.clear_erased(&id).await?;
+            }
+            let existing = self.profiles.get(&id).await?;
             let customer = update.apply(existing, Utc::now());
-            self.stores.profiles.put(&customer).await?;
+            self.profiles.put(&customer).await?;
             customer
         };
         // Under the processor's lock, so an evaluation from an older view of the
@@ -334,7 +388,85 @@ impl Engine {
     }
 
     pub async fn customer(&self, id: &CustomerId) -> Result<Option<Customer>> {
-        Ok(self.stores.profiles.get(id).await?)
+        Ok(self.profiles.get(id).await?)
+    }
+
+    /// Right to be forgotten: marks the customer erased (so their events and profile
+    /// updates are refused until they consent again), deletes the profile, destroys the
+    /// data key (so sealed copies anywhere, backups included, are unreadable), deletes
+    /// their events, feature states and segment memberships (announcing the leaves),
+    /// and replaces their id on decisions and outcomes with a pseudonym (aggregate
+    /// history stays; what they were shown goes). Repeatable: a second call finishes
+    /// what a failed one left.
+    pub async fn erase_customer(&self, id: &CustomerId) -> Result<Erasure> {
+        let _guard = self.customer_locks.lock(id).await;
+        // Under the processor's lock: no batch applies this customer's events meanwhile,
+        // so nothing is re-created behind the erasure.
+        let _applying = self.features.apply_lock().lock().await;
+        let now = Utc::now();
+        let profile = self.profiles.forget(id, now).await?;
+        let events = self.stores.events.delete_customer(id).await?;
+        self.stores.features.delete_customer(id).await?;
+        let left = self.stores.segments.remove_customer(id).await?;
+        self.segments.announce(&left);
+        let pseudonym = format!("erased-{}", uuid::Uuid::now_v7());
+        let decisions = self.stores.decisions.pseudonymise(id, &pseudonym).await?;
+        Ok(Erasure {
+            customer_id: id.clone(),
+            profile,
+            events,
+            segments: left.iter().map(|c| c.segment.clone()).collect(),
+            decisions,
+            pseudonym: (decisions > 0).then_some(pseudonym),
+            erased_at: now,
+        })
+    }
+
+    /// Right of access: everything held about the customer, PII decrypted — profile,
+    /// traits, consent, events, feature values, segments, decisions with their
+    /// outcomes — as one JSON document. Fails rather than answer with a part missing
+    /// (a feature backend that cannot be read is an error, not defaults).
+    pub async fn export_customer(&self, id: &CustomerId) -> Result<serde_json::Value> {
+        let profile = self.profiles.get(id).await?;
+        let events = self
+            .stores
+            .events
+            .customer_events(id, chrono::DateTime::<Utc>::MIN_UTC)
+            .await?;
+        let features = self.features.read(id, None, "names", Utc::now()).await?;
+        if features.degraded {
+            return Err(Error::Internal(anyhow::anyhow!(
+                "the feature backend did not answer in time; export not complete"
+            )));
+        }
+        let segments = self.stores.segments.segments_of(id).await?;
+        let decisions = self.stores.decisions.customer_decisions(id).await?;
+        let erased_at = self.profiles.erased_at(id).await?;
+        Ok(serde_json::json!({
+            "customerId": id,
+            "exportedAt": Utc::now(),
+            "erasedAt": erased_at,
+            "profile": profile.map(|c| serde_json::json!({
+                "id": c.id,
+                "email": c.pii.email,
+                "phone": c.pii.phone,
+                "name": c.pii.name,
+                "traits": c.traits,
+                "consent": c.consent,
+                "createdAt": c.created_at,
+                "updatedAt": c.updated_at,
+            })),
+            "events": events.into_iter().map(|e| e.event).collect::<Vec<_>>(),
+            "features": features.values,
+            "segments": segments,
+            "decisions": decisions
+                .into_iter()
+                .map(|(decision, outcomes)| serde_json::json!({
+                    "decision": decision,
+                    "outcomes": outcomes,
+                }))
+                .collect::<Vec<_>>(),
+        }))
     }
 
     pub async fn upsert_content(&self, item: ContentItem) -> Result<ContentItem> {

@@ -27,6 +27,7 @@ pub struct Settings {
     pub features: FeatureSettings,
     pub segments: SegmentSettings,
     pub consent: ConsentSettings,
+    pub encryption: EncryptionSettings,
     pub rules: RulesConfig,
     pub model: ModelConfig,
 }
@@ -46,6 +47,7 @@ impl Default for Settings {
             features: FeatureSettings::default(),
             segments: SegmentSettings::default(),
             consent: ConsentSettings::default(),
+            encryption: EncryptionSettings::default(),
             rules: RulesConfig::default(),
             model: ModelConfig::default(),
         }
@@ -528,8 +530,115 @@ impl Default for ConsentSettings {
     }
 }
 
+/// The environment variable that holds the current master key by default. It starts
+/// with `TAILOR_` like the settings, so [`Settings::load`] skips it (as `encryption_key`)
+/// instead of refusing it as an unknown key.
+pub const DEFAULT_MASTER_KEY_ENV: &str = "TAILOR_ENCRYPTION_KEY";
+
+/// `[encryption]`: field-level encryption of PII at rest (SPEC §7).
+///
+/// The master key material never comes from this file: only where to find it. The
+/// current key is read from the environment variable `key_env` when it is set, else from
+/// `key_file`, else from `<data_dir>/master-keys/<key_id>.key`, generated (mode 0600) on
+/// first start. Key material is 32 bytes written as base64 or 64 hex digits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EncryptionSettings {
+    /// Id of the current master key: new data keys are wrapped under it, and
+    /// `tailor keys rotate-master` re-wraps every other data key under it.
+    pub key_id: String,
+    /// File holding the current master key; "" for none.
+    pub key_file: String,
+    /// Environment variable holding the current master key; read when it is set and not
+    /// empty, before `key_file`. A `TAILOR_` name other than the default would be read as
+    /// a configuration key, so it is refused.
+    pub key_env: String,
+    /// Older master keys, still used to unwrap data keys wrapped under them until a
+    /// rotation re-wrapped those. Without `key_file` and `key_env`, every other
+    /// `<data_dir>/master-keys/*.key` is one too.
+    pub previous_keys: Vec<PreviousMasterKey>,
+    /// Traits encrypted at rest like the PII fields (`email`, `phone`, `name`).
+    pub sensitive_traits: Vec<String>,
+}
+
+impl Default for EncryptionSettings {
+    fn default() -> Self {
+        EncryptionSettings {
+            key_id: "k1".into(),
+            key_file: String::new(),
+            key_env: DEFAULT_MASTER_KEY_ENV.into(),
+            previous_keys: Vec::new(),
+            sensitive_traits: Vec::new(),
+        }
+    }
+}
+
+/// An older master key: its id and where its material is (a file, or an environment
+/// variable).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PreviousMasterKey {
+    pub id: String,
+    pub key_file: String,
+    pub key_env: String,
+}
+
+/// Whether `id` can name a master key: 1–64 of `A-Z a-z 0-9 _ -` (it is part of file
+/// names and of every wrapped key).
+pub fn valid_key_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl EncryptionSettings {
+    fn validate(&self) -> anyhow::Result<()> {
+        if !valid_key_id(&self.key_id) {
+            anyhow::bail!("encryption.key_id: 1–64 characters of A-Z, a-z, 0-9, '_' and '-'");
+        }
+        let env_ok = |name: &str| {
+            name.is_empty() || name == DEFAULT_MASTER_KEY_ENV || !name.starts_with("TAILOR_")
+        };
+        if !env_ok(&self.key_env) {
+            anyhow::bail!(
+                "encryption.key_env: '{}' would be read as a configuration key; use \
+                 {DEFAULT_MASTER_KEY_ENV} or a name without the TAILOR_ prefix",
+                self.key_env
+            );
+        }
+        let mut ids = std::collections::BTreeSet::from([self.key_id.as_str()]);
+        for (i, previous) in self.previous_keys.iter().enumerate() {
+            let field = format!("encryption.previous_keys[{i}]");
+            if !valid_key_id(&previous.id) {
+                anyhow::bail!("{field}.id: 1–64 characters of A-Z, a-z, 0-9, '_' and '-'");
+            }
+            if !ids.insert(previous.id.as_str()) {
+                anyhow::bail!("{field}.id: '{}' is named twice", previous.id);
+            }
+            if previous.key_file.is_empty() == previous.key_env.is_empty() {
+                anyhow::bail!("{field}: exactly one of key_file and key_env");
+            }
+            if !previous.key_env.is_empty() && previous.key_env.starts_with("TAILOR_") {
+                anyhow::bail!(
+                    "{field}.key_env: '{}' would be read as a configuration key; use a \
+                     name without the TAILOR_ prefix",
+                    previous.key_env
+                );
+            }
+        }
+        for (i, name) in self.sensitive_traits.iter().enumerate() {
+            if name.is_empty() {
+                anyhow::bail!("encryption.sensitive_traits[{i}]: must not be empty");
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Environment variables with the `TAILOR_` prefix that are not settings.
-const NOT_SETTINGS: &[&str] = &["api_key"];
+const NOT_SETTINGS: &[&str] = &["api_key", "encryption_key"];
 
 impl Settings {
     /// Defaults, then the file (if given; `tailor.toml` in the working directory when it
@@ -648,6 +757,7 @@ impl Settings {
         if self.limits.max_body_bytes < 1024 {
             anyhow::bail!("limits.max_body_bytes: must be at least 1024");
         }
+        self.encryption.validate()?;
         Ok(())
     }
 }
@@ -778,6 +888,52 @@ mod tests {
                 jail.create_file("tailor.toml", toml)?;
                 let err = Settings::load(None).unwrap_err().to_string();
                 assert!(err.starts_with(key), "{toml}: {err}");
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
+    fn encryption_keys_come_from_file_or_environment_never_inline() {
+        Jail::expect_with(|jail| {
+            // The key material's variable is not a setting, and settings stay settable.
+            jail.set_env(DEFAULT_MASTER_KEY_ENV, "AAAA");
+            jail.set_env("TAILOR_ENCRYPTION__KEY_ID", "k2");
+            jail.create_file(
+                "tailor.toml",
+                "[encryption]\nsensitive_traits = [\"birthday\"]\n\
+                 [[encryption.previous_keys]]\nid = \"k1\"\nkey_file = \"old.key\"\n",
+            )?;
+            let s = Settings::load(None).unwrap();
+            assert_eq!(s.encryption.key_id, "k2");
+            assert_eq!(s.encryption.key_env, DEFAULT_MASTER_KEY_ENV);
+            assert_eq!(s.encryption.sensitive_traits, vec!["birthday".to_string()]);
+            assert_eq!(s.encryption.previous_keys[0].key_file, "old.key");
+            Ok(())
+        });
+        for (toml, key) in [
+            (
+                "[encryption]\nkey = \"c2VjcmV0\"\n",
+                "unknown key 'encryption.key'",
+            ),
+            ("[encryption]\nkey_id = \"a b\"\n", "encryption.key_id:"),
+            (
+                "[encryption]\nkey_env = \"TAILOR_OTHER\"\n",
+                "encryption.key_env:",
+            ),
+            (
+                "[[encryption.previous_keys]]\nid = \"k1\"\nkey_file = \"a\"\n",
+                "encryption.previous_keys[0].id:",
+            ),
+            (
+                "[[encryption.previous_keys]]\nid = \"k0\"\n",
+                "encryption.previous_keys[0]:",
+            ),
+        ] {
+            Jail::expect_with(|jail| {
+                jail.create_file("tailor.toml", toml)?;
+                let err = Settings::load(None).unwrap_err().to_string();
+                assert!(err.contains(key), "{toml}: {err}");
                 Ok(())
             });
         }

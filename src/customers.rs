@@ -1,7 +1,8 @@
 //! Customers: the profile model, its id type, PII kept apart from traits, and consent.
 //!
-//! PII (`email`, `phone`, `name`) lives in [`Pii`], never in `traits`, so the security
-//! work can encrypt it field by field without touching the rest of the profile.
+//! PII (`email`, `phone`, `name`) lives in [`Pii`], never in `traits`; `privacy::Profiles`
+//! encrypts it field by field at rest (with any trait named in
+//! `encryption.sensitive_traits`). Here it is always in the clear.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -75,6 +76,13 @@ pub struct Consent {
 }
 
 impl Consent {
+    /// Whether this grants any purpose (what lifts an erasure's suppression).
+    pub fn grants_any(&self) -> bool {
+        [self.personalization, self.marketing, self.analytics]
+            .into_iter()
+            .any(|g| g == Some(true))
+    }
+
     fn merge(&mut self, update: Consent) {
         self.personalization = update.personalization.or(self.personalization);
         self.marketing = update.marketing.or(self.marketing);

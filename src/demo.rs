@@ -284,7 +284,7 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
 }
 
 pub async fn ensure(engine: &Engine) -> Result<()> {
-    if engine.stores.profiles.count().await? > 0 {
+    if engine.profiles.count().await? > 0 {
         tracing::info!("Demo world already present");
     } else {
         build(engine).await?;
@@ -362,14 +362,13 @@ async fn build(engine: &Engine) -> Result<()> {
         }
         if batch.len() >= 5_000 {
             // Concurrent puts share the store's group commits.
-            futures::future::try_join_all(profiles.iter().map(|c| engine.stores.profiles.put(c)))
-                .await?;
+            futures::future::try_join_all(profiles.iter().map(|c| engine.profiles.put(c))).await?;
             profiles.clear();
             events += batch.len();
             engine.ingestor.ingest(std::mem::take(&mut batch)).await?;
         }
     }
-    futures::future::try_join_all(profiles.iter().map(|c| engine.stores.profiles.put(c))).await?;
+    futures::future::try_join_all(profiles.iter().map(|c| engine.profiles.put(c))).await?;
     events += batch.len();
     if !batch.is_empty() {
         engine.ingestor.ingest(batch).await?;

@@ -10,6 +10,8 @@
 //! - [`expressions`]: Rhai formulas of derived features and predicates of segments;
 //! - [`model`]: the candle recommendation model: training, registry, batched scoring;
 //! - [`ope`]: off-policy evaluation of a target policy on a log of bandit rounds;
+//! - [`privacy`]: PII encrypted at rest (AES-256-GCM, per-customer data keys wrapped
+//!   by master keys with ids), the blind index of emails, erasure's key destruction;
 //! - [`jsonl`]: JSON Lines imports, with errors naming the line and the field;
 //! - [`snapshot`]: in-memory copies the decision path reads, with a time to live;
 //! - [`storage`]: one trait per capability and the backends;
@@ -35,6 +37,7 @@ pub mod jsonl;
 pub mod loadgen;
 pub mod model;
 pub mod ope;
+pub mod privacy;
 pub mod rules;
 pub mod segments;
 pub mod simulate;

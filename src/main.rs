@@ -514,6 +514,14 @@ enum KeysCommand {
         #[command(flatten)]
         store: Store,
     },
+    /// Re-wrap every data key under the current master key (`encryption.key_id`), after
+    /// the old key moved to `encryption.previous_keys` (or, with generated keys, after
+    /// `encryption.key_id` changed). Data is not re-encrypted; afterwards the old master
+    /// keys are no longer needed. Run it with the server stopped.
+    RotateMaster {
+        #[command(flatten)]
+        store: Store,
+    },
 }
 
 fn parse_role(raw: &str) -> Result<tailor::auth::Role, String> {
@@ -526,16 +534,29 @@ fn parse_role(raw: &str) -> Result<tailor::auth::Role, String> {
 /// The key service on the data directory's store alone, or a clear error when a server
 /// holds it.
 fn open_keys(store: Store) -> anyhow::Result<tailor::auth::KeyService> {
+    let (_, embedded) = open_embedded(store)?;
+    Ok(tailor::auth::KeyService::new(embedded.stores().keys))
+}
+
+/// The settings and the data directory's store alone, or a clear error when a server
+/// holds it.
+fn open_embedded(
+    store: Store,
+) -> anyhow::Result<(
+    Settings,
+    std::sync::Arc<tailor::storage::embedded::EmbeddedStore>,
+)> {
     let mut settings = Settings::load(store.config.as_deref())?;
     if let Some(dir) = store.data_dir {
         settings.data_dir = dir;
     }
-    let dir = settings.data_dir;
+    let dir = settings.data_dir.clone();
     let embedded = tailor::storage::embedded::EmbeddedStore::open(&dir).map_err(|e| {
         if format!("{e:#}").contains("already open") {
             anyhow::anyhow!(
                 "the data directory {} is in use by a running server; use the GraphQL \
-                 mutations (createApiKey, revokeApiKey) on that server instead",
+                 mutations (createApiKey, revokeApiKey, rotateMasterKey) on that server \
+                 instead",
                 dir.display()
             )
         } else {
@@ -545,7 +566,44 @@ fn open_keys(store: Store) -> anyhow::Result<tailor::auth::KeyService> {
             ))
         }
     })?;
-    Ok(tailor::auth::KeyService::new(embedded.stores().keys))
+    Ok((settings, embedded))
+}
+
+/// `tailor keys rotate-master`: every data key under the current master key.
+async fn rotate_master(store: Store) -> anyhow::Result<()> {
+    let (settings, embedded) = open_embedded(store)?;
+    let ring = tailor::privacy::KeyRing::load(&settings.encryption, &settings.data_dir)?;
+    let mut stores = embedded.stores();
+    stores.data_keys = tailor::storage::embedded::open_keyring(&settings.data_dir)?;
+    let profiles =
+        tailor::privacy::Profiles::open(&stores, ring, &settings.encryption.sensitive_traits)
+            .await
+            .map_err(|e| anyhow::anyhow!("Failed to open the profiles: {e}"))?;
+    let report = profiles
+        .rewrap_all()
+        .await
+        .map_err(|e| anyhow::anyhow!("Failed to re-wrap the data keys: {e}"))?;
+    let current = profiles.ring().current().id();
+    println!(
+        "re-wrapped {} data keys under master key '{current}' ({} were already under it)",
+        report.rewrapped, report.current
+    );
+    let old: Vec<&str> = profiles
+        .ring()
+        .ids()
+        .into_iter()
+        .filter(|id| *id != current)
+        .collect();
+    if !old.is_empty() {
+        println!(
+            "no data key needs master keys {} any more",
+            old.iter()
+                .map(|id| format!("'{id}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
 }
 
 async fn keys_command(command: KeysCommand) -> anyhow::Result<()> {
@@ -583,6 +641,7 @@ async fn keys_command(command: KeysCommand) -> anyhow::Result<()> {
                 );
             }
         }
+        KeysCommand::RotateMaster { store } => rotate_master(store).await?,
         KeysCommand::Revoke { id, store } => {
             let record = open_keys(store)?
                 .revoke("ID", &id)

@@ -76,6 +76,12 @@ const FIELDS: &[(&str, &str, &[Role])] = &[
         &[],
     ),
     ("apiKeys", "{ apiKeys { id } }", &[]),
+    ("exportCustomer", r#"{ exportCustomer(id: "c1") }"#, &[]),
+    (
+        "customerIdsByEmail",
+        r#"{ customerIdsByEmail(email: "a@example.com") }"#,
+        &[],
+    ),
     // Mutation
     (
         "trackEvents",
@@ -85,6 +91,16 @@ const FIELDS: &[(&str, &str, &[Role])] = &[
     (
         "upsertCustomer",
         r#"mutation { upsertCustomer(input: {id: "c1"}) { id } }"#,
+        &[],
+    ),
+    (
+        "eraseCustomer",
+        r#"mutation { eraseCustomer(id: "nobody") { events } }"#,
+        &[],
+    ),
+    (
+        "rotateMasterKey",
+        "mutation { rotateMasterKey { rewrapped } }",
         &[],
     ),
     (

@@ -28,6 +28,7 @@ use crate::features::{FeatureService, Window};
 use crate::model::schema::ScoreContext;
 use crate::model::serving::{ScoreRequest, Scores};
 use crate::model::ModelService;
+use crate::privacy::Profiles;
 use crate::rules::host::{
     count_impressions, to_dynamic, CtxData, CtxView, CustomerData, CustomerView,
 };
@@ -78,6 +79,7 @@ struct DecisionContext {
 
 pub struct DecisionEngine {
     stores: Stores,
+    profiles: Arc<Profiles>,
     catalog: Arc<Catalog>,
     features: Arc<FeatureService>,
     rules: Arc<RuleService>,
@@ -96,6 +98,7 @@ impl DecisionEngine {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         stores: Stores,
+        profiles: Arc<Profiles>,
         catalog: Arc<Catalog>,
         features: Arc<FeatureService>,
         rules: Arc<RuleService>,
@@ -108,6 +111,7 @@ impl DecisionEngine {
     ) -> Self {
         DecisionEngine {
             stores,
+            profiles,
             catalog,
             features,
             rules,
@@ -338,7 +342,7 @@ impl DecisionEngine {
                 .await
         };
         let (profile, features, segments, impressions) = tokio::join!(
-            self.stores.profiles.get(customer),
+            self.profiles.get(customer),
             self.features.read(customer, None, "features", now),
             self.stores.segments.segments_of(customer),
             impressions,

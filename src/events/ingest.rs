@@ -6,6 +6,7 @@
 //! nothing more is awaited; a worker's consumer hands the events to [`LocalApply`], which
 //! appends them to its own log and waits for its processor.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +17,9 @@ use serde_json::Value;
 
 use super::processor::Processor;
 use super::EventInput;
+use crate::customers::CustomerId;
 use crate::error::{Error, Result};
+use crate::privacy::Profiles;
 use crate::storage::{AppendOutcome, EventSink, EventStream, Stores};
 use crate::telemetry::Metrics;
 
@@ -37,6 +40,7 @@ pub struct IngestReport {
 
 pub struct Ingestor {
     stores: Stores,
+    profiles: Arc<Profiles>,
     target: Target,
     metrics: Arc<Metrics>,
     max_events: usize,
@@ -56,9 +60,16 @@ pub enum Target {
 }
 
 impl Ingestor {
-    pub fn new(stores: Stores, target: Target, metrics: Arc<Metrics>, max_events: usize) -> Self {
+    pub fn new(
+        stores: Stores,
+        profiles: Arc<Profiles>,
+        target: Target,
+        metrics: Arc<Metrics>,
+        max_events: usize,
+    ) -> Self {
         Ingestor {
             stores,
+            profiles,
             target,
             metrics,
             max_events,
@@ -66,7 +77,9 @@ impl Ingestor {
     }
 
     /// Ingests a batch. Invalid events are reported by index and field and do not stop
-    /// the valid ones. Returns once the accepted events are durable.
+    /// the valid ones, and so are events of erased customers (`events[i].customerId`;
+    /// counted in `tailor_erased_writes_suppressed_total`) until the customer consents
+    /// again. Returns once the accepted events are durable.
     pub async fn ingest(&self, raw: Vec<Value>) -> Result<IngestReport> {
         if raw.len() > self.max_events {
             return Err(Error::invalid(
@@ -77,6 +90,8 @@ impl Ingestor {
         let now = Utc::now();
         let mut report = IngestReport::default();
         let mut events = Vec::with_capacity(raw.len());
+        // One look-up per customer in the batch, not per event.
+        let mut erased: BTreeMap<CustomerId, bool> = BTreeMap::new();
         for (index, value) in raw.into_iter().enumerate() {
             let field = format!("events[{index}]");
             let parsed = if value.is_object() {
@@ -85,6 +100,10 @@ impl Ingestor {
                     .and_then(|input| input.validate(&field, now))
             } else {
                 Err(Error::invalid(&field, "must be a JSON object"))
+            };
+            let parsed = match parsed {
+                Ok(event) => self.refuse_erased(&mut erased, &field, event).await,
+                Err(e) => Err(e),
             };
             match parsed {
                 Ok(event) => events.push(event),
@@ -146,6 +165,37 @@ impl Ingestor {
             }
         }
         Ok(report)
+    }
+
+    /// The event, or an error naming its `customerId` when that customer was erased.
+    async fn refuse_erased(
+        &self,
+        erased: &mut BTreeMap<CustomerId, bool>,
+        field: &str,
+        event: crate::events::Event,
+    ) -> Result<crate::events::Event> {
+        let id = &event.customer_id;
+        let is_erased = match erased.get(id) {
+            Some(known) => *known,
+            None => {
+                let known = self.profiles.erased_at(id).await?.is_some();
+                erased.insert(id.clone(), known);
+                known
+            }
+        };
+        if !is_erased {
+            return Ok(event);
+        }
+        self.metrics
+            .erased_writes_suppressed
+            .add(1, &[KeyValue::new("kind", "event")]);
+        Err(Error::invalid(
+            format!("{field}.customerId"),
+            format!(
+                "customer '{id}' was erased; their events are refused until they consent \
+                 again (upsertCustomer with consent)"
+            ),
+        ))
     }
 }
 

@@ -17,6 +17,7 @@ use crate::error::Result;
 use crate::events::StoredEvent;
 use crate::features::service::PROCESSOR;
 use crate::features::FeatureService;
+use crate::privacy::Profiles;
 use crate::rules::host::{self, event_map, CustomerData, CustomerView};
 use crate::rules::{RuleService, RuleSet};
 use crate::segments::SegmentService;
@@ -29,6 +30,7 @@ const IDLE_POLL: Duration = Duration::from_millis(250);
 
 pub struct Processor {
     stores: Stores,
+    profiles: Arc<Profiles>,
     features: Arc<FeatureService>,
     segments: Arc<SegmentService>,
     rules: Arc<RuleService>,
@@ -41,6 +43,7 @@ pub struct Processor {
 impl Processor {
     pub async fn new(
         stores: Stores,
+        profiles: Arc<Profiles>,
         features: Arc<FeatureService>,
         segments: Arc<SegmentService>,
         rules: Arc<RuleService>,
@@ -50,6 +53,7 @@ impl Processor {
         let committed = stores.events.committed_offset(PROCESSOR).await?;
         Ok(Arc::new(Processor {
             stores,
+            profiles,
             features,
             segments,
             rules,
@@ -130,7 +134,7 @@ impl Processor {
     ) -> Result<()> {
         let mut missing = Vec::new();
         for id in customers {
-            if self.stores.profiles.get(id).await?.is_none() {
+            if !self.profiles.exists(id).await? {
                 missing.push(Customer {
                     id: (*id).clone(),
                     traits: Default::default(),
@@ -142,7 +146,7 @@ impl Processor {
             }
         }
         // Concurrent puts share the store's group commits.
-        futures::future::try_join_all(missing.iter().map(|c| self.stores.profiles.put(c))).await?;
+        futures::future::try_join_all(missing.iter().map(|c| self.profiles.put(c))).await?;
         Ok(())
     }
 
@@ -166,7 +170,7 @@ impl Processor {
         }
         for (id, events) in by_customer {
             let _guard = self.locks.lock(id).await;
-            let Some(mut profile) = self.stores.profiles.get(id).await? else {
+            let Some(mut profile) = self.profiles.get(id).await? else {
                 continue;
             };
             let segments = self.stores.segments.segments_of(id).await?;
@@ -212,7 +216,7 @@ impl Processor {
             }
             if changed {
                 profile.updated_at = Utc::now();
-                self.stores.profiles.put(&profile).await?;
+                self.profiles.put(&profile).await?;
                 changed_customers.push(id.clone());
             }
         }

@@ -17,6 +17,7 @@ use crate::config::FeatureSettings;
 use crate::customers::CustomerId;
 use crate::error::{Error, Result};
 use crate::events::StoredEvent;
+use crate::privacy::Profiles;
 use crate::storage::{DefinitionKind, Stores};
 use crate::telemetry::Metrics;
 
@@ -186,6 +187,7 @@ pub struct FeatureRead {
 
 pub struct FeatureService {
     stores: Stores,
+    profiles: Arc<Profiles>,
     catalog: RwLock<Arc<FeatureCatalog>>,
     settings: FeatureSettings,
     read_deadline: Duration,
@@ -222,12 +224,14 @@ impl FeatureService {
     /// Loads the catalog, installing the built-in definitions on first start.
     pub async fn start(
         stores: Stores,
+        profiles: Arc<Profiles>,
         settings: FeatureSettings,
         read_deadline: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>> {
         let service = Arc::new(FeatureService {
             stores,
+            profiles,
             catalog: RwLock::new(Arc::new(FeatureCatalog::default())),
             settings,
             read_deadline,
@@ -615,7 +619,6 @@ impl FeatureService {
         new: &FeatureSpec,
     ) -> Result<HealthReport> {
         let customers = self
-            .stores
             .profiles
             .list(None, self.settings.health_sample)
             .await?;

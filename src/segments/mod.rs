@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::events::StoredEvent;
 use crate::expressions::EvalError;
 use crate::features::{FeatureService, Window};
+use crate::privacy::Profiles;
 use crate::storage::{DefinitionKind, MembershipChange, Stores};
 use crate::telemetry::Metrics;
 use condition::{Condition, Facts};
@@ -122,6 +123,7 @@ const PAGE: usize = 1000;
 
 pub struct SegmentService {
     stores: Stores,
+    profiles: Arc<Profiles>,
     features: Arc<FeatureService>,
     catalog: RwLock<Arc<Vec<Arc<SegmentDef>>>>,
     changes: broadcast::Sender<MembershipChange>,
@@ -147,11 +149,13 @@ fn validate_name(name: &str) -> Result<()> {
 impl SegmentService {
     pub async fn start(
         stores: Stores,
+        profiles: Arc<Profiles>,
         features: Arc<FeatureService>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>> {
         let service = Arc::new(SegmentService {
             stores,
+            profiles,
             features,
             catalog: RwLock::new(Arc::new(Vec::new())),
             changes: broadcast::channel(CHANGES_CAPACITY).0,
@@ -275,7 +279,7 @@ impl SegmentService {
         let mut failures = Failures::default();
         let mut after: Option<CustomerId> = None;
         loop {
-            let page = self.stores.profiles.list(after.as_ref(), PAGE).await?;
+            let page = self.profiles.list(after.as_ref(), PAGE).await?;
             let Some(last) = page.last() else { break };
             after = Some(last.id.clone());
             for customer in &page {
@@ -368,7 +372,14 @@ impl SegmentService {
 
     async fn apply(&self, wanted: &[MembershipChange]) -> Result<Vec<MembershipChange>> {
         let changed = self.stores.segments.apply(wanted).await?;
-        for c in &changed {
+        self.announce(&changed);
+        Ok(changed)
+    }
+
+    /// Counts and publishes changes that were applied to the store (also those made
+    /// outside this service, such as an erasure's leaves).
+    pub fn announce(&self, changed: &[MembershipChange]) {
+        for c in changed {
             let kind = if c.joined { "join" } else { "leave" };
             self.metrics
                 .segment_changes
@@ -376,7 +387,6 @@ impl SegmentService {
             // No receiver is not an error: nobody is subscribed.
             let _ = self.changes.send(c.clone());
         }
-        Ok(changed)
     }
 
     async fn facts(
@@ -389,7 +399,6 @@ impl SegmentService {
         let traits = match profile {
             Some(c) => c.traits.clone(),
             None => self
-                .stores
                 .profiles
                 .get(id)
                 .await?

@@ -23,15 +23,15 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use serde_json::{json, Map};
 
 use super::{
-    AppendOutcome, BanditStore, ContentStore, DecisionStore, DefinitionKind, DefinitionStore,
-    EventLog, ExperimentStore, FeatureStore, KeyStore, MembershipChange, ProfileStore,
-    SegmentStore, StorageResult,
+    AppendOutcome, BanditStore, ContentStore, DataKeyStore, DecisionStore, DefinitionKind,
+    DefinitionStore, EventLog, ExperimentStore, FeatureStore, KeyOwner, KeyStore, MembershipChange,
+    ProfileStore, SealedField, SegmentStore, StorageResult, StoredProfile, WrappedKey,
 };
 use crate::auth::{KeyRecord, Role};
 use crate::bandit::linear::LinearStats;
 use crate::bandit::ArmStats;
 use crate::content::ContentItem;
-use crate::customers::{Consent, Customer, CustomerId, Pii};
+use crate::customers::{Consent, CustomerId};
 use crate::decision::{Assignment, Decision, Impression, Outcome, PropensityKind, ScoredItem};
 use crate::events::{Event, StoredEvent};
 use crate::experiments::VariantTotals;
@@ -70,19 +70,28 @@ const TRICKY_SUFFIXES: [&str; 9] = ["b", "a", "ab", "a b", "a\u{e9}", "a-1", "aa
 // Profiles
 // ---------------------------------------------------------------------------------------
 
-/// A complete profile (traits, PII, consent, sub-second timestamps) that varies with `n`.
-pub fn sample_customer(id: &CustomerId, n: i64) -> Customer {
+/// A complete stored profile (traits, sealed fields, email index, consent, sub-second
+/// timestamps) that varies with `n`. The sealed bytes are arbitrary: stores keep them
+/// opaque.
+pub fn sample_customer(id: &CustomerId, n: i64) -> StoredProfile {
     let mut traits = Map::new();
     traits.insert("n".into(), json!(n));
     traits.insert("plan".into(), json!("pro"));
-    Customer {
+    let mut sealed = BTreeMap::new();
+    for (field, byte) in [("email", 1u8), ("name", 2), ("traits.birthday", 3)] {
+        sealed.insert(
+            field.to_owned(),
+            SealedField {
+                nonce: vec![byte; 12],
+                ciphertext: vec![byte, 0, 255, (n & 0xff) as u8],
+            },
+        );
+    }
+    StoredProfile {
         id: id.clone(),
         traits,
-        pii: Pii {
-            email: Some(format!("{n}@example.com")),
-            phone: None,
-            name: Some("Ada".into()),
-        },
+        sealed,
+        email_index: Some(format!("index-{n}")),
         consent: Consent {
             personalization: Some(true),
             marketing: None,
@@ -94,7 +103,8 @@ pub fn sample_customer(id: &CustomerId, n: i64) -> Customer {
 }
 
 /// [`ProfileStore`]: `None` for missing, whole-profile replace, delete's `bool`,
-/// `list` order / `after` / `limit`, and `count`.
+/// `list` order / `after` / `limit`, `count`, and the email index following puts and
+/// deletes.
 pub async fn profiles(store: &dyn ProfileStore, prefix: &str) {
     let id = |suffix: &str| customer_id(&format!("{prefix}{suffix}"));
     let count0 = ok("count", store.count().await);
@@ -111,7 +121,7 @@ pub async fn profiles(store: &dyn ProfileStore, prefix: &str) {
     );
 
     // Put and get.
-    let mut expected: BTreeMap<String, Customer> = BTreeMap::new();
+    let mut expected: BTreeMap<String, StoredProfile> = BTreeMap::new();
     for (n, suffix) in TRICKY_SUFFIXES.iter().enumerate() {
         let c = sample_customer(&id(suffix), n as i64);
         ok("put", store.put(&c).await);
@@ -135,7 +145,8 @@ pub async fn profiles(store: &dyn ProfileStore, prefix: &str) {
     let mut replacement = sample_customer(&replaced_id, 100);
     replacement.traits = Map::new();
     replacement.traits.insert("only".into(), json!("this"));
-    replacement.pii = Pii::default();
+    replacement.sealed = BTreeMap::new();
+    replacement.email_index = None;
     replacement.consent = Consent::default();
     ok("put (replace)", store.put(&replacement).await);
     assert_eq!(
@@ -253,6 +264,182 @@ pub async fn profiles(store: &dyn ProfileStore, prefix: &str) {
             "delete must not touch other profiles"
         );
     }
+
+    // Email index: follows puts (old entry gone, new one found) and deletes; shared
+    // entries list every customer, ascending by id.
+    let index = |suffix: &str| format!("{prefix}email-{suffix}");
+    let (x, y) = (id("ix"), id("iy"));
+    let mut px = sample_customer(&x, 1);
+    px.email_index = Some(index("one"));
+    ok("put indexed", store.put(&px).await);
+    assert_eq!(
+        ok("find", store.find_by_email(&index("one")).await),
+        vec![x.clone()],
+        "find_by_email must find the profile stored with that index"
+    );
+    let mut py = sample_customer(&y, 2);
+    py.email_index = Some(index("one"));
+    ok("put shared index", store.put(&py).await);
+    assert_eq!(
+        ok("find shared", store.find_by_email(&index("one")).await),
+        vec![x.clone(), y.clone()],
+        "find_by_email must list every customer with that index, by id"
+    );
+    px.email_index = Some(index("two"));
+    ok("put new index", store.put(&px).await);
+    assert_eq!(
+        ok("find old", store.find_by_email(&index("one")).await),
+        vec![y.clone()],
+        "a put must remove the profile's old index entry"
+    );
+    assert_eq!(
+        ok("find new", store.find_by_email(&index("two")).await),
+        vec![x.clone()]
+    );
+    assert!(
+        ok("find prefix", store.find_by_email(&index("tw")).await).is_empty(),
+        "find_by_email must match whole index values only"
+    );
+    py.email_index = None;
+    ok("put without index", store.put(&py).await);
+    assert!(ok("find none", store.find_by_email(&index("one")).await).is_empty());
+    ok("delete indexed", store.delete(&x).await);
+    assert!(
+        ok("find deleted", store.find_by_email(&index("two")).await).is_empty(),
+        "delete must remove the profile's index entry"
+    );
+    ok("delete y", store.delete(&y).await);
+}
+
+// ---------------------------------------------------------------------------------------
+// Data keys
+// ---------------------------------------------------------------------------------------
+
+fn sample_wrapped(master: &str, n: u8) -> WrappedKey {
+    WrappedKey {
+        master_key_id: master.to_owned(),
+        nonce: vec![n; 12],
+        ciphertext: vec![n; 48],
+        created_at: base_time() + Duration::milliseconds(i64::from(n)),
+    }
+}
+
+/// [`DataKeyStore`]: first insert wins, compare-and-replace, destroy, `list` order and
+/// paging, system owners apart from customers, erasure markers.
+pub async fn data_keys(store: &dyn DataKeyStore, prefix: &str) {
+    let owner = |suffix: &str| KeyOwner::Customer(customer_id(&format!("{prefix}{suffix}")));
+    let (a, b) = (owner("a"), owner("b"));
+    assert_eq!(ok("get missing", store.get(&a).await), None);
+    let k1 = sample_wrapped("k1", 1);
+    assert_eq!(
+        ok("insert", store.insert(&a, &k1).await),
+        k1,
+        "insert must return the key it stored"
+    );
+    assert_eq!(
+        ok(
+            "insert again",
+            store.insert(&a, &sample_wrapped("k1", 2)).await
+        ),
+        k1,
+        "a second insert must keep and return the first key"
+    );
+    assert_eq!(ok("get", store.get(&a).await), Some(k1.clone()));
+
+    let k2 = sample_wrapped("k2", 3);
+    assert!(
+        !ok(
+            "replace stale",
+            store.replace(&a, &sample_wrapped("k1", 9), &k2).await
+        ),
+        "replace must refuse when the stored key is not `old`"
+    );
+    assert_eq!(ok("get after stale", store.get(&a).await), Some(k1.clone()));
+    assert!(ok("replace", store.replace(&a, &k1, &k2).await));
+    assert_eq!(ok("get replaced", store.get(&a).await), Some(k2.clone()));
+    assert!(
+        !ok("replace missing", store.replace(&b, &k1, &k2).await),
+        "replace of an owner without a key must be false"
+    );
+    assert_eq!(ok("get b", store.get(&b).await), None, "and write nothing");
+
+    // System owners never collide with customers of the same name.
+    let system = KeyOwner::System(format!("{prefix}a"));
+    let customer_a = KeyOwner::Customer(customer_id(&format!("{prefix}a")));
+    ok("insert system", store.insert(&system, &k1).await);
+    assert_eq!(ok("get system", store.get(&system).await), Some(k1.clone()));
+    assert_eq!(
+        ok("get customer", store.get(&customer_a).await),
+        Some(k2.clone())
+    );
+
+    // List: ascending by encoded owner, paged.
+    ok("insert b", store.insert(&b, &k1).await);
+    let mut listed = Vec::new();
+    let mut after: Option<KeyOwner> = None;
+    loop {
+        let page = ok("list", store.list(after.as_ref(), 1).await);
+        assert!(page.len() <= 1, "list must return at most `limit` keys");
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        listed.extend(page);
+    }
+    let ours: Vec<(KeyOwner, WrappedKey)> = listed
+        .into_iter()
+        .filter(|(o, _)| [&a, &b, &system].contains(&o))
+        .collect();
+    assert_eq!(
+        ours,
+        vec![
+            (a.clone(), k2.clone()),
+            (b.clone(), k1.clone()),
+            (system.clone(), k1.clone())
+        ],
+        "list must return every key once, ascending by encoded owner (customers before system)"
+    );
+    assert!(ok("list 0", store.list(None, 0).await).is_empty());
+
+    // Destroy.
+    assert!(ok("destroy", store.destroy(&a).await));
+    assert_eq!(ok("get destroyed", store.get(&a).await), None);
+    assert!(!ok("destroy again", store.destroy(&a).await));
+    assert_eq!(
+        ok("get b", store.get(&b).await),
+        Some(k1.clone()),
+        "others stay"
+    );
+    let k3 = sample_wrapped("k1", 4);
+    assert_eq!(
+        ok("insert after destroy", store.insert(&a, &k3).await),
+        k3,
+        "a destroyed owner may get a new key"
+    );
+    for o in [&a, &b, &system] {
+        ok("cleanup", store.destroy(o).await);
+    }
+
+    // Erasure markers.
+    let tag = format!("{prefix}tag");
+    assert_eq!(ok("erased_at none", store.erased_at(&tag).await), None);
+    assert!(!ok("clear none", store.clear_erased(&tag).await));
+    ok("mark", store.mark_erased(&tag, base_time()).await);
+    assert_eq!(
+        ok("erased_at", store.erased_at(&tag).await),
+        Some(base_time())
+    );
+    let later = base_time() + Duration::seconds(5);
+    ok("mark again", store.mark_erased(&tag, later).await);
+    assert_eq!(
+        ok("erased_at later", store.erased_at(&tag).await),
+        Some(later),
+        "the last mark wins"
+    );
+    assert_eq!(
+        ok("other tag", store.erased_at(&format!("{tag}x")).await),
+        None
+    );
+    assert!(ok("clear", store.clear_erased(&tag).await));
+    assert_eq!(ok("erased_at cleared", store.erased_at(&tag).await), None);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1383,6 +1570,28 @@ pub async fn decisions(store: &dyn DecisionStore, prefix: &str) {
         .is_empty(),
         "impressions must not follow the pseudonym"
     );
+    // Customer decisions: the customer's own, ascending by id, each with its outcomes.
+    let mut expected_mine = Vec::new();
+    for d in [&d0, &d1b, &d2] {
+        let stored = ok("get", store.get(&d.id).await);
+        let outcomes = ok("outcomes", store.outcomes(&d.id).await);
+        expected_mine.push((stored.expect("stored decision"), outcomes));
+    }
+    expected_mine.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+    assert_eq!(
+        ok("customer_decisions", store.customer_decisions(&c1).await),
+        expected_mine,
+        "customer_decisions must return the customer's decisions in id order, with their \
+         outcomes, and none of customers whose ids share a prefix"
+    );
+    assert!(
+        ok(
+            "customer_decisions unknown",
+            store.customer_decisions(&customer_id(&id("nobody"))).await
+        )
+        .is_empty(),
+        "a customer without decisions has none"
+    );
     // Pseudonymise.
     let pseudonym = id("anon-1");
     assert_eq!(
@@ -1425,6 +1634,23 @@ pub async fn decisions(store: &dyn DecisionStore, prefix: &str) {
         "pseudonymise must not touch customers whose ids share a prefix"
     );
     assert_eq!(ok("outcomes d3", store.outcomes(&d3.id).await), vec![o3]);
+    assert!(
+        ok(
+            "customer_decisions after",
+            store.customer_decisions(&c1).await
+        )
+        .is_empty(),
+        "after pseudonymise the customer has no decisions"
+    );
+    assert_eq!(
+        ok(
+            "customer_decisions of the pseudonym",
+            store.customer_decisions(&anon).await
+        )
+        .len(),
+        3,
+        "the pseudonym has them"
+    );
     assert_eq!(
         ok(
             "pseudonymise again",

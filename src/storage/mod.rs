@@ -35,7 +35,7 @@ use crate::bandit::linear::LinearStats;
 use crate::bandit::ArmStats;
 use crate::config::Backends;
 use crate::content::ContentItem;
-use crate::customers::{Customer, CustomerId};
+use crate::customers::{Consent, CustomerId};
 use crate::decision::{Decision, Impression, Outcome};
 use crate::events::{Event, StoredEvent};
 use crate::experiments::VariantTotals;
@@ -54,18 +54,163 @@ pub enum StorageError {
 
 pub type StorageResult<T> = std::result::Result<T, StorageError>;
 
-/// Customer profiles.
+/// One sealed (encrypted) value of a profile: AES-256-GCM under the customer's data key,
+/// with the customer id and the field name bound as associated data (`privacy` seals and
+/// opens; stores keep it as opaque bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedField {
+    /// The 96-bit nonce, unique per sealing.
+    #[serde(with = "b64")]
+    pub nonce: Vec<u8>,
+    /// Ciphertext followed by the 128-bit tag.
+    #[serde(with = "b64")]
+    pub ciphertext: Vec<u8>,
+}
+
+/// A profile as stored: PII and sensitive traits only as [`SealedField`]s, never in the
+/// clear. `privacy::Profiles` turns it into a [`Customer`](crate::customers::Customer) and back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredProfile {
+    pub id: CustomerId,
+    /// The traits not marked sensitive: always a JSON object.
+    pub traits: serde_json::Map<String, Value>,
+    /// Sealed values by field name (`email`, `phone`, `name`, `traits.<name>`).
+    #[serde(default)]
+    pub sealed: std::collections::BTreeMap<String, SealedField>,
+    /// Keyed hash (blind index) of the normalised email: what `find_by_email` looks up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email_index: Option<String>,
+    #[serde(default)]
+    pub consent: Consent,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Customer profiles as stored ([`StoredProfile`]: PII sealed), with the blind index of
+/// emails.
 #[async_trait]
 pub trait ProfileStore: Send + Sync {
     /// `None`: no customer with this id.
-    async fn get(&self, id: &CustomerId) -> StorageResult<Option<Customer>>;
-    /// Inserts or replaces the whole profile. Merging updates is the caller's job.
-    async fn put(&self, customer: &Customer) -> StorageResult<()>;
-    /// `false`: there was nothing to delete.
+    async fn get(&self, id: &CustomerId) -> StorageResult<Option<StoredProfile>>;
+    /// Inserts or replaces the whole profile. Merging updates is the caller's job. The
+    /// email index follows in the same atomic write: the profile's old `email_index`
+    /// stops finding it, its new one finds it.
+    async fn put(&self, profile: &StoredProfile) -> StorageResult<()>;
+    /// Removes the profile and its email index entry. `false`: there was nothing to delete.
     async fn delete(&self, id: &CustomerId) -> StorageResult<bool>;
     /// Profiles in ascending id order, strictly after `after`, at most `limit`.
-    async fn list(&self, after: Option<&CustomerId>, limit: usize) -> StorageResult<Vec<Customer>>;
+    async fn list(
+        &self,
+        after: Option<&CustomerId>,
+        limit: usize,
+    ) -> StorageResult<Vec<StoredProfile>>;
     async fn count(&self) -> StorageResult<u64>;
+    /// The customers whose stored `email_index` is `index`, ascending by id (several
+    /// customers may share an email).
+    async fn find_by_email(&self, index: &str) -> StorageResult<Vec<CustomerId>>;
+}
+
+/// Whose data key a [`WrappedKey`] is: a customer's, or one of the engine's own secrets
+/// (the blind-index key). The two never collide.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum KeyOwner {
+    Customer(CustomerId),
+    System(String),
+}
+
+impl KeyOwner {
+    /// The owner as one string: `c:<customer id>` or `s:<name>`; also the associated
+    /// data that binds a wrapped key to its owner.
+    pub fn encode(&self) -> String {
+        match self {
+            KeyOwner::Customer(id) => format!("c:{id}"),
+            KeyOwner::System(name) => format!("s:{name}"),
+        }
+    }
+
+    /// The inverse of [`KeyOwner::encode`]; `None` for anything else.
+    pub fn decode(raw: &str) -> Option<KeyOwner> {
+        if let Some(id) = raw.strip_prefix("c:") {
+            return CustomerId::parse("owner", id).ok().map(KeyOwner::Customer);
+        }
+        raw.strip_prefix("s:")
+            .map(|name| KeyOwner::System(name.to_owned()))
+    }
+}
+
+/// A data key encrypted ("wrapped") with AES-256-GCM under the master key `master_key_id`,
+/// the owner and the master key id bound as associated data.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrappedKey {
+    pub master_key_id: String,
+    #[serde(with = "b64")]
+    pub nonce: Vec<u8>,
+    #[serde(with = "b64")]
+    pub ciphertext: Vec<u8>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for WrappedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WrappedKey")
+            .field("master_key_id", &self.master_key_id)
+            .field("created_at", &self.created_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Data keys (wrapped, never in the clear) per owner, and erasure markers.
+///
+/// Destroying a customer's key is what makes their sealed fields unreadable everywhere,
+/// backups included (crypto-shredding). Erasure markers are keyed by an opaque tag (a
+/// keyed hash of the customer id), so the store never lists erased ids in the clear.
+#[async_trait]
+pub trait DataKeyStore: Send + Sync {
+    /// `None`: the owner has no key (never had one, or it was destroyed).
+    async fn get(&self, owner: &KeyOwner) -> StorageResult<Option<WrappedKey>>;
+    /// Stores `key` unless the owner already has one, atomically, and returns the key the
+    /// owner has afterwards: concurrent creators all get the first one stored.
+    async fn insert(&self, owner: &KeyOwner, key: &WrappedKey) -> StorageResult<WrappedKey>;
+    /// Replaces the owner's key with `new` if it is still exactly `old` (re-wrapping
+    /// under another master key); `false` and nothing written otherwise.
+    async fn replace(
+        &self,
+        owner: &KeyOwner,
+        old: &WrappedKey,
+        new: &WrappedKey,
+    ) -> StorageResult<bool>;
+    /// Removes the owner's key. `false`: there was none.
+    async fn destroy(&self, owner: &KeyOwner) -> StorageResult<bool>;
+    /// Keys in ascending order of [`KeyOwner::encode`], strictly after `after`, at most
+    /// `limit`.
+    async fn list(
+        &self,
+        after: Option<&KeyOwner>,
+        limit: usize,
+    ) -> StorageResult<Vec<(KeyOwner, WrappedKey)>>;
+    /// Records that the customer behind `tag` was erased at `at` (the last write wins).
+    async fn mark_erased(&self, tag: &str, at: DateTime<Utc>) -> StorageResult<()>;
+    /// When the customer behind `tag` was erased; `None`: not erased (or re-consented).
+    async fn erased_at(&self, tag: &str) -> StorageResult<Option<DateTime<Utc>>>;
+    /// Forgets the erasure marker (the customer consented again). `false`: there was none.
+    async fn clear_erased(&self, tag: &str) -> StorageResult<bool>;
+}
+
+/// Byte strings as standard base64 in JSON.
+mod b64 {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let raw = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(raw)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// What [`EventLog::append`] did with one event.
@@ -202,6 +347,12 @@ pub trait DecisionStore: Send + Sync {
         after: Option<&str>,
         limit: usize,
     ) -> StorageResult<Vec<(Decision, Vec<Outcome>)>>;
+    /// The customer's decisions, each with its outcomes in the order they were stored,
+    /// in ascending id order (what an export of the customer's data returns).
+    async fn customer_decisions(
+        &self,
+        customer: &CustomerId,
+    ) -> StorageResult<Vec<(Decision, Vec<Outcome>)>>;
     /// Replaces the customer id on their decisions and outcomes with `pseudonym`
     /// (erasure keeps aggregate history) and deletes their impressions. Returns how many
     /// decisions were changed.
@@ -332,6 +483,7 @@ pub trait KeyStore: Send + Sync {
 #[derive(Clone)]
 pub struct Stores {
     pub profiles: Arc<dyn ProfileStore>,
+    pub data_keys: Arc<dyn DataKeyStore>,
     pub events: Arc<dyn EventLog>,
     pub features: Arc<dyn FeatureStore>,
     pub segments: Arc<dyn SegmentStore>,

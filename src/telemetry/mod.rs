@@ -32,6 +32,8 @@ pub struct Metrics {
     pub conversions: Counter<u64>,
     pub conversion_value: Histogram<f64>,
     pub events_ingested: Counter<u64>,
+    /// Writes for erased customers refused (`kind`: event, profile).
+    pub erased_writes_suppressed: Counter<u64>,
     pub feature_read_latency_ms: Histogram<f64>,
     pub feature_compute_errors: Counter<u64>,
     pub feature_rollbacks: Counter<u64>,
@@ -97,6 +99,10 @@ impl Metrics {
             events_ingested: counter(
                 "tailor_events_ingested_total",
                 "Events received, by result (accepted, duplicate, rejected)",
+            ),
+            erased_writes_suppressed: counter(
+                "tailor_erased_writes_suppressed_total",
+                "Events and profile updates refused because their customer was erased, by kind",
             ),
             feature_read_latency_ms: ms_histogram(
                 "tailor_feature_read_latency_ms",

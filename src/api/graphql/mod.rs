@@ -9,6 +9,7 @@ pub mod experiments;
 pub mod models;
 pub mod mutation;
 pub mod ope;
+pub mod privacy;
 pub mod query;
 pub mod rules;
 pub mod subscription;

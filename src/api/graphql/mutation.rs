@@ -226,4 +226,5 @@ pub struct Mutation(
     super::rules::RuleMutation,
     super::models::ModelMutation,
     super::auth::KeyMutation,
+    super::privacy::PrivacyMutation,
 );

@@ -201,4 +201,5 @@ pub struct Query(
     super::models::ModelQuery,
     super::ope::OpeQuery,
     super::auth::KeyQuery,
+    super::privacy::PrivacyQuery,
 );

@@ -272,7 +272,6 @@ pub async fn customer_page(
         .map_err(gql)?;
     let customers: Vec<Customer> = match segment {
         None => engine
-            .stores
             .profiles
             .list(after.as_ref(), first + 1)
             .await
@@ -286,12 +285,7 @@ pub async fn customer_page(
                 .map_err(|e| gql(e.into()))?;
             let mut out = Vec::with_capacity(ids.len());
             for id in ids {
-                let profile = engine
-                    .stores
-                    .profiles
-                    .get(&id)
-                    .await
-                    .map_err(|e| gql(e.into()))?;
+                let profile = engine.profiles.get(&id).await.map_err(|e| gql(e.into()))?;
                 out.push(profile.unwrap_or_else(|| Customer {
                     id,
                     traits: Default::default(),

@@ -5,7 +5,7 @@
 //! - `outcomes`: (decision id, n `u64`) → JSON of [`Outcome`], n = 0, 1, 2, ... in the
 //!   order they were stored (outcomes are never removed, so n is also the count before);
 //! - `customer_decisions`: (customer id, decision id) → `()`: the customer's decisions,
-//!   for `pseudonymise`;
+//!   for `customer_decisions` and `pseudonymise`;
 //! - `impressions`: (customer id, created at in ms `i64`, decision id) → the shown item
 //!   ids joined by `\n` (ids never contain a newline): what rules' frequency caps count.
 
@@ -233,6 +233,52 @@ impl DecisionStore for EmbeddedDecisions {
                     let (key, value) = entry.map_err(db_err)?;
                     let id = key.value();
                     let decision: Decision = decode("decision", id, value.value())?;
+                    let mut list = Vec::new();
+                    for o in outcomes
+                        .range((id, 0u64)..=(id, u64::MAX))
+                        .map_err(db_err)?
+                    {
+                        let (k, v) = o.map_err(db_err)?;
+                        let n = k.value().1;
+                        list.push(decode("outcome", format_args!("{id}#{n}"), v.value())?);
+                    }
+                    out.push((decision, list));
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    async fn customer_decisions(
+        &self,
+        customer: &CustomerId,
+    ) -> StorageResult<Vec<(Decision, Vec<Outcome>)>> {
+        let customer = customer.clone();
+        self.store
+            .read_blocking(move |txn| {
+                let index = txn.open_table(CUSTOMER_DECISIONS).map_err(db_err)?;
+                let decisions = txn.open_table(DECISIONS).map_err(db_err)?;
+                let outcomes = txn.open_table(OUTCOMES).map_err(db_err)?;
+                let mut out = Vec::new();
+                for entry in index
+                    .range::<(&str, &str)>((
+                        Bound::Included((customer.as_str(), "")),
+                        Bound::Unbounded,
+                    ))
+                    .map_err(db_err)?
+                {
+                    let (key, _) = entry.map_err(db_err)?;
+                    let (owner, id) = key.value();
+                    if owner != customer.as_str() {
+                        break;
+                    }
+                    let Some(value) = decisions.get(id).map_err(db_err)? else {
+                        continue; // stale index entry
+                    };
+                    let decision: Decision = decode("decision", id, value.value())?;
+                    if decision.customer_id != customer {
+                        continue; // stale index entry
+                    }
                     let mut list = Vec::new();
                     for o in outcomes
                         .range((id, 0u64)..=(id, u64::MAX))

@@ -6,7 +6,7 @@
 //! - [`writer`]: the group-commit writer thread that owns every write transaction;
 //! - one file per capability, each with its tables and its trait implementation:
 //!   [`profiles`], [`events`], [`features`], [`segments`], [`content`], [`decisions`],
-//!   [`bandit`], [`definitions`], [`experiments`], [`keys`];
+//!   [`bandit`], [`definitions`], [`experiments`], [`keys`], [`data_keys`];
 //! - `tests` (test builds only): the conformance suite on this backend, durability,
 //!   group commit and corruption.
 //!
@@ -21,6 +21,7 @@
 
 pub mod bandit;
 pub mod content;
+pub mod data_keys;
 pub mod decisions;
 pub mod definitions;
 pub mod events;
@@ -49,6 +50,21 @@ use self::writer::Writer;
 
 /// Name of the database file inside the store directory.
 pub const FILE_NAME: &str = "tailor.redb";
+
+/// The key store's directory inside the data directory: a store of its own (its own
+/// `tailor.redb`) whose only use is data keys and erasure markers.
+///
+/// Apart from the data so that it can be backed up apart, on a shorter retention: a
+/// backup of the data taken before an erasure holds the customer's sealed fields, and
+/// only the key store has the key that opens them. Once an erasure destroyed it there
+/// (and the key store's older backups expired), those copies are unreadable.
+pub const KEYRING_DIR: &str = "keyring";
+
+/// The data key store of `data_dir` ([`KEYRING_DIR`]).
+pub fn open_keyring(data_dir: &Path) -> anyhow::Result<Arc<dyn crate::storage::DataKeyStore>> {
+    let store = EmbeddedStore::open(&data_dir.join(KEYRING_DIR))?;
+    Ok(Arc::new(data_keys::EmbeddedDataKeys::new(store)))
+}
 
 /// The embedded store: one redb database and the writer thread that commits to it.
 ///
@@ -79,6 +95,7 @@ impl EmbeddedStore {
     pub fn stores(self: &Arc<Self>) -> Stores {
         Stores {
             profiles: Arc::new(profiles::EmbeddedProfiles::new(self.clone())),
+            data_keys: Arc::new(data_keys::EmbeddedDataKeys::new(self.clone())),
             events: Arc::new(events::EmbeddedEventLog::new(self.clone())),
             features: Arc::new(features::EmbeddedFeatures::new(self.clone())),
             segments: Arc::new(segments::EmbeddedSegments::new(self.clone())),
@@ -141,6 +158,7 @@ fn create_tables(db: &Database) -> StorageResult<()> {
     definitions::create_tables(&txn)?;
     experiments::create_tables(&txn)?;
     keys::create_tables(&txn)?;
+    data_keys::create_tables(&txn)?;
     txn.commit().map_err(db_err)
 }
 

@@ -1,22 +1,28 @@
 //! Customer profiles ([`ProfileStore`]).
 //!
-//! Table `profiles`: customer id (`&str`) → JSON of [`Customer`]. Listing is a key range
-//! scan; the count is the table's length.
+//! Tables:
+//! - `profiles`: customer id (`&str`) → JSON of [`StoredProfile`] (PII sealed). Listing
+//!   is a key range scan; the count is the table's length;
+//! - `email_index`: (blind index `&str`, customer id `&str`) → `()`, kept in the same
+//!   write as the profile.
 
 use std::ops::Bound;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use redb::{ReadableTableMetadata, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 
-use super::{db_err, decode, encode, EmbeddedStore};
-use crate::customers::{Customer, CustomerId};
-use crate::storage::{ProfileStore, StorageResult};
+use super::{db_err, decode, encode, stored_customer_id, EmbeddedStore};
+use crate::customers::CustomerId;
+use crate::storage::{ProfileStore, StorageResult, StoredProfile};
 
 pub(super) const PROFILES: TableDefinition<&str, &[u8]> = TableDefinition::new("profiles");
+pub(super) const EMAIL_INDEX: TableDefinition<(&str, &str), ()> =
+    TableDefinition::new("email_index");
 
 pub(super) fn create_tables(txn: &WriteTransaction) -> StorageResult<()> {
     txn.open_table(PROFILES).map_err(db_err)?;
+    txn.open_table(EMAIL_INDEX).map_err(db_err)?;
     Ok(())
 }
 
@@ -31,9 +37,20 @@ impl EmbeddedProfiles {
     }
 }
 
+/// The stored profile's email index, if it has one (an undecodable old value has none:
+/// it is replaced or removed anyway).
+fn old_index(table: &redb::Table<&str, &[u8]>, id: &str) -> StorageResult<Option<String>> {
+    let Some(value) = table.get(id).map_err(db_err)? else {
+        return Ok(None);
+    };
+    Ok(serde_json::from_slice::<StoredProfile>(value.value())
+        .ok()
+        .and_then(|p| p.email_index))
+}
+
 #[async_trait]
 impl ProfileStore for EmbeddedProfiles {
-    async fn get(&self, id: &CustomerId) -> StorageResult<Option<Customer>> {
+    async fn get(&self, id: &CustomerId) -> StorageResult<Option<StoredProfile>> {
         self.store.read(|txn| {
             let table = txn.open_table(PROFILES).map_err(db_err)?;
             let Some(value) = table.get(id.as_str()).map_err(db_err)? else {
@@ -43,12 +60,25 @@ impl ProfileStore for EmbeddedProfiles {
         })
     }
 
-    async fn put(&self, customer: &Customer) -> StorageResult<()> {
-        let id = customer.id.as_str().to_owned();
-        let value = encode("profile", customer)?;
+    async fn put(&self, profile: &StoredProfile) -> StorageResult<()> {
+        let id = profile.id.as_str().to_owned();
+        let index = profile.email_index.clone();
+        let value = encode("profile", profile)?;
         self.store
             .write(move |txn| {
                 let mut table = txn.open_table(PROFILES).map_err(db_err)?;
+                let mut emails = txn.open_table(EMAIL_INDEX).map_err(db_err)?;
+                let old = old_index(&table, &id)?;
+                if old != index {
+                    if let Some(old) = &old {
+                        emails.remove((old.as_str(), id.as_str())).map_err(db_err)?;
+                    }
+                    if let Some(new) = &index {
+                        emails
+                            .insert((new.as_str(), id.as_str()), ())
+                            .map_err(db_err)?;
+                    }
+                }
                 table
                     .insert(id.as_str(), value.as_slice())
                     .map_err(db_err)?;
@@ -62,13 +92,21 @@ impl ProfileStore for EmbeddedProfiles {
         self.store
             .write(move |txn| {
                 let mut table = txn.open_table(PROFILES).map_err(db_err)?;
+                let mut emails = txn.open_table(EMAIL_INDEX).map_err(db_err)?;
+                if let Some(old) = old_index(&table, &id)? {
+                    emails.remove((old.as_str(), id.as_str())).map_err(db_err)?;
+                }
                 let removed = table.remove(id.as_str()).map_err(db_err)?.is_some();
                 Ok(removed)
             })
             .await
     }
 
-    async fn list(&self, after: Option<&CustomerId>, limit: usize) -> StorageResult<Vec<Customer>> {
+    async fn list(
+        &self,
+        after: Option<&CustomerId>,
+        limit: usize,
+    ) -> StorageResult<Vec<StoredProfile>> {
         if limit == 0 {
             return Ok(Vec::new());
         }
@@ -98,6 +136,25 @@ impl ProfileStore for EmbeddedProfiles {
         self.store.read(|txn| {
             let table = txn.open_table(PROFILES).map_err(db_err)?;
             table.len().map_err(db_err)
+        })
+    }
+
+    async fn find_by_email(&self, index: &str) -> StorageResult<Vec<CustomerId>> {
+        self.store.read(|txn| {
+            let table = txn.open_table(EMAIL_INDEX).map_err(db_err)?;
+            let mut out = Vec::new();
+            for entry in table
+                .range::<(&str, &str)>((Bound::Included((index, "")), Bound::Unbounded))
+                .map_err(db_err)?
+            {
+                let (key, _) = entry.map_err(db_err)?;
+                let (found, id) = key.value();
+                if found != index {
+                    break;
+                }
+                out.push(stored_customer_id(id)?);
+            }
+            Ok(out)
         })
     }
 }

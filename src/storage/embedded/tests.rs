@@ -163,6 +163,12 @@ async fn experiments_conform() {
 }
 
 #[tokio::test]
+async fn data_keys_conform() {
+    let (_dir, _store, stores) = fresh();
+    conformance::data_keys(stores.data_keys.as_ref(), "t:").await;
+}
+
+#[tokio::test]
 async fn keys_conform() {
     let (_dir, _store, stores) = fresh();
     conformance::keys(stores.keys.as_ref(), "t:").await;
@@ -174,6 +180,7 @@ async fn suites_share_one_store_by_prefix() {
     let (_dir, _store, s) = fresh();
     for prefix in ["run-a:", "run-b:"] {
         conformance::profiles(s.profiles.as_ref(), prefix).await;
+        conformance::data_keys(s.data_keys.as_ref(), prefix).await;
         conformance::event_log(s.events.as_ref(), prefix).await;
         conformance::features(s.features.as_ref(), prefix).await;
         conformance::segments(s.segments.as_ref(), prefix).await;
