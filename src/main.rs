@@ -571,6 +571,13 @@ fn open_embedded(
 
 /// `tailor keys rotate-master`: every data key under the current master key.
 async fn rotate_master(store: Store) -> anyhow::Result<()> {
+    // Warnings (such as a master key generated for a new key id) go to standard error;
+    // standard output is the report.
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::WARN)
+        .with_target(false)
+        .try_init();
     let (settings, embedded) = open_embedded(store)?;
     let ring = tailor::privacy::KeyRing::load(&settings.encryption, &settings.data_dir)?;
     let mut stores = embedded.stores();

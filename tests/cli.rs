@@ -439,3 +439,77 @@ fn keys_commands_create_list_and_revoke() {
     let (ok, _, stderr) = run(&["list"]);
     assert!(!ok && stderr.contains("createApiKey"), "{stderr}");
 }
+
+#[test]
+fn keys_rotate_master_rewraps_so_the_old_key_can_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let settings = |key_id: &str| tailor::config::Settings {
+        data_dir: data.clone(),
+        encryption: tailor::config::EncryptionSettings {
+            key_id: key_id.into(),
+            key_env: String::new(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let id = tailor::customers::CustomerId::parse("id", "c1").unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let email = |key_id: &str| {
+        rt.block_on(async {
+            let engine = tailor::app::Engine::open(settings(key_id)).await?;
+            let customer = engine.customer(&id).await?;
+            anyhow::Ok(customer.and_then(|c| c.pii.email))
+        })
+    };
+    rt.block_on(async {
+        let engine = tailor::app::Engine::open(settings("k1")).await.unwrap();
+        let update = tailor::customers::CustomerUpdate {
+            id: id.clone(),
+            traits: Default::default(),
+            pii: tailor::customers::Pii {
+                email: Some("ada@example.com".into()),
+                ..Default::default()
+            },
+            consent: Default::default(),
+        };
+        engine.upsert_customer(update).await.unwrap();
+    });
+
+    let rotate = |key_id: &str| {
+        let out = tailor()
+            .args(["keys", "rotate-master", "--data-dir"])
+            .arg(&data)
+            .env("TAILOR_ENCRYPTION__KEY_ID", key_id)
+            .env("TAILOR_ENCRYPTION__KEY_ENV", "")
+            .output()
+            .expect("tailor runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // A new generated key k2; k1's file stays, so everything still reads.
+    let (ok, stdout, stderr) = rotate("k2");
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        stdout,
+        "re-wrapped 2 data keys under master key 'k2' (0 were already under it)\n\
+         no data key needs master keys 'k1' any more\n",
+        "the customer's key and the blind-index key"
+    );
+    assert!(
+        stderr.contains("Generated a master key") && stderr.contains("k2.key"),
+        "{stderr}"
+    );
+    let (ok, stdout, _) = rotate("k2");
+    assert!(
+        ok && stdout.starts_with("re-wrapped 0 data keys"),
+        "{stdout}"
+    );
+
+    // Without k1 the data still reads under k2, unchanged.
+    std::fs::remove_file(data.join("master-keys").join("k1.key")).unwrap();
+    assert_eq!(email("k2").unwrap().as_deref(), Some("ada@example.com"));
+}

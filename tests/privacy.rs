@@ -343,6 +343,34 @@ async fn erasure_leaves_nothing_readable_and_suppresses_the_id_until_consent() {
     );
     assert!(export(&app, "c1").await["profile"].is_null());
 
+    // An event that got past ingestion's check just before the erasure finished is
+    // skipped by the processor: it brings back neither the profile nor feature values.
+    let late = tailor::events::Event {
+        event_id: "late".into(),
+        customer_id: c1.clone(),
+        event_type: "page_view".into(),
+        timestamp: chrono::Utc::now(),
+        properties: Default::default(),
+    };
+    let appended = app.engine.stores.events.append(&[late]).await.unwrap();
+    let tailor::storage::AppendOutcome::Appended(seq) = appended[0] else {
+        panic!("appended: {appended:?}");
+    };
+    app.engine.processor.wake();
+    assert!(
+        app.engine
+            .processor
+            .wait_applied(seq, std::time::Duration::from_secs(10))
+            .await
+    );
+    let late_export = export(&app, "c1").await;
+    assert!(late_export["profile"].is_null(), "{late_export:#}");
+    assert_eq!(
+        late_export["features"],
+        export(&app, "never-seen").await["features"]
+    );
+    app.engine.stores.events.delete_customer(&c1).await.unwrap();
+
     // Consent granted again lifts the suppression; the new profile has a new data key.
     let resp = upsert(
         &app,

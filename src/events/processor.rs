@@ -101,6 +101,7 @@ impl Processor {
         };
         let now = Utc::now();
         let started = std::time::Instant::now();
+        let batch = self.without_erased(batch).await?;
         let customers: BTreeSet<&CustomerId> = batch.iter().map(|e| &e.event.customer_id).collect();
         self.ensure_profiles(&customers, now).await?;
         self.features.apply(&batch, now).await?;
@@ -123,6 +124,33 @@ impl Processor {
         tracing::debug!(events = batch.len(), elapsed = ?started.elapsed(), "Applied events");
         self.applied.send_replace(last);
         Ok(batch.len())
+    }
+
+    /// The batch without the events of erased customers: an event that passed
+    /// ingestion's check just before its customer's erasure completed (or arrived from a
+    /// stream) is skipped here, so it cannot bring the customer back. One look-up per
+    /// customer in the batch.
+    async fn without_erased(&self, batch: Vec<StoredEvent>) -> Result<Vec<StoredEvent>> {
+        let customers: BTreeSet<&CustomerId> = batch.iter().map(|e| &e.event.customer_id).collect();
+        let mut erased = BTreeSet::new();
+        for id in customers {
+            if self.profiles.erased_at(id).await?.is_some() {
+                erased.insert(id.clone());
+            }
+        }
+        if erased.is_empty() {
+            return Ok(batch);
+        }
+        let before = batch.len();
+        let kept: Vec<StoredEvent> = batch
+            .into_iter()
+            .filter(|e| !erased.contains(&e.event.customer_id))
+            .collect();
+        self.metrics.erased_writes_suppressed.add(
+            (before - kept.len()) as u64,
+            &[opentelemetry::KeyValue::new("kind", "event")],
+        );
+        Ok(kept)
     }
 
     /// Events for a customer never seen before create an empty profile, so every
