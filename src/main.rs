@@ -704,9 +704,24 @@ fn rules_engine(dir: &Path, plugins: Option<PathBuf>) -> anyhow::Result<tailor_r
     Ok(tailor_rules::engine_with(&natives, Some(&plugins)))
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> anyhow::Result<()> {
+    // Candle runs a CPU matrix product on as many threads as RAYON_NUM_THREADS says, and
+    // without it looks up the physical core count on every product (reading /proc). A
+    // decision's forward pass (tens of rows) is too small to share between threads: on
+    // one it is several times faster, and neither lookup is paid. Set before any thread
+    // starts, so no other thread reads the environment meanwhile; an explicit value wins
+    // (offline training of a large history may want more).
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("Failed to start the async runtime")?
+        .block_on(run(Cli::parse()))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Model { command } => model_command(command).await,
         Command::Keys { command } => keys_command(command).await,

@@ -27,6 +27,7 @@ pub mod definitions;
 pub mod events;
 pub mod experiments;
 pub mod features;
+mod finite;
 pub mod keys;
 pub mod profiles;
 pub mod segments;
@@ -178,20 +179,17 @@ pub(super) fn encode<T: Serialize>(what: &str, value: &T) -> StorageResult<Vec<u
         .map_err(|e| StorageError::Backend(format!("cannot serialize {what}: {e}")))
 }
 
-/// Serializes a stored value with `f64` fields and checks that it reads back: JSON has no
-/// NaN or infinity (serde_json writes them as `null`), and a value that could not be read
-/// back must be refused now rather than stored and reported as corrupt later.
-pub(super) fn encode_checked<T: Serialize + DeserializeOwned>(
-    what: &str,
-    value: &T,
-) -> StorageResult<Vec<u8>> {
-    let bytes = encode(what, value)?;
-    serde_json::from_slice::<T>(&bytes).map_err(|e| {
-        StorageError::Backend(format!(
-            "refusing to store {what}: it would not read back (non-finite number?): {e}"
-        ))
-    })?;
-    Ok(bytes)
+/// Serializes a stored value with `f64` fields, refusing one that would not read back:
+/// JSON has no NaN or infinity (serde_json writes them as `null`), and a value that could
+/// not be read back must be refused now rather than stored and reported as corrupt later.
+/// Checked by walking the value ([`finite`]), not by decoding the bytes again.
+pub(super) fn encode_checked<T: Serialize>(what: &str, value: &T) -> StorageResult<Vec<u8>> {
+    if let Some(x) = finite::non_finite(value) {
+        return Err(StorageError::Backend(format!(
+            "refusing to store {what}: it would not read back (non-finite number {x})"
+        )));
+    }
+    encode(what, value)
 }
 
 /// Deserializes a stored value; an undecodable one is [`StorageError::Corrupt`].
