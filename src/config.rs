@@ -954,6 +954,52 @@ mod tests {
     }
 
     #[test]
+    fn production_mode_and_its_explicit_overrides() {
+        Jail::expect_with(|jail| {
+            let api = Settings::load(None).unwrap().api;
+            assert!(api.graphiql() && api.introspection() && api.suggestions());
+            jail.create_file("tailor.toml", "[api]\nproduction = true\n")?;
+            let api = Settings::load(None).unwrap().api;
+            assert!(!api.graphiql() && !api.introspection() && !api.suggestions());
+            jail.set_env("TAILOR_API__INTROSPECTION", "true");
+            let api = Settings::load(None).unwrap().api;
+            assert!(api.introspection() && !api.graphiql());
+            Ok(())
+        });
+        for (toml, key) in [
+            ("[limits]\nmax_aliases = 0\n", "limits.max_aliases:"),
+            (
+                "[limits]\nmax_batch_operations = 0\n",
+                "limits.max_batch_operations:",
+            ),
+            (
+                "[limits]\nrate_per_key_per_second = 5\nrate_burst = 0\n",
+                "limits.rate_burst:",
+            ),
+            ("[auth.jwt]\nenabled = true\n", "auth.jwt.key_file:"),
+            (
+                "[auth.jwt]\nenabled = true\nalgorithm = \"none\"\n",
+                "auth.jwt.algorithm:",
+            ),
+            (
+                "[auth.jwt]\nenabled = true\nkey_file = \"k\"\nissuer = \"i\"\n",
+                "auth.jwt.audience:",
+            ),
+            (
+                "[auth.jwt]\nalgorithmm = \"RS256\"\n",
+                "unknown key 'auth.jwt.algorithmm'",
+            ),
+        ] {
+            Jail::expect_with(|jail| {
+                jail.create_file("tailor.toml", toml)?;
+                let err = Settings::load(None).unwrap_err().to_string();
+                assert!(err.contains(key), "{toml}: {err}");
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
     fn placements_choose_their_policy_and_reward() {
         Jail::expect_with(|jail| {
             jail.create_file(

@@ -28,6 +28,11 @@ pub fn current() -> String {
         .unwrap_or_else(|_| uuid::Uuid::now_v7().to_string())
 }
 
+/// Runs `fut` as the request `id` (what [`assign`] does for each HTTP request).
+pub async fn scope<F: std::future::Future>(id: String, fut: F) -> F::Output {
+    REQUEST_ID.scope(id, fut).await
+}
+
 fn acceptable(id: &str) -> bool {
     (1..=64).contains(&id.len())
         && id
@@ -50,9 +55,7 @@ pub async fn assign(req: Request, next: Next) -> Response {
         method = %req.method(),
         path = %req.uri().path(),
     );
-    let mut response = REQUEST_ID
-        .scope(id.clone(), next.run(req).instrument(span))
-        .await;
+    let mut response = scope(id.clone(), next.run(req).instrument(span)).await;
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(HEADER.clone(), value);
     }

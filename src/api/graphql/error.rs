@@ -78,3 +78,28 @@ pub fn denied(d: Denied) -> async_graphql::Error {
 
 /// `Result` of a resolver.
 pub type GqlResult<T> = async_graphql::Result<T>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::request_id;
+
+    #[tokio::test]
+    async fn internal_errors_send_only_the_request_id() {
+        let error = request_id::scope("req-42".into(), async {
+            gql(Error::Internal(anyhow::anyhow!(
+                "disk full under /var/lib/tailor/customer-7"
+            )))
+        })
+        .await;
+        let server = error.into_server_error(async_graphql::Pos::default());
+        assert_eq!(server.message, "internal error (request id req-42)");
+        let extensions = serde_json::to_value(server.extensions.unwrap()).unwrap();
+        assert_eq!(
+            extensions,
+            serde_json::json!({"code": "INTERNAL", "requestId": "req-42"})
+        );
+        let body = http_errors("RATE_LIMITED", "slow down");
+        assert_eq!(body["errors"][0]["extensions"]["code"], "RATE_LIMITED");
+    }
+}
