@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use async_graphql::http::GraphiQLSource;
 use async_graphql::http::ALL_WEBSOCKET_PROTOCOLS;
+use async_graphql::ErrorExtensions;
 use async_graphql_axum::{GraphQLProtocol, GraphQLResponse, GraphQLWebSocket};
 use axum::body::Bytes;
 use axum::extract::ws::WebSocketUpgrade;
@@ -223,7 +224,8 @@ async fn graphql_get(State(state): State<ApiState>, req: Request) -> Response {
 /// Subscriptions over WebSocket (`graphql-transport-ws` or `graphql-ws`). The key comes
 /// in the `connection_init` payload (`{"Authorization": "Bearer KEY"}`; browsers cannot
 /// set headers on a WebSocket), else from the upgrade request's header. A missing or
-/// invalid key refuses the connection; each subscription's guard checks the role.
+/// invalid key refuses the connection, and so does a key past its rate limit (each
+/// connection counts once); each subscription's guard checks the role.
 async fn graphql_ws(State(state): State<ApiState>, req: Request) -> Response {
     let (mut parts, _body) = req.into_parts();
     let protocol = match GraphQLProtocol::from_request_parts(&mut parts, &()).await {
@@ -235,7 +237,7 @@ async fn graphql_ws(State(state): State<ApiState>, req: Request) -> Response {
         Err(e) => return e.into_response(),
     };
     let header = authorization(&parts.headers).map(str::to_owned);
-    let (engine, schema) = (state.engine, state.schema);
+    let (engine, schema, rate) = (state.engine, state.schema, state.rate);
     upgrade
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
         .on_upgrade(move |stream| {
@@ -250,7 +252,16 @@ async fn graphql_ws(State(state): State<ApiState>, req: Request) -> Response {
                     else {
                         return Ok(data);
                     };
-                    if let Caller::Key(_) = caller {
+                    if let Caller::Key(principal) = &caller {
+                        // A connection takes one request from the key's rate limit.
+                        if let Some(Err(wait)) = rate.map(|r| r.check(&principal.key_id, 1)) {
+                            let message = format!(
+                                "rate limit of this key reached; retry in {} s",
+                                wait.as_secs()
+                            );
+                            return Err(async_graphql::Error::new(message)
+                                .extend_with(|_, e| e.set("code", "RATE_LIMITED")));
+                        }
                         data.insert(caller);
                         return Ok(data);
                     }
