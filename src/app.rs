@@ -196,7 +196,8 @@ impl Engine {
             metrics.clone(),
         )
         .with_publisher(stream.clone());
-        let keys = Arc::new(crate::auth::KeyService::new(stores.keys.clone()));
+        let jwt = crate::auth::jwt::JwtVerifier::load(&settings.auth.jwt)?;
+        let keys = Arc::new(crate::auth::KeyService::new(stores.keys.clone()).with_jwt(jwt));
         Ok(Arc::new(Engine {
             settings,
             stores,

@@ -90,6 +90,20 @@ pub struct Limits {
     pub max_events_per_request: usize,
     /// Most candidates a decision considers.
     pub max_candidates: usize,
+    /// Most directives on one field of a GraphQL query.
+    pub max_directives: usize,
+    /// Most nesting of lists, input objects and fragments a GraphQL query may use
+    /// (bounds the recursion of the parser's consumers, not the selection depth).
+    pub max_recursive_depth: usize,
+    /// Most aliased fields in one GraphQL operation.
+    pub max_aliases: usize,
+    /// Most operations in one batched GraphQL request (a JSON array of requests).
+    pub max_batch_operations: usize,
+    /// Requests per second each API key (or JWT subject) may make on average; 0 for no
+    /// limit. A batched GraphQL request counts each of its operations.
+    pub rate_per_key_per_second: u32,
+    /// Requests a key may make at once above its average rate.
+    pub rate_burst: u32,
 }
 
 impl Default for Limits {
@@ -100,6 +114,12 @@ impl Default for Limits {
             max_query_complexity: 5_000,
             max_events_per_request: 10_000,
             max_candidates: 500,
+            max_directives: 16,
+            max_recursive_depth: 64,
+            max_aliases: 100,
+            max_batch_operations: 16,
+            rate_per_key_per_second: 0,
+            rate_burst: 100,
         }
     }
 }
@@ -137,19 +157,34 @@ impl Default for Timeouts {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `[api]`: what the API shows about itself. `production = true` switches GraphiQL,
+/// introspection and field suggestions off unless they are set explicitly.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiSettings {
-    pub graphiql: bool,
-    pub introspection: bool,
+    pub production: bool,
+    /// The GraphiQL page on `GET /graphql` (default: on unless `production`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub graphiql: Option<bool>,
+    /// `__schema` and `__type` queries (default: on unless `production`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub introspection: Option<bool>,
+    /// "Did you mean …?" in validation errors (default: on unless `production`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suggestions: Option<bool>,
 }
 
-impl Default for ApiSettings {
-    fn default() -> Self {
-        ApiSettings {
-            graphiql: true,
-            introspection: true,
-        }
+impl ApiSettings {
+    pub fn graphiql(&self) -> bool {
+        self.graphiql.unwrap_or(!self.production)
+    }
+
+    pub fn introspection(&self) -> bool {
+        self.introspection.unwrap_or(!self.production)
+    }
+
+    pub fn suggestions(&self) -> bool {
+        self.suggestions.unwrap_or(!self.production)
     }
 }
 
@@ -161,11 +196,53 @@ pub struct AuthSettings {
     /// whose role it is open to. `false` lets every request act as admin (the server
     /// warns at start); for a trusted network only.
     pub enabled: bool,
+    /// Bearer JWTs from a single sign-on, accepted besides API keys.
+    pub jwt: JwtSettings,
 }
 
 impl Default for AuthSettings {
     fn default() -> Self {
-        AuthSettings { enabled: true }
+        AuthSettings {
+            enabled: true,
+            jwt: JwtSettings::default(),
+        }
+    }
+}
+
+/// `[auth.jwt]`: verification of bearer JWTs issued by an SSO. A token must be signed with
+/// exactly `algorithm` under the key in `key_file`, name `issuer` as `iss` and `audience`
+/// in `aud`, be unexpired (`exp` is required), and carry a role name (`frontend`,
+/// `marketer`, `admin`, `internal`) in the claim `role_claim`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtSettings {
+    pub enabled: bool,
+    /// The one accepted algorithm: RS256/384/512, PS256/384/512, ES256/384, EdDSA, or
+    /// HS256/384/512 (a shared secret).
+    pub algorithm: String,
+    /// The verification key: a PEM public key, or for HS* the file whose bytes are the
+    /// shared secret.
+    pub key_file: String,
+    pub issuer: String,
+    pub audience: String,
+    /// The claim that holds the caller's role (a string, or a list whose first role name
+    /// counts).
+    pub role_claim: String,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub leeway_secs: u64,
+}
+
+impl Default for JwtSettings {
+    fn default() -> Self {
+        JwtSettings {
+            enabled: false,
+            algorithm: "RS256".into(),
+            key_file: String::new(),
+            issuer: String::new(),
+            audience: String::new(),
+            role_claim: "tailor_role".into(),
+            leeway_secs: 30,
+        }
     }
 }
 
@@ -757,6 +834,40 @@ impl Settings {
         if self.limits.max_body_bytes < 1024 {
             anyhow::bail!("limits.max_body_bytes: must be at least 1024");
         }
+        for (name, value) in [
+            ("max_query_depth", self.limits.max_query_depth),
+            ("max_query_complexity", self.limits.max_query_complexity),
+            ("max_directives", self.limits.max_directives),
+            ("max_recursive_depth", self.limits.max_recursive_depth),
+            ("max_aliases", self.limits.max_aliases),
+            ("max_batch_operations", self.limits.max_batch_operations),
+        ] {
+            if value == 0 {
+                anyhow::bail!("limits.{name}: must be at least 1");
+            }
+        }
+        if self.limits.rate_per_key_per_second > 0 && self.limits.rate_burst == 0 {
+            anyhow::bail!(
+                "limits.rate_burst: must be at least 1 while rate_per_key_per_second is set"
+            );
+        }
+        if self.timeouts.request_ms == 0 {
+            anyhow::bail!("timeouts.request_ms: must be at least 1");
+        }
+        let jwt = &self.auth.jwt;
+        if jwt.enabled {
+            crate::auth::jwt::algorithm("auth.jwt.algorithm", &jwt.algorithm)?;
+            for (name, value) in [
+                ("key_file", &jwt.key_file),
+                ("issuer", &jwt.issuer),
+                ("audience", &jwt.audience),
+                ("role_claim", &jwt.role_claim),
+            ] {
+                if value.trim().is_empty() {
+                    anyhow::bail!("auth.jwt.{name}: required while auth.jwt.enabled is true");
+                }
+            }
+        }
         self.encryption.validate()?;
         Ok(())
     }
@@ -840,6 +951,52 @@ mod tests {
             assert!(e.contains("auth.enabledd"), "{e}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn production_mode_and_its_explicit_overrides() {
+        Jail::expect_with(|jail| {
+            let api = Settings::load(None).unwrap().api;
+            assert!(api.graphiql() && api.introspection() && api.suggestions());
+            jail.create_file("tailor.toml", "[api]\nproduction = true\n")?;
+            let api = Settings::load(None).unwrap().api;
+            assert!(!api.graphiql() && !api.introspection() && !api.suggestions());
+            jail.set_env("TAILOR_API__INTROSPECTION", "true");
+            let api = Settings::load(None).unwrap().api;
+            assert!(api.introspection() && !api.graphiql());
+            Ok(())
+        });
+        for (toml, key) in [
+            ("[limits]\nmax_aliases = 0\n", "limits.max_aliases:"),
+            (
+                "[limits]\nmax_batch_operations = 0\n",
+                "limits.max_batch_operations:",
+            ),
+            (
+                "[limits]\nrate_per_key_per_second = 5\nrate_burst = 0\n",
+                "limits.rate_burst:",
+            ),
+            ("[auth.jwt]\nenabled = true\n", "auth.jwt.key_file:"),
+            (
+                "[auth.jwt]\nenabled = true\nalgorithm = \"none\"\n",
+                "auth.jwt.algorithm:",
+            ),
+            (
+                "[auth.jwt]\nenabled = true\nkey_file = \"k\"\nissuer = \"i\"\n",
+                "auth.jwt.audience:",
+            ),
+            (
+                "[auth.jwt]\nalgorithmm = \"RS256\"\n",
+                "unknown key 'auth.jwt.algorithmm'",
+            ),
+        ] {
+            Jail::expect_with(|jail| {
+                jail.create_file("tailor.toml", toml)?;
+                let err = Settings::load(None).unwrap_err().to_string();
+                assert!(err.contains(key), "{toml}: {err}");
+                Ok(())
+            });
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Authentication and roles: every GraphQL field and REST route is open to exactly its
 //! roles (and admin); missing, unknown and revoked keys are unauthenticated; keys are
-//! stored as hashes; switched off explicitly, every call succeeds without a key.
+//! stored as hashes; switched off explicitly, every call succeeds without a key; SSO
+//! JWTs verify with one algorithm, issuer and audience, their role from a claim.
 
 mod common;
 
@@ -592,4 +593,94 @@ async fn the_demo_creates_one_key_per_role_once_and_reads_them_back() {
     assert_eq!(again.keys, first.keys, "a later start reads the same keys");
     // The harness's admin key and the demo's four.
     assert_eq!(app.engine.keys.list().await.unwrap().len(), 5);
+}
+
+/// An SSO's HS256 token for `claims`, signed with `secret`.
+fn jwt(secret: &[u8], alg: jsonwebtoken::Algorithm, claims: Value) -> String {
+    let key = jsonwebtoken::EncodingKey::from_secret(secret).unwrap();
+    jsonwebtoken::encode(&jsonwebtoken::Header::new(alg), &claims, &key).unwrap()
+}
+
+#[tokio::test]
+async fn sso_jwts_map_their_role_claim_to_a_role() {
+    use jsonwebtoken::Algorithm::{HS256, HS512};
+    let secret = b"the sso's shared secret, long enough";
+    let keys = tempfile::tempdir().unwrap();
+    let key_file = keys.path().join("sso.key");
+    std::fs::write(&key_file, [&secret[..], b"\n"].concat()).unwrap();
+    let app = TestApp::with(|s| {
+        s.auth.jwt.enabled = true;
+        s.auth.jwt.algorithm = "HS256".into();
+        s.auth.jwt.key_file = key_file.display().to_string();
+        s.auth.jwt.issuer = "https://sso.example.com".into();
+        s.auth.jwt.audience = "tailor".into();
+        s.auth.jwt.role_claim = "groups".into();
+    })
+    .await;
+    let exp = jsonwebtoken::get_current_timestamp() + 600;
+    let claims = |role: &str| {
+        json!({"iss": "https://sso.example.com", "aud": "tailor", "sub": "u-1",
+               "exp": exp, "groups": ["staff", role]})
+    };
+    let post = |token: &str, query: &str| {
+        with_key(
+            Request::post("/graphql"),
+            Some(token),
+            &json!({ "query": query }).to_string(),
+        )
+    };
+    let marketer = jwt(secret, HS256, claims("marketer"));
+    let (status, answer) = call(&app, post(&marketer, "{ segments { name } }")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(answer["errors"].is_null(), "{answer}");
+    let (_, answer) = call(&app, post(&marketer, "{ models { version } }")).await;
+    assert_eq!(answer["errors"][0]["extensions"]["code"], "FORBIDDEN");
+    // REST too.
+    let frontend = jwt(secret, HS256, claims("frontend"));
+    let req = with_key(
+        Request::get("/api/v2/content/personalized"),
+        Some(&frontend),
+        "",
+    );
+    assert_eq!(call(&app, req).await.0, StatusCode::OK);
+
+    // Refused: another algorithm, issuer or audience, expired, no role, unsigned.
+    let mut other_iss = claims("admin");
+    other_iss["iss"] = json!("https://evil.example.com");
+    let mut other_aud = claims("admin");
+    other_aud["aud"] = json!("someone-else");
+    let mut expired = claims("admin");
+    expired["exp"] = json!(exp - 3_600);
+    let refused = [
+        jwt(secret, HS512, claims("admin")),
+        jwt(secret, HS256, other_iss),
+        jwt(secret, HS256, other_aud),
+        jwt(secret, HS256, expired),
+        jwt(secret, HS256, claims("superuser")),
+        jwt(b"not the sso's secret at all, no", HS256, claims("admin")),
+    ];
+    for token in &refused {
+        let (_, answer) = call(&app, post(token, "{ segments { name } }")).await;
+        assert_eq!(
+            answer["errors"][0]["extensions"]["code"], "UNAUTHENTICATED",
+            "{answer}"
+        );
+        let req = with_key(
+            Request::get("/api/v2/content/personalized"),
+            Some(token),
+            "",
+        );
+        assert_eq!(call(&app, req).await.0, StatusCode::UNAUTHORIZED);
+    }
+    // API keys keep working beside JWTs.
+    let key = app.key(Marketer).await;
+    let (_, answer) = call(&app, post(&key, "{ segments { name } }")).await;
+    assert!(answer["errors"].is_null(), "{answer}");
+
+    // Without `[auth.jwt]`, a JWT is not a key.
+    let plain = TestApp::new().await;
+    let (_, answer) = call(&plain, post(&marketer, "{ segments { name } }")).await;
+    assert_eq!(answer["errors"][0]["extensions"]["code"], "UNAUTHENTICATED");
+    let message = answer["errors"][0]["message"].as_str().unwrap();
+    assert!(message.contains("JWTs are not accepted"), "{message}");
 }

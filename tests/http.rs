@@ -215,8 +215,8 @@ async fn graphiql_is_served_and_can_be_switched_off() {
     assert!(body.contains("graphiql"), "{body}");
 
     let app = TestApp::with(|s| {
-        s.api.graphiql = false;
-        s.api.introspection = false;
+        s.api.graphiql = Some(false);
+        s.api.introspection = Some(false);
     })
     .await;
     let (status, _) = call(&app, Request::get("/graphql").body(Body::empty()).unwrap()).await;

@@ -28,12 +28,17 @@ struct Served {
 }
 
 async fn start() -> Served {
+    start_with(|_| {}).await
+}
+
+async fn start_with(tweak: impl FnOnce(&mut Settings)) -> Served {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = Settings {
         data_dir: dir.path().to_path_buf(),
         ..Settings::default()
     };
     settings.rules.dir = String::new();
+    tweak(&mut settings);
     let engine = Engine::open(settings).await.unwrap();
     let key = |role| {
         let engine = engine.clone();
@@ -331,5 +336,24 @@ async fn subscriptions_need_a_key_of_an_allowed_role() {
     assert_eq!(
         msg["payload"]["data"]["segmentChanges"]["customerId"], "c9",
         "{msg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_connection_counts_against_the_key_rate_limit() {
+    let s = start_with(|settings| {
+        settings.limits.rate_per_key_per_second = 1;
+        settings.limits.rate_burst = 1;
+    })
+    .await;
+    let _first = connect(&s, "/graphql").await;
+    let payload = json!({"Authorization": format!("Bearer {}", s.internal_key)});
+    let mut ws = open_socket(&s, "/graphql", payload).await;
+    let reason = next_message(&mut ws)
+        .await
+        .expect_err("the second connection within a second is refused");
+    assert!(
+        reason.starts_with("rate limit of this key reached"),
+        "{reason}"
     );
 }

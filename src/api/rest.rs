@@ -12,14 +12,15 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::limits::RateLimit;
 use crate::app::Engine;
-use crate::auth::{Denied, Role};
+use crate::auth::{Caller, Denied, Role};
 use crate::customers::CustomerId;
 use crate::decision::pipeline::PersonalizeRequest;
 use crate::error::Error;
 
 /// An error as a REST response: 400/404 with `{error: {code, field, message}}`, and
-/// 500 with only an id for anything internal.
+/// 500 with only the request id for anything internal.
 pub struct ApiError(Error);
 
 impl From<Error> for ApiError {
@@ -49,11 +50,10 @@ impl IntoResponse for ApiError {
                 json!({"code": "NOT_FOUND", "field": field, "message": self.0.to_string()}),
             ),
             Error::Storage(_) | Error::Internal(_) => {
-                let id = uuid::Uuid::now_v7();
-                tracing::error!(error_id = %id, error = %self.0, "Request failed");
+                let id = super::graphql::error::internal(&self.0);
                 (
                     StatusCode::INTERNAL_SERVER_ERROR,
-                    json!({"code": "INTERNAL", "message": format!("internal error (id {id})")}),
+                    json!({"code": "INTERNAL", "request_id": id, "message": format!("internal error (request id {id})")}),
                 )
             }
         };
@@ -66,11 +66,14 @@ impl IntoResponse for ApiError {
 pub struct RouteAccess {
     pub engine: Arc<Engine>,
     pub roles: &'static [Role],
+    /// The per-key rate limit; `None` for none.
+    pub rate: Option<Arc<RateLimit>>,
 }
 
 /// Runs the route only for a caller whose key's role it is open to: 401 (with
-/// `WWW-Authenticate: Bearer`) without a valid key, 403 for another role, before the body
-/// is read. Open to everyone while authentication is switched off.
+/// `WWW-Authenticate: Bearer`) without a valid key, 403 for another role, 429 (with
+/// `Retry-After`) past the key's rate limit, before the body is read. Open to everyone
+/// while authentication is switched off.
 pub async fn authorize(State(access): State<RouteAccess>, req: Request, next: Next) -> Response {
     let engine = &access.engine;
     if !engine.settings.auth.enabled {
@@ -82,7 +85,14 @@ pub async fn authorize(State(access): State<RouteAccess>, req: Request, next: Ne
         .and_then(|v| v.to_str().ok());
     let caller = engine.keys.caller(value).await;
     let denied = match caller.check(true, access.roles) {
-        Ok(()) => return next.run(req).await,
+        Ok(()) => {
+            if let (Some(rate), Caller::Key(principal)) = (&access.rate, &caller) {
+                if let Err(wait) = rate.check(&principal.key_id, 1) {
+                    return rate_limited(wait);
+                }
+            }
+            return next.run(req).await;
+        }
         Err(denied) => denied,
     };
     let (status, code) = match denied {
@@ -98,6 +108,18 @@ pub async fn authorize(State(access): State<RouteAccess>, req: Request, next: Ne
     }
 }
 
+/// 429 with `Retry-After` (whole seconds) and `{error: {code: "RATE_LIMITED"}}`.
+pub fn rate_limited(wait: std::time::Duration) -> Response {
+    let body = Json(json!({"error": {"code": "RATE_LIMITED",
+        "message": format!("rate limit of this key reached; retry in {} s", wait.as_secs())}}));
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [(header::RETRY_AFTER, wait.as_secs().to_string())],
+        body,
+    )
+        .into_response()
+}
+
 /// Parses a JSON body; a type error names the field it is in (`available_items[2]`).
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(body);
@@ -109,10 +131,11 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
         } else {
             "body".to_owned()
         };
+        // Never the error's own text: it may quote the value sent.
         let message = if inner.is_syntax() || inner.is_eof() {
-            format!("malformed JSON: {inner}")
+            format!("malformed JSON: {}", super::limits::json_error(&inner))
         } else {
-            inner.to_string()
+            super::limits::json_error(&inner)
         };
         ApiError(Error::invalid(field, message))
     })
@@ -268,7 +291,7 @@ pub async fn events(
             .enumerate()
             .map(|(i, line)| {
                 serde_json::from_str(line).unwrap_or_else(|e| {
-                    malformed.push((i, e.to_string()));
+                    malformed.push((i, super::limits::json_error(&e)));
                     Value::Null
                 })
             })

@@ -132,6 +132,8 @@ pub struct KeyService {
     /// Verified keys by id. A std mutex: held for one map operation, never across an
     /// await.
     cache: parking_lot::Mutex<HashMap<String, Cached>>,
+    /// Bearer JWTs accepted besides keys (`[auth.jwt]`); `None` while switched off.
+    jwt: Option<super::jwt::JwtVerifier>,
 }
 
 impl KeyService {
@@ -139,7 +141,14 @@ impl KeyService {
         KeyService {
             store,
             cache: Default::default(),
+            jwt: None,
         }
+    }
+
+    /// Also accepts bearer JWTs that `verifier` verifies.
+    pub fn with_jwt(mut self, verifier: Option<super::jwt::JwtVerifier>) -> Self {
+        self.jwt = verifier;
+        self
     }
 
     /// Creates a key for `role`, named `name` (checked as field `name_field`). The
@@ -243,6 +252,15 @@ impl KeyService {
             Some((scheme, key)) if scheme.eq_ignore_ascii_case("bearer") => key.trim(),
             _ => return Caller::Unauthenticated("expected `Authorization: Bearer KEY`"),
         };
+        if !key.starts_with(PREFIX) && super::jwt::looks_like_jwt(key) {
+            return match &self.jwt {
+                Some(verifier) => match verifier.verify(key) {
+                    Ok(principal) => Caller::Key(principal),
+                    Err(why) => Caller::Unauthenticated(why),
+                },
+                None => Caller::Unauthenticated("JWTs are not accepted here (auth.jwt)"),
+            };
+        }
         match self.verify(key).await {
             Ok(Ok(principal)) => Caller::Key(principal),
             Ok(Err(why)) => Caller::Unauthenticated(why),

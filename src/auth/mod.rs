@@ -6,10 +6,13 @@
 //!   key, and why it is turned away. The API layer attaches a `Caller` to every request
 //!   and checks it per GraphQL field and per REST route against that field's roles;
 //! - [`keys`]: API keys: their format, the [`keys::KeyService`] that creates, lists,
-//!   revokes and verifies them (stored as SHA-256 hashes, compared in constant time).
+//!   revokes and verifies them (stored as SHA-256 hashes, compared in constant time);
+//! - [`jwt`]: bearer JWTs from an SSO (`[auth.jwt]`), verified with one fixed algorithm,
+//!   issuer and audience; their role comes from a claim.
 //!
 //! Pure logic over the [`crate::storage::KeyStore`] trait; knows no wire format.
 
+pub mod jwt;
 pub mod keys;
 
 use serde::{Deserialize, Serialize};

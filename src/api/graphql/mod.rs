@@ -24,10 +24,6 @@ use crate::config::Settings;
 
 pub type TailorSchema = Schema<query::Query, mutation::Mutation, subscription::Subscription>;
 
-/// Most nesting of lists inside lists (fragments, input objects) a query may use.
-const MAX_RECURSIVE_DEPTH: usize = 64;
-const MAX_DIRECTIVES: usize = 16;
-
 pub fn schema(engine: Arc<Engine>) -> TailorSchema {
     let builder = builder(&engine.settings).data(engine);
     builder.finish()
@@ -43,12 +39,28 @@ fn builder(
     )
     .limit_depth(settings.limits.max_query_depth)
     .limit_complexity(settings.limits.max_query_complexity)
-    .limit_recursive_depth(MAX_RECURSIVE_DEPTH)
-    .limit_directives(MAX_DIRECTIVES);
-    if !settings.api.introspection {
+    .limit_recursive_depth(settings.limits.max_recursive_depth)
+    .limit_directives(settings.limits.max_directives)
+    .extension(crate::api::limits::QueryGuard {
+        max_aliases: settings.limits.max_aliases,
+    });
+    if !settings.api.introspection() {
         builder = builder.disable_introspection();
     }
+    if !settings.api.suggestions() {
+        builder = builder.disable_suggestions();
+    }
     builder
+}
+
+/// The schema without an engine, stopping every request once it is parsed and
+/// validated (with every limit of `settings`): nothing executes. For checking request
+/// bodies without a server, as the fuzz target does; a valid request's only error has
+/// `extensions.code = "VALIDATED"`.
+pub fn validator(settings: &Settings) -> TailorSchema {
+    builder(settings)
+        .extension(crate::api::limits::ValidateOnly)
+        .finish()
 }
 
 /// The SDL of the schema, as committed in `schema/schema.graphql`.
