@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::OnceLock;
 
 use rhai::{
     ASTFlags, ASTNode, Dynamic, Expr, FnAccess, FnCallExpr, ImmutableString, Position,
@@ -462,12 +463,13 @@ impl<'a> Translator<'a> {
                 if !call.namespace.is_empty() || self.is_foreign(&call.name) {
                     return None;
                 }
-                // A script function of that name could be called as a method.
-                if self.lib_fn(lib, &call.name, call.args.len()).is_some()
-                    || self
-                        .lib_fn(Lib::Rule, &call.name, call.args.len())
-                        .is_some()
-                {
+                // A script function of that name could be called as a method (with the
+                // object as `this` or as its first parameter).
+                let arity = call.args.len();
+                if [arity, arity + 1].iter().any(|&n| {
+                    self.lib_fn(lib, &call.name, n).is_some()
+                        || self.lib_fn(Lib::Rule, &call.name, n).is_some()
+                }) {
                     return None;
                 }
                 let method = match (call.name.as_str(), call.args.len()) {
@@ -807,6 +809,8 @@ struct Machine<'a, 'p> {
     stack: Vec<Val<'a>>,
     local_time: Option<Time>,
     window: Option<(ImmutableString, Window)>,
+    /// Impressions per item within a window, counted once per decision.
+    shown: Option<(Window, HashMap<&'a str, i64>)>,
 }
 
 /// What one candidate's hooks answered.
@@ -833,6 +837,7 @@ impl Program {
             stack: Vec::with_capacity(32),
             local_time: None,
             window: None,
+            shown: None,
         };
         let mut answers = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
@@ -886,6 +891,7 @@ impl Program {
             stack: Vec::new(),
             local_time: None,
             window: None,
+            shown: None,
         };
         let value = match hook {
             "eligible" => machine.call(
@@ -1017,12 +1023,13 @@ impl<'a> Machine<'a, '_> {
                 binary(*op, &lhs, &rhs)?
             }
             Node::Call(id, args) => {
-                let mut values = Vec::with_capacity(args.len());
-                for arg in args {
-                    values.push(self.eval(arg, base)?);
-                }
+                // Each argument's evaluation leaves the stack as it found it, so the
+                // arguments land in the callee's first slots.
                 let callee = self.stack.len();
-                self.stack.extend(values);
+                for arg in args {
+                    let value = self.eval(arg, base)?;
+                    self.stack.push(value);
+                }
                 self.enter(*id, callee)?
             }
             Node::Prop(target, name) => {
@@ -1054,7 +1061,7 @@ impl<'a> Machine<'a, '_> {
                 }
                 Val::List(Rc::new(values))
             }
-            Node::TypeOf(x) => Val::Str(self.eval(x, base)?.type_name().into()),
+            Node::TypeOf(x) => Val::Str(type_name(self.eval(x, base)?.type_name())),
             Node::Pin => Val::Float(f64::INFINITY),
         })
     }
@@ -1142,7 +1149,11 @@ impl<'a> Machine<'a, '_> {
             (Val::Customer(c), Method::Feature, [name]) => Val::Float(c.feature(name.string()?)),
             (Val::Customer(c), Method::Impressions, [Val::Str(item), Val::Str(within)]) => {
                 let window = self.window(within)?;
-                Val::Int(c.impressions(Some(item), window))
+                let counts = match &mut self.shown {
+                    Some((cached, counts)) if *cached == window => counts,
+                    shown => &mut shown.insert((window, c.impressions_by_item(window))).1,
+                };
+                Val::Int(counts.get(item.as_str()).copied().unwrap_or(0))
             }
             (Val::Customer(c), Method::Impressions, [Val::Str(within)]) => {
                 let window = self.window(within)?;
@@ -1173,6 +1184,21 @@ impl<'a> Machine<'a, '_> {
             _ => return Err(Bail),
         })
     }
+}
+
+/// `type_of`'s answer as a script string, made once per process (rules compare it on
+/// every candidate).
+fn type_name(name: &'static str) -> ImmutableString {
+    const NAMES: [&str; 13] = [
+        "()", "bool", "i64", "f64", "char", "string", "map", "array", "Customer", "Traits", "Item",
+        "Context", "Time",
+    ];
+    static STRINGS: OnceLock<Vec<ImmutableString>> = OnceLock::new();
+    let strings = STRINGS.get_or_init(|| NAMES.iter().map(|&n| n.into()).collect());
+    NAMES
+        .iter()
+        .position(|&n| n == name)
+        .map_or_else(|| name.into(), |i| strings[i].clone())
 }
 
 /// A scalar Rhai value; arrays and maps give up.
