@@ -1604,6 +1604,9 @@ mod tests {
         ("eligible", "[].len()", true),
         ("eligible", "let x = 1; x = x + 1; x", true),
         ("eligible", "let x = 1; { let x = 5; } x", true),
+        ("eligible", "let x = item.priority; x += 2; x *= 3; x", true),
+        ("eligible", r#"let s = item.id; s += "!"; s"#, true),
+        ("eligible", "const K = 2; item.priority * K", true),
         (
             "eligible",
             r#"if item.priority > 2 { "high" } else if item.priority > 0 { "mid" }"#,
@@ -1861,6 +1864,19 @@ mod tests {
         for (fast, slow) in both_ways(&engine, std::slice::from_ref(&rule)) {
             assert_eq!(fast, slow);
             assert!(fast.failures.is_empty());
+        }
+        // Calls that fan out past the operation bound run in Rhai, which counts them.
+        let mut fan = String::from("fn f0(n) { n + 1 }\n");
+        for level in 1..7 {
+            let below = level - 1;
+            fan += &format!("fn f{level}(n) {{ f{below}(n) + f{below}(n) + f{below}(n) }}\n");
+        }
+        fan += "fn eligible(c, i, x) { f6(i.priority) > 0 }";
+        let rule = compile(&engine, "fan", &fan).unwrap();
+        let program = rule.compiled.as_ref().unwrap();
+        assert!(program.cost(items().len()) > crate::rules::MAX_OPERATIONS / 4);
+        for (fast, slow) in both_ways(&engine, std::slice::from_ref(&rule)) {
+            assert_eq!(fast, slow);
         }
         // A native an application adds under a host function's name stays with Rhai.
         let mut natives = Natives::builtin();
