@@ -230,10 +230,6 @@ impl Program {
     pub fn cost(&self, items: usize) -> u64 {
         self.cost.saturating_mul(items as u64)
     }
-
-    pub fn has_eligible(&self) -> bool {
-        self.eligible.is_some()
-    }
 }
 
 impl<'a> Translator<'a> {
