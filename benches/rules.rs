@@ -1,5 +1,8 @@
 //! The rules stage of one decision: 20 candidates × the 5 example rules of `rules/`
 //! (with their plugin), as a decision runs them. Target: ≤ 50 µs median on one core.
+//! Each benchmark runs twice: as decisions run rules (the compiled path, with Rhai when
+//! it gives up) and with Rhai alone (`.../interpreted`, how every rule ran before the
+//! compiled path). Figures and the machine they come from: `docs/BENCHMARKS.md`.
 //!
 //! `cargo bench --bench rules`
 
@@ -15,13 +18,38 @@ use tailor::content::ContentItem;
 use tailor::decision::Impression;
 use tailor::rules::host::{CtxData, CtxView, CustomerData, CustomerView};
 use tailor::rules::runtime::{ActiveRule, RuleEffects, RuleSet};
-use tailor::rules::{check_dir, engine_with, Natives, Plugins};
+use tailor::rules::{check_dir, engine_with, Natives, Plugins, Rule};
 
-fn rule_set() -> RuleSet {
-    rule_set_of(|_| true)
+/// How a benchmark's rules run.
+#[derive(Clone, Copy)]
+enum Run {
+    Compiled,
+    Interpreted,
 }
 
-fn rule_set_of(keep: impl Fn(&str) -> bool) -> RuleSet {
+impl Run {
+    const BOTH: [Run; 2] = [Run::Compiled, Run::Interpreted];
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Run::Compiled => "",
+            Run::Interpreted => "/interpreted",
+        }
+    }
+
+    fn apply(self, mut rule: Rule) -> Rule {
+        if let Run::Interpreted = self {
+            rule.compiled = None;
+        }
+        rule
+    }
+}
+
+fn rule_set(path: Run) -> RuleSet {
+    rule_set_of(|_| true, path)
+}
+
+fn rule_set_of(keep: impl Fn(&str) -> bool, path: Run) -> RuleSet {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let natives = Natives::builtin();
     let (plugins, errors) = Plugins::load_dir(&engine_with(&natives, None), &root.join("plugins"));
@@ -33,7 +61,7 @@ fn rule_set_of(keep: impl Fn(&str) -> bool) -> RuleSet {
         .map(|checked| {
             let source = std::fs::read_to_string(&checked.path).unwrap();
             Arc::new(ActiveRule {
-                rule: checked.result.expect("example rules compile"),
+                rule: path.apply(checked.result.expect("example rules compile")),
                 version: 1,
                 source,
             })
@@ -107,18 +135,21 @@ fn context() -> CtxView {
 }
 
 fn rules_stage(c: &mut Criterion) {
-    let set = rule_set();
     let items = candidates();
     let customer = customer();
     let ctx = context();
-    c.bench_function("rules/20_candidates_x_5_rules", |b| {
-        b.iter(|| {
-            let mut effects = RuleEffects::neutral(items.len());
-            set.decide(&customer, &ctx, &items, "homepage_hero", &mut effects);
-            assert!(effects.failures.is_empty(), "{:?}", effects.failures);
-            effects
-        })
-    });
+    for path in Run::BOTH {
+        let set = rule_set(path);
+        let name = format!("rules/20_candidates_x_5_rules{}", path.suffix());
+        c.bench_function(&name, |b| {
+            b.iter(|| {
+                let mut effects = RuleEffects::neutral(items.len());
+                set.decide(&customer, &ctx, &items, "homepage_hero", &mut effects);
+                assert!(effects.failures.is_empty(), "{:?}", effects.failures);
+                effects
+            })
+        });
+    }
 }
 
 /// Each example rule alone, to see where the time goes.
@@ -128,35 +159,37 @@ fn each_rule(c: &mut Criterion) {
     let ctx = context();
     let mut group = c.benchmark_group("rules/one_rule_20_candidates");
     group.measurement_time(Duration::from_secs(2));
-    for name in [
-        "frequency_cap",
-        "vip_boost",
-        "exclude_purchased",
-        "business_hours",
-        "win_back_offer",
-    ] {
-        let set = rule_set_of(|n| n == name);
-        group.bench_function(name, |b| {
+    for path in Run::BOTH {
+        for name in [
+            "frequency_cap",
+            "vip_boost",
+            "exclude_purchased",
+            "business_hours",
+            "win_back_offer",
+        ] {
+            let set = rule_set_of(|n| n == name, path);
+            group.bench_function(format!("{name}{}", path.suffix()), |b| {
+                b.iter(|| {
+                    let mut effects = RuleEffects::neutral(items.len());
+                    set.decide(&customer, &ctx, &items, "homepage_hero", &mut effects);
+                    effects
+                })
+            });
+        }
+        let set = rule_set_of(|n| n == "frequency_cap", path);
+        group.bench_function(format!("frequency_cap_1_candidate{}", path.suffix()), |b| {
             b.iter(|| {
-                let mut effects = RuleEffects::neutral(items.len());
-                set.decide(&customer, &ctx, &items, "homepage_hero", &mut effects);
+                let mut effects = RuleEffects::neutral(1);
+                set.decide(&customer, &ctx, &items[..1], "homepage_hero", &mut effects);
                 effects
             })
         });
     }
-    let set = rule_set_of(|n| n == "frequency_cap");
-    group.bench_function("frequency_cap_1_candidate", |b| {
-        b.iter(|| {
-            let mut effects = RuleEffects::neutral(1);
-            set.decide(&customer, &ctx, &items[..1], "homepage_hero", &mut effects);
-            effects
-        })
-    });
     group.finish();
 }
 
-/// The interpreter's floor: rules whose hooks do nothing, so only the cost of running a
-/// rule over the candidates remains.
+/// The floor: rules whose hooks do nothing, so only the cost of running a rule over the
+/// candidates remains.
 fn floor(c: &mut Criterion) {
     let items = candidates();
     let customer = customer();
@@ -164,11 +197,30 @@ fn floor(c: &mut Criterion) {
     let engine = Arc::new(tailor::rules::engine());
     let mut group = c.benchmark_group("rules/floor_20_candidates");
     group.measurement_time(Duration::from_secs(2));
-    for (name, source) in [
-        ("eligible_true", "fn eligible(c, i, x) { true }"),
-        ("score_identity", "fn score(c, i, x, s) { s }"),
+    for (name, source, path) in [
+        (
+            "eligible_true",
+            "fn eligible(c, i, x) { true }",
+            Run::Compiled,
+        ),
+        (
+            "score_identity",
+            "fn score(c, i, x, s) { s }",
+            Run::Compiled,
+        ),
+        (
+            "eligible_true",
+            "fn eligible(c, i, x) { true }",
+            Run::Interpreted,
+        ),
+        (
+            "score_identity",
+            "fn score(c, i, x, s) { s }",
+            Run::Interpreted,
+        ),
     ] {
-        let rule = tailor::rules::compile(&engine, name, source).expect("compiles");
+        let rule = path.apply(tailor::rules::compile(&engine, name, source).expect("compiles"));
+        let name = format!("{name}{}", path.suffix());
         let set = RuleSet::new(
             engine.clone(),
             vec![Arc::new(ActiveRule {
@@ -178,7 +230,7 @@ fn floor(c: &mut Criterion) {
             })],
             Duration::from_millis(50),
         );
-        group.bench_function(name, |b| {
+        group.bench_function(&name, |b| {
             b.iter(|| {
                 let mut effects = RuleEffects::neutral(items.len());
                 set.decide(&customer, &ctx, &items, "homepage_hero", &mut effects);

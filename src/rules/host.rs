@@ -2,7 +2,7 @@
 //! each a read-only Rhai type over data the decision already holds. Documented for
 //! marketers in `rules/README.md`; the names there are this module's names.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use chrono::{DateTime, Datelike, Duration, FixedOffset, Timelike, Utc};
@@ -105,6 +105,31 @@ impl CustomerData {
     pub fn impressions(&self, item: Option<&str>, window: Window) -> i64 {
         count_impressions(&self.impressions, item, self.now - window.duration())
     }
+
+    /// Impressions per item within `window` before now: what [`CustomerData::impressions`]
+    /// answers for each item (absent: 0), counted in one pass for a whole decision.
+    pub fn impressions_by_item(&self, window: Window) -> HashMap<&str, i64> {
+        let mut counts = HashMap::new();
+        for shown in recent(&self.impressions, self.now - window.duration()) {
+            *counts.entry(shown.item_id.as_str()).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// `customer.in_segment(name)`.
+    pub fn in_segment(&self, name: &str) -> bool {
+        self.segments.iter().any(|s| s == name)
+    }
+
+    /// `customer.feature(name)`: `0.0` when missing.
+    pub fn feature(&self, name: &str) -> f64 {
+        self.features.get(name).copied().unwrap_or(0.0)
+    }
+
+    /// `customer.traits[name]`: `None` when missing (`()` to scripts).
+    pub fn trait_value(&self, name: &str) -> Option<&Dynamic> {
+        self.traits.get(name)
+    }
 }
 
 /// Impressions (newest first) of `item`, or of every item when `None`, at or after `since`.
@@ -113,11 +138,14 @@ pub fn count_impressions(
     item: Option<&str>,
     since: DateTime<Utc>,
 ) -> i64 {
-    impressions
-        .iter()
-        .take_while(|i| i.at >= since)
+    recent(impressions, since)
         .filter(|i| item.is_none_or(|id| i.item_id == id))
         .count() as i64
+}
+
+/// The impressions (newest first) at or after `since`.
+fn recent(impressions: &[Impression], since: DateTime<Utc>) -> impl Iterator<Item = &Impression> {
+    impressions.iter().take_while(move |i| i.at >= since)
 }
 
 /// The map `on_event` receives: `id`, `type`, `time` (a Time), `properties`.
@@ -143,6 +171,43 @@ impl ItemView {
         let id = item.id.as_str().into();
         ItemView { item, id }
     }
+
+    pub fn item(&self) -> &ContentItem {
+        &self.item
+    }
+
+    /// `item.id`.
+    pub fn id(&self) -> &ImmutableString {
+        &self.id
+    }
+
+    /// `item.has_tag(tag)`.
+    pub fn has_tag(&self, tag: &str) -> bool {
+        self.item.tags.iter().any(|t| t == tag)
+    }
+
+    /// `item.attr(name)`: `()` when missing.
+    pub fn attr(&self, name: &str) -> Dynamic {
+        self.item
+            .attributes
+            .get(name)
+            .map_or(Dynamic::UNIT, to_dynamic)
+    }
+
+    /// `item.title`: `()` when missing.
+    pub fn title(&self) -> Dynamic {
+        self.item
+            .title
+            .as_deref()
+            .map_or(Dynamic::UNIT, |t| t.into())
+    }
+
+    /// `item.frequency_cap`: `()` when missing.
+    pub fn frequency_cap(&self) -> Dynamic {
+        self.item
+            .frequency_cap
+            .map_or(Dynamic::UNIT, |c| Dynamic::from(i64::from(c)))
+    }
 }
 
 /// The request: placement, channel, device, time and the whole request context.
@@ -160,7 +225,9 @@ pub struct CtxData {
 }
 
 impl CtxData {
-    fn text(&self, key: &str) -> ImmutableString {
+    /// A text field of the request context (`ctx.channel`, `ctx.device`); `""` when
+    /// absent.
+    pub fn text(&self, key: &str) -> ImmutableString {
         self.request
             .get(key)
             .and_then(Value::as_str)
@@ -177,11 +244,57 @@ impl CtxData {
             .and_then(|tz| offset_at(tz, self.now))
             .unwrap_or(FixedOffset::east_opt(0).expect("zero offset"))
     }
+
+    /// `ctx.now`.
+    pub fn now_time(&self) -> Time {
+        Time(self.now.fixed_offset())
+    }
+
+    /// `ctx.local_time`.
+    pub fn local_time(&self) -> Time {
+        Time(self.now.with_timezone(&self.zone()))
+    }
 }
 
 /// A point in time with the offset it is shown in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Time(pub DateTime<FixedOffset>);
+
+impl Time {
+    pub fn year(&self) -> i64 {
+        i64::from(self.0.year())
+    }
+
+    pub fn month(&self) -> i64 {
+        i64::from(self.0.month())
+    }
+
+    pub fn day(&self) -> i64 {
+        i64::from(self.0.day())
+    }
+
+    pub fn hour(&self) -> i64 {
+        i64::from(self.0.hour())
+    }
+
+    pub fn minute(&self) -> i64 {
+        i64::from(self.0.minute())
+    }
+
+    /// 1 = Monday … 7 = Sunday (ISO 8601).
+    pub fn weekday(&self) -> i64 {
+        i64::from(self.0.weekday().number_from_monday())
+    }
+
+    /// `"2026-11-27"`.
+    pub fn date(&self) -> String {
+        self.0.format("%Y-%m-%d").to_string()
+    }
+
+    pub fn timestamp(&self) -> i64 {
+        self.0.timestamp()
+    }
+}
 
 /// A length of time (may be negative: the difference of two times).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -197,7 +310,8 @@ fn offset_at(zone: &str, at: DateTime<Utc>) -> Option<FixedOffset> {
         .map(|t| *t.offset())
 }
 
-fn window(raw: &str) -> Fallible<Window> {
+/// An impression window as scripts write it (`"1d"`).
+pub fn window(raw: &str) -> Fallible<Window> {
     Window::parse("window", raw).map_err(|e| e.to_string().into())
 }
 
@@ -241,14 +355,14 @@ fn register_customer(engine: &mut Engine) {
                 .map(|(k, v)| (k.as_str().into(), (*v).into()))
                 .collect()
         })
-        .register_fn("feature", |c: &mut CustomerView, name: &str| -> f64 {
-            c.0.features.get(name).copied().unwrap_or(0.0)
+        .register_fn("feature", |c: &mut CustomerView, name: &str| {
+            c.0.feature(name)
         })
         .register_get("segments", |c: &mut CustomerView| -> Array {
             c.0.segments.iter().map(|s| s.as_str().into()).collect()
         })
         .register_fn("in_segment", |c: &mut CustomerView, name: &str| {
-            c.0.segments.iter().any(|s| s == name)
+            c.0.in_segment(name)
         })
         .register_get("consent", |c: &mut CustomerView| -> Map {
             let mut map = Map::new();
@@ -287,7 +401,7 @@ pub struct Traits(Arc<CustomerData>);
 
 fn register_traits(engine: &mut Engine) {
     fn get(t: &mut Traits, name: &str) -> Dynamic {
-        t.0.traits.get(name).cloned().unwrap_or(Dynamic::UNIT)
+        t.0.trait_value(name).cloned().unwrap_or(Dynamic::UNIT)
     }
     engine
         .register_type_with_name::<Traits>("Traits")
@@ -320,28 +434,15 @@ fn register_item(engine: &mut Engine) {
         .register_get("type", |i: &mut ItemView| -> ImmutableString {
             i.item.content_type.as_str().into()
         })
-        .register_get("title", |i: &mut ItemView| -> Dynamic {
-            i.item.title.as_deref().map_or(Dynamic::UNIT, |t| t.into())
-        })
+        .register_get("title", |i: &mut ItemView| i.title())
         .register_get("tags", |i: &mut ItemView| strings(&i.item.tags))
-        .register_fn("has_tag", |i: &mut ItemView, tag: &str| {
-            i.item.tags.iter().any(|t| t == tag)
-        })
+        .register_fn("has_tag", |i: &mut ItemView, tag: &str| i.has_tag(tag))
         .register_get("placements", |i: &mut ItemView| strings(&i.item.placements))
         .register_get("segments", |i: &mut ItemView| strings(&i.item.segments))
         .register_get("priority", |i: &mut ItemView| i64::from(i.item.priority))
         .register_get("attributes", |i: &mut ItemView| map_of(&i.item.attributes))
-        .register_fn("attr", |i: &mut ItemView, name: &str| -> Dynamic {
-            i.item
-                .attributes
-                .get(name)
-                .map_or(Dynamic::UNIT, to_dynamic)
-        })
-        .register_get("frequency_cap", |i: &mut ItemView| -> Dynamic {
-            i.item
-                .frequency_cap
-                .map_or(Dynamic::UNIT, |c| Dynamic::from(i64::from(c)))
-        })
+        .register_fn("attr", |i: &mut ItemView, name: &str| i.attr(name))
+        .register_get("frequency_cap", |i: &mut ItemView| i.frequency_cap())
         .register_fn("to_string", |i: &mut ItemView| {
             format!("Item({})", i.item.id)
         })
@@ -363,10 +464,8 @@ fn register_ctx(engine: &mut Engine) {
         .register_get("channel", |x: &mut CtxView| x.0.text("channel"))
         .register_get("device", |x: &mut CtxView| x.0.text("device"))
         .register_get("request", |x: &mut CtxView| to_dynamic(&x.0.request))
-        .register_get("now", |x: &mut CtxView| Time(x.0.now.fixed_offset()))
-        .register_get("local_time", |x: &mut CtxView| {
-            Time(x.0.now.with_timezone(&x.0.zone()))
-        })
+        .register_get("now", |x: &mut CtxView| x.0.now_time())
+        .register_get("local_time", |x: &mut CtxView| x.0.local_time())
         .register_fn("to_string", |_: &mut CtxView| "Context".to_string())
         .register_fn("to_debug", |_: &mut CtxView| "Context".to_string());
 }
@@ -379,17 +478,14 @@ fn register_time(engine: &mut Engine) {
                 .map(Time)
                 .map_err(|e| format!("'{raw}' is not an RFC 3339 time: {e}").into())
         })
-        .register_get("year", |t: &mut Time| i64::from(t.0.year()))
-        .register_get("month", |t: &mut Time| i64::from(t.0.month()))
-        .register_get("day", |t: &mut Time| i64::from(t.0.day()))
-        .register_get("hour", |t: &mut Time| i64::from(t.0.hour()))
-        .register_get("minute", |t: &mut Time| i64::from(t.0.minute()))
-        // 1 = Monday … 7 = Sunday (ISO 8601).
-        .register_get("weekday", |t: &mut Time| {
-            i64::from(t.0.weekday().number_from_monday())
-        })
-        .register_get("date", |t: &mut Time| t.0.format("%Y-%m-%d").to_string())
-        .register_get("timestamp", |t: &mut Time| t.0.timestamp())
+        .register_get("year", |t: &mut Time| t.year())
+        .register_get("month", |t: &mut Time| t.month())
+        .register_get("day", |t: &mut Time| t.day())
+        .register_get("hour", |t: &mut Time| t.hour())
+        .register_get("minute", |t: &mut Time| t.minute())
+        .register_get("weekday", |t: &mut Time| t.weekday())
+        .register_get("date", |t: &mut Time| t.date())
+        .register_get("timestamp", |t: &mut Time| t.timestamp())
         .register_fn("in_zone", |t: &mut Time, zone: &str| -> Fallible<Time> {
             let offset = offset_at(zone, t.0.to_utc())
                 .ok_or_else(|| format!("unknown time zone '{zone}'"))?;

@@ -1,11 +1,13 @@
 //! Business rules in Rhai: the one hardened engine, rule files compiled with their
 //! metadata, the host API scripts see ([`host`]), native functions ([`natives`]),
 //! plugins ([`plugins`]), evaluation inside decisions and on events ([`runtime`]), the
+//! compiled fast path of the decision hooks ([`compiled`]), the
 //! stored, versioned, hot-reloaded rule set ([`service`]) and marketers' test cases
 //! ([`testing`]).
 //!
 //! The only part of the engine that knows rhai.
 
+pub mod compiled;
 pub mod host;
 pub mod natives;
 pub mod plugins;
@@ -15,6 +17,7 @@ pub mod testing;
 
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use rhai::packages::{
@@ -30,7 +33,7 @@ pub use runtime::{RuleEffects, RuleSet};
 pub use service::RuleService;
 
 /// Most operations one evaluation may perform before it is stopped.
-const MAX_OPERATIONS: u64 = 100_000;
+pub(crate) const MAX_OPERATIONS: u64 = 100_000;
 const MAX_CALL_LEVELS: usize = 16;
 const MAX_EXPR_DEPTH: usize = 32;
 const MAX_FN_EXPR_DEPTH: usize = 32;
@@ -116,10 +119,28 @@ pub fn engine_with(natives: &Natives, plugins: Option<&Plugins>) -> Engine {
     });
     host::register(&mut engine);
     natives.register(&mut engine);
+    // What the compiled path must leave to Rhai: see `foreign_natives`.
+    engine.set_default_tag(
+        natives
+            .foreign()
+            .into_iter()
+            .map(Dynamic::from)
+            .collect::<rhai::Array>(),
+    );
     if let Some(plugins) = plugins {
         engine.set_module_resolver(plugins.resolver());
     }
     engine
+}
+
+/// Names of functions `engine`'s natives define other than the built-ins: calls of
+/// them are not compiled (an application may have replaced a host function).
+fn foreign_natives(engine: &Engine) -> Vec<String> {
+    engine
+        .default_tag()
+        .read_lock::<rhai::Array>()
+        .map(|names| names.iter().map(|n| n.to_string()).collect())
+        .unwrap_or_default()
 }
 
 /// A script error as one line: what went wrong, with the position where rhai has one.
@@ -157,6 +178,9 @@ pub struct Rule {
     pub decide: Option<AST>,
     /// The script followed by the driver that runs `on_event`.
     pub event: Option<AST>,
+    /// The decision hooks compiled to native code, when the rule is within the subset
+    /// [`compiled`] translates; they agree with `decide`, which runs when they give up.
+    pub compiled: Option<Arc<compiled::Program>>,
 }
 
 impl Rule {
@@ -304,6 +328,11 @@ pub fn compile(engine: &Engine, default_name: &str, source: &str) -> Result<Rule
     } else {
         None
     };
+    let compiled = if decide.is_some() {
+        compiled::Program::translate(&ast, &foreign_natives(engine)).map(Arc::new)
+    } else {
+        None
+    };
     let event = if hooks.contains(&"on_event") {
         Some(driver("on_event(__customer, __event)".into())?)
     } else {
@@ -315,6 +344,7 @@ pub fn compile(engine: &Engine, default_name: &str, source: &str) -> Result<Rule
         ast,
         decide,
         event,
+        compiled,
     })
 }
 

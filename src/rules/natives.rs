@@ -16,6 +16,8 @@ type Registrar = Arc<dyn Fn(&mut Engine) + Send + Sync>;
 #[derive(Clone, Default)]
 pub struct Natives {
     registrars: Vec<(String, Registrar)>,
+    /// How many of `registrars` are the built-ins (they come first).
+    builtin: usize,
 }
 
 impl fmt::Debug for Natives {
@@ -61,7 +63,24 @@ impl Natives {
                 })
             });
         });
+        natives.builtin = natives.registrars.len();
         natives
+    }
+
+    /// The names added beyond the built-ins, and `pin` when the built-in is missing: the
+    /// compiled path of the rules leaves calls of these to Rhai.
+    pub(super) fn foreign(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.registrars[self.builtin..]
+            .iter()
+            .map(|(name, _)| name.clone())
+            .collect();
+        if !self.registrars[..self.builtin]
+            .iter()
+            .any(|(n, _)| n == "pin")
+        {
+            names.push("pin".into());
+        }
+        names
     }
 
     /// Adds a function (or a family of overloads) under `name`; `register` calls

@@ -5,6 +5,10 @@
 //! evaluation with its own deadline and operation budget. A rule that fails (throws,
 //! returns the wrong type, runs out of budget) is skipped for the whole decision: none
 //! of its effects apply, and the failure is reported for metrics and the explanation.
+//!
+//! A rule whose hooks [`compiled`](super::compiled) translated runs natively; when that
+//! gives up (or its operation bound nears the budget), the same rule runs in Rhai, so
+//! what a decision sees is always what the interpreter answers.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,8 +16,9 @@ use std::time::{Duration, Instant};
 use rhai::{Array, Dynamic, Engine, Map, Scope};
 use serde::Serialize;
 
+use super::compiled::{Answer, Program};
 use super::host::{self, CtxView, CustomerView, ItemView};
-use super::{describe, with_deadline, Rule};
+use super::{describe, with_deadline, Rule, MAX_OPERATIONS};
 use crate::content::ContentItem;
 
 /// A rule as it is active: compiled, with where it came from.
@@ -180,7 +185,7 @@ impl RuleSet {
         effects: &mut RuleEffects,
     ) {
         // Built once for every rule of the decision.
-        let mut views: Option<Vec<Dynamic>> = None;
+        let mut views: Option<Vec<ItemView>> = None;
         for active in &self.rules {
             let Some(ast) = active.rule.decide.as_ref() else {
                 continue;
@@ -198,19 +203,29 @@ impl RuleSet {
             let views = views.get_or_insert_with(|| {
                 items
                     .iter()
-                    .map(|item| Dynamic::from(ItemView::new(item.clone())))
+                    .map(|item| ItemView::new(item.clone()))
                     .collect()
             });
-            match self.run_decide(
-                &active.rule,
-                ast,
-                customer,
-                ctx,
-                items,
-                views,
-                &alive,
-                effects,
-            ) {
+            let compiled = active
+                .rule
+                .compiled
+                .as_deref()
+                .filter(|p| p.cost(alive.len()) <= MAX_OPERATIONS / 4)
+                .and_then(|p| run_compiled(p, customer, ctx, views, &alive, effects));
+            let verdicts = match compiled {
+                Some(verdicts) => Ok(verdicts),
+                None => self.run_decide(
+                    &active.rule,
+                    ast,
+                    customer,
+                    ctx,
+                    items,
+                    views,
+                    &alive,
+                    effects,
+                ),
+            };
+            match verdicts {
                 Ok(verdicts) => apply(name, &alive, verdicts, effects),
                 Err(error) => effects.failures.push(RuleFailure {
                     rule: name.clone(),
@@ -228,7 +243,7 @@ impl RuleSet {
         customer: &CustomerView,
         ctx: &CtxView,
         items: &[Arc<ContentItem>],
-        views: &[Dynamic],
+        views: &[ItemView],
         alive: &[usize],
         effects: &RuleEffects,
     ) -> Result<Vec<Verdict>, String> {
@@ -237,7 +252,10 @@ impl RuleSet {
         scope.push("__ctx", ctx.clone());
         scope.push(
             "__items",
-            alive.iter().map(|&i| views[i].clone()).collect::<Array>(),
+            alive
+                .iter()
+                .map(|&i| Dynamic::from(views[i].clone()))
+                .collect::<Array>(),
         );
         scope.push(
             "__weights",
@@ -345,6 +363,34 @@ impl RuleSet {
         }
         (changes, failures)
     }
+}
+
+/// The rule's compiled hooks over the candidates still alive; `None` when they gave up
+/// and the interpreter must decide.
+fn run_compiled(
+    program: &Program,
+    customer: &CustomerView,
+    ctx: &CtxView,
+    views: &[ItemView],
+    alive: &[usize],
+    effects: &RuleEffects,
+) -> Option<Vec<Verdict>> {
+    let items: Vec<&ItemView> = alive.iter().map(|&i| &views[i]).collect();
+    let weights: Vec<f64> = alive.iter().map(|&i| effects.weights[i]).collect();
+    let pinned: Vec<bool> = alive.iter().map(|&i| effects.is_pinned(i)).collect();
+    let answers = program
+        .run(&customer.0, &ctx.0, &items, &weights, &pinned)
+        .ok()?;
+    Some(
+        answers
+            .into_iter()
+            .map(|a| match a {
+                Answer::Filter => Verdict::Filter,
+                Answer::Keep => Verdict::Keep,
+                Answer::Weight(w) => Verdict::Weight(w),
+            })
+            .collect(),
+    )
 }
 
 /// `on_event`'s result: `()` for nothing, or a map of traits to set.
