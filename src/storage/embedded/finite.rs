@@ -39,6 +39,15 @@ impl ser::Error for Found {
 
 struct Walk;
 
+/// Serializer methods for values that hold no float.
+macro_rules! ignore {
+    ($($method:ident($ty:ty)),* $(,)?) => {$(
+        fn $method(self, _: $ty) -> Done {
+            Ok(())
+        }
+    )*};
+}
+
 type Done = Result<(), Found>;
 
 fn float(x: f64) -> Done {
@@ -66,41 +75,10 @@ impl ser::Serializer for Walk {
     fn serialize_f64(self, v: f64) -> Done {
         float(v)
     }
-    fn serialize_bool(self, _: bool) -> Done {
-        Ok(())
-    }
-    fn serialize_i8(self, _: i8) -> Done {
-        Ok(())
-    }
-    fn serialize_i16(self, _: i16) -> Done {
-        Ok(())
-    }
-    fn serialize_i32(self, _: i32) -> Done {
-        Ok(())
-    }
-    fn serialize_i64(self, _: i64) -> Done {
-        Ok(())
-    }
-    fn serialize_u8(self, _: u8) -> Done {
-        Ok(())
-    }
-    fn serialize_u16(self, _: u16) -> Done {
-        Ok(())
-    }
-    fn serialize_u32(self, _: u32) -> Done {
-        Ok(())
-    }
-    fn serialize_u64(self, _: u64) -> Done {
-        Ok(())
-    }
-    fn serialize_char(self, _: char) -> Done {
-        Ok(())
-    }
-    fn serialize_str(self, _: &str) -> Done {
-        Ok(())
-    }
-    fn serialize_bytes(self, _: &[u8]) -> Done {
-        Ok(())
+    ignore! {
+        serialize_bool(bool), serialize_i8(i8), serialize_i16(i16), serialize_i32(i32),
+        serialize_i64(i64), serialize_u8(u8), serialize_u16(u16), serialize_u32(u32),
+        serialize_u64(u64), serialize_char(char), serialize_str(&str), serialize_bytes(&[u8])
     }
     fn serialize_none(self) -> Done {
         Ok(())
@@ -164,48 +142,29 @@ impl ser::Serializer for Walk {
     }
 }
 
-impl ser::SerializeSeq for Walk {
-    type Ok = ();
-    type Error = Found;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> Done {
-        v.serialize(Walk)
-    }
-    fn end(self) -> Done {
-        Ok(())
-    }
+/// The compound serializers: each element or field is walked in turn.
+macro_rules! compound {
+    ($($name:ident :: $method:ident ($($key:ty)?);)*) => {$(
+        impl ser::$name for Walk {
+            type Ok = ();
+            type Error = Found;
+            fn $method<T: Serialize + ?Sized>(&mut self, $(_: $key,)? v: &T) -> Done {
+                v.serialize(Walk)
+            }
+            fn end(self) -> Done {
+                Ok(())
+            }
+        }
+    )*};
 }
 
-impl ser::SerializeTuple for Walk {
-    type Ok = ();
-    type Error = Found;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> Done {
-        v.serialize(Walk)
-    }
-    fn end(self) -> Done {
-        Ok(())
-    }
-}
-
-impl ser::SerializeTupleStruct for Walk {
-    type Ok = ();
-    type Error = Found;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, v: &T) -> Done {
-        v.serialize(Walk)
-    }
-    fn end(self) -> Done {
-        Ok(())
-    }
-}
-
-impl ser::SerializeTupleVariant for Walk {
-    type Ok = ();
-    type Error = Found;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, v: &T) -> Done {
-        v.serialize(Walk)
-    }
-    fn end(self) -> Done {
-        Ok(())
-    }
+compound! {
+    SerializeSeq::serialize_element();
+    SerializeTuple::serialize_element();
+    SerializeTupleStruct::serialize_field();
+    SerializeTupleVariant::serialize_field();
+    SerializeStruct::serialize_field(&'static str);
+    SerializeStructVariant::serialize_field(&'static str);
 }
 
 impl ser::SerializeMap for Walk {
@@ -215,28 +174,6 @@ impl ser::SerializeMap for Walk {
         k.serialize(Walk)
     }
     fn serialize_value<T: Serialize + ?Sized>(&mut self, v: &T) -> Done {
-        v.serialize(Walk)
-    }
-    fn end(self) -> Done {
-        Ok(())
-    }
-}
-
-impl ser::SerializeStruct for Walk {
-    type Ok = ();
-    type Error = Found;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, _: &'static str, v: &T) -> Done {
-        v.serialize(Walk)
-    }
-    fn end(self) -> Done {
-        Ok(())
-    }
-}
-
-impl ser::SerializeStructVariant for Walk {
-    type Ok = ();
-    type Error = Found;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, _: &'static str, v: &T) -> Done {
         v.serialize(Walk)
     }
     fn end(self) -> Done {
