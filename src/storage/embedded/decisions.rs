@@ -260,18 +260,8 @@ impl DecisionStore for EmbeddedDecisions {
                 let decisions = txn.open_table(DECISIONS).map_err(db_err)?;
                 let outcomes = txn.open_table(OUTCOMES).map_err(db_err)?;
                 let mut out = Vec::new();
-                for entry in index
-                    .range::<(&str, &str)>((
-                        Bound::Included((customer.as_str(), "")),
-                        Bound::Unbounded,
-                    ))
-                    .map_err(db_err)?
-                {
-                    let (key, _) = entry.map_err(db_err)?;
-                    let (owner, id) = key.value();
-                    if owner != customer.as_str() {
-                        break;
-                    }
+                for id in decision_ids(&index, customer.as_str())? {
+                    let id = id.as_str();
                     let Some(value) = decisions.get(id).map_err(db_err)? else {
                         continue; // stale index entry
                     };
@@ -307,21 +297,7 @@ impl DecisionStore for EmbeddedDecisions {
                 let mut impressions = txn.open_table(IMPRESSIONS).map_err(db_err)?;
 
                 // Check: collect the rewritten records; any undecodable one fails the call.
-                let mut ids = Vec::new();
-                for entry in index
-                    .range::<(&str, &str)>((
-                        Bound::Included((customer.as_str(), "")),
-                        Bound::Unbounded,
-                    ))
-                    .map_err(db_err)?
-                {
-                    let (key, _) = entry.map_err(db_err)?;
-                    let (owner, id) = key.value();
-                    if owner != customer.as_str() {
-                        break;
-                    }
-                    ids.push(id.to_owned());
-                }
+                let ids = decision_ids(&index, customer.as_str())?;
                 let mut new_decisions = Vec::new();
                 let mut new_outcomes = Vec::new();
                 for id in &ids {
@@ -378,4 +354,25 @@ impl DecisionStore for EmbeddedDecisions {
             })
             .await
     }
+}
+
+/// The ids of `customer`'s decisions, from the customer index (entries may be stale:
+/// callers check the decision they name).
+fn decision_ids(
+    index: &impl ReadableTable<(&'static str, &'static str), ()>,
+    customer: &str,
+) -> StorageResult<Vec<String>> {
+    let mut ids = Vec::new();
+    for entry in index
+        .range::<(&str, &str)>((Bound::Included((customer, "")), Bound::Unbounded))
+        .map_err(db_err)?
+    {
+        let (key, _) = entry.map_err(db_err)?;
+        let (owner, id) = key.value();
+        if owner != customer {
+            break;
+        }
+        ids.push(id.to_owned());
+    }
+    Ok(ids)
 }
