@@ -114,6 +114,7 @@ fn customer() -> CustomerView {
         segments: vec!["engaged".into(), "premium_at_risk".into()],
         personalization: true,
         marketing: true,
+        analytics: true,
         impressions: (0..40)
             .map(|i| Impression {
                 item_id: format!("item-{}", i % 20),

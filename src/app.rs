@@ -150,6 +150,7 @@ impl Engine {
             segments.clone(),
             rules.clone(),
             customer_locks.clone(),
+            settings.consent.clone(),
             metrics.clone(),
         )
         .await?;
@@ -164,6 +165,7 @@ impl Engine {
             stores.clone(),
             profiles.clone(),
             target,
+            settings.consent.clone(),
             metrics.clone(),
             settings.limits.max_events_per_request,
         );
@@ -191,7 +193,7 @@ impl Engine {
             models.clone(),
             experiments.clone(),
             settings.policy.clone(),
-            settings.consent.default_personalization,
+            settings.consent.clone(),
             settings.limits.max_candidates,
             metrics.clone(),
         )

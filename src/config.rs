@@ -12,6 +12,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use crate::customers::{Consent, Purposes};
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
@@ -592,18 +594,58 @@ impl Default for ModelConfig {
     }
 }
 
+/// `[consent]`: what a customer who never said anything about a purpose is taken to
+/// have chosen, and which content needs marketing consent (SPEC §7).
+///
+/// - **personalization**: decisions use the profile, features, segments, model and
+///   bandit; without it a customer gets the highest-priority eligible item.
+/// - **marketing**: content of the `marketing_content_types` is served only with it, and
+///   rules read it as `c.consent.marketing`.
+/// - **analytics**: behavioural events are collected under it; without it they are
+///   acknowledged but not stored, so no feature, segment, rule, model or export sees them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConsentSettings {
     /// Whether a customer who never said anything about personalization gets it.
     pub default_personalization: bool,
+    /// Whether a customer who never said anything about marketing is marketed to.
+    pub default_marketing: bool,
+    /// Whether the events of a customer who never said anything about analytics (or has
+    /// no profile yet) are collected.
+    pub default_analytics: bool,
+    /// Content types that are marketing (`"offer"`, `"email"`, ...): served only to
+    /// customers with marketing consent. Empty: no content needs it.
+    pub marketing_content_types: Vec<String>,
 }
 
 impl Default for ConsentSettings {
     fn default() -> Self {
         ConsentSettings {
             default_personalization: true,
+            default_marketing: false,
+            default_analytics: true,
+            marketing_content_types: Vec::new(),
         }
+    }
+}
+
+impl ConsentSettings {
+    /// What `consent` allows, the defaults filling in each purpose it never set (all of
+    /// them for a customer without a profile).
+    pub fn resolve(&self, consent: Option<&Consent>) -> Purposes {
+        let said = |f: fn(&Consent) -> Option<bool>| consent.and_then(f);
+        Purposes {
+            personalization: said(|c| c.personalization).unwrap_or(self.default_personalization),
+            marketing: said(|c| c.marketing).unwrap_or(self.default_marketing),
+            analytics: said(|c| c.analytics).unwrap_or(self.default_analytics),
+        }
+    }
+
+    /// Whether items of `content_type` need marketing consent.
+    pub fn is_marketing(&self, content_type: &str) -> bool {
+        self.marketing_content_types
+            .iter()
+            .any(|t| t == content_type)
     }
 }
 
@@ -809,6 +851,13 @@ impl Settings {
                         "policy.placements.{placement}.reward: \"outcome\", \"value\", or conversion types of 1–64 characters"
                     );
                 }
+            }
+        }
+        for (i, t) in self.consent.marketing_content_types.iter().enumerate() {
+            if t.trim().is_empty() || t.len() > 64 {
+                anyhow::bail!(
+                    "consent.marketing_content_types[{i}]: a content type of 1–64 characters"
+                );
             }
         }
         if self.policy.propensity_samples == 0 {
@@ -1094,6 +1143,45 @@ mod tests {
                 Ok(())
             });
         }
+    }
+
+    #[test]
+    fn consent_defaults_per_purpose_and_marketing_types() {
+        Jail::expect_with(|jail| {
+            let c = Settings::load(None).unwrap().consent;
+            // Unknown consent: personalization and analytics yes, marketing no.
+            let none = c.resolve(None);
+            assert!(none.personalization && none.analytics && !none.marketing);
+            assert!(!c.is_marketing("offer"));
+            jail.create_file(
+                "tailor.toml",
+                "[consent]\ndefault_personalization = false\ndefault_analytics = false\n\
+                 marketing_content_types = [\"offer\", \"email\"]\n",
+            )?;
+            jail.set_env("TAILOR_CONSENT__DEFAULT_MARKETING", "true");
+            let c = Settings::load(None).unwrap().consent;
+            let none = c.resolve(None);
+            assert!(!none.personalization && !none.analytics && none.marketing);
+            // What the customer said wins over the default, purpose by purpose.
+            let said = crate::customers::Consent {
+                personalization: Some(true),
+                marketing: Some(false),
+                analytics: None,
+            };
+            let p = c.resolve(Some(&said));
+            assert!(p.personalization && !p.marketing && !p.analytics);
+            assert!(c.is_marketing("email") && !c.is_marketing("banner"));
+            jail.create_file(
+                "tailor.toml",
+                "[consent]\nmarketing_content_types = [\"offer\", \" \"]\n",
+            )?;
+            let e = Settings::load(None).unwrap_err().to_string();
+            assert!(e.contains("consent.marketing_content_types[1]"), "{e}");
+            jail.create_file("tailor.toml", "[consent]\ndefault_analytic = false\n")?;
+            let e = Settings::load(None).unwrap_err().to_string();
+            assert!(e.contains("consent.default_analytic"), "{e}");
+            Ok(())
+        });
     }
 
     #[test]

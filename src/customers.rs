@@ -63,8 +63,8 @@ pub struct Pii {
     pub name: Option<String>,
 }
 
-/// Consent per purpose. `None` means the customer never said; the configured default
-/// (`consent.default_personalization`) decides what that means.
+/// Consent per purpose. `None` means the customer never said; the configured defaults
+/// (`consent.default_<purpose>`) decide what that means.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Consent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -120,6 +120,15 @@ impl Consent {
         }
         Ok(consent)
     }
+}
+
+/// What a customer's consent allows once the configured defaults
+/// ([`crate::config::ConsentSettings::resolve`]) fill in the purposes they never set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Purposes {
+    pub personalization: bool,
+    pub marketing: bool,
+    pub analytics: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -66,7 +66,7 @@ async fn rest_events_personalize_and_content() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         json_of(&body),
-        json!({"accepted": 1, "duplicates": 1, "rejected": []})
+        json!({"accepted": 1, "duplicates": 1, "without_consent": 0, "rejected": []})
     );
 
     let (status, body) = call(

@@ -19,9 +19,9 @@ use super::{Decision, LoggedArm, ModelScores, Outcome, PropensityKind, ScoredIte
 use crate::bandit::linear::{self, ContextInput, Featurizer, LinearArm, LinearStats};
 use crate::bandit::policy::{self, Ranking};
 use crate::bandit::ArmStats;
-use crate::config::{PolicyKind, PolicySettings};
+use crate::config::{ConsentSettings, PolicyKind, PolicySettings};
 use crate::content::{CandidateFilter, Catalog, ContentItem};
-use crate::customers::{Customer, CustomerId};
+use crate::customers::{Customer, CustomerId, Purposes};
 use crate::error::{Error, Result};
 use crate::experiments::{ExperimentService, RuleOverride};
 use crate::features::{FeatureService, Window};
@@ -70,7 +70,8 @@ struct DecisionContext {
     profile: Option<Customer>,
     features: BTreeMap<String, f64>,
     segments: Vec<String>,
-    personalized: bool,
+    /// What the customer's consent (or the configured default) allows.
+    purposes: Purposes,
     degraded: bool,
     /// Items shown to the customer recently, newest first (loaded only when a rule or
     /// an item's frequency cap needs them).
@@ -86,7 +87,7 @@ pub struct DecisionEngine {
     models: Arc<ModelService>,
     experiments: Arc<ExperimentService>,
     policy: PolicySettings,
-    default_consent: bool,
+    consent: ConsentSettings,
     max_candidates: usize,
     stream: broadcast::Sender<Arc<Decision>>,
     /// Where decisions and outcomes are published for other systems, if anywhere.
@@ -105,7 +106,7 @@ impl DecisionEngine {
         models: Arc<ModelService>,
         experiments: Arc<ExperimentService>,
         policy: PolicySettings,
-        default_consent: bool,
+        consent: ConsentSettings,
         max_candidates: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -118,7 +119,7 @@ impl DecisionEngine {
             models,
             experiments,
             policy,
-            default_consent,
+            consent,
             max_candidates,
             stream: broadcast::channel(STREAM_CAPACITY).0,
             publisher: None,
@@ -289,7 +290,8 @@ impl DecisionEngine {
                     "prior_strength": self.policy.model_prior_strength,
                 })),
                 "features": ctx.features,
-                "personalized": ctx.personalized,
+                "personalized": ctx.purposes.personalization,
+                "marketing_consent": ctx.purposes.marketing,
             })
         });
         let decision = Decision {
@@ -373,15 +375,20 @@ impl DecisionEngine {
             degraded = true;
             Vec::new()
         });
-        let personalized = profile
-            .as_ref()
-            .and_then(|p| p.consent.personalization)
-            .unwrap_or(self.default_consent);
+        let purposes = self.consent.resolve(profile.as_ref().map(|p| &p.consent));
+        // Read beside the profile (one round of waiting, not two) but, without
+        // personalization consent, used for nothing: not for segment targeting, rules,
+        // the model or the decision log (and so not for training either).
+        let (features, segments) = if purposes.personalization {
+            (features, segments)
+        } else {
+            (BTreeMap::new(), Vec::new())
+        };
         Ok(DecisionContext {
             profile,
             features,
             segments,
-            personalized,
+            purposes,
             degraded,
             impressions,
         })
@@ -442,7 +449,9 @@ impl DecisionEngine {
         Ok((items, filtered))
     }
 
-    /// Stage 2b: segment eligibility (catalog candidates only: a caller's named items
+    /// Stage 2b: marketing consent (content of `consent.marketing_content_types` only for
+    /// customers with it, named items too: it is the customer's choice, not the
+    /// caller's), segment eligibility (catalog candidates only: a caller's named items
     /// are taken as eligible), then priority order (highest first, then id), at most
     /// `max_candidates`.
     fn eligible(
@@ -452,6 +461,32 @@ impl DecisionEngine {
         mut items: Vec<Arc<ContentItem>>,
         mut filtered: Vec<Value>,
     ) -> Result<(Vec<Arc<ContentItem>>, Vec<Value>)> {
+        if !ctx.purposes.marketing {
+            let mut without_consent = 0;
+            items.retain(|item| {
+                let ok = !self.consent.is_marketing(&item.content_type);
+                if !ok {
+                    without_consent += 1;
+                    if req.explain {
+                        filtered.push(json!({"id": item.id, "reason": "marketing content: no marketing consent"}));
+                    }
+                }
+                ok
+            });
+            if without_consent > 0 && items.is_empty() {
+                return Err(Error::invalid(
+                    if req.available_items.is_some() {
+                        "availableItems"
+                    } else {
+                        "placement"
+                    },
+                    format!(
+                        "no eligible content for placement '{}': all {without_consent} candidates are marketing content and the customer has no marketing consent",
+                        req.placement.as_deref().unwrap_or("(any)"),
+                    ),
+                ));
+            }
+        }
         if req.available_items.is_none() {
             items.retain(|item| {
                 let ok = item.eligible_for(&ctx.segments);
@@ -516,6 +551,7 @@ impl DecisionEngine {
             traits: ctx
                 .profile
                 .as_ref()
+                .filter(|_| ctx.purposes.personalization)
                 .map(|p| {
                     p.traits
                         .iter()
@@ -525,12 +561,9 @@ impl DecisionEngine {
                 .unwrap_or_default(),
             features: ctx.features.clone(),
             segments: ctx.segments.clone(),
-            personalization: ctx.personalized,
-            marketing: ctx
-                .profile
-                .as_ref()
-                .and_then(|p| p.consent.marketing)
-                .unwrap_or(false),
+            personalization: ctx.purposes.personalization,
+            marketing: ctx.purposes.marketing,
+            analytics: ctx.purposes.analytics,
             impressions: ctx.impressions.clone(),
             now,
         };
@@ -562,7 +595,9 @@ impl DecisionEngine {
         now: DateTime<Utc>,
     ) -> Option<ModelView> {
         // Cold start costs nothing: no request is built without a version to score with.
-        if !ctx.personalized || (version.is_none() && !self.models.scorer().has_active()) {
+        if !ctx.purposes.personalization
+            || (version.is_none() && !self.models.scorer().has_active())
+        {
             return None;
         }
         let alive: Vec<usize> = (0..candidates.len())
@@ -630,7 +665,7 @@ impl DecisionEngine {
             .copied()
             .filter(|&i| effects.is_pinned(i))
             .collect();
-        if !ctx.personalized {
+        if !ctx.purposes.personalization {
             let mut order = pinned.clone();
             order.extend(eligible.iter().filter(|i| !pinned.contains(i)));
             return Ok(Choice {
@@ -1117,7 +1152,7 @@ fn reasoning(
             selected.item.id
         );
     }
-    if !ctx.personalized {
+    if !ctx.purposes.personalization {
         return format!(
             "No personalization consent: highest-priority eligible item '{}' of {candidates} for {placement}{notes}",
             selected.item.id

@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use super::processor::Processor;
 use super::EventInput;
+use crate::config::ConsentSettings;
 use crate::customers::CustomerId;
 use crate::error::{Error, Result};
 use crate::privacy::Profiles;
@@ -35,6 +36,8 @@ pub struct EventError {
 pub struct IngestReport {
     pub accepted: usize,
     pub duplicates: usize,
+    /// Valid events of customers without analytics consent: acknowledged, not stored.
+    pub without_consent: usize,
     pub rejected: Vec<EventError>,
 }
 
@@ -42,6 +45,7 @@ pub struct Ingestor {
     stores: Stores,
     profiles: Arc<Profiles>,
     target: Target,
+    consent: ConsentSettings,
     metrics: Arc<Metrics>,
     max_events: usize,
 }
@@ -64,6 +68,7 @@ impl Ingestor {
         stores: Stores,
         profiles: Arc<Profiles>,
         target: Target,
+        consent: ConsentSettings,
         metrics: Arc<Metrics>,
         max_events: usize,
     ) -> Self {
@@ -71,6 +76,7 @@ impl Ingestor {
             stores,
             profiles,
             target,
+            consent,
             metrics,
             max_events,
         }
@@ -79,7 +85,9 @@ impl Ingestor {
     /// Ingests a batch. Invalid events are reported by index and field and do not stop
     /// the valid ones, and so are events of erased customers (`events[i].customerId`;
     /// counted in `tailor_erased_writes_suppressed_total`) until the customer consents
-    /// again. Returns once the accepted events are durable.
+    /// again. Valid events of customers without analytics consent (their own, or the
+    /// configured default when they never said or have no profile) are acknowledged but
+    /// not stored (`without_consent`). Returns once the accepted events are durable.
     pub async fn ingest(&self, raw: Vec<Value>) -> Result<IngestReport> {
         if raw.len() > self.max_events {
             return Err(Error::invalid(
@@ -91,7 +99,7 @@ impl Ingestor {
         let mut report = IngestReport::default();
         let mut events = Vec::with_capacity(raw.len());
         // One look-up per customer in the batch, not per event.
-        let mut erased: BTreeMap<CustomerId, bool> = BTreeMap::new();
+        let mut admission: BTreeMap<CustomerId, Admission> = BTreeMap::new();
         for (index, value) in raw.into_iter().enumerate() {
             let field = format!("events[{index}]");
             let parsed = if value.is_object() {
@@ -102,11 +110,12 @@ impl Ingestor {
                 Err(Error::invalid(&field, "must be a JSON object"))
             };
             let parsed = match parsed {
-                Ok(event) => self.refuse_erased(&mut erased, &field, event).await,
+                Ok(event) => self.admit(&mut admission, &field, event).await,
                 Err(e) => Err(e),
             };
             match parsed {
-                Ok(event) => events.push(event),
+                Ok(Some(event)) => events.push(event),
+                Ok(None) => report.without_consent += 1,
                 Err(Error::Invalid { field, message }) => report.rejected.push(EventError {
                     index,
                     field,
@@ -139,6 +148,7 @@ impl Ingestor {
         for (result, n) in [
             ("accepted", report.accepted),
             ("duplicate", report.duplicates),
+            ("without_consent", report.without_consent),
             ("rejected", report.rejected.len()),
         ] {
             if n > 0 {
@@ -146,6 +156,12 @@ impl Ingestor {
                     .events_ingested
                     .add(n as u64, &[KeyValue::new("result", result)]);
             }
+        }
+        if report.without_consent > 0 {
+            self.metrics.events_without_consent.add(
+                report.without_consent as u64,
+                &[KeyValue::new("stage", "ingest")],
+            );
         }
         if last > 0 {
             match &self.target {
@@ -167,36 +183,60 @@ impl Ingestor {
         Ok(report)
     }
 
-    /// The event, or an error naming its `customerId` when that customer was erased.
-    async fn refuse_erased(
+    /// The event when it may be stored; `None` when its customer has no analytics
+    /// consent; an error naming its `customerId` when that customer was erased.
+    async fn admit(
         &self,
-        erased: &mut BTreeMap<CustomerId, bool>,
+        admission: &mut BTreeMap<CustomerId, Admission>,
         field: &str,
         event: crate::events::Event,
-    ) -> Result<crate::events::Event> {
+    ) -> Result<Option<crate::events::Event>> {
         let id = &event.customer_id;
-        let is_erased = match erased.get(id) {
+        let verdict = match admission.get(id) {
             Some(known) => *known,
             None => {
-                let known = self.profiles.erased_at(id).await?.is_some();
-                erased.insert(id.clone(), known);
-                known
+                let verdict = if self.profiles.erased_at(id).await?.is_some() {
+                    Admission::Erased
+                } else if self
+                    .consent
+                    .resolve(self.profiles.consent(id).await?.as_ref())
+                    .analytics
+                {
+                    Admission::Store
+                } else {
+                    Admission::WithoutConsent
+                };
+                admission.insert(id.clone(), verdict);
+                verdict
             }
         };
-        if !is_erased {
-            return Ok(event);
+        match verdict {
+            Admission::Store => Ok(Some(event)),
+            Admission::WithoutConsent => Ok(None),
+            Admission::Erased => {
+                self.metrics
+                    .erased_writes_suppressed
+                    .add(1, &[KeyValue::new("kind", "event")]);
+                Err(Error::invalid(
+                    format!("{field}.customerId"),
+                    format!(
+                        "customer '{id}' was erased; their events are refused until they \
+                         consent again (upsertCustomer with consent)"
+                    ),
+                ))
+            }
         }
-        self.metrics
-            .erased_writes_suppressed
-            .add(1, &[KeyValue::new("kind", "event")]);
-        Err(Error::invalid(
-            format!("{field}.customerId"),
-            format!(
-                "customer '{id}' was erased; their events are refused until they consent \
-                 again (upsertCustomer with consent)"
-            ),
-        ))
     }
+}
+
+/// What ingestion does with a customer's events.
+#[derive(Debug, Clone, Copy)]
+enum Admission {
+    Store,
+    /// No analytics consent: acknowledged, not stored.
+    WithoutConsent,
+    /// Refused until the customer consents again.
+    Erased,
 }
 
 /// The [`EventSink`] of a worker: appends consumed events to the local event log (a

@@ -10,8 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use opentelemetry::KeyValue;
 use tokio::sync::{watch, Notify};
 
+use crate::config::ConsentSettings;
 use crate::customers::{Consent, Customer, CustomerId, CustomerLocks, Pii};
 use crate::error::Result;
 use crate::events::StoredEvent;
@@ -35,6 +37,7 @@ pub struct Processor {
     segments: Arc<SegmentService>,
     rules: Arc<RuleService>,
     locks: Arc<CustomerLocks>,
+    consent: ConsentSettings,
     metrics: Arc<Metrics>,
     applied: watch::Sender<u64>,
     wake: Notify,
@@ -48,6 +51,7 @@ impl Processor {
         segments: Arc<SegmentService>,
         rules: Arc<RuleService>,
         locks: Arc<CustomerLocks>,
+        consent: ConsentSettings,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>> {
         let committed = stores.events.committed_offset(PROCESSOR).await?;
@@ -58,6 +62,7 @@ impl Processor {
             segments,
             rules,
             locks,
+            consent,
             metrics,
             applied: watch::channel(committed).0,
             wake: Notify::new(),
@@ -101,7 +106,7 @@ impl Processor {
         };
         let now = Utc::now();
         let started = std::time::Instant::now();
-        let batch = self.without_erased(batch).await?;
+        let batch = self.admitted(batch).await?;
         let customers: BTreeSet<&CustomerId> = batch.iter().map(|e| &e.event.customer_id).collect();
         self.ensure_profiles(&customers, now).await?;
         self.features.apply(&batch, now).await?;
@@ -126,30 +131,56 @@ impl Processor {
         Ok(batch.len())
     }
 
-    /// The batch without the events of erased customers: an event that passed
-    /// ingestion's check just before its customer's erasure completed (or arrived from a
-    /// stream) is skipped here, so it cannot bring the customer back. One look-up per
-    /// customer in the batch.
-    async fn without_erased(&self, batch: Vec<StoredEvent>) -> Result<Vec<StoredEvent>> {
+    /// The batch without the events of erased customers (an event that passed
+    /// ingestion's check just before its customer's erasure completed, or arrived from a
+    /// stream, cannot bring the customer back) and without those of customers who have no
+    /// analytics consent now (ingestion drops them, but consent may have been withdrawn
+    /// since, or the event came from a stream). One look-up of each per customer in the
+    /// batch.
+    async fn admitted(&self, batch: Vec<StoredEvent>) -> Result<Vec<StoredEvent>> {
         let customers: BTreeSet<&CustomerId> = batch.iter().map(|e| &e.event.customer_id).collect();
         let mut erased = BTreeSet::new();
+        let mut unconsented = BTreeSet::new();
         for id in customers {
             if self.profiles.erased_at(id).await?.is_some() {
                 erased.insert(id.clone());
+            } else if !self
+                .consent
+                .resolve(self.profiles.consent(id).await?.as_ref())
+                .analytics
+            {
+                unconsented.insert(id.clone());
             }
         }
-        if erased.is_empty() {
+        if erased.is_empty() && unconsented.is_empty() {
             return Ok(batch);
         }
-        let before = batch.len();
+        let (mut without_erasure, mut without_consent) = (0, 0);
         let kept: Vec<StoredEvent> = batch
             .into_iter()
-            .filter(|e| !erased.contains(&e.event.customer_id))
+            .filter(|e| {
+                let id = &e.event.customer_id;
+                if erased.contains(id) {
+                    without_erasure += 1;
+                    false
+                } else if unconsented.contains(id) {
+                    without_consent += 1;
+                    false
+                } else {
+                    true
+                }
+            })
             .collect();
-        self.metrics.erased_writes_suppressed.add(
-            (before - kept.len()) as u64,
-            &[opentelemetry::KeyValue::new("kind", "event")],
-        );
+        if without_erasure > 0 {
+            self.metrics
+                .erased_writes_suppressed
+                .add(without_erasure, &[KeyValue::new("kind", "event")]);
+        }
+        if without_consent > 0 {
+            self.metrics
+                .events_without_consent
+                .add(without_consent, &[KeyValue::new("stage", "apply")]);
+        }
         Ok(kept)
     }
 
@@ -202,6 +233,7 @@ impl Processor {
                 continue;
             };
             let segments = self.stores.segments.segments_of(id).await?;
+            let purposes = self.consent.resolve(Some(&profile.consent));
             let mut changed = false;
             for stored in events {
                 let event = &stored.event;
@@ -214,8 +246,9 @@ impl Processor {
                         .map(|(k, v)| (k.as_str().into(), host::to_dynamic(v)))
                         .collect(),
                     segments: segments.clone(),
-                    personalization: profile.consent.personalization.unwrap_or(true),
-                    marketing: profile.consent.marketing.unwrap_or(false),
+                    personalization: purposes.personalization,
+                    marketing: purposes.marketing,
+                    analytics: purposes.analytics,
                     now: event.timestamp,
                     ..Default::default()
                 }));

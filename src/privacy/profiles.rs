@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use super::keys::KeyRing;
 use super::seal::{self, BlindIndex, DataKey, SealError};
-use crate::customers::{Customer, CustomerId, Pii};
+use crate::customers::{Consent, Customer, CustomerId, Pii};
 use crate::storage::{
     DataKeyStore, KeyOwner, ProfileStore, StorageError, StorageResult, StoredProfile, Stores,
 };
@@ -104,6 +104,11 @@ impl Profiles {
     /// Whether a profile exists (nothing is decrypted).
     pub async fn exists(&self, id: &CustomerId) -> StorageResult<bool> {
         Ok(self.store.get(id).await?.is_some())
+    }
+
+    /// The customer's consent as stored (nothing is decrypted); `None`: no profile.
+    pub async fn consent(&self, id: &CustomerId) -> StorageResult<Option<Consent>> {
+        Ok(self.store.get(id).await?.map(|stored| stored.consent))
     }
 
     /// Seals and stores the whole profile (merging is the caller's job).

@@ -1403,6 +1403,7 @@ mod tests {
                 segments: segments.iter().map(|s| s.to_string()).collect(),
                 personalization: true,
                 marketing: true,
+                analytics: true,
                 impressions: shown
                     .iter()
                     .map(|&(item, minutes)| Impression {

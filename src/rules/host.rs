@@ -92,8 +92,10 @@ pub struct CustomerData {
     pub traits: Map,
     pub features: BTreeMap<String, f64>,
     pub segments: Vec<String>,
+    /// What the customer's consent allows, defaults applied.
     pub personalization: bool,
     pub marketing: bool,
+    pub analytics: bool,
     /// Items shown to the customer, newest first (what the decision store returned).
     pub impressions: Vec<Impression>,
     /// The decision's time: impression windows end here.
@@ -368,6 +370,7 @@ fn register_customer(engine: &mut Engine) {
             let mut map = Map::new();
             map.insert("personalization".into(), c.0.personalization.into());
             map.insert("marketing".into(), c.0.marketing.into());
+            map.insert("analytics".into(), c.0.analytics.into());
             map
         })
         .register_fn(

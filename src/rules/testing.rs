@@ -74,6 +74,8 @@ struct CustomerCase {
     personalization: bool,
     #[serde(default = "yes")]
     marketing: bool,
+    #[serde(default = "yes")]
+    analytics: bool,
     /// Impressions per item id: a count (shown one minute before the case's time) or a
     /// list of how long ago each was shown (`["2h", "3d"]`).
     #[serde(default)]
@@ -372,6 +374,7 @@ fn customer_view(case: &CustomerCase, now: DateTime<Utc>) -> Result<CustomerView
         segments: case.segments.clone(),
         personalization: case.personalization,
         marketing: case.marketing,
+        analytics: case.analytics,
         impressions,
         now,
     })))

@@ -34,6 +34,9 @@ pub struct Metrics {
     pub events_ingested: Counter<u64>,
     /// Writes for erased customers refused (`kind`: event, profile).
     pub erased_writes_suppressed: Counter<u64>,
+    /// Events not used because their customer has no analytics consent (`stage`:
+    /// `ingest`, dropped before storing; `apply`, stored but skipped by the processor).
+    pub events_without_consent: Counter<u64>,
     pub feature_read_latency_ms: Histogram<f64>,
     pub feature_compute_errors: Counter<u64>,
     pub feature_rollbacks: Counter<u64>,
@@ -98,7 +101,11 @@ impl Metrics {
                 .build(),
             events_ingested: counter(
                 "tailor_events_ingested_total",
-                "Events received, by result (accepted, duplicate, rejected)",
+                "Events received, by result (accepted, duplicate, rejected, without_consent)",
+            ),
+            events_without_consent: counter(
+                "tailor_events_without_consent_total",
+                "Events not used because their customer has no analytics consent, by stage (ingest, apply)",
             ),
             erased_writes_suppressed: counter(
                 "tailor_erased_writes_suppressed_total",

@@ -445,6 +445,9 @@ pub struct EventErrorObject {
 pub struct TrackResultObject {
     accepted: i32,
     duplicates: i32,
+    /// Valid events of customers without analytics consent (their own, or the
+    /// configured default): acknowledged, not stored, used for nothing.
+    without_consent: i32,
     rejected: Vec<EventErrorObject>,
 }
 
@@ -453,6 +456,7 @@ impl From<IngestReport> for TrackResultObject {
         TrackResultObject {
             accepted: r.accepted as i32,
             duplicates: r.duplicates as i32,
+            without_consent: r.without_consent as i32,
             rejected: r
                 .rejected
                 .into_iter()

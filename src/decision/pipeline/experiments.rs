@@ -24,7 +24,7 @@ impl DecisionEngine {
         customer: &CustomerId,
         ctx: &DecisionContext,
     ) -> Applied {
-        if !ctx.personalized {
+        if !ctx.purposes.personalization {
             return Applied::default();
         }
         self.experiments
