@@ -44,6 +44,7 @@ pub struct Processor {
 }
 
 impl Processor {
+    #[allow(clippy::too_many_arguments)]
     pub async fn new(
         stores: Stores,
         profiles: Arc<Profiles>,
