@@ -98,6 +98,7 @@ impl Engine {
             embedded,
             &settings.backends,
             settings.timeouts.backend(),
+            &settings.breaker,
         )
         .await?;
         let stream =
@@ -117,6 +118,7 @@ impl Engine {
         stream: Option<Arc<dyn EventStream>>,
     ) -> Result<Arc<Engine>> {
         let metrics = Arc::new(Metrics::new()?);
+        metrics.observe_backends(&stores.health);
         let ring = KeyRing::load(&settings.encryption, &settings.data_dir)?;
         let profiles =
             Arc::new(Profiles::open(&stores, ring, &settings.encryption.sensitive_traits).await?);

@@ -22,6 +22,7 @@ pub struct Settings {
     pub backends: Backends,
     pub limits: Limits,
     pub timeouts: Timeouts,
+    pub breaker: BreakerSettings,
     pub api: ApiSettings,
     pub auth: AuthSettings,
     pub policy: PolicySettings,
@@ -42,6 +43,7 @@ impl Default for Settings {
             backends: Backends::default(),
             limits: Limits::default(),
             timeouts: Timeouts::default(),
+            breaker: BreakerSettings::default(),
             api: ApiSettings::default(),
             auth: AuthSettings::default(),
             policy: PolicySettings::default(),
@@ -155,6 +157,33 @@ impl Default for Timeouts {
             request_ms: 10_000,
             ingest_apply_ms: 2_000,
             backend_ms: 1_000,
+        }
+    }
+}
+
+/// `[breaker]`: the circuit breaker in front of each scaled-out backend (Redis). After
+/// `failure_threshold` consecutive calls that could not reach the backend (refused,
+/// dropped, or past `timeouts.backend_ms`) it opens: calls fail at once as unavailable,
+/// without touching the network, and callers degrade. Every `cool_down_ms` while open it
+/// lets one probe through; the probe's success closes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerSettings {
+    pub failure_threshold: u32,
+    pub cool_down_ms: u64,
+}
+
+impl BreakerSettings {
+    pub fn cool_down(&self) -> Duration {
+        Duration::from_millis(self.cool_down_ms)
+    }
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        BreakerSettings {
+            failure_threshold: 5,
+            cool_down_ms: 2_000,
         }
     }
 }
@@ -903,6 +932,12 @@ impl Settings {
         if self.timeouts.request_ms == 0 {
             anyhow::bail!("timeouts.request_ms: must be at least 1");
         }
+        if self.breaker.failure_threshold == 0 {
+            anyhow::bail!("breaker.failure_threshold: must be at least 1");
+        }
+        if self.breaker.cool_down_ms == 0 {
+            anyhow::bail!("breaker.cool_down_ms: must be at least 1");
+        }
         let jwt = &self.auth.jwt;
         if jwt.enabled {
             crate::auth::jwt::algorithm("auth.jwt.algorithm", &jwt.algorithm)?;
@@ -1037,6 +1072,15 @@ mod tests {
             (
                 "[auth.jwt]\nalgorithmm = \"RS256\"\n",
                 "unknown key 'auth.jwt.algorithmm'",
+            ),
+            (
+                "[breaker]\nfailure_threshold = 0\n",
+                "breaker.failure_threshold:",
+            ),
+            ("[breaker]\ncool_down_ms = 0\n", "breaker.cool_down_ms:"),
+            (
+                "[breaker]\ncooldown_ms = 100\n",
+                "unknown key 'breaker.cooldown_ms'",
             ),
         ] {
             Jail::expect_with(|jail| {

@@ -155,7 +155,7 @@ impl DecisionEngine {
         stages.lap("candidates");
         let needs_impressions =
             rules.needs_impressions() || candidates.iter().any(|c| c.frequency_cap.is_some());
-        let ctx = self
+        let mut ctx = self
             .load_context(&req.customer_id, needs_impressions, now)
             .await?;
         let (candidates, mut filtered) = self.eligible(&req, &ctx, candidates, filtered)?;
@@ -202,6 +202,7 @@ impl DecisionEngine {
             stats,
             contexts,
             arms,
+            degraded: bandit_degraded,
         } = self
             .choose(
                 &req,
@@ -215,6 +216,8 @@ impl DecisionEngine {
             )
             .await?;
         stages.lap("policy");
+        // Statistics that could not be read make the ranking one from priors.
+        ctx.degraded |= bandit_degraded;
         if let Some(pinned) = experiment_pin {
             // The experiment's pin goes before the rules' pins.
             if let Some(at) = ranking.order.iter().position(|&(i, _)| i == pinned) {
@@ -678,15 +681,16 @@ impl DecisionEngine {
                 stats: Vec::new(),
                 contexts: BTreeMap::new(),
                 arms: Vec::new(),
+                degraded: false,
             });
         }
         let arms: Vec<String> = candidates.iter().map(|c| c.id.clone()).collect();
-        let stats = match self.stores.bandit.get(placement, &arms).await {
-            Ok(stats) => stats,
+        let (stats, mut degraded) = match self.stores.bandit.get(placement, &arms).await {
+            Ok(stats) => (stats, false),
             Err(e) => {
                 tracing::warn!(error = %e, "Failed to read bandit state; exploring from priors");
                 self.metrics.backend_error("bandit");
-                vec![ArmStats::default(); arms.len()]
+                (vec![ArmStats::default(); arms.len()], true)
             }
         };
         let free: Vec<usize> = eligible
@@ -768,7 +772,9 @@ impl DecisionEngine {
                     "epsilon_greedy",
                 ),
                 PolicyKind::LinUcb | PolicyKind::LinearThompson => {
-                    let linear = self.linear_arms(placement, &arms, &free, &contexts).await;
+                    let (linear, linear_degraded) =
+                        self.linear_arms(placement, &arms, &free, &contexts).await;
+                    degraded |= linear_degraded;
                     if policy_kind == PolicyKind::LinUcb {
                         (
                             linear::lin_ucb(&linear, &free_weights, self.policy.alpha),
@@ -806,6 +812,7 @@ impl DecisionEngine {
             policy: name.into(),
             stats,
             contexts,
+            degraded,
             arms: if pinned.is_empty() && free.len() > 1 {
                 free.iter()
                     .map(|&i| LoggedArm {
@@ -820,28 +827,31 @@ impl DecisionEngine {
     }
 
     /// The linear policies' estimate and variance for each `free` candidate, from its
-    /// (placement, item) regression. A failed read explores from the prior.
+    /// (placement, item) regression, and whether the read failed (then every arm
+    /// explores from the prior).
     async fn linear_arms(
         &self,
         placement: &str,
         arms: &[String],
         free: &[usize],
         contexts: &BTreeMap<usize, Vec<f64>>,
-    ) -> Vec<LinearArm> {
+    ) -> (Vec<LinearArm>, bool) {
         let dims = self.policy.linear_dims;
         let ids: Vec<String> = free.iter().map(|&i| arms[i].clone()).collect();
-        let stats = match self.stores.bandit.get_linear(placement, &ids, dims).await {
-            Ok(stats) => stats,
+        let (stats, degraded) = match self.stores.bandit.get_linear(placement, &ids, dims).await {
+            Ok(stats) => (stats, false),
             Err(e) => {
                 tracing::warn!(error = %e, "Failed to read linear bandit state; exploring from priors");
                 self.metrics.backend_error("bandit");
-                vec![LinearStats::zero(dims); ids.len()]
+                (vec![LinearStats::zero(dims); ids.len()], true)
             }
         };
-        free.iter()
+        let arms = free
+            .iter()
             .zip(&stats)
             .map(|(i, s)| LinearArm::estimate(s, &contexts[i], self.policy.ridge))
-            .collect()
+            .collect();
+        (arms, degraded)
     }
 
     /// Stage 6: store the decision, count an impression per shown item, publish.
@@ -965,7 +975,12 @@ impl DecisionEngine {
                 self.models.scorer().record_reward(version, reward);
             }
         }
-        self.teach_bandit(&decision, &outcome, earlier).await?;
+        // The outcome is stored: it is acknowledged whatever the bandit's backend says. A
+        // retry would not teach the bandit either (the stored outcome now comes first).
+        if let Err(e) = self.teach_bandit(&decision, &outcome, earlier).await {
+            tracing::warn!(error = %e, decision = %outcome.decision_id, "Failed to teach the bandit an outcome");
+            self.metrics.backend_error("bandit");
+        }
         if reward > 0.0 && !decision.experiments.is_empty() {
             self.count_conversion(&decision, earlier, value).await?;
         }
@@ -1071,6 +1086,8 @@ struct Choice {
     contexts: BTreeMap<usize, Vec<f64>>,
     /// What the decision logs as its `arms`.
     arms: Vec<LoggedArm>,
+    /// The bandit statistics could not be read: the policy ranked from priors.
+    degraded: bool,
 }
 
 /// The model's answer for one decision, indexed like its candidates (NaN: not scored).
@@ -1140,7 +1157,7 @@ fn reasoning(
         ));
     }
     if ctx.degraded {
-        notes.push_str("; degraded: features defaulted");
+        notes.push_str("; degraded: a backend was slow or down, defaults used");
     }
     if let Some(Effect::Pinned { rule }) = effects.trace[selected_index]
         .iter()

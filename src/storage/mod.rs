@@ -17,6 +17,7 @@
 
 pub mod conformance;
 pub mod embedded;
+pub mod health;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 #[cfg(feature = "redis")]
@@ -493,6 +494,9 @@ pub struct Stores {
     pub definitions: Arc<dyn DefinitionStore>,
     pub experiments: Arc<dyn ExperimentStore>,
     pub keys: Arc<dyn KeyStore>,
+    /// The scaled-out backends these stores reach over the network, for metrics (none
+    /// for the embedded store).
+    pub health: Vec<health::BackendHealth>,
 }
 
 /// Where a stream consumer hands the events it received. `apply` returns once they are
@@ -591,20 +595,23 @@ pub fn check_backend(capability: &str, value: &str, timeout: Duration) -> Result
 }
 
 /// `stores` (the embedded ones) with each capability that `backends` puts elsewhere
-/// replaced by that backend, connected within `timeout`. Capabilities that name the same
-/// location share one connection. Values are assumed checked by [`check_backend`].
+/// replaced by that backend, connected within `timeout`, each connection behind a
+/// circuit breaker set by `breaker`. Capabilities that name the same location share one
+/// connection (and its breaker), listed once in [`Stores::health`]. Values are assumed
+/// checked by [`check_backend`].
 pub async fn with_backends(
     stores: Stores,
     backends: &Backends,
     timeout: Duration,
+    breaker: &crate::config::BreakerSettings,
 ) -> anyhow::Result<Stores> {
     #[cfg(feature = "redis")]
     {
         use anyhow::Context as _;
-        use std::collections::HashMap;
 
         let mut stores = stores;
-        let mut connected: HashMap<String, Arc<redis::RedisStore>> = HashMap::new();
+        // In the order of REDIS_CAPABILITIES, so `serves` labels are stable.
+        let mut connected: Vec<(String, Arc<redis::RedisStore>, Vec<&str>)> = Vec::new();
         for capability in REDIS_CAPABILITIES {
             let value = match capability {
                 "features" => &backends.features,
@@ -614,15 +621,19 @@ pub async fn with_backends(
             if !redis::config::is_redis_url(value) {
                 continue;
             }
-            let store = match connected.get(value) {
-                Some(store) => store.clone(),
+            let store = match connected.iter_mut().find(|(v, _, _)| v == value) {
+                Some((_, store, serves)) => {
+                    serves.push(capability);
+                    store.clone()
+                }
                 None => {
-                    let config = redis::RedisConfig::parse(value, timeout)
+                    let mut config = redis::RedisConfig::parse(value, timeout)
                         .map_err(|e| anyhow::anyhow!("backends.{capability}: {e}"))?;
+                    config.breaker = breaker.clone();
                     let store = redis::RedisStore::connect(&config)
                         .await
                         .with_context(|| format!("Failed to connect backends.{capability}"))?;
-                    connected.insert(value.clone(), store.clone());
+                    connected.push((value.clone(), store.clone(), vec![capability]));
                     store
                 }
             };
@@ -632,11 +643,22 @@ pub async fn with_backends(
                 _ => stores.bandit = Arc::new(store.bandit()),
             }
         }
+        stores
+            .health
+            .extend(
+                connected
+                    .into_iter()
+                    .map(|(_, store, serves)| health::BackendHealth {
+                        backend: "redis",
+                        serves: serves.join(","),
+                        breaker: store.breaker_stats(),
+                    }),
+            );
         Ok(stores)
     }
     #[cfg(not(feature = "redis"))]
     {
-        let _ = (backends, timeout);
+        let _ = (backends, timeout, breaker);
         Ok(stores)
     }
 }

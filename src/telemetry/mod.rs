@@ -9,6 +9,8 @@ use opentelemetry::KeyValue;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use prometheus::{Encoder, TextEncoder};
 
+use crate::storage::health::BackendHealth;
+
 /// Latency buckets in milliseconds, from 50 µs to 10 s.
 const LATENCY_MS_BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0,
@@ -88,7 +90,7 @@ impl Metrics {
             ),
             degraded_decisions: counter(
                 "tailor_degraded_decisions_total",
-                "Decisions made with default features because a backend was slow or down",
+                "Decisions made with defaults (features, segments or bandit statistics) because a backend was slow or down",
             ),
             conversions: counter(
                 "personalization_conversions_total",
@@ -166,6 +168,67 @@ impl Metrics {
         }
     }
 
+    /// Exports the health of each scaled-out backend, read at every scrape:
+    /// `tailor_backend_breaker_open` (1 while its circuit breaker refuses calls),
+    /// `tailor_backend_calls_total{result="ok"|"failed"}` (calls that tried the network)
+    /// and `tailor_backend_short_circuited_total` (calls refused without it), each
+    /// labelled by `backend` and the capabilities it `serves`.
+    pub fn observe_backends(&self, backends: &[BackendHealth]) {
+        if backends.is_empty() {
+            return;
+        }
+        let meter = self.provider.meter("tailor");
+        let labelled = |b: &BackendHealth| {
+            (
+                b.breaker.clone(),
+                vec![
+                    KeyValue::new("backend", b.backend),
+                    KeyValue::new("serves", b.serves.clone()),
+                ],
+            )
+        };
+        let all: Vec<_> = backends.iter().map(labelled).collect();
+        let open = all.clone();
+        meter
+            .u64_observable_gauge("tailor_backend_breaker_open")
+            .with_description(
+                "1 while a backend's circuit breaker refuses calls after repeated failures, else 0",
+            )
+            .with_callback(move |observer| {
+                for (stats, attrs) in &open {
+                    observer.observe(u64::from(stats.is_open()), attrs);
+                }
+            })
+            .build();
+        let calls = all.clone();
+        meter
+            .u64_observable_counter("tailor_backend_calls_total")
+            .with_description(
+                "Calls that tried a backend over the network, by result (ok: it answered; failed: unreachable or past the deadline)",
+            )
+            .with_callback(move |observer| {
+                for (stats, attrs) in &calls {
+                    for (result, count) in [("ok", stats.calls_ok()), ("failed", stats.calls_failed())] {
+                        let mut attrs = attrs.clone();
+                        attrs.push(KeyValue::new("result", result));
+                        observer.observe(count, &attrs);
+                    }
+                }
+            })
+            .build();
+        meter
+            .u64_observable_counter("tailor_backend_short_circuited_total")
+            .with_description(
+                "Calls to a backend refused at once because its circuit breaker was open",
+            )
+            .with_callback(move |observer| {
+                for (stats, attrs) in &all {
+                    observer.observe(stats.short_circuited(), attrs);
+                }
+            })
+            .build();
+    }
+
     pub fn backend_error(&self, capability: &'static str) {
         self.backend_errors
             .add(1, &[KeyValue::new("capability", capability)]);
@@ -236,5 +299,35 @@ mod tests {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
         assert!(!text.contains("_total_total"));
+    }
+
+    #[test]
+    fn backend_health_is_read_at_each_scrape() {
+        let m = Metrics::new().unwrap();
+        let stats = std::sync::Arc::new(crate::storage::health::BreakerStats::default());
+        m.observe_backends(&[BackendHealth {
+            backend: "redis",
+            serves: "features,bandit".into(),
+            breaker: stats.clone(),
+        }]);
+        let labels = r#"backend="redis",serves="features,bandit""#;
+        let text = m.render();
+        assert!(
+            text.contains(&format!("tailor_backend_breaker_open{{{labels}}} 0")),
+            "{text}"
+        );
+        stats.set_open(true);
+        stats.count_short_circuit();
+        stats.count_failed();
+        let text = m.render();
+        for line in [
+            format!("tailor_backend_breaker_open{{{labels}}} 1"),
+            format!("tailor_backend_short_circuited_total{{{labels}}} 1"),
+            // Labels come out in name order.
+            r#"tailor_backend_calls_total{backend="redis",result="failed",serves="features,bandit"} 1"#.to_owned(),
+            r#"tailor_backend_calls_total{backend="redis",result="ok",serves="features,bandit"} 0"#.to_owned(),
+        ] {
+            assert!(text.contains(&line), "{line} missing from:\n{text}");
+        }
     }
 }

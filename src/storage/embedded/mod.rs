@@ -106,6 +106,7 @@ impl EmbeddedStore {
             definitions: Arc::new(definitions::EmbeddedDefinitions::new(self.clone())),
             experiments: Arc::new(experiments::EmbeddedExperiments::new(self.clone())),
             keys: Arc::new(keys::EmbeddedKeys::new(self.clone())),
+            health: Vec::new(),
         }
     }
 

@@ -11,6 +11,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::config::BreakerSettings;
+
 /// A parsed Redis backend location.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisConfig {
@@ -22,6 +24,9 @@ pub struct RedisConfig {
     /// Deadline of every call (connecting included); past it the call fails with
     /// `StorageError::Unavailable`.
     pub timeout: Duration,
+    /// When the circuit breaker opens and how long it stays open before it probes
+    /// (`[breaker]`; the defaults unless set after parsing).
+    pub breaker: BreakerSettings,
 }
 
 /// Shows the nodes without any password.
@@ -33,6 +38,7 @@ impl fmt::Debug for RedisConfig {
             .field("cluster", &self.cluster)
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
+            .field("breaker", &self.breaker)
             .finish()
     }
 }
@@ -84,6 +90,7 @@ impl RedisConfig {
             cluster,
             prefix,
             timeout,
+            breaker: BreakerSettings::default(),
         })
     }
 }

@@ -2,6 +2,7 @@
 //! [`BanditStore`] on one Redis server or a Redis Cluster.
 //!
 //! - `config.rs`: the `redis://` / `redis+cluster://` values of `backends.*`;
+//! - `breaker.rs`: the circuit breaker every call goes through;
 //! - `features.rs`, `segments.rs`, `bandit.rs`: one capability each, with its key layout;
 //! - `tests.rs`: the conformance suites against real servers.
 //!
@@ -12,13 +13,16 @@
 //!
 //! Every call runs under the configured deadline ([`RedisConfig::timeout`]); past it the
 //! call fails with [`StorageError::Unavailable`] and the command may still take effect
-//! (the storage contract allows that for a dropped write).
+//! (the storage contract allows that for a dropped write). Every call goes through the
+//! connection's circuit breaker ([`breaker`]): after repeated failures calls fail at once
+//! with `Unavailable` until a probe reaches the server again.
 //!
 //! Durability is the server's: `Ok` means Redis acknowledged the write; it survives a
 //! restart only as far as the server's persistence (`appendonly yes`, `appendfsync`) and
 //! replication are configured to keep it.
 
 mod bandit;
+mod breaker;
 pub mod config;
 mod features;
 mod segments;
@@ -34,9 +38,11 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 
 pub use self::bandit::RedisBandit;
+use self::breaker::{Admission, Breaker};
 pub use self::config::RedisConfig;
 pub use self::features::RedisFeatures;
 pub use self::segments::RedisSegments;
+use crate::storage::health::BreakerStats;
 use crate::storage::{StorageError, StorageResult};
 
 /// One connection to a server or a cluster, shared by the capabilities that use it.
@@ -82,6 +88,7 @@ pub struct RedisStore {
     connection: Connection,
     prefix: String,
     timeout: Duration,
+    breaker: Arc<Breaker>,
 }
 
 impl RedisStore {
@@ -119,6 +126,7 @@ impl RedisStore {
             connection,
             prefix: config.prefix.clone(),
             timeout: config.timeout,
+            breaker: Arc::new(Breaker::new(&config.breaker)),
         });
         store
             .call("PING", |mut c| async move {
@@ -140,6 +148,11 @@ impl RedisStore {
         RedisBandit::new(self.clone())
     }
 
+    /// What this connection's circuit breaker has seen (for metrics).
+    pub fn breaker_stats(&self) -> Arc<BreakerStats> {
+        self.breaker.stats()
+    }
+
     fn is_cluster(&self) -> bool {
         matches!(self.connection, Connection::Cluster(_))
     }
@@ -149,19 +162,60 @@ impl RedisStore {
         format!("{}{kind}:{{{tag}}}", self.prefix)
     }
 
-    /// Runs one exchange with the server under the deadline.
+    /// Runs one exchange with the server under the deadline, unless the circuit breaker
+    /// is open: then it fails at once without touching the network.
     async fn call<T, F, Fut>(&self, what: &str, exchange: F) -> StorageResult<T>
     where
         F: FnOnce(Connection) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
-        match tokio::time::timeout(self.timeout, exchange(self.connection.clone())).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(redis_err(what, e)),
-            Err(_) => Err(StorageError::Unavailable(format!(
-                "Redis {what}: no answer within {:?}",
-                self.timeout
-            ))),
+        match self.breaker.admit() {
+            Admission::Call => {}
+            admission => {
+                if admission == Admission::RefuseAndProbe {
+                    self.probe();
+                }
+                return Err(StorageError::Unavailable(format!(
+                    "Redis {what}: not called, the circuit breaker is open after repeated failures"
+                )));
+            }
+        }
+        let result =
+            match tokio::time::timeout(self.timeout, exchange(self.connection.clone())).await {
+                Ok(Ok(value)) => Ok(value),
+                Ok(Err(e)) => Err(redis_err(what, e)),
+                Err(_) => Err(StorageError::Unavailable(format!(
+                    "Redis {what}: no answer within {:?}",
+                    self.timeout
+                ))),
+            };
+        match &result {
+            Err(StorageError::Unavailable(_)) => self.breaker.failed(),
+            _ => self.breaker.succeeded(),
+        }
+        result
+    }
+
+    /// Starts the breaker's probe: one `PING` under the call deadline, on its own task.
+    fn probe(&self) {
+        let breaker = self.breaker.clone();
+        let mut connection = self.connection.clone();
+        let timeout = self.timeout;
+        let ping = async move {
+            let answer = tokio::time::timeout(
+                timeout,
+                redis::cmd("PING").query_async::<()>(&mut connection),
+            )
+            .await;
+            breaker.probed(matches!(answer, Ok(Ok(()))));
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(ping);
+            }
+            // Calls run on the runtime; without one, the probe counts as failed and the
+            // next call after the cool-down tries again.
+            Err(_) => self.breaker.probed(false),
         }
     }
 }
