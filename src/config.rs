@@ -345,7 +345,9 @@ impl PolicyKind {
 pub struct PolicySettings {
     pub default: PolicyKind,
     pub epsilon: f64,
-    /// Posterior draws used to estimate a Thompson pick's propensity.
+    /// Monte Carlo rounds of Thompson sampling's distribution in off-policy evaluation,
+    /// and of a pick's propensity when an arm has no proper posterior (otherwise the
+    /// propensity is computed by quadrature and this is not used).
     pub propensity_samples: usize,
     /// How many pseudo-trials the active model's score is worth as the prior of Thompson
     /// sampling and epsilon-greedy (0: the bandit ignores the model).

@@ -130,7 +130,10 @@ async fn personalize_records_a_complete_decision_and_learns_from_outcomes() {
         "vip-only and sidebar items are not candidates: {d:#}"
     );
     assert_eq!(d["policy"], "thompson_sampling");
-    assert_eq!(d["propensityKind"], "estimated");
+    assert_eq!(
+        d["propensityKind"], "exact",
+        "Thompson sampling by quadrature"
+    );
     let p = d["propensity"].as_f64().unwrap();
     assert!(p > 0.0 && p <= 1.0);
     assert_eq!(d["alternatives"].as_array().unwrap().len(), 1);

@@ -28,9 +28,11 @@ pub struct Assignment {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PropensityKind {
-    /// Computed in closed form from the policy (epsilon-greedy, deterministic defaults).
+    /// Computed from the policy: in closed form (epsilon-greedy, softmax, deterministic
+    /// defaults) or by deterministic quadrature (Thompson sampling, linear or Beta).
     Exact,
-    /// Estimated by Monte Carlo over the policy's randomness (Thompson sampling).
+    /// Estimated by Monte Carlo over the policy's randomness (Beta Thompson sampling when
+    /// an arm has no proper posterior; decisions stored before the quadrature).
     Estimated,
 }
 
