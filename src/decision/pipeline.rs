@@ -227,11 +227,7 @@ impl DecisionEngine {
         }
         if ranking.order.is_empty() {
             return Err(Error::invalid(
-                if req.available_items.is_some() {
-                    "availableItems"
-                } else {
-                    "placement"
-                },
+                candidates_field(&req),
                 format!(
                     "no eligible content for placement '{}': rules filtered all {} candidates",
                     req.placement.as_deref().unwrap_or("(any)"),
@@ -478,11 +474,7 @@ impl DecisionEngine {
             });
             if without_consent > 0 && items.is_empty() {
                 return Err(Error::invalid(
-                    if req.available_items.is_some() {
-                        "availableItems"
-                    } else {
-                        "placement"
-                    },
+                    candidates_field(req),
                     format!(
                         "no eligible content for placement '{}': all {without_consent} candidates are marketing content and the customer has no marketing consent",
                         req.placement.as_deref().unwrap_or("(any)"),
@@ -504,11 +496,7 @@ impl DecisionEngine {
         items.dedup_by(|a, b| a.id == b.id);
         items.truncate(self.max_candidates);
         if items.is_empty() {
-            let field = if req.available_items.is_some() {
-                "availableItems"
-            } else {
-                "placement"
-            };
+            let field = candidates_field(req);
             return Err(Error::invalid(
                 field,
                 format!(
@@ -1190,4 +1178,14 @@ fn reasoning(
         selected.score,
         ranking.propensity,
     )
+}
+
+/// The request field an empty candidate set is blamed on: the caller's named items, or
+/// the placement whose catalog had nothing left.
+fn candidates_field(req: &PersonalizeRequest) -> &'static str {
+    if req.available_items.is_some() {
+        "availableItems"
+    } else {
+        "placement"
+    }
 }
