@@ -67,6 +67,7 @@ fn fixture() -> &'static Fixture {
             segments: vec!["engaged".into()],
             personalization: true,
             marketing: true,
+            analytics: true,
             impressions: (0..10)
                 .map(|i| Impression {
                     item_id: format!("item-{i}"),
