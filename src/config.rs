@@ -66,6 +66,9 @@ pub struct Backends {
     pub features: String,
     pub segments: String,
     pub bandit: String,
+    /// Where decisions are shared between replicas (outcome lookup, frequency caps):
+    /// `embedded` (this process only) or a Redis URL.
+    pub decisions: String,
     pub events: String,
     pub search: String,
 }
@@ -78,6 +81,7 @@ impl Default for Backends {
             features: embedded(),
             segments: embedded(),
             bandit: embedded(),
+            decisions: embedded(),
             events: embedded(),
             search: "none".into(),
         }
@@ -828,6 +832,7 @@ impl Settings {
             ("features", &b.features),
             ("segments", &b.segments),
             ("bandit", &b.bandit),
+            ("decisions", &b.decisions),
             ("events", &b.events),
         ] {
             crate::storage::check_backend(capability, value, self.timeouts.backend())

@@ -571,7 +571,7 @@ pub async fn open_event_stream(
 
 /// Capabilities that a Redis URL may serve.
 #[cfg(feature = "redis")]
-const REDIS_CAPABILITIES: [&str; 3] = ["features", "segments", "bandit"];
+const REDIS_CAPABILITIES: [&str; 4] = ["features", "segments", "bandit", "decisions"];
 
 /// Whether this build can serve `capability` (a `backends.*` key) from `value`; the
 /// error says why not, without echoing secrets.
@@ -616,7 +616,8 @@ pub async fn with_backends(
             let value = match capability {
                 "features" => &backends.features,
                 "segments" => &backends.segments,
-                _ => &backends.bandit,
+                "bandit" => &backends.bandit,
+                _ => &backends.decisions,
             };
             if !redis::config::is_redis_url(value) {
                 continue;
@@ -640,7 +641,8 @@ pub async fn with_backends(
             match capability {
                 "features" => stores.features = Arc::new(store.features()),
                 "segments" => stores.segments = Arc::new(store.segments()),
-                _ => stores.bandit = Arc::new(store.bandit()),
+                "bandit" => stores.bandit = Arc::new(store.bandit()),
+                _ => stores.decisions = Arc::new(store.decisions(stores.decisions.clone())),
             }
         }
         stores

@@ -1,9 +1,11 @@
-//! The Redis backend (cargo feature `redis`): [`FeatureStore`], [`SegmentStore`] and
-//! [`BanditStore`] on one Redis server or a Redis Cluster.
+//! The Redis backend (cargo feature `redis`): [`FeatureStore`], [`SegmentStore`],
+//! [`BanditStore`] and the shared side of [`DecisionStore`] on one Redis server or a
+//! Redis Cluster.
 //!
 //! - `config.rs`: the `redis://` / `redis+cluster://` values of `backends.*`;
 //! - `breaker.rs`: the circuit breaker every call goes through;
-//! - `features.rs`, `segments.rs`, `bandit.rs`: one capability each, with its key layout;
+//! - `features.rs`, `segments.rs`, `bandit.rs`, `decisions.rs`: one capability each, with
+//!   its key layout;
 //! - `tests.rs`: the conformance suites against real servers.
 //!
 //! Keys carry a hash tag (`{...}`) so that everything one write must change atomically
@@ -24,6 +26,7 @@
 mod bandit;
 mod breaker;
 pub mod config;
+mod decisions;
 mod features;
 mod segments;
 #[cfg(test)]
@@ -40,10 +43,11 @@ use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 pub use self::bandit::RedisBandit;
 use self::breaker::{Admission, Breaker};
 pub use self::config::RedisConfig;
+pub use self::decisions::{RedisDecisions, SHARED_DECISION_DAYS};
 pub use self::features::RedisFeatures;
 pub use self::segments::RedisSegments;
 use crate::storage::health::BreakerStats;
-use crate::storage::{StorageError, StorageResult};
+use crate::storage::{DecisionStore, StorageError, StorageResult};
 
 /// One connection to a server or a cluster, shared by the capabilities that use it.
 ///
@@ -146,6 +150,12 @@ impl RedisStore {
 
     pub fn bandit(self: &Arc<Self>) -> RedisBandit {
         RedisBandit::new(self.clone())
+    }
+
+    /// Decisions shared between replicas, each also kept in `local` (the replica's own
+    /// decision log).
+    pub fn decisions(self: &Arc<Self>, local: Arc<dyn DecisionStore>) -> RedisDecisions {
+        RedisDecisions::new(self.clone(), local)
     }
 
     /// What this connection's circuit breaker has seen (for metrics).

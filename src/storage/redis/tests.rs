@@ -18,7 +18,7 @@ use crate::config::Settings;
 use crate::decision::pipeline::PersonalizeRequest;
 use crate::storage::conformance::{self, customer_id, sample_content_item};
 use crate::storage::embedded::EmbeddedStore;
-use crate::storage::{BanditStore, FeatureStore, StorageError};
+use crate::storage::{BanditStore, DecisionStore, FeatureStore, StorageError};
 
 const SINGLE: &str = "REDIS_URL";
 const CLUSTER: &str = "REDIS_CLUSTER_URL";
@@ -75,6 +75,114 @@ async fn bandit_conforms(var: &str) {
     conformance::bandit(Arc::new(store.bandit()), &prefix).await;
 }
 
+/// Shared decisions over a fresh local store of their own.
+async fn decisions_conform(var: &str) {
+    let Some((value, prefix)) = location(var) else {
+        return;
+    };
+    let store = connect(&value, TIMEOUT).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local = EmbeddedStore::open(dir.path()).expect("embedded store");
+    conformance::decisions(&store.decisions(local.stores().decisions), &prefix).await;
+}
+
+/// Two replicas, each with its own local store, over one Redis: a decision made on one
+/// is found, counted, capped and exported on the other.
+async fn decisions_cross_replicas(var: &str) {
+    let Some((value, prefix)) = location(var) else {
+        return;
+    };
+    let store = connect(&value, TIMEOUT).await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let local_a = EmbeddedStore::open(dir_a.path())
+        .unwrap()
+        .stores()
+        .decisions;
+    let local_b = EmbeddedStore::open(dir_b.path())
+        .unwrap()
+        .stores()
+        .decisions;
+    let a = store.decisions(local_a.clone());
+    let b = store.decisions(local_b.clone());
+    let customer = customer_id(&format!("{prefix}c"));
+    let mut made_on_a = conformance::sample_decision(&format!("{prefix}da"), &customer, 1);
+    made_on_a.created_at = chrono::Utc::now();
+    let mut made_on_b = conformance::sample_decision(&format!("{prefix}db"), &customer, 2);
+    made_on_b.created_at = made_on_a.created_at + chrono::Duration::seconds(1);
+    a.put(&made_on_a).await.expect("put on a");
+    b.put(&made_on_b).await.expect("put on b");
+
+    assert_eq!(
+        b.get(&made_on_a.id).await.unwrap().as_ref(),
+        Some(&made_on_a),
+        "a replica finds a decision made on another"
+    );
+    assert_eq!(local_b.get(&made_on_a.id).await.unwrap(), None);
+    let first = conformance::sample_outcome(&made_on_a, 0);
+    let second = conformance::sample_outcome(&made_on_a, 1);
+    assert_eq!(b.put_outcome(&first).await.unwrap(), Some(0));
+    assert_eq!(
+        a.put_outcome(&second).await.unwrap(),
+        Some(1),
+        "outcomes count across replicas: the second one knows of the first"
+    );
+    for replica in [&a, &b] {
+        assert_eq!(
+            replica.outcomes(&made_on_a.id).await.unwrap(),
+            vec![first.clone(), second.clone()]
+        );
+    }
+    // The replica that made the decision keeps the outcome it received in its own log.
+    assert_eq!(
+        local_a.outcomes(&made_on_a.id).await.unwrap(),
+        vec![second.clone()]
+    );
+
+    let since = made_on_a.created_at - chrono::Duration::minutes(1);
+    for replica in [&a, &b] {
+        let shown: Vec<String> = replica
+            .impressions(&customer, since, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.item_id)
+            .collect();
+        assert_eq!(
+            shown,
+            vec![format!("{prefix}db-item"), format!("{prefix}da-item")],
+            "frequency caps see what every replica showed, newest first"
+        );
+    }
+    let exported = b.customer_decisions(&customer).await.unwrap();
+    assert_eq!(
+        exported
+            .iter()
+            .map(|(d, o)| (d.id.clone(), o.len()))
+            .collect::<Vec<_>>(),
+        vec![(made_on_a.id.clone(), 2), (made_on_b.id.clone(), 0)],
+        "the export holds the customer's decisions from both replicas, with every outcome"
+    );
+    // Erasure on one replica reaches the shared copies; the impressions go.
+    let pseudonym = format!("{prefix}anon");
+    assert_eq!(b.pseudonymise(&customer, &pseudonym).await.unwrap(), 2);
+    assert_eq!(
+        b.get(&made_on_a.id).await.unwrap().map(|d| d.customer_id),
+        Some(customer_id(&pseudonym))
+    );
+    assert!(b
+        .outcomes(&made_on_a.id)
+        .await
+        .unwrap()
+        .iter()
+        .all(|o| o.customer_id.as_str() == pseudonym));
+    assert!(a
+        .impressions(&customer, since, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(b.customer_decisions(&customer).await.unwrap().is_empty());
+}
+
 /// Feature states read back bit for bit (decisions on the embedded store, which the
 /// suite needs beside them).
 async fn floats_are_exact(var: &str) {
@@ -116,6 +224,26 @@ async fn bandit_conforms_on_a_single_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bandit_conforms_on_a_cluster() {
     bandit_conforms(CLUSTER).await;
+}
+
+#[tokio::test]
+async fn decisions_conform_on_a_single_server() {
+    decisions_conform(SINGLE).await;
+}
+
+#[tokio::test]
+async fn decisions_conform_on_a_cluster() {
+    decisions_conform(CLUSTER).await;
+}
+
+#[tokio::test]
+async fn decisions_are_shared_between_replicas_on_a_single_server() {
+    decisions_cross_replicas(SINGLE).await;
+}
+
+#[tokio::test]
+async fn decisions_are_shared_between_replicas_on_a_cluster() {
+    decisions_cross_replicas(CLUSTER).await;
 }
 
 #[tokio::test]
@@ -212,8 +340,9 @@ async fn a_call_to_a_paused_server_fails_at_its_deadline() {
     }
 }
 
-/// An engine with features, segments and bandit on Redis decides, and learns from the
-/// outcome: the statistics are in Redis, seen through a second connection.
+/// An engine with features, segments, bandit and decisions on Redis decides, and learns
+/// from the outcome: the statistics and the decision are in Redis, seen through a second
+/// connection.
 async fn engine_learns_through_redis(var: &str) {
     let Some((value, prefix)) = location(var) else {
         return;
@@ -228,6 +357,7 @@ async fn engine_learns_through_redis(var: &str) {
     settings.backends.features = value.clone();
     settings.backends.segments = value.clone();
     settings.backends.bandit = value.clone();
+    settings.backends.decisions = value.clone();
     settings.timeouts.backend_ms = TIMEOUT.as_millis() as u64;
     // The decision must not degrade because another test paused the server briefly.
     settings.timeouts.feature_read_ms = TIMEOUT.as_millis() as u64;
@@ -278,6 +408,22 @@ async fn engine_learns_through_redis(var: &str) {
         );
         tokio::task::yield_now().await;
     }
+    // Another replica (its own local store) finds the decision and its outcome.
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let other = connect(&value, TIMEOUT).await.decisions(
+        EmbeddedStore::open(elsewhere.path())
+            .expect("embedded store")
+            .stores()
+            .decisions,
+    );
+    assert_eq!(
+        other.get(&decision.id).await.expect("shared read"),
+        Some(decision.clone())
+    );
+    assert_eq!(
+        other.outcomes(&decision.id).await.expect("outcomes").len(),
+        1
+    );
     // The engine's own stores are the Redis ones.
     let through_engine = engine.stores.bandit.get(placement, &arms).await;
     assert_eq!(
@@ -486,7 +632,7 @@ struct BreakerView {
 fn breaker_view(engine: &Engine) -> BreakerView {
     let text = engine.metrics.render();
     let labels = r#"backend="redis""#;
-    let serves = r#"serves="features,segments,bandit""#;
+    let serves = r#"serves="features,segments,bandit,decisions""#;
     BreakerView {
         open: sample(
             &text,
@@ -508,7 +654,7 @@ fn breaker_view(engine: &Engine) -> BreakerView {
 }
 
 /// Redis killed (SIGKILL) and stalled (SIGSTOP) under an engine that keeps features,
-/// segments and bandit statistics there: decisions keep answering within the request
+/// segments, bandit statistics and shared decisions there: decisions keep answering within the request
 /// deadline, degraded and counted; the breaker opens and stops calling the server;
 /// outcomes are still recorded; events acknowledged meanwhile are applied once it is
 /// back; and once it is back decisions are whole again.
@@ -527,6 +673,7 @@ async fn decisions_survive_a_killed_and_a_stalled_redis() {
     settings.backends.features = redis.url();
     settings.backends.segments = redis.url();
     settings.backends.bandit = redis.url();
+    settings.backends.decisions = redis.url();
     // Generous for a busy machine: only a server that is really gone fails a call.
     settings.timeouts.backend_ms = 1_000;
     settings.timeouts.feature_read_ms = 5_000;

@@ -1,0 +1,480 @@
+//! Decisions shared between replicas ([`DecisionStore`]): what lets an outcome reach any
+//! replica behind a load balancer, and a frequency cap count what every replica showed.
+//!
+//! [`RedisDecisions`] keeps each decision twice: in the replica's own store (its decision
+//! log: `scan` for training, the customer export) and in Redis for
+//! [`SHARED_DECISION_DAYS`], where every replica finds it. Keys:
+//! - `decision:{<id>}`: the decision as JSON, expiring after the shared window;
+//! - `decision:{<id>}:outcomes`: a list of its outcomes as JSON, in the order they were
+//!   stored, in the decision's slot and expiring with it;
+//! - `customer_impressions:{<customer id>}`: a sorted set with one member per decision,
+//!   `<decision id>\n<item>\n<item>…` (the items it showed, in order), scored by its
+//!   creation time in milliseconds, in the customer's slot beside their features; members
+//!   older than the window are trimmed on every write.
+//!
+//! Reads: `get` answers from the local store and else from Redis; `impressions` and
+//! `outcomes` answer from Redis, which holds every replica's (`outcomes` falls back to
+//! the local list for a decision Redis no longer holds, or cannot be reached about). `put_outcome` counts in Redis,
+//! atomically with the check that the decision exists (one script on its slot), so the
+//! "first outcome" that teaches the bandit is first across all replicas; the outcome is
+//! also stored locally when the decision was made here. `customer_decisions` merges the
+//! local decisions with those Redis holds for the customer; `scan` is the local log only
+//! (the decisions topic of the event stream carries every replica's).
+//!
+//! A decision whose Redis write fails is still stored locally and the call succeeds (the
+//! decision has been made; its outcomes are accepted on this replica); the failure is
+//! logged and counted by the connection's breaker.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, LazyLock};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use redis::Script;
+
+use super::RedisStore;
+use crate::customers::CustomerId;
+use crate::decision::{Decision, Impression, Outcome};
+use crate::storage::{DecisionStore, StorageError, StorageResult};
+
+/// How long Redis keeps a decision, its outcomes and its impressions: the window in which
+/// an outcome may reach any replica, and the longest frequency cap window.
+pub const SHARED_DECISION_DAYS: i64 = 30;
+
+/// KEYS[1]: the decision, KEYS[2]: its outcome list; ARGV[1]: the outcome. Returns -1
+/// when the decision is unknown (nothing stored), else how many outcomes came before.
+static PUT_OUTCOME: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -2 then return -1 end
+local n = redis.call('RPUSH', KEYS[2], ARGV[1])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+return n - 1
+",
+    )
+});
+
+/// [`DecisionStore`] over a replica's own store and Redis.
+pub struct RedisDecisions {
+    store: Arc<RedisStore>,
+    local: Arc<dyn DecisionStore>,
+}
+
+fn window_ms() -> i64 {
+    SHARED_DECISION_DAYS * 24 * 60 * 60 * 1000
+}
+
+/// The impression member of a decision: its id, then the items it showed.
+fn impression_member(decision: &Decision) -> String {
+    let mut out = decision.id.clone();
+    for shown in &decision.items {
+        out.push('\n');
+        out.push_str(&shown.item.id);
+    }
+    out
+}
+
+fn encode<T: serde::Serialize>(what: &str, value: &T) -> StorageResult<String> {
+    serde_json::to_string(value).map_err(|e| StorageError::Backend(format!("encoding {what}: {e}")))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: &str, raw: &str) -> StorageResult<T> {
+    serde_json::from_str(raw).map_err(|e| StorageError::Corrupt(format!("{what}: {e}")))
+}
+
+impl RedisDecisions {
+    pub fn new(store: Arc<RedisStore>, local: Arc<dyn DecisionStore>) -> Self {
+        RedisDecisions { store, local }
+    }
+
+    fn decision_key(&self, id: &str) -> String {
+        self.store.key("decision", id)
+    }
+
+    fn outcomes_key(&self, id: &str) -> String {
+        format!("{}:outcomes", self.decision_key(id))
+    }
+
+    fn impressions_key(&self, customer: &str) -> String {
+        self.store.key("customer_impressions", customer)
+    }
+
+    /// Writes the decision and its impression; the impression of a decision it replaces
+    /// (same id) goes.
+    async fn share(&self, decision: &Decision) -> StorageResult<()> {
+        let key = self.decision_key(&decision.id);
+        let value = encode("decision", decision)?;
+        let ttl = window_ms();
+        let replace = self.store.call("store a decision", |mut c| async move {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(value)
+                .arg("PX")
+                .arg(ttl)
+                .arg("GET")
+                .query_async::<Option<String>>(&mut c)
+                .await
+        });
+        let member = impression_member(decision);
+        let at = decision.created_at.timestamp_millis();
+        let impressions = self.impressions_key(decision.customer_id.as_str());
+        let shown = self.add_impression(impressions, member.clone(), at);
+        let (previous, shown) = tokio::join!(replace, shown);
+        shown?;
+        // A replaced decision may have shown other items or named another customer.
+        if let Some(previous) = previous? {
+            if let Ok(previous) = serde_json::from_str::<Decision>(&previous) {
+                let old = impression_member(&previous);
+                if previous.customer_id != decision.customer_id || old != member {
+                    let key = self.impressions_key(previous.customer_id.as_str());
+                    self.store
+                        .call("move an impression", |mut c| async move {
+                            redis::cmd("ZREM")
+                                .arg(key)
+                                .arg(old)
+                                .query_async::<()>(&mut c)
+                                .await
+                        })
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds one impression member and trims what is more than the window older than it,
+    /// atomically on the customer's slot.
+    async fn add_impression(&self, key: String, member: String, at: i64) -> StorageResult<()> {
+        let oldest = at.saturating_sub(window_ms());
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("ZADD")
+            .arg(&key)
+            .arg(at)
+            .arg(member)
+            .ignore()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(&key)
+            .arg("-inf")
+            .arg(format!("({oldest}"))
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(window_ms())
+            .ignore();
+        self.store
+            .call("store an impression", |mut c| async move {
+                pipe.query_async::<()>(&mut c).await
+            })
+            .await
+    }
+
+    /// The decision as Redis holds it.
+    async fn shared(&self, id: &str) -> StorageResult<Option<Decision>> {
+        let key = self.decision_key(id);
+        let raw: Option<String> = self
+            .store
+            .call("read a decision", |mut c| async move {
+                redis::cmd("GET").arg(key).query_async(&mut c).await
+            })
+            .await?;
+        raw.map(|raw| decode(&format!("decision {id}"), &raw))
+            .transpose()
+    }
+
+    /// The decision's outcomes as Redis holds them; `None` when Redis holds no decision.
+    async fn shared_outcomes(&self, id: &str) -> StorageResult<Option<Vec<Outcome>>> {
+        let decision = self.decision_key(id);
+        let outcomes = self.outcomes_key(id);
+        let mut pipe = redis::pipe();
+        pipe.cmd("EXISTS")
+            .arg(decision)
+            .cmd("LRANGE")
+            .arg(outcomes)
+            .arg(0)
+            .arg(-1);
+        let (exists, raw): (bool, Vec<String>) = self
+            .store
+            .call("read outcomes", |mut c| async move {
+                pipe.query_async(&mut c).await
+            })
+            .await?;
+        if !exists {
+            return Ok(None);
+        }
+        raw.iter()
+            .map(|r| decode(&format!("outcome of decision {id}"), r))
+            .collect::<StorageResult<Vec<_>>>()
+            .map(Some)
+    }
+
+    /// The ids of the customer's decisions that Redis holds (within the window).
+    async fn shared_ids(&self, customer: &CustomerId) -> StorageResult<Vec<String>> {
+        let key = self.impressions_key(customer.as_str());
+        let members: Vec<String> = self
+            .store
+            .call("read impressions", |mut c| async move {
+                redis::cmd("ZRANGE")
+                    .arg(key)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(members
+            .iter()
+            .map(|m| m.split('\n').next().unwrap_or_default().to_owned())
+            .collect())
+    }
+
+    /// Replaces the customer id on one shared decision and its outcomes, keeping their
+    /// expiry; returns whether Redis held the decision.
+    async fn pseudonymise_shared(&self, id: &str, pseudonym: &CustomerId) -> StorageResult<bool> {
+        let Some(mut decision) = self.shared(id).await? else {
+            return Ok(false);
+        };
+        decision.customer_id = pseudonym.clone();
+        let outcomes = self.shared_outcomes(id).await?.unwrap_or_default();
+        let outcomes = outcomes
+            .into_iter()
+            .map(|mut o| {
+                o.customer_id = pseudonym.clone();
+                encode("outcome", &o)
+            })
+            .collect::<StorageResult<Vec<_>>>()?;
+        let key = self.decision_key(id);
+        let list = self.outcomes_key(id);
+        let value = encode("decision", &decision)?;
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("SET")
+            .arg(&key)
+            .arg(value)
+            .arg("KEEPTTL")
+            .ignore();
+        if !outcomes.is_empty() {
+            pipe.cmd("PTTL").arg(&list);
+            pipe.cmd("DEL").arg(&list).ignore();
+            pipe.cmd("RPUSH").arg(&list).arg(&outcomes).ignore();
+        }
+        let ttls: Vec<i64> = self
+            .store
+            .call("pseudonymise a decision", |mut c| async move {
+                pipe.query_async(&mut c).await
+            })
+            .await?;
+        if let Some(&ttl) = ttls.first().filter(|t| **t > 0) {
+            self.store
+                .call("pseudonymise a decision", |mut c| async move {
+                    redis::cmd("PEXPIRE")
+                        .arg(list)
+                        .arg(ttl)
+                        .query_async::<()>(&mut c)
+                        .await
+                })
+                .await?;
+        }
+        Ok(true)
+    }
+}
+
+#[async_trait]
+impl DecisionStore for RedisDecisions {
+    async fn put(&self, decision: &Decision) -> StorageResult<()> {
+        self.local.put(decision).await?;
+        if let Err(e) = self.share(decision).await {
+            tracing::warn!(error = %e, decision = %decision.id,
+                "Failed to share a decision through Redis; its outcomes are accepted on this replica only");
+        }
+        Ok(())
+    }
+
+    async fn get(&self, id: &str) -> StorageResult<Option<Decision>> {
+        if let Some(decision) = self.local.get(id).await? {
+            return Ok(Some(decision));
+        }
+        self.shared(id).await
+    }
+
+    async fn put_outcome(&self, outcome: &Outcome) -> StorageResult<Option<u64>> {
+        let id = &outcome.decision_id;
+        let value = encode("outcome", outcome)?;
+        let keys = (self.decision_key(id), self.outcomes_key(id));
+        let shared = self
+            .store
+            .call("store an outcome", |mut c| async move {
+                PUT_OUTCOME
+                    .key(keys.0)
+                    .key(keys.1)
+                    .arg(value)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await;
+        // Stored here too when the decision was made here (the local log stays whole);
+        // `None` when it was not.
+        let local = self.local.put_outcome(outcome).await?;
+        match shared {
+            Ok(n) if n >= 0 => Ok(Some(u64::try_from(n).unwrap_or_default())),
+            // Redis does not hold the decision (its write failed, or it expired): the
+            // local count is the only one.
+            Ok(_) => Ok(local),
+            Err(e) if local.is_some() => {
+                tracing::warn!(error = %e, decision = %id,
+                    "Failed to share an outcome through Redis; counted on this replica only");
+                Ok(local)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn outcomes(&self, decision_id: &str) -> StorageResult<Vec<Outcome>> {
+        match self.shared_outcomes(decision_id).await {
+            Ok(Some(outcomes)) => Ok(outcomes),
+            Ok(None) => self.local.outcomes(decision_id).await,
+            // Without Redis, a decision made here still has the outcomes this replica got.
+            Err(e) => {
+                if self.local.get(decision_id).await?.is_some() {
+                    tracing::warn!(error = %e, decision = %decision_id,
+                        "Failed to read shared outcomes; answering with this replica's");
+                    self.local.outcomes(decision_id).await
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    async fn impressions(
+        &self,
+        customer: &CustomerId,
+        since: DateTime<Utc>,
+        limit: usize,
+    ) -> StorageResult<Vec<Impression>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let key = self.impressions_key(customer.as_str());
+        let since = since.timestamp_millis();
+        // Every decision shows at least one item: `limit` decisions are enough.
+        let count = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows: Vec<(String, f64)> = self
+            .store
+            .call("read impressions", |mut c| async move {
+                redis::cmd("ZREVRANGEBYSCORE")
+                    .arg(key)
+                    .arg("+inf")
+                    .arg(since)
+                    .arg("WITHSCORES")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(count)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let mut out = Vec::new();
+        'newest: for (member, score) in rows {
+            let mut parts = member.split('\n');
+            let decision = parts.next().unwrap_or_default();
+            // Scores are whole milliseconds, exact in an f64.
+            #[allow(clippy::cast_possible_truncation)]
+            let at = DateTime::from_timestamp_millis(score as i64).ok_or_else(|| {
+                StorageError::Corrupt(format!(
+                    "impression of decision {decision}: time out of range"
+                ))
+            })?;
+            for item in parts {
+                if out.len() == limit {
+                    break 'newest;
+                }
+                out.push(Impression {
+                    item_id: item.to_owned(),
+                    at,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn scan(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StorageResult<Vec<(Decision, Vec<Outcome>)>> {
+        self.local.scan(after, limit).await
+    }
+
+    async fn customer_decisions(
+        &self,
+        customer: &CustomerId,
+    ) -> StorageResult<Vec<(Decision, Vec<Outcome>)>> {
+        let mut all: BTreeMap<String, (Decision, Vec<Outcome>)> = BTreeMap::new();
+        for (decision, outcomes) in self.local.customer_decisions(customer).await? {
+            // Outcomes recorded on other replicas are in Redis.
+            let outcomes = self
+                .shared_outcomes(&decision.id)
+                .await?
+                .unwrap_or(outcomes);
+            all.insert(decision.id.clone(), (decision, outcomes));
+        }
+        for id in self.shared_ids(customer).await? {
+            if all.contains_key(&id) {
+                continue;
+            }
+            let Some(decision) = self.shared(&id).await? else {
+                continue;
+            };
+            if decision.customer_id != *customer {
+                continue;
+            }
+            let outcomes = self.shared_outcomes(&id).await?.unwrap_or_default();
+            all.insert(id, (decision, outcomes));
+        }
+        Ok(all.into_values().collect())
+    }
+
+    async fn pseudonymise(&self, customer: &CustomerId, pseudonym: &str) -> StorageResult<u64> {
+        let mut changed: std::collections::BTreeSet<String> = self
+            .local
+            .customer_decisions(customer)
+            .await?
+            .into_iter()
+            .map(|(d, _)| d.id)
+            .collect();
+        let anon = CustomerId::parse("pseudonym", pseudonym)
+            .map_err(|e| StorageError::Backend(format!("invalid pseudonym: {e}")))?;
+        self.local.pseudonymise(customer, pseudonym).await?;
+        for id in self.shared_ids(customer).await? {
+            // A member may outlive a replaced decision's move; only the customer's own
+            // decisions change.
+            if self
+                .shared(&id)
+                .await?
+                .is_some_and(|d| &d.customer_id == customer)
+                && self.pseudonymise_shared(&id, &anon).await?
+            {
+                changed.insert(id);
+            }
+        }
+        // Decisions made here whose copy Redis still holds.
+        for id in &changed.clone() {
+            if self
+                .shared(id)
+                .await?
+                .is_some_and(|d| &d.customer_id == customer)
+            {
+                self.pseudonymise_shared(id, &anon).await?;
+            }
+        }
+        let key = self.impressions_key(customer.as_str());
+        self.store
+            .call("erase impressions", |mut c| async move {
+                redis::cmd("DEL").arg(key).query_async::<()>(&mut c).await
+            })
+            .await?;
+        Ok(u64::try_from(changed.len()).unwrap_or(u64::MAX))
+    }
+}

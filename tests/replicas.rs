@@ -1,0 +1,289 @@
+//! Two replicas, one truth: two `tailor serve --role api` processes and one
+//! `--role worker` over the same Redis and the same Kafka-protocol broker. Events sent to
+//! either replica change the features both serve; decisions made on either are found by
+//! the other (an outcome may reach any replica), and the bandit learns from both.
+//!
+//! The servers come from the environment (`scripts/test` starts them): `REDIS_URL` and
+//! `KAFKA_URL`. Without them the test fails when `CI=true` and is skipped otherwise.
+#![cfg(all(feature = "redis", feature = "kafka"))]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const PATIENCE: Duration = Duration::from_secs(90);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// `$var`, or `None` after saying why the test cannot run (a failure under `CI=true`).
+fn service(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            let reason = format!("{var} is not set: no server to test against");
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("{reason} (CI=true requires it; scripts/test starts it)");
+            }
+            eprintln!("skipped: {reason} (scripts/test starts it)");
+            None
+        }
+    }
+}
+
+/// A `tailor serve` process, killed when dropped.
+struct Server {
+    child: Child,
+    base: String,
+    client: reqwest::Client,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An admin key created in `data_dir` before the server holds it.
+fn admin_key(data_dir: &Path) -> String {
+    let created = Command::new(env!("CARGO_BIN_EXE_tailor"))
+        .args(["keys", "create", "--role", "admin", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .expect("tailor runs");
+    assert!(created.status.success(), "{created:?}");
+    String::from_utf8(created.stdout).unwrap().trim().to_owned()
+}
+
+async fn start(role: &str, data_dir: &Path, redis: &str, kafka: &str) -> Server {
+    let key = admin_key(data_dir);
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_tailor"))
+        .args([
+            "serve",
+            "--role",
+            role,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "warn")
+        .env("TAILOR_RULES__DIR", "")
+        .env("TAILOR_RULES__PLUGINS_DIR", "")
+        .env("TAILOR_BACKENDS__FEATURES", redis)
+        .env("TAILOR_BACKENDS__SEGMENTS", redis)
+        .env("TAILOR_BACKENDS__BANDIT", redis)
+        .env("TAILOR_BACKENDS__DECISIONS", redis)
+        .env("TAILOR_BACKENDS__EVENTS", kafka)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("tailor starts");
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {key}").parse().unwrap(),
+    );
+    let server = Server {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(20))
+            .default_headers(headers)
+            .build()
+            .unwrap(),
+    };
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Ok(r) = server
+            .client
+            .get(format!("{}/readyz", server.base))
+            .send()
+            .await
+        {
+            if r.status().is_success() {
+                return server;
+            }
+        }
+        assert!(Instant::now() < deadline, "the {role} did not become ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+impl Server {
+    /// Runs a GraphQL document; panics on a transport error or any GraphQL error.
+    async fn graphql(&self, query: &str, variables: Value) -> Value {
+        let response: Value = self
+            .client
+            .post(format!("{}/graphql", self.base))
+            .json(&json!({"query": query, "variables": variables}))
+            .send()
+            .await
+            .expect("request sent")
+            .json()
+            .await
+            .expect("a JSON answer");
+        assert!(
+            response.get("errors").is_none(),
+            "{query}: {}",
+            response["errors"]
+        );
+        response["data"].clone()
+    }
+
+    async fn page_views(&self, customer: &str) -> f64 {
+        let data = self
+            .graphql(
+                "query($c: ID!) { features(customerId: $c, names: [\"page_views_30d\"]) { name value } }",
+                json!({"c": customer}),
+            )
+            .await;
+        data["features"][0]["value"].as_f64().unwrap_or(0.0)
+    }
+
+    async fn track(&self, events: Vec<Value>) {
+        let data = self
+            .graphql(
+                "mutation($e: [EventInput!]!) { trackEvents(events: $e) { accepted } }",
+                json!({"e": events}),
+            )
+            .await;
+        assert_eq!(
+            data["trackEvents"]["accepted"].as_u64(),
+            Some(events.len() as u64)
+        );
+    }
+
+    async fn decide(&self, customer: &str, explain: bool) -> Value {
+        let data = self
+            .graphql(
+                "query($c: ID!, $x: Boolean!) { personalize(input: {customerId: $c, placement: \"hero\", explain: $x}) { id explanation selectedItem { id } } }",
+                json!({"c": customer, "x": explain}),
+            )
+            .await;
+        data["personalize"].clone()
+    }
+
+    async fn reward(&self, decision: &str) {
+        self.graphql(
+            "mutation($d: ID!) { recordOutcome(decisionId: $d, reward: 1.0) { decisionId } }",
+            json!({"d": decision}),
+        )
+        .await;
+    }
+
+    /// The bandit's (impressions, rewards) summed over the candidates, as a decision with
+    /// `explain` shows them.
+    async fn bandit_totals(&self) -> (f64, f64) {
+        let decision = self.decide("observer", true).await;
+        let candidates = decision["explanation"]["candidates"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        candidates.iter().fold((0.0, 0.0), |(n, r), c| {
+            (
+                n + c["impressions"].as_f64().unwrap_or(0.0),
+                r + c["reward"].as_f64().unwrap_or(0.0),
+            )
+        })
+    }
+}
+
+fn page_views(customer: &str, from: &str, n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            json!({
+                "eventId": format!("{from}-{customer}-{i}"),
+                "customerId": customer,
+                "type": "page_view",
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_api_replicas_and_a_worker_share_features_decisions_and_learning() {
+    let (Some(redis), Some(kafka)) = (service("REDIS_URL"), service("KAFKA_URL")) else {
+        return;
+    };
+    let run = uuid::Uuid::now_v7().simple().to_string();
+    let redis = format!("{redis}?prefix=t-{run}:");
+    let kafka = format!("{kafka}?topic_prefix=t{run}.&group=g{run}&partitions=3");
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let worker = start("worker", dirs[2].path(), &redis, &kafka).await;
+    let a = start("api", dirs[0].path(), &redis, &kafka).await;
+    let b = start("api", dirs[1].path(), &redis, &kafka).await;
+
+    // Definitions are each replica's own: both get the same catalog.
+    for replica in [&a, &b] {
+        for id in ["offer-1", "offer-2", "offer-3"] {
+            replica
+                .graphql(
+                    "mutation($i: ContentItemInput!) { upsertContent(input: $i) { id } }",
+                    json!({"i": {"id": id, "type": "banner", "placements": ["hero"]}}),
+                )
+                .await;
+        }
+    }
+
+    // Events through either replica reach the worker, and both serve what it applied.
+    a.track(page_views("alice", "a", 3)).await;
+    b.track(page_views("alice", "b", 2)).await;
+    b.track(page_views("bob", "b", 4)).await;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let seen = [
+            a.page_views("alice").await,
+            b.page_views("alice").await,
+            a.page_views("bob").await,
+            b.page_views("bob").await,
+        ];
+        if seen == [5.0, 5.0, 4.0, 4.0] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "features after events through both replicas: {seen:?}, expected alice 5 and bob 4 on both"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Decisions made on each replica, rewarded through the other one.
+    let mut decided = 0.0;
+    for (maker, rewarder) in [(&a, &b), (&b, &a)] {
+        for n in 0..5 {
+            let decision = maker.decide(&format!("shopper-{n}"), false).await;
+            let id = decision["id"].as_str().expect("a decision id").to_owned();
+            rewarder.reward(&id).await;
+            decided += 1.0;
+        }
+    }
+    // A second outcome of one decision, on its own replica, does not teach the bandit
+    // again: the first-outcome count is shared.
+    let once = a.decide("shopper-once", false).await;
+    let once = once["id"].as_str().unwrap().to_owned();
+    b.reward(&once).await;
+    a.reward(&once).await;
+    decided += 1.0;
+
+    // Both replicas read the bandit that learned from both (the observer decisions add
+    // impressions as they go).
+    let (shown_a, rewards_a) = a.bandit_totals().await;
+    let (shown_b, rewards_b) = b.bandit_totals().await;
+    assert_eq!(rewards_a, decided, "rewards seen on a");
+    assert_eq!(rewards_b, decided, "rewards seen on b");
+    assert!(shown_a >= decided, "impressions seen on a: {shown_a}");
+    assert!(
+        shown_b > shown_a,
+        "b sees a's observer decision too: {shown_b} after {shown_a}"
+    );
+    drop(worker);
+}
