@@ -263,6 +263,23 @@ impl Engine {
                 }
             },
         ));
+        // Definitions shared with other replicas: what they define reaches this one's
+        // feature and segment catalogs within a second (rules follow through their own
+        // reload above; content and experiments through their caches' lifetime).
+        if self.settings.backends.definitions != "embedded" {
+            let (features, segments) = (self.features.clone(), self.segments.clone());
+            tasks.push(every(CATALOG_TTL, shutdown.clone(), move || {
+                let (features, segments) = (features.clone(), segments.clone());
+                async move {
+                    if let Err(e) = features.reload().await {
+                        tracing::warn!(error = %e, "Failed to reload feature definitions");
+                    }
+                    if let Err(e) = segments.reload().await {
+                        tracing::warn!(error = %e, "Failed to reload segment definitions");
+                    }
+                }
+            }));
+        }
         // Decisions are made (and models' rewards counted) in every role that serves.
         tasks.push(online_rewards(self.clone(), shutdown.clone()));
         if role == Role::Api && self.stream.is_some() {

@@ -69,6 +69,9 @@ pub struct Backends {
     /// Where decisions are shared between replicas (outcome lookup, frequency caps):
     /// `embedded` (this process only) or a Redis URL.
     pub decisions: String,
+    /// What every replica must agree on: content items, definitions (segments, features,
+    /// experiments, rules), experiment totals and API keys: `embedded` or a Redis URL.
+    pub definitions: String,
     pub events: String,
     pub search: String,
 }
@@ -82,6 +85,7 @@ impl Default for Backends {
             segments: embedded(),
             bandit: embedded(),
             decisions: embedded(),
+            definitions: embedded(),
             events: embedded(),
             search: "none".into(),
         }
@@ -833,6 +837,7 @@ impl Settings {
             ("segments", &b.segments),
             ("bandit", &b.bandit),
             ("decisions", &b.decisions),
+            ("definitions", &b.definitions),
             ("events", &b.events),
         ] {
             crate::storage::check_backend(capability, value, self.timeouts.backend())

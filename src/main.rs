@@ -533,7 +533,19 @@ fn parse_role(raw: &str) -> Result<tailor::auth::Role, String> {
 
 /// The key service on the data directory's store alone, or a clear error when a server
 /// holds it.
-fn open_keys(store: Store) -> anyhow::Result<tailor::auth::KeyService> {
+/// The key store: the shared one when `backends.definitions` names one (no data
+/// directory needed, so it works beside running servers), else the data directory's.
+async fn open_keys(store: Store) -> anyhow::Result<tailor::auth::KeyService> {
+    let settings = Settings::load(store.config.as_deref())?;
+    if let Some(keys) = tailor::storage::shared_key_store(
+        &settings.backends,
+        settings.timeouts.backend(),
+        &settings.breaker,
+    )
+    .await?
+    {
+        return Ok(tailor::auth::KeyService::new(keys));
+    }
     let (_, embedded) = open_embedded(store)?;
     Ok(tailor::auth::KeyService::new(embedded.stores().keys))
 }
@@ -617,7 +629,8 @@ async fn keys_command(command: KeysCommand) -> anyhow::Result<()> {
     let time = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%dT%H:%M:%SZ").to_string();
     match command {
         KeysCommand::Create { role, name, store } => {
-            let issued = open_keys(store)?
+            let issued = open_keys(store)
+                .await?
                 .create(role, name, "--name")
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -629,7 +642,8 @@ async fn keys_command(command: KeysCommand) -> anyhow::Result<()> {
             );
         }
         KeysCommand::List { store } => {
-            let keys = open_keys(store)?
+            let keys = open_keys(store)
+                .await?
                 .list()
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -650,7 +664,8 @@ async fn keys_command(command: KeysCommand) -> anyhow::Result<()> {
         }
         KeysCommand::RotateMaster { store } => rotate_master(store).await?,
         KeysCommand::Revoke { id, store } => {
-            let record = open_keys(store)?
+            let record = open_keys(store)
+                .await?
                 .revoke("ID", &id)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -1,7 +1,9 @@
 //! Two replicas, one truth: two `tailor serve --role api` processes and one
-//! `--role worker` over the same Redis and the same Kafka-protocol broker. Events sent to
-//! either replica change the features both serve; decisions made on either are found by
-//! the other (an outcome may reach any replica), and the bandit learns from both.
+//! `--role worker` over the same Redis and the same Kafka-protocol broker. One API key
+//! (made by the CLI in the shared store) works on every replica; content put through one
+//! is served by the other; events sent to either replica change the features both serve;
+//! decisions made on either are found by the other (an outcome may reach any replica),
+//! and the bandit learns from both.
 //!
 //! The servers come from the environment (`scripts/test` starts them): `REDIS_URL` and
 //! `KAFKA_URL`. Without them the test fails when `CI=true` and is skipped otherwise.
@@ -51,19 +53,18 @@ impl Drop for Server {
     }
 }
 
-/// An admin key created in `data_dir` before the server holds it.
-fn admin_key(data_dir: &Path) -> String {
+/// An admin key in the shared key store: the CLI reaches it without a data directory.
+fn admin_key(redis: &str) -> String {
     let created = Command::new(env!("CARGO_BIN_EXE_tailor"))
-        .args(["keys", "create", "--role", "admin", "--data-dir"])
-        .arg(data_dir)
+        .args(["keys", "create", "--role", "admin"])
+        .env("TAILOR_BACKENDS__DEFINITIONS", redis)
         .output()
         .expect("tailor runs");
     assert!(created.status.success(), "{created:?}");
     String::from_utf8(created.stdout).unwrap().trim().to_owned()
 }
 
-async fn start(role: &str, data_dir: &Path, redis: &str, kafka: &str) -> Server {
-    let key = admin_key(data_dir);
+async fn start(role: &str, data_dir: &Path, redis: &str, kafka: &str, key: &str) -> Server {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_tailor"))
         .args([
@@ -82,6 +83,7 @@ async fn start(role: &str, data_dir: &Path, redis: &str, kafka: &str) -> Server 
         .env("TAILOR_BACKENDS__SEGMENTS", redis)
         .env("TAILOR_BACKENDS__BANDIT", redis)
         .env("TAILOR_BACKENDS__DECISIONS", redis)
+        .env("TAILOR_BACKENDS__DEFINITIONS", redis)
         .env("TAILOR_BACKENDS__EVENTS", kafka)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -218,21 +220,28 @@ async fn two_api_replicas_and_a_worker_share_features_decisions_and_learning() {
     let redis = format!("{redis}?prefix=t-{run}:");
     let kafka = format!("{kafka}?topic_prefix=t{run}.&group=g{run}&partitions=3");
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let worker = start("worker", dirs[2].path(), &redis, &kafka).await;
-    let a = start("api", dirs[0].path(), &redis, &kafka).await;
-    let b = start("api", dirs[1].path(), &redis, &kafka).await;
+    // One key for every replica.
+    let key = admin_key(&redis);
+    // The first process defines the built-in features in the shared store; the others
+    // find them there.
+    let worker = start("worker", dirs[2].path(), &redis, &kafka, &key).await;
+    let a = start("api", dirs[0].path(), &redis, &kafka, &key).await;
+    let b = start("api", dirs[1].path(), &redis, &kafka, &key).await;
 
-    // Definitions are each replica's own: both get the same catalog.
-    for replica in [&a, &b] {
-        for id in ["offer-1", "offer-2", "offer-3"] {
-            replica
-                .graphql(
-                    "mutation($i: ContentItemInput!) { upsertContent(input: $i) { id } }",
-                    json!({"i": {"id": id, "type": "banner", "placements": ["hero"]}}),
-                )
-                .await;
-        }
+    // The catalog is shared: content put through a serves decisions on b.
+    for id in ["offer-1", "offer-2", "offer-3"] {
+        a.graphql(
+            "mutation($i: ContentItemInput!) { upsertContent(input: $i) { id } }",
+            json!({"i": {"id": id, "type": "banner", "placements": ["hero"]}}),
+        )
+        .await;
     }
+    let listed = b.graphql("{ content(limit: 100) { id } }", json!({})).await;
+    assert_eq!(
+        listed["content"].as_array().map(Vec::len),
+        Some(3),
+        "b lists what a stored: {listed}"
+    );
 
     // Events through either replica reach the worker, and both serve what it applied.
     a.track(page_views("alice", "a", 3)).await;

@@ -262,7 +262,9 @@ impl FeatureService {
         &self.apply_lock
     }
 
-    async fn reload(&self) -> Result<()> {
+    /// Rebuilds the catalog from the definition store (also how a replica picks up what
+    /// another one defined there).
+    pub async fn reload(&self) -> Result<()> {
         let defs = &self.stores.definitions;
         let mut entries = BTreeMap::new();
         for latest in defs.list(DefinitionKind::Feature).await? {

@@ -165,7 +165,9 @@ impl SegmentService {
         Ok(service)
     }
 
-    async fn reload(&self) -> Result<()> {
+    /// Rebuilds the definitions from the definition store (also how a replica picks up
+    /// what another one defined there).
+    pub async fn reload(&self) -> Result<()> {
         let mut defs = Vec::new();
         for d in self
             .stores

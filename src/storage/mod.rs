@@ -571,7 +571,8 @@ pub async fn open_event_stream(
 
 /// Capabilities that a Redis URL may serve.
 #[cfg(feature = "redis")]
-const REDIS_CAPABILITIES: [&str; 4] = ["features", "segments", "bandit", "decisions"];
+const REDIS_CAPABILITIES: [&str; 5] =
+    ["features", "segments", "bandit", "decisions", "definitions"];
 
 /// Whether this build can serve `capability` (a `backends.*` key) from `value`; the
 /// error says why not, without echoing secrets.
@@ -592,6 +593,29 @@ pub fn check_backend(capability: &str, value: &str, timeout: Duration) -> Result
         "'{value}' is not available in this build (only \"embedded\"; \
          scaled-out backends come with their cargo features)"
     ))
+}
+
+/// The API keys of `backends.definitions` when it is not the embedded store (`None`
+/// then), connected within `timeout`: how the CLI manages the keys every replica shares.
+pub async fn shared_key_store(
+    backends: &Backends,
+    timeout: Duration,
+    breaker: &crate::config::BreakerSettings,
+) -> anyhow::Result<Option<Arc<dyn KeyStore>>> {
+    #[cfg(feature = "redis")]
+    if redis::config::is_redis_url(&backends.definitions) {
+        use anyhow::Context as _;
+
+        let mut config = redis::RedisConfig::parse(&backends.definitions, timeout)
+            .map_err(|e| anyhow::anyhow!("backends.definitions: {e}"))?;
+        config.breaker = breaker.clone();
+        let store = redis::RedisStore::connect(&config)
+            .await
+            .context("Failed to connect backends.definitions")?;
+        return Ok(Some(Arc::new(store.keys())));
+    }
+    let _ = (backends, timeout, breaker);
+    Ok(None)
 }
 
 /// `stores` (the embedded ones) with each capability that `backends` puts elsewhere
@@ -617,7 +641,8 @@ pub async fn with_backends(
                 "features" => &backends.features,
                 "segments" => &backends.segments,
                 "bandit" => &backends.bandit,
-                _ => &backends.decisions,
+                "decisions" => &backends.decisions,
+                _ => &backends.definitions,
             };
             if !redis::config::is_redis_url(value) {
                 continue;
@@ -642,7 +667,15 @@ pub async fn with_backends(
                 "features" => stores.features = Arc::new(store.features()),
                 "segments" => stores.segments = Arc::new(store.segments()),
                 "bandit" => stores.bandit = Arc::new(store.bandit()),
-                _ => stores.decisions = Arc::new(store.decisions(stores.decisions.clone())),
+                "decisions" => {
+                    stores.decisions = Arc::new(store.decisions(stores.decisions.clone()));
+                }
+                _ => {
+                    stores.content = Arc::new(store.content());
+                    stores.definitions = Arc::new(store.definitions());
+                    stores.experiments = Arc::new(store.experiments());
+                    stores.keys = Arc::new(store.keys());
+                }
             }
         }
         stores

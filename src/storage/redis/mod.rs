@@ -1,11 +1,12 @@
 //! The Redis backend (cargo feature `redis`): [`FeatureStore`], [`SegmentStore`],
-//! [`BanditStore`] and the shared side of [`DecisionStore`] on one Redis server or a
-//! Redis Cluster.
+//! [`BanditStore`], the shared side of [`DecisionStore`], and the catalog every replica
+//! must agree on (content, definitions, experiment totals, API keys) on one Redis server
+//! or a Redis Cluster.
 //!
 //! - `config.rs`: the `redis://` / `redis+cluster://` values of `backends.*`;
 //! - `breaker.rs`: the circuit breaker every call goes through;
-//! - `features.rs`, `segments.rs`, `bandit.rs`, `decisions.rs`: one capability each, with
-//!   its key layout;
+//! - `features.rs`, `segments.rs`, `bandit.rs`, `decisions.rs`, `catalog.rs`: one
+//!   capability each, with its key layout;
 //! - `tests.rs`: the conformance suites against real servers.
 //!
 //! Keys carry a hash tag (`{...}`) so that everything one write must change atomically
@@ -25,6 +26,7 @@
 
 mod bandit;
 mod breaker;
+mod catalog;
 pub mod config;
 mod decisions;
 mod features;
@@ -42,6 +44,7 @@ use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 
 pub use self::bandit::RedisBandit;
 use self::breaker::{Admission, Breaker};
+pub use self::catalog::{RedisContent, RedisDefinitions, RedisExperiments, RedisKeys};
 pub use self::config::RedisConfig;
 pub use self::decisions::{RedisDecisions, SHARED_DECISION_DAYS};
 pub use self::features::RedisFeatures;
@@ -150,6 +153,22 @@ impl RedisStore {
 
     pub fn bandit(self: &Arc<Self>) -> RedisBandit {
         RedisBandit::new(self.clone())
+    }
+
+    pub fn content(self: &Arc<Self>) -> RedisContent {
+        RedisContent::new(self.clone())
+    }
+
+    pub fn definitions(self: &Arc<Self>) -> RedisDefinitions {
+        RedisDefinitions::new(self.clone())
+    }
+
+    pub fn experiments(self: &Arc<Self>) -> RedisExperiments {
+        RedisExperiments::new(self.clone())
+    }
+
+    pub fn keys(self: &Arc<Self>) -> RedisKeys {
+        RedisKeys::new(self.clone())
     }
 
     /// Decisions shared between replicas, each also kept in `local` (the replica's own

@@ -75,6 +75,18 @@ async fn bandit_conforms(var: &str) {
     conformance::bandit(Arc::new(store.bandit()), &prefix).await;
 }
 
+/// The catalog: content, definitions, experiment totals and API keys.
+async fn catalog_conforms(var: &str) {
+    let Some((value, prefix)) = location(var) else {
+        return;
+    };
+    let store = connect(&value, TIMEOUT).await;
+    conformance::content(&store.content(), &prefix).await;
+    conformance::definitions(&store.definitions(), &prefix).await;
+    conformance::experiments(Arc::new(store.experiments()), &prefix).await;
+    conformance::keys(&store.keys(), &prefix).await;
+}
+
 /// Shared decisions over a fresh local store of their own.
 async fn decisions_conform(var: &str) {
     let Some((value, prefix)) = location(var) else {
@@ -224,6 +236,16 @@ async fn bandit_conforms_on_a_single_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bandit_conforms_on_a_cluster() {
     bandit_conforms(CLUSTER).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn catalog_conforms_on_a_single_server() {
+    catalog_conforms(SINGLE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn catalog_conforms_on_a_cluster() {
+    catalog_conforms(CLUSTER).await;
 }
 
 #[tokio::test]
