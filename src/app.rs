@@ -92,6 +92,7 @@ impl Engine {
     /// Opens the configured backends in `settings.data_dir` and loads the definitions.
     pub async fn open(settings: Settings) -> anyhow::Result<Arc<Engine>> {
         let store = EmbeddedStore::open(&settings.data_dir)?;
+        store.set_decision_log(settings.storage.decision_log);
         let mut embedded = store.stores();
         embedded.data_keys = crate::storage::embedded::open_keyring(&settings.data_dir)?;
         let stores = crate::storage::with_backends(

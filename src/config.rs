@@ -29,6 +29,7 @@ pub struct Settings {
     pub experiments: ExperimentSettings,
     pub features: FeatureSettings,
     pub segments: SegmentSettings,
+    pub storage: StorageSettings,
     pub consent: ConsentSettings,
     pub encryption: EncryptionSettings,
     pub rules: RulesConfig,
@@ -50,6 +51,7 @@ impl Default for Settings {
             experiments: ExperimentSettings::default(),
             features: FeatureSettings::default(),
             segments: SegmentSettings::default(),
+            storage: StorageSettings::default(),
             consent: ConsentSettings::default(),
             encryption: EncryptionSettings::default(),
             rules: RulesConfig::default(),
@@ -555,6 +557,32 @@ impl Default for SegmentSettings {
             refresh_interval_secs: 60,
         }
     }
+}
+
+/// `[storage]`: how the embedded store commits what no client handed it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSettings {
+    /// The decision log (decisions, and the impressions and exposures they count):
+    /// `relaxed` commits them without waiting for an fsync (on disk within 100 ms of an
+    /// idle writer, so a crash loses at most that much of them); `durable` waits for
+    /// the fsync like every acknowledged write (events, profiles, outcomes, definitions).
+    pub decision_log: DecisionLog,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        StorageSettings {
+            decision_log: DecisionLog::Relaxed,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecisionLog {
+    Relaxed,
+    Durable,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

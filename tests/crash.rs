@@ -184,3 +184,82 @@ async fn acknowledged_events_survive_sigkill() {
     server.kill().unwrap();
     server.wait().unwrap();
 }
+
+/// The decision log is committed without waiting for an fsync (`storage.decision_log =
+/// "relaxed"`), and on disk once the writer has been idle for 100 ms: decisions made
+/// before a quiet moment survive a SIGKILL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relaxed_decisions_are_on_disk_after_an_idle_moment() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let created = Command::new(env!("CARGO_BIN_EXE_tailor"))
+        .args(["keys", "create", "--role", "admin", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .expect("tailor runs");
+    assert!(created.status.success(), "{created:?}");
+    let key = String::from_utf8(created.stdout).unwrap().trim().to_owned();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {key}").parse().unwrap(),
+    );
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .default_headers(headers)
+        .build()
+        .unwrap();
+    let mut server = start(dir.path(), port);
+    wait_healthy(&client, &base).await;
+
+    let graphql = |query: &'static str, variables: Value| {
+        let client = client.clone();
+        let base = base.clone();
+        async move {
+            let answer = post_json(
+                &client,
+                format!("{base}/graphql"),
+                &json!({"query": query, "variables": variables}),
+            )
+            .await;
+            assert!(answer.get("errors").is_none(), "{answer}");
+            answer["data"].clone()
+        }
+    };
+    graphql(
+        "mutation { upsertContent(input: {id: \"offer\", type: \"banner\", placements: [\"hero\"]}) { id } }",
+        json!({}),
+    )
+    .await;
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        let decision = graphql(
+            "query($c: ID!) { personalize(input: {customerId: $c, placement: \"hero\"}) { id } }",
+            json!({"c": format!("c{n}")}),
+        )
+        .await;
+        ids.push(decision["personalize"]["id"].as_str().unwrap().to_owned());
+    }
+    // Well past the flush deadline on a busy machine.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    server.kill().expect("SIGKILL");
+    server.wait().unwrap();
+
+    let mut server = start(dir.path(), port);
+    wait_healthy(&client, &base).await;
+    for id in &ids {
+        let found = graphql(
+            "query($d: ID!) { decision(id: $d) { id } }",
+            json!({"d": id}),
+        )
+        .await;
+        assert_eq!(
+            found["decision"]["id"].as_str(),
+            Some(id.as_str()),
+            "decision {id} after a SIGKILL"
+        );
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+}

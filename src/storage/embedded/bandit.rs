@@ -51,20 +51,25 @@ impl BanditStore for EmbeddedBandit {
         }
         let placement = placement.to_owned();
         let arm = arm.to_owned();
-        self.store
-            .write(move |txn| {
-                let mut table = txn.open_table(BANDIT_ARMS).map_err(db_err)?;
-                let key = (placement.as_str(), arm.as_str());
-                let (trials, reward) = table
-                    .get(key)
-                    .map_err(db_err)?
-                    .map_or((0.0, 0.0), |v| v.value());
-                table
-                    .insert(key, (trials + delta.trials, reward + delta.reward))
-                    .map_err(db_err)?;
-                Ok(())
-            })
-            .await
+        let op = move |txn: &redb::WriteTransaction| {
+            let mut table = txn.open_table(BANDIT_ARMS).map_err(db_err)?;
+            let key = (placement.as_str(), arm.as_str());
+            let (trials, reward) = table
+                .get(key)
+                .map_err(db_err)?
+                .map_or((0.0, 0.0), |v| v.value());
+            table
+                .insert(key, (trials + delta.trials, reward + delta.reward))
+                .map_err(db_err)?;
+            Ok(())
+        };
+        // An impression a decision counts is part of the decision log; a reward comes
+        // from an acknowledged outcome.
+        if delta.reward == 0.0 {
+            self.store.write_relaxed(op).await
+        } else {
+            self.store.write(op).await
+        }
     }
 
     async fn get(&self, placement: &str, arms: &[String]) -> StorageResult<Vec<ArmStats>> {
@@ -101,22 +106,27 @@ impl BanditStore for EmbeddedBandit {
         let placement = placement.to_owned();
         let arm = arm.to_owned();
         let delta = delta.clone();
-        self.store
-            .write(move |txn| {
-                let mut table = txn.open_table(BANDIT_LINEAR).map_err(db_err)?;
-                let key = (placement.as_str(), arm.as_str(), dims);
-                let mut total = table
-                    .get(key)
-                    .map_err(db_err)?
-                    .and_then(|v| LinearStats::from_bytes(delta.dims, v.value()))
-                    .unwrap_or_else(|| LinearStats::zero(delta.dims));
-                total.merge(&delta);
-                table
-                    .insert(key, total.to_bytes().as_slice())
-                    .map_err(db_err)?;
-                Ok(())
-            })
-            .await
+        let relaxed = delta.b.iter().all(|b| *b == 0.0);
+        let op = move |txn: &redb::WriteTransaction| {
+            let mut table = txn.open_table(BANDIT_LINEAR).map_err(db_err)?;
+            let key = (placement.as_str(), arm.as_str(), dims);
+            let mut total = table
+                .get(key)
+                .map_err(db_err)?
+                .and_then(|v| LinearStats::from_bytes(delta.dims, v.value()))
+                .unwrap_or_else(|| LinearStats::zero(delta.dims));
+            total.merge(&delta);
+            table
+                .insert(key, total.to_bytes().as_slice())
+                .map_err(db_err)?;
+            Ok(())
+        };
+        // Without a reward the delta is an impression of the decision log.
+        if relaxed {
+            self.store.write_relaxed(op).await
+        } else {
+            self.store.write(op).await
+        }
     }
 
     async fn get_linear(

@@ -61,7 +61,7 @@ impl DecisionStore for EmbeddedDecisions {
             .collect::<Vec<_>>()
             .join("\n");
         self.store
-            .write(move |txn| {
+            .write_relaxed(move |txn| {
                 let mut decisions = txn.open_table(DECISIONS).map_err(db_err)?;
                 let mut index = txn.open_table(CUSTOMER_DECISIONS).map_err(db_err)?;
                 let mut impressions = txn.open_table(IMPRESSIONS).map_err(db_err)?;

@@ -54,33 +54,41 @@ impl ExperimentStore for EmbeddedExperiments {
         if deltas.is_empty() {
             return Ok(());
         }
+        // Exposures alone are counted by decisions (the decision log); conversions come
+        // from acknowledged outcomes.
+        let relaxed = deltas
+            .iter()
+            .all(|(_, _, d)| d.conversions == 0 && d.value_sum == 0.0 && d.value_sum_sq == 0.0);
         let deltas = deltas.to_vec();
-        self.store
-            .write(move |txn| {
-                let mut table = txn.open_table(EXPERIMENT_TOTALS).map_err(db_err)?;
-                for (experiment, variant, delta) in &deltas {
-                    let key = (experiment.as_str(), variant.as_str());
-                    let mut sum = table
-                        .get(key)
-                        .map_err(db_err)?
-                        .map(|v| totals(v.value()))
-                        .unwrap_or_default();
-                    sum.merge(*delta);
-                    table
-                        .insert(
-                            key,
-                            (
-                                sum.exposures,
-                                sum.conversions,
-                                sum.value_sum,
-                                sum.value_sum_sq,
-                            ),
-                        )
-                        .map_err(db_err)?;
-                }
-                Ok(())
-            })
-            .await
+        let op = move |txn: &redb::WriteTransaction| {
+            let mut table = txn.open_table(EXPERIMENT_TOTALS).map_err(db_err)?;
+            for (experiment, variant, delta) in &deltas {
+                let key = (experiment.as_str(), variant.as_str());
+                let mut sum = table
+                    .get(key)
+                    .map_err(db_err)?
+                    .map(|v| totals(v.value()))
+                    .unwrap_or_default();
+                sum.merge(*delta);
+                table
+                    .insert(
+                        key,
+                        (
+                            sum.exposures,
+                            sum.conversions,
+                            sum.value_sum,
+                            sum.value_sum_sq,
+                        ),
+                    )
+                    .map_err(db_err)?;
+            }
+            Ok(())
+        };
+        if relaxed {
+            self.store.write_relaxed(op).await
+        } else {
+            self.store.write(op).await
+        }
     }
 
     async fn totals(&self, experiment: &str) -> StorageResult<Vec<(String, VariantTotals)>> {

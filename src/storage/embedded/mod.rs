@@ -76,6 +76,8 @@ pub struct EmbeddedStore {
     // Dropped first: the writer thread holds its own handle on `db`.
     writer: Writer,
     db: Arc<Database>,
+    /// Whether [`EmbeddedStore::write_relaxed`] may skip the fsync (`storage.decision_log`).
+    relaxed: std::sync::atomic::AtomicBool,
 }
 
 impl EmbeddedStore {
@@ -89,7 +91,11 @@ impl EmbeddedStore {
         create_tables(&db).with_context(|| format!("creating the tables of {}", path.display()))?;
         let db = Arc::new(db);
         let writer = Writer::start(db.clone()).context("starting the embedded store writer")?;
-        Ok(Arc::new(EmbeddedStore { writer, db }))
+        Ok(Arc::new(EmbeddedStore {
+            writer,
+            db,
+            relaxed: std::sync::atomic::AtomicBool::new(true),
+        }))
     }
 
     /// Every capability, backed by this store.
@@ -120,6 +126,30 @@ impl EmbeddedStore {
         F: Fn(&WriteTransaction) -> StorageResult<T> + Send + 'static,
     {
         self.writer.submit(op).await
+    }
+
+    /// Like [`EmbeddedStore::write`], but the commit may skip the fsync (see
+    /// [`writer`]): for the decision log, which no client handed us. Durable like
+    /// `write` when `storage.decision_log = "durable"`.
+    pub(super) async fn write_relaxed<T, F>(&self, op: F) -> StorageResult<T>
+    where
+        T: Send + 'static,
+        F: Fn(&WriteTransaction) -> StorageResult<T> + Send + 'static,
+    {
+        if self.relaxed.load(std::sync::atomic::Ordering::Relaxed) {
+            self.writer.submit_relaxed(op).await
+        } else {
+            self.writer.submit(op).await
+        }
+    }
+
+    /// Sets `storage.decision_log`: whether [`EmbeddedStore::write_relaxed`] may skip the
+    /// fsync (the default) or waits for it.
+    pub fn set_decision_log(&self, log: crate::config::DecisionLog) {
+        self.relaxed.store(
+            log == crate::config::DecisionLog::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Runs a short read (point reads) on the caller's thread, in a fresh snapshot.
