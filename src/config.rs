@@ -1269,6 +1269,25 @@ mod tests {
     }
 
     #[test]
+    fn the_decision_log_setting_parses_and_names_a_bad_value() {
+        Jail::expect_with(|jail| {
+            assert_eq!(
+                Settings::load(None).unwrap().storage.decision_log,
+                DecisionLog::Relaxed
+            );
+            jail.create_file("tailor.toml", "[storage]\ndecision_log = \"durable\"\n")?;
+            assert_eq!(
+                Settings::load(None).unwrap().storage.decision_log,
+                DecisionLog::Durable
+            );
+            jail.set_env("TAILOR_STORAGE__DECISION_LOG", "sometimes");
+            let err = Settings::load(None).unwrap_err().to_string();
+            assert!(err.contains("storage.decision_log"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn unknown_keys_are_rejected_by_name() {
         Jail::expect_with(|jail| {
             jail.create_file("tailor.toml", "[backends]\nfeaturez = \"embedded\"\n")?;
