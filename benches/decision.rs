@@ -4,8 +4,9 @@
 //! candidates, rules (the examples in `rules/`), model and bandit of the SPEC §6 target.
 //!
 //! `cargo bench --bench decision` (the setup builds the demo world and trains its model
-//! first, about half a minute). `decision/cpu_time_per_decision_16_in_flight` reports CPU
-//! time, not wall time, per decision.
+//! first, about half a minute; twice, for the `decision_log_durable` group, which runs the
+//! same with `storage.decision_log = "durable"`). `…/cpu_time_per_decision_16_in_flight`
+//! reports CPU time, not wall time, per decision.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,7 +17,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use serde_json::json;
 
 use tailor::app::Engine;
-use tailor::config::Settings;
+use tailor::config::{DecisionLog, Settings};
 use tailor::customers::CustomerId;
 use tailor::decision::pipeline::PersonalizeRequest;
 
@@ -27,7 +28,7 @@ struct World {
     _dir: tempfile::TempDir,
 }
 
-fn world() -> World {
+fn world(decision_log: DecisionLog) -> World {
     // As `tailor serve` does (see main.rs): one thread per candle forward pass.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         std::env::set_var("RAYON_NUM_THREADS", "1");
@@ -45,6 +46,7 @@ fn world() -> World {
     };
     settings.rules.dir = root.join("rules").display().to_string();
     settings.rules.plugins_dir = root.join("plugins").display().to_string();
+    settings.storage.decision_log = decision_log;
     let engine = rt.block_on(async {
         let engine = Engine::open(settings).await.expect("engine opens");
         tailor::demo::ensure(&engine).await.expect("demo world");
@@ -82,7 +84,7 @@ fn decision(c: &mut Criterion) {
     }
     // Built on first use: listing the benches (`--list`) builds nothing.
     let world = std::cell::OnceCell::new();
-    let world = || world.get_or_init(self::world);
+    let world = || world.get_or_init(|| self::world(DecisionLog::Relaxed));
     let next = AtomicUsize::new(0);
     let customer = |world: &World| {
         world.customers[next.fetch_add(1, Ordering::Relaxed) % world.customers.len()].clone()
@@ -110,17 +112,26 @@ fn decision(c: &mut Criterion) {
     // that bounds throughput on a machine's cores, which latency alone does not show.
     c.bench_function("decision/cpu_time_per_decision_16_in_flight", |b| {
         let world = world();
-        b.iter_custom(|decisions| {
-            let started = cpu_time();
-            let mut left = decisions as usize;
-            while left > 0 {
-                let wave = left.min(IN_FLIGHT);
-                decide(world, wave, &customer);
-                left -= wave;
-            }
-            cpu_time() - started
-        })
+        b.iter_custom(|decisions| cpu_for(world, decisions, &customer))
     });
+    // The same with every decision-log write fsynced (`storage.decision_log =
+    // "durable"`), on a world of its own, so the two compare in one run.
+    let durable = std::cell::OnceCell::new();
+    let durable = || durable.get_or_init(|| self::world(DecisionLog::Durable));
+    let mut group = c.benchmark_group("decision_log_durable");
+    group.throughput(criterion::Throughput::Elements(IN_FLIGHT as u64));
+    group.bench_function("personalize_16_in_flight", |b| {
+        let world = durable();
+        b.iter(|| decide(world, IN_FLIGHT, &customer))
+    });
+    group.finish();
+    c.bench_function(
+        "decision_log_durable/cpu_time_per_decision_16_in_flight",
+        |b| {
+            let world = durable();
+            b.iter_custom(|decisions| cpu_for(world, decisions, &customer))
+        },
+    );
     c.bench_function("decision/feature_read_all", |b| {
         let world = world();
         b.iter(|| {
@@ -151,6 +162,18 @@ fn decide(world: &World, count: usize, customer: &dyn Fn(&World) -> CustomerId) 
             decision.expect("task").expect("decision");
         }
     })
+}
+
+/// The process's CPU time for `decisions` decisions, `IN_FLIGHT` at a time.
+fn cpu_for(world: &World, decisions: u64, customer: &dyn Fn(&World) -> CustomerId) -> Duration {
+    let started = cpu_time();
+    let mut left = decisions as usize;
+    while left > 0 {
+        let wave = left.min(IN_FLIGHT);
+        decide(world, wave, customer);
+        left -= wave;
+    }
+    cpu_time() - started
 }
 
 /// CPU time of this process, every thread.
