@@ -20,8 +20,8 @@
 #    - with WITH_GRAPHQL=1: `tailor serve --demo` with backends.features on the same Redis
 #      (its own key prefix) and `tailor bench --workload features` (the demo's 9
 #      features of a customer over GraphQL; not the same keys as above).
-# Everything shares the machine's cores, unpinned. Installs redis-server, redis-tools and
-# wrk with apt-get and Feast into a venv (FEAST_VENV) when missing.
+# Everything shares the machine's cores, unpinned. Installs redis-server, redis-tools,
+# wrk, jq and curl with apt-get and Feast into a venv (FEAST_VENV) when missing.
 #
 # Usage: benches/redis-features/run.sh [customers] [seconds]
 #   env: CONCURRENCY="1 16"  WITH_GRAPHQL=1 (not TAILOR_*: the server reads those)  FEAST_WORKERS=1  FEAST_VENV=<dir>
@@ -40,6 +40,8 @@ missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-benchmark >/dev/null || missing+=(redis-tools)
 command -v wrk >/dev/null || missing+=(wrk)
+command -v jq >/dev/null || missing+=(jq)
+command -v curl >/dev/null || missing+=(curl)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo_if_needed apt-get update -qq
   sudo_if_needed apt-get install -y -qq "${missing[@]}"
