@@ -52,7 +52,9 @@ fn world(decision_log: DecisionLog) -> World {
         tailor::demo::ensure(&engine).await.expect("demo world");
         engine
     });
-    let customers = (0..1_000)
+    // Every demo customer: the demo rules cap each item at 3 impressions a day, so fewer
+    // customers run out of eligible content within a long run.
+    let customers = (0..tailor::demo::CUSTOMERS)
         .map(|i| CustomerId::parse("customerId", &tailor::demo::customer_id(i)).unwrap())
         .collect();
     World {
