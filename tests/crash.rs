@@ -28,6 +28,28 @@ fn start(data_dir: &std::path::Path, port: u16) -> Child {
         .expect("tailor starts")
 }
 
+/// A client sending an admin key made by the command line, before the server holds the
+/// data directory.
+fn admin_client(data_dir: &std::path::Path) -> reqwest::Client {
+    let created = Command::new(env!("CARGO_BIN_EXE_tailor"))
+        .args(["keys", "create", "--role", "admin", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .expect("tailor runs");
+    assert!(created.status.success(), "{created:?}");
+    let key = String::from_utf8(created.stdout).unwrap().trim().to_owned();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {key}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
 async fn wait_healthy(client: &reqwest::Client, base: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -83,24 +105,7 @@ async fn acknowledged_events_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    // A key from the command line, before the server holds the data directory.
-    let created = Command::new(env!("CARGO_BIN_EXE_tailor"))
-        .args(["keys", "create", "--role", "admin", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .expect("tailor runs");
-    assert!(created.status.success(), "{created:?}");
-    let key = String::from_utf8(created.stdout).unwrap().trim().to_owned();
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {key}").parse().unwrap(),
-    );
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .default_headers(headers)
-        .build()
-        .unwrap();
+    let client = admin_client(dir.path());
     let mut server = start(dir.path(), port);
     wait_healthy(&client, &base).await;
 
@@ -193,23 +198,7 @@ async fn relaxed_decisions_are_on_disk_after_an_idle_moment() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let created = Command::new(env!("CARGO_BIN_EXE_tailor"))
-        .args(["keys", "create", "--role", "admin", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .expect("tailor runs");
-    assert!(created.status.success(), "{created:?}");
-    let key = String::from_utf8(created.stdout).unwrap().trim().to_owned();
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {key}").parse().unwrap(),
-    );
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .default_headers(headers)
-        .build()
-        .unwrap();
+    let client = admin_client(dir.path());
     let mut server = start(dir.path(), port);
     wait_healthy(&client, &base).await;
 

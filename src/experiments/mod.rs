@@ -21,6 +21,7 @@ pub mod definition;
 pub mod service;
 pub mod stats;
 
+use crate::storage::{StorageError, StorageResult};
 use serde::{Deserialize, Serialize};
 
 pub use definition::{Experiment, ExperimentInput, Overrides, RuleOverride, Status, Variant};
@@ -66,5 +67,16 @@ impl VariantTotals {
 
     pub fn is_finite(&self) -> bool {
         self.value_sum.is_finite() && self.value_sum_sq.is_finite()
+    }
+
+    /// What every experiment store refuses before writing: a batch with a non-finite
+    /// delta (which would poison the totals for good).
+    pub fn check_finite(deltas: &[(String, String, VariantTotals)]) -> StorageResult<()> {
+        match deltas.iter().find(|(_, _, d)| !d.is_finite()) {
+            Some((e, v, d)) => Err(StorageError::Backend(format!(
+                "experiment {e}/{v}: refusing a non-finite delta {d:?}"
+            ))),
+            None => Ok(()),
+        }
     }
 }

@@ -11,7 +11,7 @@ use redb::{ReadableTable, TableDefinition, WriteTransaction};
 
 use super::{db_err, EmbeddedStore};
 use crate::experiments::VariantTotals;
-use crate::storage::{ExperimentStore, StorageError, StorageResult};
+use crate::storage::{ExperimentStore, StorageResult};
 
 type Totals = (u64, u64, f64, f64);
 
@@ -46,11 +46,7 @@ fn totals((exposures, conversions, value_sum, value_sum_sq): Totals) -> VariantT
 #[async_trait]
 impl ExperimentStore for EmbeddedExperiments {
     async fn add(&self, deltas: &[(String, String, VariantTotals)]) -> StorageResult<()> {
-        if let Some((e, v, d)) = deltas.iter().find(|(_, _, d)| !d.is_finite()) {
-            return Err(StorageError::Backend(format!(
-                "experiment {e}/{v}: refusing a non-finite delta {d:?}"
-            )));
-        }
+        VariantTotals::check_finite(deltas)?;
         if deltas.is_empty() {
             return Ok(());
         }

@@ -502,11 +502,7 @@ fn stored_count(what: &str, raw: &str) -> StorageResult<u64> {
 #[async_trait]
 impl ExperimentStore for RedisExperiments {
     async fn add(&self, deltas: &[(String, String, VariantTotals)]) -> StorageResult<()> {
-        if let Some((e, v, d)) = deltas.iter().find(|(_, _, d)| !d.is_finite()) {
-            return Err(StorageError::Backend(format!(
-                "experiment {e}/{v}: refusing a non-finite delta {d:?}"
-            )));
-        }
+        VariantTotals::check_finite(deltas)?;
         if deltas.is_empty() {
             return Ok(());
         }
