@@ -222,11 +222,13 @@ async fn two_api_replicas_and_a_worker_share_features_decisions_and_learning() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     // One key for every replica.
     let key = admin_key(&redis);
-    // The first process defines the built-in features in the shared store; the others
-    // find them there.
-    let worker = start("worker", dirs[2].path(), &redis, &kafka, &key).await;
-    let a = start("api", dirs[0].path(), &redis, &kafka, &key).await;
-    let b = start("api", dirs[1].path(), &redis, &kafka, &key).await;
+    // All three start together on the empty shared store (each built-in feature is
+    // defined once, by whichever gets there first).
+    let (worker, a, b) = tokio::join!(
+        start("worker", dirs[2].path(), &redis, &kafka, &key),
+        start("api", dirs[0].path(), &redis, &kafka, &key),
+        start("api", dirs[1].path(), &redis, &kafka, &key),
+    );
 
     // The catalog is shared: content put through a serves decisions on b.
     for id in ["offer-1", "offer-2", "offer-3"] {

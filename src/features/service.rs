@@ -239,16 +239,10 @@ impl FeatureService {
             apply_lock: tokio::sync::Mutex::new(()),
             served: parking_lot::Mutex::new(HashMap::new()),
         });
-        if service
-            .stores
-            .definitions
-            .list(DefinitionKind::Feature)
-            .await?
-            .is_empty()
-        {
-            for (name, body) in builtin() {
-                service.define(name, body).await?;
-            }
+        // Each built-in the store never had (a deleted one stays deleted), once across
+        // processes that share the store.
+        for (name, body) in builtin() {
+            service.define_builtin(name, body).await?;
         }
         service.reload().await?;
         Ok(service)
@@ -416,6 +410,33 @@ impl FeatureService {
             .get(name)
             .cloned()
             .ok_or_else(|| Error::Internal(anyhow::anyhow!("feature {name} vanished after define")))
+    }
+
+    /// Defines a built-in feature as version 1, active, unless the store ever had the
+    /// name: of processes starting together on an empty shared store, exactly one
+    /// defines each (the others find it), so no two versions of one built-in exist.
+    async fn define_builtin(&self, name: &str, body: Value) -> Result<()> {
+        let catalog = self.catalog();
+        let spec = FeatureSpec::parse("definition", &body, &|n| catalog.get(n).is_some())?;
+        let stored = serde_json::to_value(&spec).map_err(anyhow::Error::from)?;
+        let _guard = self.apply_lock.lock().await;
+        let created = self
+            .stores
+            .definitions
+            .put_first(DefinitionKind::Feature, name, stored)
+            .await?;
+        if created {
+            if spec.is_stateful() {
+                self.backfill(&FeatureKey::new(name, 1), &spec).await?;
+            }
+            self.stores
+                .definitions
+                .set_active(DefinitionKind::Feature, name, 1)
+                .await?;
+            self.record_activation(name, None, 1, false, "first version", None)
+                .await?;
+        }
+        self.reload().await
     }
 
     /// Folds every event already applied live into the new version's state.

@@ -2211,6 +2211,57 @@ pub async fn definitions(store: &dyn DefinitionStore, prefix: &str) {
         ok("active after re-put", store.active(kind, &n).await),
         None
     );
+
+    // put_first: version 1 of a name that never had one, else nothing.
+    let first = format!("{prefix}first");
+    assert!(
+        ok(
+            "put_first new",
+            store.put_first(kind, &first, json!({"first": 1})).await
+        ),
+        "put_first of a new name must create it"
+    );
+    assert_eq!(
+        ok("get first", store.get(kind, &first, None).await).map(|d| (d.version, d.body)),
+        Some((1, json!({"first": 1})))
+    );
+    assert!(
+        !ok(
+            "put_first again",
+            store.put_first(kind, &first, json!({"first": 2})).await
+        ),
+        "put_first of an existing name must store nothing"
+    );
+    assert_eq!(
+        ok("versions first", store.versions(kind, &first).await).len(),
+        1
+    );
+    assert_eq!(
+        ok(
+            "put after put_first",
+            store.put(kind, &first, json!({})).await
+        ),
+        2
+    );
+    assert!(ok("delete first", store.delete(kind, &first).await));
+    assert!(
+        !ok(
+            "put_first after delete",
+            store.put_first(kind, &first, json!({"first": 3})).await
+        ),
+        "put_first of a deleted name must store nothing (its versions are not reused)"
+    );
+    assert!(
+        !ok("put_first of n", store.put_first(kind, &n, json!({})).await),
+        "put_first of a name with versions must store nothing"
+    );
+    assert!(
+        ok(
+            "put_first other kind",
+            store.put_first(other_kind, &first, json!({})).await
+        ),
+        "put_first is per kind"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

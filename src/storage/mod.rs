@@ -442,6 +442,10 @@ pub trait DefinitionStore: Send + Sync {
     /// Stores `body` as the next version of (kind, name) and returns that version number.
     /// Version numbers are never reused, even after `delete`.
     async fn put(&self, kind: DefinitionKind, name: &str, body: Value) -> StorageResult<u32>;
+    /// Stores `body` as version 1 of (kind, name) if the name never had a version (not even
+    /// one deleted since), atomically: of processes racing to create it, one gets `true`.
+    async fn put_first(&self, kind: DefinitionKind, name: &str, body: Value)
+        -> StorageResult<bool>;
     /// A given version, or the latest when `version` is `None`.
     async fn get(
         &self,

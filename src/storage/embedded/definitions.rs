@@ -104,6 +104,38 @@ impl DefinitionStore for EmbeddedDefinitions {
             .await
     }
 
+    async fn put_first(
+        &self,
+        kind: DefinitionKind,
+        name: &str,
+        body: Value,
+    ) -> StorageResult<bool> {
+        let name = name.to_owned();
+        self.store
+            .write(move |txn| {
+                let mut definitions = txn.open_table(DEFINITIONS).map_err(db_err)?;
+                let mut counters = txn.open_table(DEFINITION_VERSIONS).map_err(db_err)?;
+                let key = (kind.as_str(), name.as_str());
+                if counters.get(key).map_err(db_err)?.is_some() {
+                    return Ok(false);
+                }
+                let definition = Definition {
+                    kind,
+                    name: name.clone(),
+                    version: 1,
+                    body: body.clone(),
+                    created_at: Utc::now(),
+                };
+                let value = encode("definition", &definition)?;
+                definitions
+                    .insert((kind.as_str(), name.as_str(), 1), value.as_slice())
+                    .map_err(db_err)?;
+                counters.insert(key, 1).map_err(db_err)?;
+                Ok(true)
+            })
+            .await
+    }
+
     async fn get(
         &self,
         kind: DefinitionKind,

@@ -162,6 +162,19 @@ return v
     )
 });
 
+/// The same as [`PUT_DEFINITION`] for version 1 only: returns 0 (and stores nothing) when
+/// the name ever had a version.
+static PUT_FIRST_DEFINITION: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('HSETNX', KEYS[1], ARGV[1], 1) == 0 then return 0 end
+redis.call('HSET', KEYS[2], 1, ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[2], '1\n' .. ARGV[3])
+return 1
+",
+    )
+});
+
 /// KEYS: the name's versions, the kind's latest, the active pointers; ARGV:
 /// `<kind>\n<name>`, the name. Returns how many keys it deleted (0: nothing stored).
 static DELETE_DEFINITION: LazyLock<Script> = LazyLock::new(|| {
@@ -299,6 +312,38 @@ impl DefinitionStore for RedisDefinitions {
                 kind.as_str()
             ))
         })
+    }
+
+    async fn put_first(
+        &self,
+        kind: DefinitionKind,
+        name: &str,
+        body: Value,
+    ) -> StorageResult<bool> {
+        let entry = encode(
+            "definition",
+            &Entry {
+                body,
+                created_at: Utc::now(),
+            },
+        )?;
+        let keys = [
+            self.seq_key(),
+            self.versions_key(kind, name),
+            self.latest_key(kind),
+        ];
+        let args = [Self::field(kind, name), name.to_owned(), entry];
+        let created: i64 = self
+            .store
+            .call("store a first definition", |mut c| async move {
+                PUT_FIRST_DEFINITION
+                    .key(&keys[..])
+                    .arg(&args[..])
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(created == 1)
     }
 
     async fn get(

@@ -18,7 +18,7 @@ use crate::config::Settings;
 use crate::decision::pipeline::PersonalizeRequest;
 use crate::storage::conformance::{self, customer_id, sample_content_item};
 use crate::storage::embedded::EmbeddedStore;
-use crate::storage::{BanditStore, DecisionStore, FeatureStore, StorageError};
+use crate::storage::{BanditStore, DecisionStore, DefinitionStore, FeatureStore, StorageError};
 
 const SINGLE: &str = "REDIS_URL";
 const CLUSTER: &str = "REDIS_CLUSTER_URL";
@@ -85,6 +85,45 @@ async fn catalog_conforms(var: &str) {
     conformance::definitions(&store.definitions(), &prefix).await;
     conformance::experiments(Arc::new(store.experiments()), &prefix).await;
     conformance::keys(&store.keys(), &prefix).await;
+}
+
+/// Two engines starting at the same moment on an empty shared catalog: each built-in
+/// feature is defined once (one version, active), whichever engine won it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn engines_starting_together_define_each_builtin_once() {
+    let Some((value, _prefix)) = location(SINGLE) else {
+        return;
+    };
+    let open = |dir: std::path::PathBuf| {
+        let value = value.clone();
+        async move {
+            let mut settings = Settings {
+                data_dir: dir,
+                ..Settings::default()
+            };
+            settings.rules.dir = String::new();
+            settings.rules.plugins_dir = String::new();
+            settings.backends.definitions = value;
+            Engine::open(settings).await.expect("engine opens")
+        }
+    };
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (first, second) = tokio::join!(open(a.path().into()), open(b.path().into()));
+    let store = connect(&value, TIMEOUT).await.definitions();
+    for (name, _) in crate::features::definition::builtin() {
+        let versions = store
+            .versions(crate::storage::DefinitionKind::Feature, name)
+            .await
+            .expect("versions");
+        assert_eq!(versions.len(), 1, "{name}: one version, whoever defined it");
+        for engine in [&first, &second] {
+            assert_eq!(
+                engine.features.catalog().get(name).map(|e| e.active),
+                Some(1),
+                "{name} is active at version 1 in both engines"
+            );
+        }
+    }
 }
 
 /// Shared decisions over a fresh local store of their own.
