@@ -65,11 +65,7 @@ impl BanditStore for EmbeddedBandit {
         };
         // An impression a decision counts is part of the decision log; a reward comes
         // from an acknowledged outcome.
-        if delta.reward == 0.0 {
-            self.store.write_relaxed(op).await
-        } else {
-            self.store.write(op).await
-        }
+        self.store.write_as(delta.reward == 0.0, op).await
     }
 
     async fn get(&self, placement: &str, arms: &[String]) -> StorageResult<Vec<ArmStats>> {
@@ -122,11 +118,7 @@ impl BanditStore for EmbeddedBandit {
             Ok(())
         };
         // Without a reward the delta is an impression of the decision log.
-        if relaxed {
-            self.store.write_relaxed(op).await
-        } else {
-            self.store.write(op).await
-        }
+        self.store.write_as(relaxed, op).await
     }
 
     async fn get_linear(

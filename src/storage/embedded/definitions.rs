@@ -69,9 +69,16 @@ impl EmbeddedDefinitions {
     }
 }
 
-#[async_trait]
-impl DefinitionStore for EmbeddedDefinitions {
-    async fn put(&self, kind: DefinitionKind, name: &str, body: Value) -> StorageResult<u32> {
+impl EmbeddedDefinitions {
+    /// Stores `body` as the next version of (kind, name) and returns it; with
+    /// `first_only`, only when the name never had a version (`None` otherwise).
+    async fn store_next(
+        &self,
+        kind: DefinitionKind,
+        name: &str,
+        body: Value,
+        first_only: bool,
+    ) -> StorageResult<Option<u32>> {
         let name = name.to_owned();
         self.store
             .write(move |txn| {
@@ -79,8 +86,11 @@ impl DefinitionStore for EmbeddedDefinitions {
                 let mut counters = txn.open_table(DEFINITION_VERSIONS).map_err(db_err)?;
                 let key = (kind.as_str(), name.as_str());
                 // Check.
-                let last = counters.get(key).map_err(db_err)?.map_or(0, |v| v.value());
-                let version = last.checked_add(1).ok_or_else(|| {
+                let last = counters.get(key).map_err(db_err)?.map(|v| v.value());
+                if first_only && last.is_some() {
+                    return Ok(None);
+                }
+                let version = last.unwrap_or(0).checked_add(1).ok_or_else(|| {
                     StorageError::Backend(format!(
                         "definition {}/{name}: version numbers exhausted",
                         kind.as_str()
@@ -99,9 +109,17 @@ impl DefinitionStore for EmbeddedDefinitions {
                     .insert((kind.as_str(), name.as_str(), version), value.as_slice())
                     .map_err(db_err)?;
                 counters.insert(key, version).map_err(db_err)?;
-                Ok(version)
+                Ok(Some(version))
             })
             .await
+    }
+}
+
+#[async_trait]
+impl DefinitionStore for EmbeddedDefinitions {
+    async fn put(&self, kind: DefinitionKind, name: &str, body: Value) -> StorageResult<u32> {
+        let stored = self.store_next(kind, name, body, false).await?;
+        stored.ok_or_else(|| StorageError::Backend("definition version not stored".into()))
     }
 
     async fn put_first(
@@ -110,30 +128,7 @@ impl DefinitionStore for EmbeddedDefinitions {
         name: &str,
         body: Value,
     ) -> StorageResult<bool> {
-        let name = name.to_owned();
-        self.store
-            .write(move |txn| {
-                let mut definitions = txn.open_table(DEFINITIONS).map_err(db_err)?;
-                let mut counters = txn.open_table(DEFINITION_VERSIONS).map_err(db_err)?;
-                let key = (kind.as_str(), name.as_str());
-                if counters.get(key).map_err(db_err)?.is_some() {
-                    return Ok(false);
-                }
-                let definition = Definition {
-                    kind,
-                    name: name.clone(),
-                    version: 1,
-                    body: body.clone(),
-                    created_at: Utc::now(),
-                };
-                let value = encode("definition", &definition)?;
-                definitions
-                    .insert((kind.as_str(), name.as_str(), 1), value.as_slice())
-                    .map_err(db_err)?;
-                counters.insert(key, 1).map_err(db_err)?;
-                Ok(true)
-            })
-            .await
+        Ok(self.store_next(kind, name, body, true).await?.is_some())
     }
 
     async fn get(

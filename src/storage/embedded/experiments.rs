@@ -80,11 +80,7 @@ impl ExperimentStore for EmbeddedExperiments {
             }
             Ok(())
         };
-        if relaxed {
-            self.store.write_relaxed(op).await
-        } else {
-            self.store.write(op).await
-        }
+        self.store.write_as(relaxed, op).await
     }
 
     async fn totals(&self, experiment: &str) -> StorageResult<Vec<(String, VariantTotals)>> {

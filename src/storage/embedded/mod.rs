@@ -136,7 +136,17 @@ impl EmbeddedStore {
         T: Send + 'static,
         F: Fn(&WriteTransaction) -> StorageResult<T> + Send + 'static,
     {
-        if self.relaxed.load(std::sync::atomic::Ordering::Relaxed) {
+        self.write_as(true, op).await
+    }
+
+    /// [`EmbeddedStore::write_relaxed`] when `relaxed`, else [`EmbeddedStore::write`]:
+    /// for stores whose writes are part of the decision log only sometimes.
+    pub(super) async fn write_as<T, F>(&self, relaxed: bool, op: F) -> StorageResult<T>
+    where
+        T: Send + 'static,
+        F: Fn(&WriteTransaction) -> StorageResult<T> + Send + 'static,
+    {
+        if relaxed && self.relaxed.load(std::sync::atomic::Ordering::Relaxed) {
             self.writer.submit_relaxed(op).await
         } else {
             self.writer.submit(op).await

@@ -150,27 +150,16 @@ impl ContentStore for RedisContent {
 // ---------------------------------------------------------------------------------------
 
 /// KEYS: the counters, the name's versions, the kind's latest; ARGV: `<kind>\n<name>`,
-/// the name, the entry. Returns the new version.
+/// the name, the entry, "1" to store only a first version. Returns the new version, or 0
+/// (nothing stored) when only a first version was asked for and the name ever had one.
 static PUT_DEFINITION: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+if ARGV[4] == '1' and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
 local v = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 redis.call('HSET', KEYS[2], v, ARGV[3])
 redis.call('HSET', KEYS[3], ARGV[2], v .. '\n' .. ARGV[3])
 return v
-",
-    )
-});
-
-/// The same as [`PUT_DEFINITION`] for version 1 only: returns 0 (and stores nothing) when
-/// the name ever had a version.
-static PUT_FIRST_DEFINITION: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('HSETNX', KEYS[1], ARGV[1], 1) == 0 then return 0 end
-redis.call('HSET', KEYS[2], 1, ARGV[3])
-redis.call('HSET', KEYS[3], ARGV[2], '1\n' .. ARGV[3])
-return 1
 ",
     )
 });
@@ -265,6 +254,54 @@ impl RedisDefinitions {
         })
     }
 
+    /// Stores `body` as the next version of (kind, name) and returns it; with
+    /// `first_only`, only when the name never had a version (`None` otherwise).
+    async fn store_next(
+        &self,
+        kind: DefinitionKind,
+        name: &str,
+        body: Value,
+        first_only: bool,
+    ) -> StorageResult<Option<u32>> {
+        let entry = encode(
+            "definition",
+            &Entry {
+                body,
+                created_at: Utc::now(),
+            },
+        )?;
+        let keys = [
+            self.seq_key(),
+            self.versions_key(kind, name),
+            self.latest_key(kind),
+        ];
+        let args = [
+            Self::field(kind, name),
+            name.to_owned(),
+            entry,
+            if first_only { "1" } else { "0" }.to_owned(),
+        ];
+        let version: i64 = self
+            .store
+            .call("store a definition", |mut c| async move {
+                PUT_DEFINITION
+                    .key(&keys[..])
+                    .arg(&args[..])
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        if version == 0 {
+            return Ok(None);
+        }
+        u32::try_from(version).map(Some).map_err(|_| {
+            StorageError::Backend(format!(
+                "definition {}/{name}: version numbers exhausted",
+                kind.as_str()
+            ))
+        })
+    }
+
     /// A `<version>\n<entry>` value of the latest hash.
     fn latest(kind: DefinitionKind, name: &str, raw: &str) -> StorageResult<Definition> {
         let (version, entry) = raw
@@ -283,35 +320,8 @@ impl RedisDefinitions {
 #[async_trait]
 impl DefinitionStore for RedisDefinitions {
     async fn put(&self, kind: DefinitionKind, name: &str, body: Value) -> StorageResult<u32> {
-        let entry = encode(
-            "definition",
-            &Entry {
-                body,
-                created_at: Utc::now(),
-            },
-        )?;
-        let keys = [
-            self.seq_key(),
-            self.versions_key(kind, name),
-            self.latest_key(kind),
-        ];
-        let args = [Self::field(kind, name), name.to_owned(), entry];
-        let version: i64 = self
-            .store
-            .call("store a definition", |mut c| async move {
-                PUT_DEFINITION
-                    .key(&keys[..])
-                    .arg(&args[..])
-                    .invoke_async(&mut c)
-                    .await
-            })
-            .await?;
-        u32::try_from(version).map_err(|_| {
-            StorageError::Backend(format!(
-                "definition {}/{name}: version numbers exhausted",
-                kind.as_str()
-            ))
-        })
+        let stored = self.store_next(kind, name, body, false).await?;
+        stored.ok_or_else(|| StorageError::Backend("definition version not stored".into()))
     }
 
     async fn put_first(
@@ -320,30 +330,7 @@ impl DefinitionStore for RedisDefinitions {
         name: &str,
         body: Value,
     ) -> StorageResult<bool> {
-        let entry = encode(
-            "definition",
-            &Entry {
-                body,
-                created_at: Utc::now(),
-            },
-        )?;
-        let keys = [
-            self.seq_key(),
-            self.versions_key(kind, name),
-            self.latest_key(kind),
-        ];
-        let args = [Self::field(kind, name), name.to_owned(), entry];
-        let created: i64 = self
-            .store
-            .call("store a first definition", |mut c| async move {
-                PUT_FIRST_DEFINITION
-                    .key(&keys[..])
-                    .arg(&args[..])
-                    .invoke_async(&mut c)
-                    .await
-            })
-            .await?;
-        Ok(created == 1)
+        Ok(self.store_next(kind, name, body, true).await?.is_some())
     }
 
     async fn get(

@@ -283,8 +283,12 @@ impl RedisDecisions {
 #[async_trait]
 impl DecisionStore for RedisDecisions {
     async fn put(&self, decision: &Decision) -> StorageResult<()> {
-        self.local.put(decision).await?;
-        if let Err(e) = self.share(decision).await {
+        // Side by side: recording waits for the slower write, not for both in turn. A
+        // shared copy whose local write failed is harmless (it expires, and the decision
+        // was never answered).
+        let (local, shared) = tokio::join!(self.local.put(decision), self.share(decision));
+        local?;
+        if let Err(e) = shared {
             tracing::warn!(error = %e, decision = %decision.id,
                 "Failed to share a decision through Redis; its outcomes are accepted on this replica only");
         }
