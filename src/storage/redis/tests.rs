@@ -1005,90 +1005,111 @@ async fn readiness(engine: &Arc<Engine>) -> (u16, String) {
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
-/// A replica restarted while Redis (its shared catalog included) is down: it starts on
+/// A replica restarted while Redis (its shared catalog included) is down, killed
+/// (SIGKILL: connections refused) or stalled (SIGSTOP: connections hang): it starts on
 /// the local copy of the catalog its previous run saved and decides from it, degraded,
-/// saying so in `/readyz`; once Redis is back (same port, same data) its answers are
-/// whole again.
+/// saying so in `/readyz`; once Redis is back (same port, same data: its append-only
+/// file) its answers are whole again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_engine_starts_while_redis_is_down_from_its_local_catalog_copy() {
     let Some(mut redis) = PrivateRedis::start() else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
     let placement = "home";
+    for fault in ["SIGKILL", "SIGSTOP"] {
+        let dir = tempfile::tempdir().expect("tempdir");
 
-    // First run, Redis up: the shared catalog gets content and the built-in features,
-    // and the local copy is saved (by the reload task, and at its shutdown).
-    {
+        // First run, Redis up: the shared catalog gets content and the built-in
+        // features, and the local copy is saved (at open, by the reload task, and at its
+        // shutdown).
+        {
+            let engine = Engine::open(shared_settings(&redis.url(), dir.path()))
+                .await
+                .expect("engine opens on Redis");
+            let background = crate::app::Background::start(&engine);
+            for (id, priority) in [("i1", 1), ("i2", 2)] {
+                let mut item = sample_content_item(id, priority);
+                item.placements = vec![placement.to_owned()];
+                item.frequency_cap = None;
+                engine.upsert_content(item).await.expect("upsert content");
+            }
+            let decision = decide_on(&engine, placement).await.expect("a decision");
+            assert!(
+                !decision.degraded,
+                "{fault}: a decision on a healthy Redis is whole"
+            );
+            assert_eq!(readiness(&engine).await, (200, "ready".to_owned()));
+            background.stop().await;
+        }
+
+        // Redis goes away; the replica restarts.
+        if fault == "SIGKILL" {
+            redis.kill();
+        } else {
+            redis.pause(true);
+        }
         let engine = Engine::open(shared_settings(&redis.url(), dir.path()))
             .await
-            .expect("engine opens on Redis");
+            .expect("the engine opens while Redis is down");
         let background = crate::app::Background::start(&engine);
-        for (id, priority) in [("i1", 1), ("i2", 2)] {
-            let mut item = sample_content_item(id, priority);
-            item.placements = vec![placement.to_owned()];
-            item.frequency_cap = None;
-            engine.upsert_content(item).await.expect("upsert content");
+        assert!(
+            engine.features.catalog().get("page_views_30d").is_some(),
+            "{fault}: the feature definitions come from the local copy"
+        );
+        let decision = decide_on(&engine, placement)
+            .await
+            .expect("a decision while Redis is down, not an error");
+        assert!(
+            decision.degraded,
+            "{fault}: a decision without Redis is degraded"
+        );
+        assert!(
+            ["i1", "i2"].contains(&decision.items[0].item.id.as_str()),
+            "{fault}: the candidates come from the local copy: {:?}",
+            decision.items
+        );
+        let (status, body) = readiness(&engine).await;
+        assert_eq!(status, 200, "{fault}: up while Redis is down: {body}");
+        assert!(
+            body.starts_with("ready, degraded: redis (")
+                && body.contains("unreachable")
+                && body.contains("catalog served from the local copy"),
+            "{fault}: {body}"
+        );
+
+        // Redis is back with its data: decisions become whole within a few seconds.
+        if fault == "SIGKILL" {
+            redis.resume();
+        } else {
+            redis.pause(false);
         }
-        let decision = decide_on(&engine, placement).await.expect("a decision");
-        assert!(!decision.degraded, "a decision on a healthy Redis is whole");
-        assert_eq!(readiness(&engine).await, (200, "ready".to_owned()));
+        let give_up = Instant::now() + Duration::from_secs(60);
+        loop {
+            let decision = decide_on(&engine, placement).await.expect("a decision");
+            if !decision.degraded {
+                break;
+            }
+            assert!(
+                Instant::now() < give_up,
+                "{fault}: decisions are still degraded 60 s after Redis came back: {}",
+                decision.reasoning
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let give_up = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, body) = readiness(&engine).await;
+            if (status, body.as_str()) == (200, "ready") {
+                break;
+            }
+            assert!(
+                Instant::now() < give_up,
+                "{fault}: still not plainly ready: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         background.stop().await;
     }
-
-    // Redis dies (its append-only file keeps the catalog); the replica restarts.
-    redis.kill();
-    let engine = Engine::open(shared_settings(&redis.url(), dir.path()))
-        .await
-        .expect("the engine opens while Redis is down");
-    let background = crate::app::Background::start(&engine);
-    assert!(
-        engine.features.catalog().get("page_views_30d").is_some(),
-        "the feature definitions come from the local copy"
-    );
-    let decision = decide_on(&engine, placement)
-        .await
-        .expect("a decision while Redis is down, not an error");
-    assert!(decision.degraded, "a decision without Redis is degraded");
-    assert!(
-        ["i1", "i2"].contains(&decision.items[0].item.id.as_str()),
-        "the candidates come from the local copy: {:?}",
-        decision.items
-    );
-    let (status, body) = readiness(&engine).await;
-    assert_eq!(status, 200, "up while Redis is down: {body}");
-    assert!(
-        body.starts_with("ready, degraded: redis (")
-            && body.contains("unreachable")
-            && body.contains("catalog served from the local copy"),
-        "{body}"
-    );
-
-    // Redis is back with its data: decisions become whole within a few seconds.
-    redis.resume();
-    let give_up = Instant::now() + Duration::from_secs(60);
-    loop {
-        let decision = decide_on(&engine, placement).await.expect("a decision");
-        if !decision.degraded {
-            break;
-        }
-        assert!(
-            Instant::now() < give_up,
-            "decisions are still degraded 60 s after Redis came back: {}",
-            decision.reasoning
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let give_up = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (status, body) = readiness(&engine).await;
-        if (status, body.as_str()) == (200, "ready") {
-            break;
-        }
-        assert!(Instant::now() < give_up, "still not plainly ready: {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    background.stop().await;
 }
 
 /// A first start with neither Redis nor a local copy: the engine starts, decisions fail
