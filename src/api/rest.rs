@@ -323,7 +323,7 @@ pub async fn healthz() -> &'static str {
 
 /// Ready (200) when this process can answer: its own event log reads. The body is
 /// `ready`, or `ready, degraded: …` naming each shared backend whose last call did not
-/// reach it (and whether the catalog is served from the local copy).
+/// reach it, and whether the catalog is served from the local copy (or there is none).
 ///
 /// A shared backend that is down does not make the process unready: decisions still
 /// answer, from defaults and the local copy of the catalog, marked `degraded`; a load
@@ -342,13 +342,17 @@ pub async fn readyz(State(engine): State<Arc<Engine>>) -> Response {
         .filter(|b| !b.breaker.is_reachable())
         .map(|b| format!("{} ({}) unreachable", b.backend, b.serves))
         .collect();
-    if engine
+    if let Some(copy) = engine
         .stores
         .catalog_copy
         .as_ref()
-        .is_some_and(|copy| copy.is_serving())
+        .filter(|c| c.is_serving())
     {
-        down.push("catalog served from the local copy".to_owned());
+        down.push(if copy.has_data() {
+            "catalog served from the local copy".to_owned()
+        } else {
+            "catalog unreachable and no local copy yet".to_owned()
+        });
     }
     if down.is_empty() {
         (StatusCode::OK, "ready").into_response()

@@ -226,7 +226,8 @@ impl CatalogCopy {
         }
     }
 
-    fn has_data(&self) -> bool {
+    /// Whether the copy holds anything (read at open or since).
+    pub fn has_data(&self) -> bool {
         let state = self.state.lock();
         !state.copy.definitions.is_empty() || !state.copy.content.is_empty()
     }

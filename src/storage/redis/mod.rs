@@ -128,10 +128,13 @@ impl Link {
             Ok(Connection::Cluster(client.get_async_connection().await?))
         } else {
             let client = redis::Client::open(config.nodes[0].as_str())?;
+            // No retry inside the manager: its first retry waits a second (more than a
+            // call's deadline), so a refused connection would cost every call its whole
+            // deadline; the next call (or the breaker's probe) tries again instead.
             let manager = ConnectionManagerConfig::new()
                 .set_connection_timeout(config.timeout)
                 .set_response_timeout(config.timeout)
-                .set_number_of_retries(1);
+                .set_number_of_retries(0);
             Ok(Connection::Single(
                 ConnectionManager::new_with_config(client, manager).await?,
             ))

@@ -1137,7 +1137,11 @@ async fn an_engine_starts_without_redis_or_a_local_copy() {
     );
     let (status, body) = readiness(&engine).await;
     assert_eq!(status, 200, "{body}");
-    assert!(body.contains("unreachable"), "{body}");
+    assert!(
+        body.starts_with("ready, degraded: redis (")
+            && body.contains("catalog unreachable and no local copy yet"),
+        "{body}"
+    );
 
     redis.resume();
     let store = connect(&redis.url(), TIMEOUT).await.definitions();
@@ -1172,4 +1176,50 @@ async fn an_engine_starts_without_redis_or_a_local_copy() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     background.stop().await;
+}
+
+/// API keys on Redis while it is down: a key this process verified keeps verifying past
+/// its cache's lifetime (from its last verified record), a key it never verified is
+/// refused (fail closed) until Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_fail_closed_while_redis_is_down() {
+    let Some(mut redis) = PrivateRedis::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Engine::open(shared_settings(&redis.url(), dir.path()))
+        .await
+        .expect("engine opens on Redis");
+    let role = crate::auth::Role::Frontend;
+    let known = engine.keys.create(role, None, "name").await.expect("a key");
+    let unknown = engine.keys.create(role, None, "name").await.expect("a key");
+    let verifies = |key: &crate::auth::keys::IssuedKey| {
+        let (engine, text) = (engine.clone(), key.key.expose().to_owned());
+        async move { matches!(engine.keys.verify(&text).await, Ok(Ok(_))) }
+    };
+    assert!(verifies(&known).await);
+
+    redis.kill();
+    let past_the_cache = Instant::now() + crate::auth::keys::CACHE_TTL + Duration::from_secs(1);
+    while Instant::now() < past_the_cache {
+        assert!(
+            verifies(&known).await,
+            "a key verified before keeps verifying while Redis is down"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        engine.keys.verify(unknown.key.expose()).await.is_err(),
+        "a key never verified here cannot be checked: refused"
+    );
+
+    redis.resume();
+    let give_up = Instant::now() + Duration::from_secs(60);
+    while !verifies(&unknown).await {
+        assert!(
+            Instant::now() < give_up,
+            "the other key does not verify 60 s after Redis came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
