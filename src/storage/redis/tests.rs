@@ -16,6 +16,7 @@ use super::{RedisConfig, RedisStore};
 use crate::app::Engine;
 use crate::config::Settings;
 use crate::decision::pipeline::PersonalizeRequest;
+use crate::storage::catalog_copy::{CatalogCopy, CopiedContent, CopiedDefinitions};
 use crate::storage::conformance::{self, customer_id, sample_content_item};
 use crate::storage::embedded::EmbeddedStore;
 use crate::storage::{BanditStore, DecisionStore, DefinitionStore, FeatureStore, StorageError};
@@ -85,6 +86,22 @@ async fn catalog_conforms(var: &str) {
     conformance::definitions(&store.definitions(), &prefix).await;
     conformance::experiments(Arc::new(store.experiments()), &prefix).await;
     conformance::keys(&store.keys(), &prefix).await;
+
+    // Through the local copy's wrappers, as an engine reads them: the same answers.
+    let Some((value, prefix)) = location(var) else {
+        return;
+    };
+    let store = connect(&value, TIMEOUT).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local = EmbeddedStore::open(dir.path())
+        .expect("embedded store")
+        .stores();
+    let copy = CatalogCopy::open(local.definitions).await.expect("a copy");
+    let content = CopiedContent::new(Arc::new(store.content()), copy.clone());
+    let definitions = CopiedDefinitions::new(Arc::new(store.definitions()), copy.clone());
+    conformance::content(&content, &prefix).await;
+    conformance::definitions(&definitions, &prefix).await;
+    assert!(!copy.is_serving(), "Redis answered every read");
 }
 
 /// Two engines starting at the same moment on an empty shared catalog: each built-in
