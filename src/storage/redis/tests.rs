@@ -1,11 +1,14 @@
 //! Tests of the Redis backend against real servers: the conformance suites on a single
-//! server and on a cluster, the per-call deadline, and an engine that decides and learns
-//! through Redis.
+//! server and on a cluster, the per-call deadline, an engine that decides and learns
+//! through Redis, and engines whose own `redis-server` is killed or stalled while they
+//! run or before they start.
 //!
-//! The servers come from the environment (`scripts/test` starts them on free ports):
-//! `REDIS_URL` (`redis://host:port`) and `REDIS_CLUSTER_URL`
+//! The shared servers come from the environment (`scripts/test` starts them on free
+//! ports): `REDIS_URL` (`redis://host:port`) and `REDIS_CLUSTER_URL`
 //! (`redis+cluster://host:port,...`). Without them a test fails when `CI=true` and is
-//! skipped with its reason otherwise. Each test works under a fresh key prefix.
+//! skipped with its reason otherwise. Each test works under a fresh key prefix. The
+//! tests with a server of their own start `redis-server` from the PATH
+//! ([`PrivateRedis`]), with the same rule when it is missing.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
