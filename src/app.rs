@@ -203,7 +203,7 @@ impl Engine {
         .with_publisher(stream.clone());
         let jwt = crate::auth::jwt::JwtVerifier::load(&settings.auth.jwt)?;
         let keys = Arc::new(crate::auth::KeyService::new(stores.keys.clone()).with_jwt(jwt));
-        Ok(Arc::new(Engine {
+        let engine = Arc::new(Engine {
             settings,
             stores,
             profiles,
@@ -220,7 +220,14 @@ impl Engine {
             keys,
             stream,
             customer_locks,
-        }))
+        });
+        // What opening read from a shared catalog, kept for a start during an outage.
+        if engine.stores.catalog_copy.is_some() {
+            let _ = engine.catalog.items().await;
+            let _ = engine.experiments.running().await;
+            engine.save_catalog_copy().await;
+        }
+        Ok(engine)
     }
 
     /// Starts every background task of [`Role::All`]; they stop with `shutdown`.
@@ -232,9 +239,10 @@ impl Engine {
     }
 
     /// Starts the background tasks of `role`; they stop with `shutdown`:
-    /// - everywhere: the rule reloader, the flush of the models' online rewards, and the
+    /// - everywhere: the rule reloader, the flush of the models' online rewards, the
     ///   forwarders of the event stream's outboxes (so nothing an earlier run
-    ///   acknowledged stays behind);
+    ///   acknowledged stays behind), and with a shared catalog its reload every second,
+    ///   which also saves the local copy of it;
     /// - where events are applied (not [`Role::Api`] with an event stream): the event
     ///   processor, the stream's consumer, the segment refresher and the feature health
     ///   check.
@@ -266,20 +274,16 @@ impl Engine {
         ));
         // Definitions shared with other replicas: what they define reaches this one's
         // feature and segment catalogs within a second (rules follow through their own
-        // reload above; content and experiments through their caches' lifetime).
+        // reload above; content and experiments through their caches' lifetime, read
+        // here too so that the local copy of the catalog holds them). Each tick also
+        // defines the built-in features a start during an outage could not, and saves
+        // the local copy of the catalog when it changed (once more at shutdown).
         if self.settings.backends.definitions != "embedded" {
-            let (features, segments) = (self.features.clone(), self.segments.clone());
-            tasks.push(every(CATALOG_TTL, shutdown.clone(), move || {
-                let (features, segments) = (features.clone(), segments.clone());
-                async move {
-                    if let Err(e) = features.reload().await {
-                        tracing::warn!(error = %e, "Failed to reload feature definitions");
-                    }
-                    if let Err(e) = segments.reload().await {
-                        tracing::warn!(error = %e, "Failed to reload segment definitions");
-                    }
-                }
-            }));
+            tasks.push(shared_catalog(
+                self.clone(),
+                role != Role::Worker,
+                shutdown.clone(),
+            ));
         }
         // Decisions are made (and models' rewards counted) in every role that serves.
         tasks.push(online_rewards(self.clone(), shutdown.clone()));
@@ -322,6 +326,16 @@ impl Engine {
             },
         ));
         tasks
+    }
+
+    /// Saves the local copy of a shared catalog if it changed (a failure is logged: the
+    /// next save tries again).
+    pub async fn save_catalog_copy(&self) {
+        if let Some(copy) = &self.stores.catalog_copy {
+            if let Err(e) = copy.save().await {
+                tracing::warn!(error = %e, "Failed to save the local copy of the shared catalog");
+            }
+        }
     }
 
     /// Applies a partial profile update and re-evaluates the customer's segments.
@@ -551,6 +565,42 @@ fn online_rewards(
             if stopping {
                 return;
             }
+        }
+    })
+}
+
+/// Keeps this process current with a shared catalog every [`CATALOG_TTL`] until
+/// `shutdown`, then saves the local copy once more. Content and experiments, which only
+/// decisions read, are read when the process `decides`.
+fn shared_catalog(
+    engine: Arc<Engine>,
+    decides: bool,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(CATALOG_TTL);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => {
+                    engine.save_catalog_copy().await;
+                    return;
+                }
+            }
+            if let Err(e) = engine.features.refresh().await {
+                tracing::warn!(error = %e, "Failed to reload feature definitions");
+            }
+            if let Err(e) = engine.segments.reload().await {
+                tracing::warn!(error = %e, "Failed to reload segment definitions");
+            }
+            if decides {
+                // Their failures show where they are read (a decision's candidates, its
+                // experiments); here they only keep the copy of the catalog current.
+                let _ = engine.catalog.items().await;
+                let _ = engine.experiments.running().await;
+            }
+            engine.save_catalog_copy().await;
         }
     })
 }

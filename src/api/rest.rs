@@ -321,13 +321,46 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Ready when every backend answers.
+/// Ready (200) when this process can answer: its own event log reads. The body is
+/// `ready`, or `ready, degraded: …` naming each shared backend whose last call did not
+/// reach it, and whether the catalog is served from the local copy (or there is none).
+///
+/// A shared backend that is down does not make the process unready: decisions still
+/// answer, from defaults and the local copy of the catalog, marked `degraded`; a load
+/// balancer that took every replica out during a Redis outage would turn degraded
+/// answers into none. Only a failing local store (nothing can be served) answers 503.
+/// Breaker and call metrics tell the rest (`tailor_backend_breaker_open`).
 pub async fn readyz(State(engine): State<Arc<Engine>>) -> Response {
-    match engine.stores.events.last_seq().await {
-        Ok(_) => (StatusCode::OK, "ready").into_response(),
-        Err(e) => {
-            tracing::warn!(error = %e, "Readiness check failed");
-            (StatusCode::SERVICE_UNAVAILABLE, "event log unavailable").into_response()
-        }
+    if let Err(e) = engine.stores.events.last_seq().await {
+        tracing::warn!(error = %e, "Readiness check failed");
+        return (StatusCode::SERVICE_UNAVAILABLE, "event log unavailable").into_response();
+    }
+    let mut down: Vec<String> = engine
+        .stores
+        .health
+        .iter()
+        .filter(|b| !b.breaker.is_reachable())
+        .map(|b| format!("{} ({}) unreachable", b.backend, b.serves))
+        .collect();
+    if let Some(copy) = engine
+        .stores
+        .catalog_copy
+        .as_ref()
+        .filter(|c| c.is_serving())
+    {
+        down.push(if copy.has_data() {
+            "catalog served from the local copy".to_owned()
+        } else {
+            "catalog unreachable and no local copy yet".to_owned()
+        });
+    }
+    if down.is_empty() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (
+            StatusCode::OK,
+            format!("ready, degraded: {}", down.join("; ")),
+        )
+            .into_response()
     }
 }

@@ -7,7 +7,11 @@
 //! would only slow every request down. Hashes are compared in constant time.
 //!
 //! Verified keys are cached for [`CACHE_TTL`] so a request does not read the store;
-//! [`KeyService::revoke`] drops the key from this server's cache at once.
+//! [`KeyService::revoke`] drops the key from this server's cache at once. While the key
+//! store cannot be reached (a shared one during an outage), a key this process verified
+//! before keeps verifying from its cached record, and every other key fails closed: a
+//! process started during an outage accepts no API key until the store answers (JWTs,
+//! verified locally, still work).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,7 +24,7 @@ use sha2::{Digest, Sha256};
 
 use super::{Caller, Principal, Role, MISSING_KEY};
 use crate::error::{Error, Result};
-use crate::storage::KeyStore;
+use crate::storage::{KeyStore, StorageError};
 
 /// How long a verified key is trusted without reading the store again. Revocations on
 /// this server take effect at once; the time to live bounds how long a key revoked
@@ -201,7 +205,8 @@ impl KeyService {
 
     /// Verifies a key's text: `Ok(Ok(principal))` for a known, unrevoked key whose secret
     /// matches; `Ok(Err(reason))` otherwise (malformed, invalid or revoked, the reason
-    /// fit to send); `Err` when the store fails.
+    /// fit to send); `Err` when the store fails, unless it is unreachable and this
+    /// process verified the key before (then its last verified record decides).
     pub async fn verify(&self, raw: &str) -> Result<std::result::Result<Principal, &'static str>> {
         let Some((id, secret)) = parse(raw) else {
             return Ok(Err("malformed API key (expected tk_<id>_<secret>)"));
@@ -210,13 +215,12 @@ impl KeyService {
             let cache = self.cache.lock();
             cache
                 .get(id)
-                .filter(|c| c.fetched.elapsed() < CACHE_TTL)
-                .map(|c| c.record.clone())
+                .map(|c| (c.record.clone(), c.fetched.elapsed() < CACHE_TTL))
         };
         let record = match cached {
-            Some(record) => record,
-            None => match self.store.get(id).await? {
-                Some(record) => {
+            Some((record, true)) => record,
+            stale => match self.store.get(id).await {
+                Ok(Some(record)) => {
                     self.cache.lock().insert(
                         id.to_owned(),
                         Cached {
@@ -226,7 +230,18 @@ impl KeyService {
                     );
                     record
                 }
-                None => return Ok(Err("invalid API key")),
+                Ok(None) => return Ok(Err("invalid API key")),
+                // The store cannot be reached: a key this process verified keeps its last
+                // verified record until the store answers (its revocation on another
+                // replica is seen only then); any other key fails closed.
+                Err(StorageError::Unavailable(e)) => match stale {
+                    Some((record, _)) => {
+                        tracing::debug!(error = %e, "Key store unreachable; using this key's last verification");
+                        record
+                    }
+                    None => return Err(StorageError::Unavailable(e).into()),
+                },
+                Err(e) => return Err(e.into()),
             },
         };
         let hash = secret_hash(secret);

@@ -348,7 +348,13 @@ impl DecisionEngine {
             self.stores.segments.segments_of(customer),
             impressions,
         );
-        let mut degraded = false;
+        // A shared catalog served from this process's local copy (its backend is
+        // unreachable) may be stale: the decision says so.
+        let mut degraded = self
+            .stores
+            .catalog_copy
+            .as_ref()
+            .is_some_and(|copy| copy.is_serving());
         let profile = profile.unwrap_or_else(|e| {
             tracing::warn!(error = %e, "Failed to load profile; deciding without it");
             self.metrics.backend_error("profiles");
@@ -1145,7 +1151,9 @@ fn reasoning(
         ));
     }
     if ctx.degraded {
-        notes.push_str("; degraded: a backend was slow or down, defaults used");
+        notes.push_str(
+            "; degraded: a backend was slow or down, defaults (or the local copy of the catalog) used",
+        );
     }
     if let Some(Effect::Pinned { rule }) = effects.trace[selected_index]
         .iter()

@@ -18,7 +18,7 @@ use crate::customers::CustomerId;
 use crate::error::{Error, Result};
 use crate::events::StoredEvent;
 use crate::privacy::Profiles;
-use crate::storage::{DefinitionKind, Stores};
+use crate::storage::{DefinitionKind, StorageError, Stores};
 use crate::telemetry::Metrics;
 
 /// The consumer name under which the event processor commits its offset.
@@ -199,6 +199,10 @@ pub struct FeatureService {
     /// Reads and compute errors per feature version since the last runtime health check.
     /// A std lock: held for a few map updates, never across an await.
     served: parking_lot::Mutex<HashMap<FeatureKey, (u64, u64)>>,
+    /// Built-ins not yet defined because the definition store was unreachable at start;
+    /// [`FeatureService::refresh`] defines them once it answers. A std lock: never held
+    /// across an await.
+    pending_builtins: parking_lot::Mutex<Vec<&'static str>>,
 }
 
 /// Reads a version must have served before its runtime error rate is judged.
@@ -221,7 +225,9 @@ fn validate_name(field: &str, name: &str) -> Result<()> {
 }
 
 impl FeatureService {
-    /// Loads the catalog, installing the built-in definitions on first start.
+    /// Loads the catalog, installing the built-in definitions on first start. A
+    /// definition store that cannot be reached (a shared one during an outage) leaves
+    /// the built-ins it could not define to [`FeatureService::refresh`].
     pub async fn start(
         stores: Stores,
         profiles: Arc<Profiles>,
@@ -238,14 +244,52 @@ impl FeatureService {
             metrics,
             apply_lock: tokio::sync::Mutex::new(()),
             served: parking_lot::Mutex::new(HashMap::new()),
+            pending_builtins: parking_lot::Mutex::new(Vec::new()),
         });
-        // Each built-in the store never had (a deleted one stays deleted), once across
-        // processes that share the store.
-        for (name, body) in builtin() {
-            service.define_builtin(name, body).await?;
-        }
+        *service.pending_builtins.lock() = builtin().into_iter().map(|(name, _)| name).collect();
+        service.define_pending_builtins(true).await?;
         service.reload().await?;
         Ok(service)
+    }
+
+    /// Defines the built-ins still pending, then reloads the catalog: what a process
+    /// sharing its definition store runs every second.
+    pub async fn refresh(&self) -> Result<()> {
+        self.define_pending_builtins(false).await?;
+        self.reload().await
+    }
+
+    /// Defines each pending built-in the store never had (a deleted one stays deleted),
+    /// once across processes that share the store, in order (later ones may read
+    /// earlier ones). When the store cannot be reached, that one and the rest stay
+    /// pending (said in a warning when `warn`); any other failure is an error.
+    async fn define_pending_builtins(&self, warn: bool) -> Result<()> {
+        let pending: Vec<&'static str> = self.pending_builtins.lock().clone();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let bodies = builtin();
+        for (i, name) in pending.iter().enumerate() {
+            let Some((_, body)) = bodies.iter().find(|(n, _)| n == name) else {
+                continue;
+            };
+            match self.define_builtin(name, body.clone()).await {
+                Ok(()) => {}
+                Err(Error::Storage(StorageError::Unavailable(e))) => {
+                    if warn {
+                        tracing::warn!(error = %e, "Cannot define the built-in features now (the definition store is unreachable); retrying every second");
+                    }
+                    *self.pending_builtins.lock() = pending[i..].to_vec();
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if !warn {
+            tracing::info!("Built-in features defined now that the definition store answers");
+        }
+        self.pending_builtins.lock().clear();
+        Ok(())
     }
 
     pub fn catalog(&self) -> Arc<FeatureCatalog> {

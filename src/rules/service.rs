@@ -20,7 +20,7 @@ use serde_json::json;
 use super::runtime::{ActiveRule, RuleSet};
 use super::{compile, engine_with, Natives, Plugins, RuleError};
 use crate::error::{Error, Result};
-use crate::storage::{Definition, DefinitionKind, DefinitionStore};
+use crate::storage::{Definition, DefinitionKind, DefinitionStore, StorageError};
 use crate::telemetry::Metrics;
 
 /// Where rules come from and how they run.
@@ -358,7 +358,8 @@ impl RuleService {
         let Some(dir) = self.settings.dir.as_deref() else {
             return;
         };
-        let hashes = hash_dir(dir);
+        let mut hashes = hash_dir(dir);
+        let mut retry = Vec::new();
         for (path, hash) in &hashes {
             if seen.rules.get(path) == Some(hash) {
                 continue;
@@ -378,9 +379,17 @@ impl RuleService {
                 .map_or_else(|_| super::stem(path), |rule| rule.meta.name);
             // Unchanged against the active version (a restart): nothing to store.
             if current.get(&name).is_none_or(|a| a.source != source) {
-                if let Err(error) = self.put_locked(Some(&name), &source, &origin).await {
-                    tracing::error!(rule = %path.display(), %error, "Rule file does not compile; the previous version stays active");
-                    self.metrics.rule_error(&name);
+                match self.put_locked(Some(&name), &source, &origin).await {
+                    Ok(_) => {}
+                    // Not stored: tried again at the next reload.
+                    Err(Error::Storage(StorageError::Unavailable(error))) => {
+                        tracing::warn!(rule = %path.display(), %error, "Cannot store the rule file's version now (the definition store is unreachable); retrying");
+                        retry.push(path.clone());
+                    }
+                    Err(error) => {
+                        tracing::error!(rule = %path.display(), %error, "Rule file does not compile; the previous version stays active");
+                        self.metrics.rule_error(&name);
+                    }
                 }
             }
         }
@@ -407,6 +416,9 @@ impl RuleService {
                     Err(e) => tracing::error!(rule = %name, error = %e, "Failed to delete rule"),
                 }
             }
+        }
+        for path in retry {
+            hashes.remove(&path);
         }
         seen.rules = hashes;
     }

@@ -13,6 +13,9 @@ use std::sync::Arc;
 #[derive(Debug, Default)]
 pub struct BreakerStats {
     open: AtomicBool,
+    /// Whether the last call (or probe) that tried the backend reached it; false until
+    /// one has.
+    reachable: AtomicBool,
     calls_ok: AtomicU64,
     calls_failed: AtomicU64,
     short_circuited: AtomicU64,
@@ -22,6 +25,12 @@ impl BreakerStats {
     /// Whether calls are refused without reaching the backend (open or probing).
     pub fn is_open(&self) -> bool {
         self.open.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last call (or probe) that tried the backend reached it: what
+    /// `/readyz` reports. False before any call has.
+    pub fn is_reachable(&self) -> bool {
+        self.reachable.load(Ordering::Relaxed)
     }
 
     /// Calls that reached the backend and got an answer (a server error is an answer).
@@ -46,10 +55,12 @@ impl BreakerStats {
     }
 
     pub fn count_ok(&self) {
+        self.reachable.store(true, Ordering::Relaxed);
         self.calls_ok.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn count_failed(&self) {
+        self.reachable.store(false, Ordering::Relaxed);
         self.calls_failed.fetch_add(1, Ordering::Relaxed);
     }
 

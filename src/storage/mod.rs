@@ -15,6 +15,7 @@
 //!   once submitted, it is as good as written;
 //! - bad values (NaN or infinite numbers) are refused with an error, never stored.
 
+pub mod catalog_copy;
 pub mod conformance;
 pub mod embedded;
 pub mod health;
@@ -409,6 +410,9 @@ pub enum DefinitionKind {
     Model,
     /// The activation history of a feature: one version per (de)activation, with reason.
     FeatureActivation,
+    /// This process's saved copy of a shared catalog ([`catalog_copy`]); only ever in the
+    /// local embedded store.
+    CatalogCopy,
 }
 
 impl DefinitionKind {
@@ -420,6 +424,7 @@ impl DefinitionKind {
             DefinitionKind::Rule => "rule",
             DefinitionKind::Model => "model",
             DefinitionKind::FeatureActivation => "feature_activation",
+            DefinitionKind::CatalogCopy => "catalog_copy",
         }
     }
 }
@@ -501,6 +506,9 @@ pub struct Stores {
     /// The scaled-out backends these stores reach over the network, for metrics (none
     /// for the embedded store).
     pub health: Vec<health::BackendHealth>,
+    /// The local copy of the shared catalog that `content` and `definitions` fall back
+    /// to while their backend is unreachable; `None` when they are the embedded store.
+    pub catalog_copy: Option<Arc<catalog_copy::CatalogCopy>>,
 }
 
 /// Where a stream consumer hands the events it received. `apply` returns once they are
@@ -623,8 +631,11 @@ pub async fn shared_key_store(
 }
 
 /// `stores` (the embedded ones) with each capability that `backends` puts elsewhere
-/// replaced by that backend, connected within `timeout`, each connection behind a
-/// circuit breaker set by `breaker`. Capabilities that name the same location share one
+/// replaced by that backend, each connection behind a circuit breaker set by `breaker`
+/// and every call under `timeout`. A backend that cannot be reached now is no error: its
+/// calls fail (fast, once the breaker opens) until it answers, and the shared catalog
+/// (`backends.definitions`) is read from this process's local copy meanwhile
+/// ([`catalog_copy`]). Capabilities that name the same location share one
 /// connection (and its breaker), listed once in [`Stores::health`]. Values are assumed
 /// checked by [`check_backend`].
 pub async fn with_backends(
@@ -660,9 +671,9 @@ pub async fn with_backends(
                     let mut config = redis::RedisConfig::parse(value, timeout)
                         .map_err(|e| anyhow::anyhow!("backends.{capability}: {e}"))?;
                     config.breaker = breaker.clone();
-                    let store = redis::RedisStore::connect(&config)
+                    let store = redis::RedisStore::open(&config)
                         .await
-                        .with_context(|| format!("Failed to connect backends.{capability}"))?;
+                        .with_context(|| format!("Failed to open backends.{capability}"))?;
                     connected.push((value.clone(), store.clone(), vec![capability]));
                     store
                 }
@@ -675,8 +686,19 @@ pub async fn with_backends(
                     stores.decisions = Arc::new(store.decisions(stores.decisions.clone()));
                 }
                 _ => {
-                    stores.content = Arc::new(store.content());
-                    stores.definitions = Arc::new(store.definitions());
+                    // `stores.definitions` is still the local embedded store here.
+                    let copy = catalog_copy::CatalogCopy::open(stores.definitions.clone())
+                        .await
+                        .context("Failed to read the local copy of the shared catalog")?;
+                    stores.content = Arc::new(catalog_copy::CopiedContent::new(
+                        Arc::new(store.content()),
+                        copy.clone(),
+                    ));
+                    stores.definitions = Arc::new(catalog_copy::CopiedDefinitions::new(
+                        Arc::new(store.definitions()),
+                        copy.clone(),
+                    ));
+                    stores.catalog_copy = Some(copy);
                     stores.experiments = Arc::new(store.experiments());
                     stores.keys = Arc::new(store.keys());
                 }

@@ -90,7 +90,7 @@ impl Metrics {
             ),
             degraded_decisions: counter(
                 "tailor_degraded_decisions_total",
-                "Decisions made with defaults (features, segments or bandit statistics) because a backend was slow or down",
+                "Decisions made with defaults (features, segments or bandit statistics) or the local copy of the catalog because a backend was slow or down",
             ),
             conversions: counter(
                 "personalization_conversions_total",

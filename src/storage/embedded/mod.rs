@@ -113,6 +113,7 @@ impl EmbeddedStore {
             experiments: Arc::new(experiments::EmbeddedExperiments::new(self.clone())),
             keys: Arc::new(keys::EmbeddedKeys::new(self.clone())),
             health: Vec::new(),
+            catalog_copy: None,
         }
     }
 

@@ -1,8 +1,8 @@
 //! The circuit breaker in front of every call to one Redis connection.
 //!
 //! - **closed**: calls go through. A call that cannot reach the server (refused,
-//!   dropped, past its deadline) is a failure, anything else (an answer, even an error
-//!   reply) a success that resets the count. `failure_threshold` consecutive failures
+//!   dropped, past its deadline, or a server still loading its data) is a failure,
+//!   anything else (an answer, even an error reply) a success that resets the count. `failure_threshold` consecutive failures
 //!   open the breaker.
 //! - **open**: calls fail at once with `Unavailable`, without touching the network, so
 //!   a dead or stalled server costs callers nothing and is not hammered.

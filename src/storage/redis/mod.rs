@@ -18,7 +18,9 @@
 //! call fails with [`StorageError::Unavailable`] and the command may still take effect
 //! (the storage contract allows that for a dropped write). Every call goes through the
 //! connection's circuit breaker ([`breaker`]): after repeated failures calls fail at once
-//! with `Unavailable` until a probe reaches the server again.
+//! with `Unavailable` until a probe reaches the server again. The connection itself is
+//! made by the first call that needs it ([`RedisStore::open`] does not wait for one), so
+//! a server that is down when Tailor starts fails calls, not the start.
 //!
 //! Durability is the server's: `Ok` means Redis acknowledged the write; it survives a
 //! restart only as far as the server's persistence (`appendonly yes`, `appendfsync`) and
@@ -90,57 +92,98 @@ impl ConnectionLike for Connection {
     }
 }
 
-/// A connected Redis backend; [`RedisStore::features`] and friends give its capabilities.
+/// A Redis backend; [`RedisStore::features`] and friends give its capabilities.
 pub struct RedisStore {
-    connection: Connection,
+    link: Arc<Link>,
     prefix: String,
     timeout: Duration,
     breaker: Arc<Breaker>,
 }
 
+/// The connection, made by the first call that needs it: a server that is down when the
+/// store opens fails that call (and the breaker counts it), not the store.
+struct Link {
+    config: RedisConfig,
+    /// Set once connected; both kinds reconnect on their own after that.
+    connection: tokio::sync::OnceCell<Connection>,
+}
+
+impl Link {
+    /// The connection, connecting first if no call has yet (concurrent callers wait for
+    /// one attempt; the next caller tries again after a failed one).
+    async fn get(&self) -> Result<Connection, RedisError> {
+        self.connection
+            .get_or_try_init(|| self.connect())
+            .await
+            .cloned()
+    }
+
+    async fn connect(&self) -> Result<Connection, RedisError> {
+        let config = &self.config;
+        if config.cluster {
+            let client = redis::cluster::ClusterClientBuilder::new(config.nodes.clone())
+                .connection_timeout(config.timeout)
+                .response_timeout(config.timeout)
+                .build()?;
+            Ok(Connection::Cluster(client.get_async_connection().await?))
+        } else {
+            let client = redis::Client::open(config.nodes[0].as_str())?;
+            // No retry inside the manager: its first retry waits a second (more than a
+            // call's deadline), so a refused connection would cost every call its whole
+            // deadline; the next call (or the breaker's probe) tries again instead.
+            let manager = ConnectionManagerConfig::new()
+                .set_connection_timeout(config.timeout)
+                .set_response_timeout(config.timeout)
+                .set_number_of_retries(0);
+            Ok(Connection::Single(
+                ConnectionManager::new_with_config(client, manager).await?,
+            ))
+        }
+    }
+}
+
 impl RedisStore {
-    /// Connects (within the configured deadline) and checks that the server answers.
+    /// Connects (within the configured deadline) and checks that the server answers:
+    /// for callers that cannot do without the server (the `tailor keys` commands).
     pub async fn connect(config: &RedisConfig) -> StorageResult<Arc<RedisStore>> {
-        let connecting = async {
-            if config.cluster {
-                let client = redis::cluster::ClusterClientBuilder::new(config.nodes.clone())
-                    .connection_timeout(config.timeout)
-                    .response_timeout(config.timeout)
-                    .build()?;
-                Ok::<_, RedisError>(Connection::Cluster(client.get_async_connection().await?))
-            } else {
-                let client = redis::Client::open(config.nodes[0].as_str())?;
-                let manager = ConnectionManagerConfig::new()
-                    .set_connection_timeout(config.timeout)
-                    .set_response_timeout(config.timeout)
-                    .set_number_of_retries(1);
-                Ok(Connection::Single(
-                    ConnectionManager::new_with_config(client, manager).await?,
-                ))
+        let store = Self::new(config);
+        store.ping().await?;
+        Ok(store)
+    }
+
+    /// The store, whether or not the server answers now: what a serving engine opens,
+    /// so that it starts during an outage (its calls then fail fast through the
+    /// breaker). A server that answers with an error (a wrong password, say) is still
+    /// an error here.
+    pub async fn open(config: &RedisConfig) -> StorageResult<Arc<RedisStore>> {
+        let store = Self::new(config);
+        match store.ping().await {
+            Ok(()) => {}
+            Err(StorageError::Unavailable(e)) => {
+                tracing::warn!(error = %e, "Redis is unreachable; starting without it, calls fail fast until it answers");
             }
-        };
-        let connection = match tokio::time::timeout(config.timeout, connecting).await {
-            Ok(Ok(connection)) => connection,
-            Ok(Err(e)) => return Err(redis_err("connecting", e)),
-            Err(_) => {
-                return Err(StorageError::Unavailable(format!(
-                    "connecting to Redis: no answer within {:?}",
-                    config.timeout
-                )))
-            }
-        };
-        let store = Arc::new(RedisStore {
-            connection,
+            Err(e) => return Err(e),
+        }
+        Ok(store)
+    }
+
+    fn new(config: &RedisConfig) -> Arc<RedisStore> {
+        Arc::new(RedisStore {
+            link: Arc::new(Link {
+                config: config.clone(),
+                connection: tokio::sync::OnceCell::new(),
+            }),
             prefix: config.prefix.clone(),
             timeout: config.timeout,
             breaker: Arc::new(Breaker::new(&config.breaker)),
-        });
-        store
-            .call("PING", |mut c| async move {
-                redis::cmd("PING").query_async::<()>(&mut c).await
-            })
-            .await?;
-        Ok(store)
+        })
+    }
+
+    async fn ping(&self) -> StorageResult<()> {
+        self.call("PING", |mut c| async move {
+            redis::cmd("PING").query_async::<()>(&mut c).await
+        })
+        .await
     }
 
     pub fn features(self: &Arc<Self>) -> RedisFeatures {
@@ -183,7 +226,7 @@ impl RedisStore {
     }
 
     fn is_cluster(&self) -> bool {
-        matches!(self.connection, Connection::Cluster(_))
+        self.link.config.cluster
     }
 
     /// `<prefix><kind>:{<tag>}`: the braces make `tag` alone choose the cluster slot.
@@ -209,15 +252,18 @@ impl RedisStore {
                 )));
             }
         }
-        let result =
-            match tokio::time::timeout(self.timeout, exchange(self.connection.clone())).await {
-                Ok(Ok(value)) => Ok(value),
-                Ok(Err(e)) => Err(redis_err(what, e)),
-                Err(_) => Err(StorageError::Unavailable(format!(
-                    "Redis {what}: no answer within {:?}",
-                    self.timeout
-                ))),
-            };
+        let reached = async {
+            let connection = self.link.get().await?;
+            exchange(connection).await
+        };
+        let result = match tokio::time::timeout(self.timeout, reached).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(redis_err(what, e)),
+            Err(_) => Err(StorageError::Unavailable(format!(
+                "Redis {what}: no answer within {:?}",
+                self.timeout
+            ))),
+        };
         match &result {
             Err(StorageError::Unavailable(_)) => self.breaker.failed(),
             _ => self.breaker.succeeded(),
@@ -228,13 +274,13 @@ impl RedisStore {
     /// Starts the breaker's probe: one `PING` under the call deadline, on its own task.
     fn probe(&self) {
         let breaker = self.breaker.clone();
-        let mut connection = self.connection.clone();
+        let link = self.link.clone();
         let timeout = self.timeout;
         let ping = async move {
-            let answer = tokio::time::timeout(
-                timeout,
-                redis::cmd("PING").query_async::<()>(&mut connection),
-            )
+            let answer = tokio::time::timeout(timeout, async {
+                let mut connection = link.get().await?;
+                redis::cmd("PING").query_async::<()>(&mut connection).await
+            })
             .await;
             breaker.probed(matches!(answer, Ok(Ok(()))));
         };
@@ -249,10 +295,12 @@ impl RedisStore {
     }
 }
 
-/// Connection trouble is `Unavailable` (callers may degrade); anything else, such as a
-/// script error, is `Backend`.
+/// Connection trouble, and a server still loading its data after a restart, is
+/// `Unavailable` (callers may degrade); anything else, such as a script error, is
+/// `Backend`.
 fn redis_err(what: &str, e: RedisError) -> StorageError {
     if e.is_io_error()
+        || e.kind() == redis::ErrorKind::BusyLoadingError
         || e.is_timeout()
         || e.is_connection_dropped()
         || e.is_connection_refusal()

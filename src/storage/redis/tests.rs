@@ -1,11 +1,14 @@
 //! Tests of the Redis backend against real servers: the conformance suites on a single
-//! server and on a cluster, the per-call deadline, and an engine that decides and learns
-//! through Redis.
+//! server and on a cluster, the per-call deadline, an engine that decides and learns
+//! through Redis, and engines whose own `redis-server` is killed or stalled while they
+//! run or before they start.
 //!
-//! The servers come from the environment (`scripts/test` starts them on free ports):
-//! `REDIS_URL` (`redis://host:port`) and `REDIS_CLUSTER_URL`
+//! The shared servers come from the environment (`scripts/test` starts them on free
+//! ports): `REDIS_URL` (`redis://host:port`) and `REDIS_CLUSTER_URL`
 //! (`redis+cluster://host:port,...`). Without them a test fails when `CI=true` and is
-//! skipped with its reason otherwise. Each test works under a fresh key prefix.
+//! skipped with its reason otherwise. Each test works under a fresh key prefix. The
+//! tests with a server of their own start `redis-server` from the PATH
+//! ([`PrivateRedis`]), with the same rule when it is missing.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +19,7 @@ use super::{RedisConfig, RedisStore};
 use crate::app::Engine;
 use crate::config::Settings;
 use crate::decision::pipeline::PersonalizeRequest;
+use crate::storage::catalog_copy::{CatalogCopy, CopiedContent, CopiedDefinitions};
 use crate::storage::conformance::{self, customer_id, sample_content_item};
 use crate::storage::embedded::EmbeddedStore;
 use crate::storage::{BanditStore, DecisionStore, DefinitionStore, FeatureStore, StorageError};
@@ -85,6 +89,22 @@ async fn catalog_conforms(var: &str) {
     conformance::definitions(&store.definitions(), &prefix).await;
     conformance::experiments(Arc::new(store.experiments()), &prefix).await;
     conformance::keys(&store.keys(), &prefix).await;
+
+    // Through the local copy's wrappers, as an engine reads them: the same answers.
+    let Some((value, prefix)) = location(var) else {
+        return;
+    };
+    let store = connect(&value, TIMEOUT).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local = EmbeddedStore::open(dir.path())
+        .expect("embedded store")
+        .stores();
+    let copy = CatalogCopy::open(local.definitions).await.expect("a copy");
+    let content = CopiedContent::new(Arc::new(store.content()), copy.clone());
+    let definitions = CopiedDefinitions::new(Arc::new(store.definitions()), copy.clone());
+    conformance::content(&content, &prefix).await;
+    conformance::definitions(&definitions, &prefix).await;
+    assert!(!copy.is_serving(), "Redis answered every read");
 }
 
 /// Two engines starting at the same moment on an empty shared catalog: each built-in
@@ -941,4 +961,285 @@ async fn decisions_survive_a_killed_and_a_stalled_redis() {
         }
     }
     let _ = stop.send(true);
+}
+
+/// Settings of an engine with every shared capability (the catalog included) on `url`,
+/// in `dir`, with deadlines generous for a busy machine and a breaker that opens fast.
+fn shared_settings(url: &str, dir: &std::path::Path) -> Settings {
+    let mut settings = Settings {
+        data_dir: dir.to_path_buf(),
+        ..Settings::default()
+    };
+    settings.rules.dir = String::new();
+    settings.rules.plugins_dir = String::new();
+    settings.backends.features = url.to_owned();
+    settings.backends.segments = url.to_owned();
+    settings.backends.bandit = url.to_owned();
+    settings.backends.decisions = url.to_owned();
+    settings.backends.definitions = url.to_owned();
+    settings.timeouts.backend_ms = 1_000;
+    settings.timeouts.feature_read_ms = 5_000;
+    settings.breaker.failure_threshold = 3;
+    settings.breaker.cool_down_ms = 500;
+    settings
+}
+
+/// One decision for customer `c1` on `placement`, within the request deadline.
+async fn decide_on(
+    engine: &Engine,
+    placement: &str,
+) -> crate::error::Result<crate::decision::Decision> {
+    let request = PersonalizeRequest {
+        customer_id: customer_id("c1"),
+        placement: Some(placement.to_owned()),
+        available_items: None,
+        content_type: None,
+        context: json!({}),
+        count: 1,
+        explain: false,
+    };
+    let deadline = Duration::from_millis(engine.settings.timeouts.request_ms);
+    tokio::time::timeout(deadline, engine.decisions.personalize(request))
+        .await
+        .expect("a decision (or its error) within the request deadline")
+}
+
+/// What `/readyz` answers: status and body.
+async fn readiness(engine: &Arc<Engine>) -> (u16, String) {
+    use http_body_util::BodyExt as _;
+    use tower::ServiceExt as _;
+    let request = axum::http::Request::get("/readyz")
+        .body(axum::body::Body::empty())
+        .expect("a request");
+    let response = crate::api::router(engine.clone())
+        .oneshot(request)
+        .await
+        .expect("an answer");
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("a body")
+        .to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A replica restarted while Redis (its shared catalog included) is down, killed
+/// (SIGKILL: connections refused) or stalled (SIGSTOP: connections hang): it starts on
+/// the local copy of the catalog its previous run saved and decides from it, degraded,
+/// saying so in `/readyz`; once Redis is back (same port, same data: its append-only
+/// file) its answers are whole again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_engine_starts_while_redis_is_down_from_its_local_catalog_copy() {
+    let Some(mut redis) = PrivateRedis::start() else {
+        return;
+    };
+    let placement = "home";
+    for fault in ["SIGKILL", "SIGSTOP"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+
+        // First run, Redis up: the shared catalog gets content and the built-in
+        // features, and the local copy is saved (at open, by the reload task, and at its
+        // shutdown).
+        {
+            let engine = Engine::open(shared_settings(&redis.url(), dir.path()))
+                .await
+                .expect("engine opens on Redis");
+            let background = crate::app::Background::start(&engine);
+            for (id, priority) in [("i1", 1), ("i2", 2)] {
+                let mut item = sample_content_item(id, priority);
+                item.placements = vec![placement.to_owned()];
+                item.frequency_cap = None;
+                engine.upsert_content(item).await.expect("upsert content");
+            }
+            let decision = decide_on(&engine, placement).await.expect("a decision");
+            assert!(
+                !decision.degraded,
+                "{fault}: a decision on a healthy Redis is whole"
+            );
+            assert_eq!(readiness(&engine).await, (200, "ready".to_owned()));
+            background.stop().await;
+        }
+
+        // Redis goes away; the replica restarts.
+        if fault == "SIGKILL" {
+            redis.kill();
+        } else {
+            redis.pause(true);
+        }
+        let engine = Engine::open(shared_settings(&redis.url(), dir.path()))
+            .await
+            .expect("the engine opens while Redis is down");
+        let background = crate::app::Background::start(&engine);
+        assert!(
+            engine.features.catalog().get("page_views_30d").is_some(),
+            "{fault}: the feature definitions come from the local copy"
+        );
+        let decision = decide_on(&engine, placement)
+            .await
+            .expect("a decision while Redis is down, not an error");
+        assert!(
+            decision.degraded,
+            "{fault}: a decision without Redis is degraded"
+        );
+        assert!(
+            ["i1", "i2"].contains(&decision.items[0].item.id.as_str()),
+            "{fault}: the candidates come from the local copy: {:?}",
+            decision.items
+        );
+        let (status, body) = readiness(&engine).await;
+        assert_eq!(status, 200, "{fault}: up while Redis is down: {body}");
+        assert!(
+            body.starts_with("ready, degraded: redis (")
+                && body.contains("unreachable")
+                && body.contains("catalog served from the local copy"),
+            "{fault}: {body}"
+        );
+
+        // Redis is back with its data: decisions become whole within a few seconds.
+        if fault == "SIGKILL" {
+            redis.resume();
+        } else {
+            redis.pause(false);
+        }
+        let give_up = Instant::now() + Duration::from_secs(60);
+        loop {
+            let decision = decide_on(&engine, placement).await.expect("a decision");
+            if !decision.degraded {
+                break;
+            }
+            assert!(
+                Instant::now() < give_up,
+                "{fault}: decisions are still degraded 60 s after Redis came back: {}",
+                decision.reasoning
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let give_up = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, body) = readiness(&engine).await;
+            if (status, body.as_str()) == (200, "ready") {
+                break;
+            }
+            assert!(
+                Instant::now() < give_up,
+                "{fault}: still not plainly ready: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        background.stop().await;
+    }
+}
+
+/// A first start with neither Redis nor a local copy: the engine starts, decisions fail
+/// with a clear error (the catalog is empty) rather than the process; once Redis
+/// answers, the built-in features get defined there and content written there is
+/// decided on, whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_engine_starts_without_redis_or_a_local_copy() {
+    let Some(mut redis) = PrivateRedis::start() else {
+        return;
+    };
+    redis.kill();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let placement = "home";
+    let engine = Engine::open(shared_settings(&redis.url(), dir.path()))
+        .await
+        .expect("the engine opens with no Redis and no local copy");
+    let background = crate::app::Background::start(&engine);
+    let refused = decide_on(&engine, placement)
+        .await
+        .expect_err("nothing to decide on");
+    assert!(
+        refused.to_string().contains("no eligible content"),
+        "{refused}"
+    );
+    let (status, body) = readiness(&engine).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.starts_with("ready, degraded: redis (")
+            && body.contains("catalog unreachable and no local copy yet"),
+        "{body}"
+    );
+
+    redis.resume();
+    let store = connect(&redis.url(), TIMEOUT).await.definitions();
+    let give_up = Instant::now() + Duration::from_secs(60);
+    loop {
+        let defined = store
+            .versions(crate::storage::DefinitionKind::Feature, "page_views_30d")
+            .await
+            .expect("versions");
+        if defined.len() == 1 && engine.features.catalog().get("page_views_30d").is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "the built-in features were not defined within 60 s of Redis coming back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut item = sample_content_item("i1", 1);
+    item.placements = vec![placement.to_owned()];
+    item.frequency_cap = None;
+    engine.upsert_content(item).await.expect("upsert content");
+    let give_up = Instant::now() + Duration::from_secs(60);
+    loop {
+        match decide_on(&engine, placement).await {
+            Ok(decision) if !decision.degraded => break,
+            outcome => assert!(
+                Instant::now() < give_up,
+                "no whole decision within 60 s of Redis coming back: {outcome:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    background.stop().await;
+}
+
+/// API keys on Redis while it is down: a key this process verified keeps verifying past
+/// its cache's lifetime (from its last verified record), a key it never verified is
+/// refused (fail closed) until Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_fail_closed_while_redis_is_down() {
+    let Some(mut redis) = PrivateRedis::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Engine::open(shared_settings(&redis.url(), dir.path()))
+        .await
+        .expect("engine opens on Redis");
+    let role = crate::auth::Role::Frontend;
+    let known = engine.keys.create(role, None, "name").await.expect("a key");
+    let unknown = engine.keys.create(role, None, "name").await.expect("a key");
+    let verifies = |key: &crate::auth::keys::IssuedKey| {
+        let (engine, text) = (engine.clone(), key.key.expose().to_owned());
+        async move { matches!(engine.keys.verify(&text).await, Ok(Ok(_))) }
+    };
+    assert!(verifies(&known).await);
+
+    redis.kill();
+    let past_the_cache = Instant::now() + crate::auth::keys::CACHE_TTL + Duration::from_secs(1);
+    while Instant::now() < past_the_cache {
+        assert!(
+            verifies(&known).await,
+            "a key verified before keeps verifying while Redis is down"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        engine.keys.verify(unknown.key.expose()).await.is_err(),
+        "a key never verified here cannot be checked: refused"
+    );
+
+    redis.resume();
+    let give_up = Instant::now() + Duration::from_secs(60);
+    while !verifies(&unknown).await {
+        assert!(
+            Instant::now() < give_up,
+            "the other key does not verify 60 s after Redis came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
