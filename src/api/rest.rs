@@ -99,10 +99,13 @@ pub async fn authorize(State(access): State<RouteAccess>, req: Request, next: Ne
         Denied::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"),
         Denied::Forbidden { .. } => (StatusCode::FORBIDDEN, "FORBIDDEN"),
         Denied::Unverified(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
+        Denied::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
     };
     let body = Json(json!({"error": {"code": code, "message": denied.message()}}));
     if status == StatusCode::UNAUTHORIZED {
         (status, [(header::WWW_AUTHENTICATE, "Bearer")], body).into_response()
+    } else if status == StatusCode::SERVICE_UNAVAILABLE {
+        (status, [(header::RETRY_AFTER, "1")], body).into_response()
     } else {
         (status, body).into_response()
     }

@@ -258,7 +258,8 @@ impl KeyService {
     }
 
     /// The caller of a request with this `Authorization` header value (`Bearer KEY`).
-    /// A store failure is logged and gives [`Caller::Unverified`].
+    /// A store failure is logged and gives [`Caller::Unverified`], or
+    /// [`Caller::KeyStoreUnavailable`] when the store cannot be reached.
     pub async fn caller(&self, authorization: Option<&str>) -> Caller {
         let Some(value) = authorization.map(str::trim).filter(|v| !v.is_empty()) else {
             return Caller::Unauthenticated(MISSING_KEY);
@@ -279,6 +280,11 @@ impl KeyService {
         match self.verify(key).await {
             Ok(Ok(principal)) => Caller::Key(principal),
             Ok(Err(why)) => Caller::Unauthenticated(why),
+            Err(Error::Storage(StorageError::Unavailable(e))) => {
+                let id = uuid::Uuid::now_v7();
+                tracing::warn!(error_id = %id, error = %e, "Cannot verify an API key: its store is unreachable");
+                Caller::KeyStoreUnavailable(id)
+            }
             Err(e) => {
                 let id = uuid::Uuid::now_v7();
                 tracing::error!(error_id = %id, error = %e, "Cannot verify an API key");

@@ -86,6 +86,9 @@ pub enum Caller {
     /// The key could not be checked because its store failed; the failure is logged
     /// under this id.
     Unverified(uuid::Uuid),
+    /// The key could not be checked because its store cannot be reached now (a shared
+    /// key store during an outage); the failure is logged under this id.
+    KeyStoreUnavailable(uuid::Uuid),
 }
 
 /// Why a caller is turned away.
@@ -100,6 +103,8 @@ pub enum Denied {
     },
     /// `INTERNAL`, HTTP 500: the key store failed (logged under the id).
     Unverified(uuid::Uuid),
+    /// `UNAVAILABLE`, HTTP 503: the key store cannot be reached now; worth retrying.
+    Unavailable(uuid::Uuid),
 }
 
 impl Denied {
@@ -117,6 +122,9 @@ impl Denied {
                 )
             }
             Denied::Unverified(id) => format!("internal error (id {id})"),
+            Denied::Unavailable(id) => {
+                format!("the key store cannot be reached now; retry shortly (id {id})")
+            }
         }
     }
 }
@@ -143,6 +151,7 @@ impl Caller {
             }),
             Caller::Unauthenticated(why) => Err(Denied::Unauthenticated(why)),
             Caller::Unverified(id) => Err(Denied::Unverified(*id)),
+            Caller::KeyStoreUnavailable(id) => Err(Denied::Unavailable(*id)),
         }
     }
 }

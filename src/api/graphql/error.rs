@@ -72,6 +72,7 @@ pub fn denied(d: Denied) -> async_graphql::Error {
         Denied::Unauthenticated(_) => "UNAUTHENTICATED",
         Denied::Forbidden { .. } => "FORBIDDEN",
         Denied::Unverified(_) => "INTERNAL",
+        Denied::Unavailable(_) => "UNAVAILABLE",
     };
     async_graphql::Error::new(d.message()).extend_with(|_, e| e.set("code", code))
 }

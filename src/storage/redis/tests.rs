@@ -1232,6 +1232,13 @@ async fn keys_fail_closed_while_redis_is_down() {
         engine.keys.verify(unknown.key.expose()).await.is_err(),
         "a key never verified here cannot be checked: refused"
     );
+    // Refused as unavailable (503, worth a retry), not as an internal error.
+    let bearer = format!("Bearer {}", unknown.key.expose());
+    let caller = engine.keys.caller(Some(&bearer)).await;
+    assert!(
+        matches!(caller, crate::auth::Caller::KeyStoreUnavailable(_)),
+        "{caller:?}"
+    );
 
     redis.resume();
     let give_up = Instant::now() + Duration::from_secs(60);
