@@ -33,6 +33,22 @@ pub enum Workload {
     Events,
     /// `features(customerId)`: every active feature of a drawn customer.
     Features,
+    /// The same events as `events`, posted as a JSON array to the REST route
+    /// `/api/v1/events` instead of GraphQL.
+    RestEvents,
+    /// `GET /healthz`: a bare route of the same server (its HTTP stack and middleware,
+    /// no GraphQL, no key): the HTTP ceiling that `personalize` is compared with.
+    HttpCeiling,
+    /// `{ __typename }` over `/graphql` with the key: a constant query through the same
+    /// parsing, key check, rate limit and executor, no resolver work: the GraphQL
+    /// ceiling.
+    GraphqlCeiling,
+}
+
+impl Workload {
+    fn sends_events(self) -> bool {
+        matches!(self, Workload::Events | Workload::RestEvents)
+    }
 }
 
 /// How customers are drawn.
@@ -155,9 +171,11 @@ impl Requests {
         crate::demo::customer_id(i.min(self.config.customers - 1))
     }
 
-    /// The GraphQL body of request number `n`.
+    /// The GraphQL body of request number `n` (`Null` for the bare route's GET).
     fn body(&self, n: u64, rng: &mut StdRng) -> Value {
         match self.config.workload {
+            Workload::HttpCeiling => Value::Null,
+            Workload::GraphqlCeiling => json!({"query": "{ __typename }"}),
             Workload::Personalize => json!({
                 "query": "query($input: PersonalizeInput!) { personalize(input: $input) { id selectedItem { id } } }",
                 "variables": {"input": {
@@ -165,7 +183,7 @@ impl Requests {
                     "placement": self.config.placement,
                 }},
             }),
-            Workload::Events => {
+            Workload::Events | Workload::RestEvents => {
                 let events: Vec<Value> = (0..self.config.events_per_request)
                     .map(|i| {
                         json!({
@@ -175,6 +193,9 @@ impl Requests {
                         })
                     })
                     .collect();
+                if self.config.workload == Workload::RestEvents {
+                    return Value::Array(events);
+                }
                 json!({
                     "query": "mutation($events: [EventInput!]!) { trackEvents(events: $events) { accepted duplicates rejected { index field message } } }",
                     "variables": {"events": events},
@@ -190,7 +211,12 @@ impl Requests {
 
 /// Sends one request and checks its answer.
 async fn send(client: &reqwest::Client, config: &BenchConfig, body: &Value) -> Result<(), String> {
-    let mut request = client.post(format!("{}/graphql", config.url)).json(body);
+    let path = match config.workload {
+        Workload::HttpCeiling => return send_healthz(client, config).await,
+        Workload::RestEvents => "/api/v1/events",
+        _ => "/graphql",
+    };
+    let mut request = client.post(format!("{}{path}", config.url)).json(body);
     if let Some(key) = &config.key {
         request = request.bearer_auth(key);
     }
@@ -205,11 +231,35 @@ async fn send(client: &reqwest::Client, config: &BenchConfig, body: &Value) -> R
     }
     let answer: Value =
         serde_json::from_slice(&bytes).map_err(|e| format!("a body that is not JSON: {e}"))?;
+    if config.workload == Workload::RestEvents {
+        return match answer.get("rejected") {
+            Some(Value::Array(rejected)) if rejected.is_empty() => Ok(()),
+            _ => Err(format!("REST: {answer}")),
+        };
+    }
     match answer.get("errors") {
         Some(Value::Array(errors)) if !errors.is_empty() => Err(format!("GraphQL: {}", errors[0])),
         _ if answer.get("data").is_none_or(Value::is_null) => Err(format!("no data: {answer}")),
         _ => Ok(()),
     }
+}
+
+/// `GET /healthz`, which answers `ok`.
+async fn send_healthz(client: &reqwest::Client, config: &BenchConfig) -> Result<(), String> {
+    let response = client
+        .get(format!("{}/healthz", config.url))
+        .send()
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    let status = response.status();
+    let bytes = response.bytes().await.map_err(|e| format!("body: {e}"))?;
+    if !status.is_success() || &bytes[..] != b"ok" {
+        return Err(format!(
+            "HTTP {status}: {}",
+            String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+        ));
+    }
+    Ok(())
 }
 
 /// Runs the load and reports. Fails only on a configuration that cannot run.
@@ -244,7 +294,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
         achieved_rps: achieved,
         requests: tally.requests,
         errors: tally.errors,
-        events_per_s: (config.workload == Workload::Events).then(|| {
+        events_per_s: config.workload.sends_events().then(|| {
             (tally.requests - tally.errors) as f64 * config.events_per_request as f64 / elapsed
         }),
         p50_ms: ms(0.5),
@@ -275,7 +325,7 @@ fn validate(config: &BenchConfig) -> anyhow::Result<()> {
     if config.customers == 0 {
         anyhow::bail!("customers: must be at least 1");
     }
-    if config.workload == Workload::Events && config.events_per_request == 0 {
+    if config.workload.sends_events() && config.events_per_request == 0 {
         anyhow::bail!("events-per-request: must be at least 1");
     }
     Ok(())

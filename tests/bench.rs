@@ -147,6 +147,29 @@ async fn open_and_closed_loops_measure_a_real_server_and_count_errors() {
         "{events:#}"
     );
 
+    // The same events through the REST route.
+    let rest = bench(
+        &app,
+        args(&[
+            "--url",
+            &url,
+            "--workload",
+            "rest-events",
+            "--rate",
+            "20",
+            "--duration",
+            "500ms",
+            "--events-per-request",
+            "10",
+            "--customers",
+            "20",
+        ]),
+    )
+    .await;
+    assert_eq!(rest["requests"], 10, "{rest:#}");
+    assert_eq!(rest["errors"], 0, "{rest:#}");
+    assert!(rest["events_per_s"].as_f64().unwrap() > 0.0, "{rest:#}");
+
     let features = bench(
         &app,
         args(&[
@@ -167,6 +190,56 @@ async fn open_and_closed_loops_measure_a_real_server_and_count_errors() {
     .await;
     assert_eq!(features["errors"], 0, "{features:#}");
     assert_eq!(features["requests"], 25, "{features:#}");
+
+    // The two ceilings `personalize` is compared with answer on the same server, and
+    // decide nothing.
+    for workload in ["http-ceiling", "graphql-ceiling"] {
+        let ceiling = bench(
+            &app,
+            args(&[
+                "--url",
+                &url,
+                "--workload",
+                workload,
+                "--rate",
+                "0",
+                "--concurrency",
+                "2",
+                "--duration",
+                "300ms",
+            ]),
+        )
+        .await;
+        assert_eq!(ceiling["mode"], "closed", "{ceiling:#}");
+        assert_eq!(ceiling["errors"], 0, "{ceiling:#}");
+        assert!(ceiling["requests"].as_u64().unwrap() > 0, "{ceiling:#}");
+    }
+    let metrics = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tailor_decision_stage_latency_ms_count{stage=\"record\"} 100"),
+        "{metrics}"
+    );
+    // On a wrong path the bare route's check fails too.
+    let wrong = bench(
+        &app,
+        args(&[
+            "--url",
+            &format!("{url}/nope"),
+            "--workload",
+            "http-ceiling",
+            "--rate",
+            "20",
+            "--duration",
+            "500ms",
+        ]),
+    )
+    .await;
+    assert_eq!(wrong["errors"], 10, "{wrong:#}");
 
     // Without a key every request is refused, and counted.
     let refused = bench_as(
