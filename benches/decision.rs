@@ -148,6 +148,67 @@ fn decision(c: &mut Criterion) {
                 .expect("features")
         })
     });
+    // The segments stage's read: the customer's memberships (kept current by the event
+    // processor, so a decision only reads them).
+    c.bench_function("decision/segments_of_customer", |b| {
+        let world = world();
+        b.iter(|| {
+            world
+                .rt
+                .block_on(world.engine.stores.segments.segments_of(&customer(world)))
+                .expect("segments")
+        })
+    });
+    // The recording stage's writes for one decision, 16 in flight: the decision (as
+    // `personalize` made it, under a new id) into the decision log, one bandit trial per
+    // shown item, the experiment exposure.
+    let mut group = c.benchmark_group("decision");
+    group.throughput(criterion::Throughput::Elements(IN_FLIGHT as u64));
+    group.bench_function("record_16_in_flight", |b| {
+        let world = world();
+        let made = world
+            .rt
+            .block_on(world.engine.decisions.personalize(request(customer(world))))
+            .expect("decision");
+        b.iter(|| world.rt.block_on(record(world, &made)))
+    });
+    group.finish();
+}
+
+/// The stores' writes of the recording stage for `IN_FLIGHT` copies of `made`.
+async fn record(world: &World, made: &tailor::decision::Decision) {
+    let writes = (0..IN_FLIGHT).map(|_| {
+        let engine = world.engine.clone();
+        let mut decision = made.clone();
+        decision.id = uuid::Uuid::now_v7().to_string();
+        tokio::spawn(async move {
+            let placement = decision.placement.clone().unwrap_or_default();
+            let stores = &engine.stores;
+            let trials = async {
+                for shown in &decision.items {
+                    stores
+                        .bandit
+                        .add(
+                            &placement,
+                            &shown.item.id,
+                            tailor::bandit::ArmStats::trial(),
+                        )
+                        .await?;
+                }
+                Ok::<_, tailor::storage::StorageError>(())
+            };
+            let (stored, counted, exposed) = tokio::join!(
+                stores.decisions.put(&decision),
+                trials,
+                engine.experiments.record_exposures(&decision.experiments),
+            );
+            stored.and(counted).expect("decision and trials stored");
+            exposed.expect("exposures stored");
+        })
+    });
+    for write in futures::future::join_all(writes).await {
+        write.expect("task");
+    }
 }
 
 const IN_FLIGHT: usize = 16;
