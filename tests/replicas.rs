@@ -238,12 +238,17 @@ async fn two_api_replicas_and_a_worker_share_features_decisions_and_learning() {
         )
         .await;
     }
-    let listed = b.graphql("{ content(limit: 100) { id } }", json!({})).await;
-    assert_eq!(
-        listed["content"].as_array().map(Vec::len),
-        Some(3),
-        "b lists what a stored: {listed}"
-    );
+    // Within the content cache's lifetime (a second): b may have read the catalog before
+    // a wrote it (its reload task reads it every second).
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let listed = b.graphql("{ content(limit: 100) { id } }", json!({})).await;
+        if listed["content"].as_array().map(Vec::len) == Some(3) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b lists what a stored: {listed}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Events through either replica reach the worker, and both serve what it applied.
     a.track(page_views("alice", "a", 3)).await;
