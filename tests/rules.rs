@@ -482,3 +482,55 @@ async fn on_event_sets_traits_that_later_decisions_see() {
     assert_eq!(d["selectedItem"]["id"], "c");
     assert_eq!(d["explanation"]["filtered"].as_array().unwrap().len(), 2);
 }
+
+/// The processor shows hooks the traits alone (PII stays sealed), yet a trait change it
+/// stores keeps the PII, a sensitive trait stays readable, and the segments that read
+/// the changed trait follow in the same batch.
+#[tokio::test]
+async fn on_event_trait_changes_keep_pii_and_sensitive_traits_and_move_segments() {
+    let app = TestApp::with(|s| s.encryption.sensitive_traits = vec!["birthday".into()]).await;
+    app.gql(
+        "mutation($i: CustomerInput!) { upsertCustomer(input: $i) { id } }",
+        json!({"i": {"id": "c1", "email": "ada@example.com", "name": "Ada",
+                     "traits": {"birthday": "1990-01-01", "tier": "silver"}}}),
+    )
+    .await;
+    app.gql(
+        "mutation($c: JSON!) { defineSegment(name: \"gold\", condition: $c) { joined } }",
+        json!({"c": {"trait": "tier", "op": "eq", "value": "gold"}}),
+    )
+    .await;
+    put(
+        &app,
+        r#"const NAME = "upgrade";
+           fn on_event(customer, event) {
+               if event.type != "purchase" { return; }
+               // A sensitive trait is opened for hooks.
+               if customer.traits.birthday != "1990-01-01" { return; }
+               #{ tier: "gold" }
+           }"#,
+    )
+    .await;
+    app.track(json!([
+        {"eventId": "v1", "customerId": "c1", "type": "page_view"},
+        {"eventId": "p1", "customerId": "c1", "type": "purchase"},
+    ]))
+    .await;
+    let data = app
+        .gql(
+            r#"{ customer(id: "c1") { traits segments }
+                 customerIdsByEmail(email: "ada@example.com")
+                 exportCustomer(id: "c1") }"#,
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        data["customer"]["traits"],
+        json!({"birthday": "1990-01-01", "tier": "gold"})
+    );
+    assert_eq!(data["customer"]["segments"], json!(["gold"]));
+    assert_eq!(data["customerIdsByEmail"], json!(["c1"]));
+    let export = data["exportCustomer"].to_string();
+    assert!(export.contains("ada@example.com"), "{export}");
+    assert!(export.contains("\"Ada\""), "{export}");
+}

@@ -1,17 +1,59 @@
 #!/usr/bin/env bash
-# A/B: the same demo world and the same wrk command against each binary, back to back.
-# Usage: benches/http/ab.sh BINARY... (e.g. a copy of target/release/tailor built before a
-# change, then the one after, then both again).
+# A/B: the same demo world and the same `tailor bench` runs against each binary, back to
+# back, for before/after figures of a change. The load generator is the first binary's
+# for every server, so only the server differs. Each server starts on a fresh data dir.
+# Usage: benches/http/ab.sh [-s SECONDS] BINARY... (e.g. a copy of the release binary
+# built before a change, then the one after, then both again: A B A B).
+# WORKLOADS picks the workloads (default "personalize events"): personalize runs closed
+# loop with 16 in flight after a 3 s warm-up; events and rest-events closed loop with 8
+# requests of 100 events in flight (each acknowledged once applied, as by default).
+# One JSON line per run; then the median achieved rate per binary and workload.
 set -euo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
+secs=10
+if [ "${1:-}" = "-s" ]; then
+  secs=$2
+  shift 2
+fi
+[ $# -gt 0 ] || { echo "usage: $0 [-s SECONDS] BINARY..." >&2; exit 2; }
 port=18092
+gen="$1"
+results=$(mktemp)
+pid=
+dir=
+cleanup() {
+  if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+  if [ -n "$dir" ]; then rm -rf "$dir"; fi
+  rm -f "$results"
+}
+trap cleanup EXIT
 for bin in "$@"; do
   dir=$(mktemp -d)
   RUST_LOG=warn "$bin" serve --demo --data-dir "$dir" --listen 127.0.0.1:$port >/dev/null 2>&1 &
   pid=$!
   until curl -sf 127.0.0.1:$port/readyz >/dev/null; do sleep 0.2; done
-  echo "== $bin"
-  wrk -t2 -c16 -d10s --latency -s "$here/personalize.lua" http://127.0.0.1:$port | grep -E "Requests/sec|50%|99%"
-  kill "$pid"; wait "$pid" 2>/dev/null || true
+  key=$(awk '$1 == "admin" {print $2}' "$dir/demo-keys.txt")
+  for workload in ${WORKLOADS:-personalize events}; do
+    case $workload in
+      events | rest-events) args=(--concurrency 8 --events-per-request 100) ;;
+      *) args=(--concurrency 16) ;;
+    esac
+    bench() {
+      TAILOR_API_KEY=$key "$gen" bench --url http://127.0.0.1:$port --dist uniform \
+        --workload "$workload" --rate 0 "${args[@]}" "$@"
+    }
+    if [ "$workload" = personalize ]; then bench --duration 3s >/dev/null; fi
+    bench --duration "${secs}s" |
+      jq -c --arg bin "$bin" '{bin: $bin, workload, achieved_rps, events_per_s, p50_ms, p99_ms, errors}' |
+      tee -a "$results"
+  done
+  kill "$pid"
+  wait "$pid" 2>/dev/null || true
+  pid=
   rm -rf "$dir"
+  dir=
 done
+echo "== median achieved rate (requests/s; events/s for the events workloads)"
+jq -rs 'group_by([.bin, .workload])[] |
+  (map(.events_per_s // .achieved_rps) | sort) as $r | ($r | length) as $n |
+  (if $n % 2 == 1 then $r[($n - 1) / 2] else ($r[$n / 2 - 1] + $r[$n / 2]) / 2 end) as $m |
+  "\(.[0].workload)\t\(.[0].bin)\t\($m | round)\t(\($n) runs)"' "$results"

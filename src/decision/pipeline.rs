@@ -67,6 +67,7 @@ const FREQUENCY_CAP: &str = "frequency_cap(item)";
 
 /// What the pipeline knows about the customer when it decides.
 struct DecisionContext {
+    /// Without its PII ([`Profiles::get_without_pii`]).
     profile: Option<Customer>,
     features: BTreeMap<String, f64>,
     segments: Vec<String>,
@@ -343,7 +344,8 @@ impl DecisionEngine {
                 .await
         };
         let (profile, features, segments, impressions) = tokio::join!(
-            self.profiles.get(customer),
+            // Decisions read traits and consent, never PII: it stays sealed.
+            self.profiles.get_without_pii(customer),
             self.features.read(customer, None, "features", now),
             self.stores.segments.segments_of(customer),
             impressions,

@@ -5,7 +5,7 @@
 //! the committed offset, and feature states skip events they already folded, so nothing
 //! is counted twice or lost.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -107,25 +107,26 @@ impl Processor {
         };
         let now = Utc::now();
         let started = std::time::Instant::now();
-        let batch = self.admitted(batch).await?;
-        let customers: BTreeSet<&CustomerId> = batch.iter().map(|e| &e.event.customer_id).collect();
-        self.ensure_profiles(&customers, now).await?;
+        let (batch, missing) = self.admitted(batch).await?;
+        self.create_profiles(missing, now).await?;
         self.features.apply(&batch, now).await?;
         let rules = self.rules.current();
-        let changed = if rules.handles_events() {
+        let (read, changed) = if rules.handles_events() {
             self.run_event_rules(&rules, &batch).await?
         } else {
-            Vec::new()
+            Default::default()
         };
         let types: BTreeSet<&str> = batch.iter().map(|e| e.event.event_type.as_str()).collect();
-        let customers: Vec<CustomerId> = customers.into_iter().cloned().collect();
+        let customers: Vec<CustomerId> = batch
+            .iter()
+            .map(|e| &e.event.customer_id)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .cloned()
+            .collect();
         self.segments
-            .evaluate_customers(&customers, Some(&types))
+            .evaluate_batch(&customers, &types, &changed, &read)
             .await?;
-        if !changed.is_empty() {
-            // Their traits changed: every trait condition may have a new answer.
-            self.segments.evaluate_customers(&changed, None).await?;
-        }
         self.stores.events.commit_offset(PROCESSOR, last).await?;
         tracing::debug!(events = batch.len(), elapsed = ?started.elapsed(), "Applied events");
         self.applied.send_replace(last);
@@ -136,25 +137,30 @@ impl Processor {
     /// ingestion's check just before its customer's erasure completed, or arrived from a
     /// stream, cannot bring the customer back) and without those of customers who have no
     /// analytics consent now (ingestion drops them, but consent may have been withdrawn
-    /// since, or the event came from a stream). One look-up of each per customer in the
-    /// batch.
-    async fn admitted(&self, batch: Vec<StoredEvent>) -> Result<Vec<StoredEvent>> {
+    /// since, or the event came from a stream); and the admitted customers who have no
+    /// profile yet. One look-up of each per customer in the batch.
+    async fn admitted(
+        &self,
+        batch: Vec<StoredEvent>,
+    ) -> Result<(Vec<StoredEvent>, Vec<CustomerId>)> {
         let customers: BTreeSet<&CustomerId> = batch.iter().map(|e| &e.event.customer_id).collect();
         let mut erased = BTreeSet::new();
         let mut unconsented = BTreeSet::new();
+        let mut missing = Vec::new();
         for id in customers {
             if self.profiles.erased_at(id).await?.is_some() {
                 erased.insert(id.clone());
-            } else if !self
-                .consent
-                .resolve(self.profiles.consent(id).await?.as_ref())
-                .analytics
-            {
+                continue;
+            }
+            let consent = self.profiles.consent(id).await?;
+            if !self.consent.resolve(consent.as_ref()).analytics {
                 unconsented.insert(id.clone());
+            } else if consent.is_none() {
+                missing.push(id.clone());
             }
         }
         if erased.is_empty() && unconsented.is_empty() {
-            return Ok(batch);
+            return Ok((batch, missing));
         }
         let (mut without_erasure, mut without_consent) = (0, 0);
         let kept: Vec<StoredEvent> = batch
@@ -182,29 +188,27 @@ impl Processor {
                 .events_without_consent
                 .add(without_consent, &[KeyValue::new("stage", "apply")]);
         }
-        Ok(kept)
+        Ok((kept, missing))
     }
 
     /// Events for a customer never seen before create an empty profile, so every
     /// customer with events is listed and can be segmented.
-    async fn ensure_profiles(
+    async fn create_profiles(
         &self,
-        customers: &BTreeSet<&CustomerId>,
+        missing: Vec<CustomerId>,
         now: chrono::DateTime<Utc>,
     ) -> Result<()> {
-        let mut missing = Vec::new();
-        for id in customers {
-            if !self.profiles.exists(id).await? {
-                missing.push(Customer {
-                    id: (*id).clone(),
-                    traits: Default::default(),
-                    pii: Pii::default(),
-                    consent: Consent::default(),
-                    created_at: now,
-                    updated_at: now,
-                });
-            }
-        }
+        let missing: Vec<Customer> = missing
+            .into_iter()
+            .map(|id| Customer {
+                id,
+                traits: Default::default(),
+                pii: Pii::default(),
+                consent: Consent::default(),
+                created_at: now,
+                updated_at: now,
+            })
+            .collect();
         // Concurrent puts share the store's group commits.
         futures::future::try_join_all(missing.iter().map(|c| self.profiles.put(c))).await?;
         Ok(())
@@ -213,76 +217,100 @@ impl Processor {
     /// Runs the rules' `on_event` hooks over the batch, customer by customer in sequence
     /// order, and stores the trait changes they return. Runs again for events replayed
     /// after a crash, before the offset was committed: hooks are written to be idempotent.
-    /// Returns the customers whose traits changed.
+    /// Returns the profiles it read (without PII, as stored once the hooks ran: segment
+    /// evaluation reads them rather than the store) and the customers whose traits changed.
     async fn run_event_rules(
         &self,
         rules: &RuleSet,
         batch: &[StoredEvent],
-    ) -> Result<Vec<CustomerId>> {
-        let mut changed_customers = Vec::new();
-        let mut by_customer: Vec<(&CustomerId, Vec<&StoredEvent>)> = Vec::new();
+    ) -> Result<(HashMap<CustomerId, Customer>, BTreeSet<CustomerId>)> {
+        let mut by_customer: HashMap<&CustomerId, Vec<&StoredEvent>> = HashMap::new();
         for event in batch {
-            let id = &event.event.customer_id;
-            match by_customer.iter_mut().find(|(c, _)| *c == id) {
-                Some((_, events)) => events.push(event),
-                None => by_customer.push((id, vec![event])),
-            }
+            by_customer
+                .entry(&event.event.customer_id)
+                .or_default()
+                .push(event);
         }
+        let mut read = HashMap::with_capacity(by_customer.len());
+        let mut changed_customers = BTreeSet::new();
         for (id, events) in by_customer {
             let _guard = self.locks.lock(id).await;
-            let Some(mut profile) = self.profiles.get(id).await? else {
+            // Hooks see traits, never PII: the PII stays sealed unless traits change.
+            let Some(mut profile) = self.profiles.get_without_pii(id).await? else {
                 continue;
             };
             let segments = self.stores.segments.segments_of(id).await?;
             let purposes = self.consent.resolve(Some(&profile.consent));
             let mut changed = false;
+            // Rebuilt only when a hook changed the traits it shows.
+            let mut customer: Option<CustomerView> = None;
             for stored in events {
                 let event = &stored.event;
-                let customer = CustomerView(Arc::new(CustomerData {
-                    id: id.as_str().to_owned(),
-                    known: true,
-                    traits: profile
-                        .traits
-                        .iter()
-                        .map(|(k, v)| (k.as_str().into(), host::to_dynamic(v)))
-                        .collect(),
-                    segments: segments.clone(),
-                    personalization: purposes.personalization,
-                    marketing: purposes.marketing,
-                    analytics: purposes.analytics,
-                    now: event.timestamp,
-                    ..Default::default()
-                }));
+                let customer = customer.get_or_insert_with(|| {
+                    CustomerView(Arc::new(CustomerData {
+                        id: id.as_str().to_owned(),
+                        known: true,
+                        traits: profile
+                            .traits
+                            .iter()
+                            .map(|(k, v)| (k.as_str().into(), host::to_dynamic(v)))
+                            .collect(),
+                        segments: segments.clone(),
+                        personalization: purposes.personalization,
+                        marketing: purposes.marketing,
+                        analytics: purposes.analytics,
+                        now: event.timestamp,
+                        ..Default::default()
+                    }))
+                });
+                if customer.0.now != event.timestamp {
+                    Arc::make_mut(&mut customer.0).now = event.timestamp;
+                }
                 let view = event_map(
                     &event.event_id,
                     &event.event_type,
                     event.timestamp,
                     &serde_json::Value::Object(event.properties.clone()),
                 );
-                let (changes, failures) = rules.on_event(&customer, &view);
+                let (changes, failures) = rules.on_event(customer, &view);
                 for failure in failures {
                     tracing::warn!(rule = %failure.rule, error = %failure.error, event = %event.event_id, "on_event skipped");
                     self.metrics.rule_error(&failure.rule);
                 }
+                let mut shown_changed = false;
                 for (key, value) in changes {
                     if profile.traits.get(&key) == Some(&value) {
                         continue;
                     }
-                    changed = true;
+                    shown_changed = true;
                     if value.is_null() {
                         profile.traits.remove(&key);
                     } else {
                         profile.traits.insert(key, value);
                     }
                 }
+                if shown_changed {
+                    changed = true;
+                    Arc::make_mut(&mut customer.0).traits = profile
+                        .traits
+                        .iter()
+                        .map(|(k, v)| (k.as_str().into(), host::to_dynamic(v)))
+                        .collect();
+                }
             }
             if changed {
-                profile.updated_at = Utc::now();
-                self.profiles.put(&profile).await?;
-                changed_customers.push(id.clone());
+                // The whole profile, PII too, read again under the same lock.
+                if let Some(mut full) = self.profiles.get(id).await? {
+                    full.traits = profile.traits.clone();
+                    full.updated_at = Utc::now();
+                    profile.updated_at = full.updated_at;
+                    self.profiles.put(&full).await?;
+                    changed_customers.insert(id.clone());
+                }
             }
+            read.insert(id.clone(), profile);
         }
-        Ok(changed_customers)
+        Ok((read, changed_customers))
     }
 
     pub fn wake(&self) {

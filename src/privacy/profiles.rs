@@ -101,9 +101,20 @@ impl Profiles {
         }
     }
 
-    /// Whether a profile exists (nothing is decrypted).
-    pub async fn exists(&self, id: &CustomerId) -> StorageResult<bool> {
-        Ok(self.store.get(id).await?.is_some())
+    /// The profile without its PII (`pii` left empty, its sealed fields not opened):
+    /// what decisions, rules and segments read, none of which use PII. Only sensitive
+    /// traits are opened, so a customer without any needs no data key unwrapped.
+    /// Never `put` what this returns: that would drop the PII. `None`: no such customer.
+    pub async fn get_without_pii(&self, id: &CustomerId) -> StorageResult<Option<Customer>> {
+        match self.store.get(id).await? {
+            Some(mut stored) => {
+                stored
+                    .sealed
+                    .retain(|field, _| field.starts_with(TRAIT_FIELD));
+                self.open_profile(stored).await.map(Some)
+            }
+            None => Ok(None),
+        }
     }
 
     /// The customer's consent as stored (nothing is decrypted); `None`: no profile.

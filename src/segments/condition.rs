@@ -338,6 +338,12 @@ impl Condition {
         self.any_node(&|c| matches!(c, Condition::Rhai(p) if p.reads().dynamic))
     }
 
+    /// True when evaluating may read the customer's traits: a trait node, or any Rhai
+    /// predicate (which sees the whole customer).
+    pub fn reads_traits(&self) -> bool {
+        self.any_node(&|c| matches!(c, Condition::Trait { .. } | Condition::Rhai(_)))
+    }
+
     /// True when the outcome can change with time alone: any feature or event-count node,
     /// and any Rhai predicate that reads a feature, an event count or the clock.
     pub fn depends_on_time(&self) -> bool {

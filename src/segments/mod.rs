@@ -275,7 +275,7 @@ impl SegmentService {
 
     /// Recomputes the whole membership of one segment and applies the difference.
     pub async fn rebuild(&self, def: &SegmentDef) -> Result<(u64, u64)> {
-        let defs = [Arc::new(def.clone())];
+        let plan = FactsPlan::new(&[Arc::new(def.clone())]);
         let now = Utc::now();
         let mut wanted = BTreeSet::new();
         let mut failures = Failures::default();
@@ -285,7 +285,7 @@ impl SegmentService {
             let Some(last) = page.last() else { break };
             after = Some(last.id.clone());
             for customer in &page {
-                let facts = self.facts(&customer.id, Some(customer), &defs, now).await?;
+                let facts = self.facts(&customer.id, Some(customer), &plan, now).await?;
                 if failures.evaluate(def, &facts) {
                     wanted.insert(customer.id.clone());
                 }
@@ -335,33 +335,73 @@ impl SegmentService {
         customers: &[CustomerId],
         event_types: Option<&BTreeSet<&str>>,
     ) -> Result<Vec<MembershipChange>> {
-        let catalog = self.list();
-        let defs: Vec<Arc<SegmentDef>> = catalog
+        let defs = self.affected_by(event_types);
+        let plan = FactsPlan::new(&defs);
+        let now = Utc::now();
+        let mut wanted = Vec::new();
+        let mut failures = Failures::default();
+        if !defs.is_empty() {
+            for customer in customers {
+                let facts = self.facts(customer, None, &plan, now).await?;
+                wanted.extend(membership(customer, &defs, &facts, &mut failures));
+            }
+        }
+        failures.report(&self.metrics);
+        self.apply(&wanted).await
+    }
+
+    /// What a batch of events changes: for each of `customers` (those with events in the
+    /// batch), the segments that `event_types` can affect, and every segment for the
+    /// customers in `changed` (their traits changed: any trait condition may have a new
+    /// answer). `profiles` are profiles already read for the batch (PII not needed);
+    /// other customers' are read from the store when a condition reads traits. Applies
+    /// and publishes the changes.
+    pub async fn evaluate_batch(
+        &self,
+        customers: &[CustomerId],
+        event_types: &BTreeSet<&str>,
+        changed: &BTreeSet<CustomerId>,
+        profiles: &HashMap<CustomerId, Customer>,
+    ) -> Result<Vec<MembershipChange>> {
+        let by_event = self.affected_by(Some(event_types));
+        let by_event_plan = FactsPlan::new(&by_event);
+        let all = if changed.is_empty() {
+            Vec::new()
+        } else {
+            self.affected_by(None)
+        };
+        let all_plan = FactsPlan::new(&all);
+        let now = Utc::now();
+        let mut wanted = Vec::new();
+        let mut failures = Failures::default();
+        for customer in customers {
+            let (defs, plan) = if changed.contains(customer) {
+                (&all, &all_plan)
+            } else {
+                (&by_event, &by_event_plan)
+            };
+            if defs.is_empty() {
+                continue;
+            }
+            let facts = self
+                .facts(customer, profiles.get(customer), plan, now)
+                .await?;
+            wanted.extend(membership(customer, defs, &facts, &mut failures));
+        }
+        failures.report(&self.metrics);
+        self.apply(&wanted).await
+    }
+
+    /// The definitions that an event of one of `event_types` can affect; all when `None`.
+    fn affected_by(&self, event_types: Option<&BTreeSet<&str>>) -> Vec<Arc<SegmentDef>> {
+        self.list()
             .iter()
             .filter(|d| {
                 event_types
                     .is_none_or(|types| types.iter().any(|t| d.condition.depends_on_event(t)))
             })
             .cloned()
-            .collect();
-        if defs.is_empty() {
-            return Ok(Vec::new());
-        }
-        let now = Utc::now();
-        let mut wanted = Vec::new();
-        let mut failures = Failures::default();
-        for customer in customers {
-            let facts = self.facts(customer, None, &defs, now).await?;
-            for d in &defs {
-                wanted.push(MembershipChange {
-                    segment: d.name.clone(),
-                    customer: customer.clone(),
-                    joined: failures.evaluate(d, &facts),
-                });
-            }
-        }
-        failures.report(&self.metrics);
-        self.apply(&wanted).await
+            .collect()
     }
 
     /// Rebuilds every segment whose condition slides with time.
@@ -391,42 +431,105 @@ impl SegmentService {
         }
     }
 
+    /// What `plan` says the conditions read of one customer. `profile`: the customer's
+    /// profile when the caller has it; otherwise it is read when a condition reads traits.
     async fn facts(
         &self,
         id: &CustomerId,
         profile: Option<&Customer>,
-        defs: &[Arc<SegmentDef>],
+        plan: &FactsPlan,
         now: DateTime<Utc>,
     ) -> Result<CustomerFacts> {
         let traits = match profile {
             Some(c) => c.traits.clone(),
-            None => self
+            None if plan.traits => self
                 .profiles
-                .get(id)
+                .get_without_pii(id)
                 .await?
                 .map(|c| c.traits)
                 .unwrap_or_default(),
+            None => Map::new(),
         };
-        // A condition that names features or events only at run time may read any.
-        let dynamic = defs.iter().any(|d| d.condition.is_dynamic());
-        let names: Vec<String> = defs
-            .iter()
-            .flat_map(|d| d.condition.features())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let features = if names.is_empty() && !dynamic {
-            HashMap::new()
-        } else {
-            let names = (!dynamic).then_some(names.as_slice());
-            self.features
-                .read(id, names, "features", now)
+        let features = match &plan.features {
+            Some(names) if names.is_empty() => HashMap::new(),
+            names => self
+                .features
+                .read(id, names.as_deref(), "features", now)
                 .await?
                 .values
                 .into_iter()
                 .map(|v| (v.name, v.value))
-                .collect()
+                .collect(),
         };
+        let events = match plan.longest {
+            Some(longest) => {
+                self.stores
+                    .events
+                    .customer_events(id, now - longest.duration())
+                    .await?
+            }
+            None => Vec::new(),
+        };
+        let counts = plan
+            .windows
+            .iter()
+            .map(|(ty, w)| {
+                let n = count_events(&events, ty, *w, now);
+                ((ty.clone(), *w), n)
+            })
+            .collect();
+        Ok(CustomerFacts(Arc::new(LoadedFacts {
+            traits,
+            features,
+            counts,
+            // Only a dynamic condition counts past the named pairs.
+            events: if plan.dynamic { events } else { Vec::new() },
+            now,
+        })))
+    }
+}
+
+/// The memberships of one customer in `defs` as `facts` decide them.
+fn membership(
+    customer: &CustomerId,
+    defs: &[Arc<SegmentDef>],
+    facts: &CustomerFacts,
+    failures: &mut Failures,
+) -> Vec<MembershipChange> {
+    defs.iter()
+        .map(|d| MembershipChange {
+            segment: d.name.clone(),
+            customer: customer.clone(),
+            joined: failures.evaluate(d, facts),
+        })
+        .collect()
+}
+
+/// What evaluating a set of definitions reads of each customer, worked out once for a
+/// batch of customers rather than once per customer.
+struct FactsPlan {
+    /// A condition reads traits (a trait node, or a Rhai predicate, which may).
+    traits: bool,
+    /// The features read; `None`: any may be (a condition names one only at run time).
+    features: Option<Vec<String>>,
+    /// The (event type, window) pairs counted.
+    windows: BTreeSet<(String, Window)>,
+    /// The customer's events are read back this far.
+    longest: Option<Window>,
+    /// A condition names features or events only at run time.
+    dynamic: bool,
+}
+
+impl FactsPlan {
+    fn new(defs: &[Arc<SegmentDef>]) -> FactsPlan {
+        let dynamic = defs.iter().any(|d| d.condition.is_dynamic());
+        let features = (!dynamic).then(|| {
+            defs.iter()
+                .flat_map(|d| d.condition.features())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect()
+        });
         let windows: BTreeSet<(String, Window)> = defs
             .iter()
             .flat_map(|d| d.condition.event_windows())
@@ -436,29 +539,12 @@ impl SegmentService {
         } else {
             windows.iter().map(|(_, w)| *w).max()
         };
-        let events = match longest {
-            Some(longest) => {
-                self.stores
-                    .events
-                    .customer_events(id, now - longest.duration())
-                    .await?
-            }
-            None => Vec::new(),
-        };
-        let counts = windows
-            .into_iter()
-            .map(|(ty, w)| {
-                let n = count_events(&events, &ty, w, now);
-                ((ty, w), n)
-            })
-            .collect();
-        Ok(CustomerFacts(Arc::new(LoadedFacts {
-            traits,
+        FactsPlan {
+            traits: defs.iter().any(|d| d.condition.reads_traits()),
             features,
-            counts,
-            // Only a dynamic condition counts past the named pairs.
-            events: if dynamic { events } else { Vec::new() },
-            now,
-        })))
+            windows,
+            longest,
+            dynamic,
+        }
     }
 }

@@ -86,15 +86,20 @@ impl FeatureStore for EmbeddedFeatures {
                 let mut table = txn.open_table(FEATURES).map_err(db_err)?;
                 let mut by_key = txn.open_table(FEATURE_KEYS).map_err(db_err)?;
                 for (customer, key, value) in &encoded {
-                    table
+                    let replaced = table
                         .insert(
                             (customer.as_str(), key.name.as_str(), key.version),
                             value.as_slice(),
                         )
-                        .map_err(db_err)?;
-                    by_key
-                        .insert((key.name.as_str(), key.version, customer.as_str()), ())
-                        .map_err(db_err)?;
+                        .map_err(db_err)?
+                        .is_some();
+                    // A state that existed has its index row: writing the row again
+                    // would only copy its page (the tables are copy-on-write).
+                    if !replaced {
+                        by_key
+                            .insert((key.name.as_str(), key.version, customer.as_str()), ())
+                            .map_err(db_err)?;
+                    }
                 }
                 Ok(())
             })
