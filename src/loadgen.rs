@@ -220,15 +220,7 @@ async fn send(client: &reqwest::Client, config: &BenchConfig, body: &Value) -> R
     if let Some(key) = &config.key {
         request = request.bearer_auth(key);
     }
-    let response = request.send().await.map_err(|e| format!("request: {e}"))?;
-    let status = response.status();
-    let bytes = response.bytes().await.map_err(|e| format!("body: {e}"))?;
-    if !status.is_success() {
-        return Err(format!(
-            "HTTP {status}: {}",
-            String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
-        ));
-    }
+    let bytes = successful_body(request).await?;
     let answer: Value =
         serde_json::from_slice(&bytes).map_err(|e| format!("a body that is not JSON: {e}"))?;
     if config.workload == Workload::RestEvents {
@@ -246,20 +238,28 @@ async fn send(client: &reqwest::Client, config: &BenchConfig, body: &Value) -> R
 
 /// `GET /healthz`, which answers `ok`.
 async fn send_healthz(client: &reqwest::Client, config: &BenchConfig) -> Result<(), String> {
-    let response = client
-        .get(format!("{}/healthz", config.url))
-        .send()
-        .await
-        .map_err(|e| format!("request: {e}"))?;
-    let status = response.status();
-    let bytes = response.bytes().await.map_err(|e| format!("body: {e}"))?;
-    if !status.is_success() || &bytes[..] != b"ok" {
-        return Err(format!(
-            "HTTP {status}: {}",
-            String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
-        ));
+    let bytes = successful_body(client.get(format!("{}/healthz", config.url))).await?;
+    if &bytes[..] != b"ok" {
+        return Err(format!("not ok: {}", excerpt(&bytes)));
     }
     Ok(())
+}
+
+/// Sends the request and returns the body of a successful response; otherwise the
+/// status and the start of the body, as the error.
+async fn successful_body(request: reqwest::RequestBuilder) -> Result<bytes::Bytes, String> {
+    let response = request.send().await.map_err(|e| format!("request: {e}"))?;
+    let status = response.status();
+    let bytes = response.bytes().await.map_err(|e| format!("body: {e}"))?;
+    if !status.is_success() {
+        return Err(format!("HTTP {status}: {}", excerpt(&bytes)));
+    }
+    Ok(bytes)
+}
+
+/// The first 200 bytes of a body, as text.
+fn excerpt(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
 }
 
 /// Runs the load and reports. Fails only on a configuration that cannot run.

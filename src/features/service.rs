@@ -199,10 +199,10 @@ pub struct FeatureService {
     /// Reads and compute errors per feature version since the last runtime health check.
     /// A std lock: held for a few map updates, never across an await.
     served: parking_lot::Mutex<HashMap<FeatureKey, (u64, u64)>>,
-    /// Built-ins not yet defined because the definition store was unreachable at start;
-    /// [`FeatureService::refresh`] defines them once it answers. A std lock: never held
-    /// across an await.
-    pending_builtins: parking_lot::Mutex<Vec<&'static str>>,
+    /// How many of the built-ins, in their order, are defined (or found defined); the
+    /// rest were not because the definition store was unreachable at start, and
+    /// [`FeatureService::refresh`] defines them once it answers.
+    builtins_defined: std::sync::atomic::AtomicUsize,
 }
 
 /// Reads a version must have served before its runtime error rate is judged.
@@ -244,9 +244,8 @@ impl FeatureService {
             metrics,
             apply_lock: tokio::sync::Mutex::new(()),
             served: parking_lot::Mutex::new(HashMap::new()),
-            pending_builtins: parking_lot::Mutex::new(Vec::new()),
+            builtins_defined: std::sync::atomic::AtomicUsize::new(0),
         });
-        *service.pending_builtins.lock() = builtin().into_iter().map(|(name, _)| name).collect();
         service.define_pending_builtins(true).await?;
         service.reload().await?;
         Ok(service)
@@ -264,22 +263,19 @@ impl FeatureService {
     /// earlier ones). When the store cannot be reached, that one and the rest stay
     /// pending (said in a warning when `warn`); any other failure is an error.
     async fn define_pending_builtins(&self, warn: bool) -> Result<()> {
-        let pending: Vec<&'static str> = self.pending_builtins.lock().clone();
-        if pending.is_empty() {
+        use std::sync::atomic::Ordering;
+        let builtins = builtin();
+        let defined = self.builtins_defined.load(Ordering::Acquire);
+        if defined == builtins.len() {
             return Ok(());
         }
-        let bodies = builtin();
-        for (i, name) in pending.iter().enumerate() {
-            let Some((_, body)) = bodies.iter().find(|(n, _)| n == name) else {
-                continue;
-            };
-            match self.define_builtin(name, body.clone()).await {
-                Ok(()) => {}
+        for (i, (name, body)) in builtins.into_iter().enumerate().skip(defined) {
+            match self.define_builtin(name, body).await {
+                Ok(()) => self.builtins_defined.store(i + 1, Ordering::Release),
                 Err(Error::Storage(StorageError::Unavailable(e))) => {
                     if warn {
                         tracing::warn!(error = %e, "Cannot define the built-in features now (the definition store is unreachable); retrying every second");
                     }
-                    *self.pending_builtins.lock() = pending[i..].to_vec();
                     return Ok(());
                 }
                 Err(e) => return Err(e),
@@ -288,7 +284,6 @@ impl FeatureService {
         if !warn {
             tracing::info!("Built-in features defined now that the definition store answers");
         }
-        self.pending_builtins.lock().clear();
         Ok(())
     }
 
