@@ -369,7 +369,7 @@ impl Engine {
         // Under the processor's lock, so an evaluation from an older view of the
         // customer can never be applied after this one.
         let _applying = self.features.apply_lock().lock().await;
-        self.segments.evaluate_customers(&[id], None).await?;
+        self.segments.evaluate_customer(&customer).await?;
         Ok(customer)
     }
 

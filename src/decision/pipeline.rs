@@ -29,9 +29,7 @@ use crate::model::schema::ScoreContext;
 use crate::model::serving::{ScoreRequest, Scores};
 use crate::model::ModelService;
 use crate::privacy::Profiles;
-use crate::rules::host::{
-    count_impressions, to_dynamic, CtxData, CtxView, CustomerData, CustomerView,
-};
+use crate::rules::host::{count_impressions, map_of, CtxData, CtxView, CustomerData, CustomerView};
 use crate::rules::runtime::{Effect, RuleEffects};
 use crate::rules::{RuleService, RuleSet};
 use crate::storage::{EventStream, Stores};
@@ -551,12 +549,7 @@ impl DecisionEngine {
                 .profile
                 .as_ref()
                 .filter(|_| ctx.purposes.personalization)
-                .map(|p| {
-                    p.traits
-                        .iter()
-                        .map(|(k, v)| (k.as_str().into(), to_dynamic(v)))
-                        .collect()
-                })
+                .map(|p| map_of(&p.traits))
                 .unwrap_or_default(),
             features: ctx.features.clone(),
             segments: ctx.segments.clone(),

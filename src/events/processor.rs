@@ -250,11 +250,7 @@ impl Processor {
                     CustomerView(Arc::new(CustomerData {
                         id: id.as_str().to_owned(),
                         known: true,
-                        traits: profile
-                            .traits
-                            .iter()
-                            .map(|(k, v)| (k.as_str().into(), host::to_dynamic(v)))
-                            .collect(),
+                        traits: host::map_of(&profile.traits),
                         segments: segments.clone(),
                         personalization: purposes.personalization,
                         marketing: purposes.marketing,
@@ -291,11 +287,7 @@ impl Processor {
                 }
                 if shown_changed {
                     changed = true;
-                    Arc::make_mut(&mut customer.0).traits = profile
-                        .traits
-                        .iter()
-                        .map(|(k, v)| (k.as_str().into(), host::to_dynamic(v)))
-                        .collect();
+                    Arc::make_mut(&mut customer.0).traits = host::map_of(&profile.traits);
                 }
             }
             if changed {

@@ -30,7 +30,8 @@ pub fn to_dynamic(value: &Value) -> Dynamic {
     }
 }
 
-fn map_of(map: &serde_json::Map<String, Value>) -> Map {
+/// A JSON object as a Rhai map (as `customer.traits`, say).
+pub fn map_of(map: &serde_json::Map<String, Value>) -> Map {
     map.iter()
         .map(|(k, v)| (k.as_str().into(), to_dynamic(v)))
         .collect()

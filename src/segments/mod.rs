@@ -328,26 +328,17 @@ impl SegmentService {
         Ok((joined, left))
     }
 
-    /// Re-evaluates the segments that `event_types` can affect (all when `None`) for
-    /// each customer, and applies and publishes the changes.
-    pub async fn evaluate_customers(
-        &self,
-        customers: &[CustomerId],
-        event_types: Option<&BTreeSet<&str>>,
-    ) -> Result<Vec<MembershipChange>> {
-        let defs = self.affected_by(event_types);
-        let plan = FactsPlan::new(&defs);
-        let now = Utc::now();
-        let mut wanted = Vec::new();
-        let mut failures = Failures::default();
-        if !defs.is_empty() {
-            for customer in customers {
-                let facts = self.facts(customer, None, &plan, now).await?;
-                wanted.extend(membership(customer, &defs, &facts, &mut failures));
-            }
-        }
-        failures.report(&self.metrics);
-        self.apply(&wanted).await
+    /// Re-evaluates every segment for one customer whose profile changed (`customer` as
+    /// now stored), and applies and publishes the changes.
+    pub async fn evaluate_customer(&self, customer: &Customer) -> Result<Vec<MembershipChange>> {
+        let id = &customer.id;
+        self.evaluate_batch(
+            std::slice::from_ref(id),
+            &BTreeSet::new(),
+            &BTreeSet::from([id.clone()]),
+            &HashMap::from([(id.clone(), customer.clone())]),
+        )
+        .await
     }
 
     /// What a batch of events changes: for each of `customers` (those with events in the
