@@ -85,6 +85,76 @@ async fn events_change_features_and_segments_at_once() {
     assert_eq!(data["segment"]["size"], 0);
 }
 
+/// A segment's features come from several event types, applied in different batches: a
+/// condition on two features, met only once both batches are in, and a derived feature
+/// whose inputs come from both.
+#[tokio::test]
+async fn segments_combine_features_folded_now_with_those_stored_before() {
+    let app = TestApp::new().await;
+    let define = |name: &'static str, condition: serde_json::Value| {
+        let app = &app;
+        async move {
+            app.gql(
+                "mutation($n: String!, $c: JSON!) { defineSegment(name: $n, condition: $c) { segment { size } } }",
+                json!({"n": name, "c": condition}),
+            )
+            .await
+        }
+    };
+    define(
+        "readers",
+        json!({"all": [
+            {"feature": "page_views_30d", "op": "gte", "value": 2},
+            {"feature": "email_opens_30d", "op": "gte", "value": 1}
+        ]}),
+    )
+    .await;
+    // 0.3 × 2/10 + 0.2 × 1/5 = 0.1: both inputs are needed to reach it.
+    define(
+        "engaged",
+        json!({"feature": "engagement_score", "op": "gte", "value": 0.099}),
+    )
+    .await;
+    let segments = |id: &'static str| {
+        let app = &app;
+        async move {
+            app.gql(
+                "query($id: ID!) { customer(id: $id) { segments } }",
+                json!({"id": id}),
+            )
+            .await["customer"]["segments"]
+                .clone()
+        }
+    };
+
+    app.track(json!([{"eventId": "o1", "customerId": "c1", "type": "email_open"}]))
+        .await;
+    assert_eq!(segments("c1").await, json!([]));
+    app.track(json!([
+        {"eventId": "v1", "customerId": "c1", "type": "page_view"},
+        {"eventId": "v2", "customerId": "c1", "type": "page_view"},
+    ]))
+    .await;
+    assert_eq!(app.feature("c1", "email_opens_30d").await, 1.0);
+    assert_eq!(segments("c1").await, json!(["engaged", "readers"]));
+
+    // The other order, in one customer's two batches with another customer beside it.
+    app.track(json!([
+        {"eventId": "v3", "customerId": "c2", "type": "page_view"},
+        {"eventId": "v4", "customerId": "c2", "type": "page_view"},
+        {"eventId": "v5", "customerId": "c3", "type": "page_view"},
+    ]))
+    .await;
+    assert_eq!(segments("c2").await, json!([]));
+    app.track(json!([
+        {"eventId": "o2", "customerId": "c2", "type": "email_open"},
+        {"eventId": "o3", "customerId": "c3", "type": "email_open"},
+    ]))
+    .await;
+    assert_eq!(segments("c2").await, json!(["engaged", "readers"]));
+    assert_eq!(segments("c3").await, json!([]));
+}
+
 #[tokio::test]
 async fn rejected_events_are_reported_by_index_and_field() {
     let app = TestApp::new().await;

@@ -188,6 +188,69 @@ async fn limits_are_settings() {
     assert_eq!(answer.json().as_array().map(Vec::len), Some(2));
 }
 
+/// Parsed documents are kept by query text: a repeated text is executed with each
+/// request's own variables (and `@skip` on its own copy), and a refused one is refused
+/// every time.
+#[tokio::test]
+async fn repeated_query_texts_are_parsed_once_and_checked_every_time() {
+    let app = TestApp::with(|s| {
+        s.limits.max_aliases = 2;
+        s.limits.max_directives = 1;
+    })
+    .await;
+    for (id, plan) in [("c1", "pro"), ("c2", "free")] {
+        app.gql(
+            "mutation($i: CustomerInput!) { upsertCustomer(input: $i) { id } }",
+            json!({"i": {"id": id, "traits": {"plan": plan}}}),
+        )
+        .await;
+    }
+    let q = "query($id: ID!, $skip: Boolean!) { customer(id: $id) { id traits @skip(if: $skip) } }";
+    for (id, skip, plan) in [
+        ("c1", false, Some("pro")),
+        ("c2", true, None),
+        ("c1", true, None),
+        ("c2", false, Some("free")),
+    ] {
+        let data = app.gql(q, json!({"id": id, "skip": skip})).await;
+        assert_eq!(data["customer"]["id"], id);
+        match plan {
+            Some(plan) => assert_eq!(data["customer"]["traits"]["plan"], plan),
+            None => assert!(data["customer"].get("traits").is_none(), "{data}"),
+        }
+    }
+    // A required variable that is missing is an error, every time.
+    for _ in 0..2 {
+        let resp = app.exec(q, json!({"skip": false})).await;
+        assert!(
+            resp["errors"][0]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("id")),
+            "{resp}"
+        );
+    }
+    for _ in 0..2 {
+        let answer = call(&app, query("{ a: __typename b: __typename c: __typename }")).await;
+        assert_eq!(
+            answer.first_error(),
+            (
+                "BAD_REQUEST".into(),
+                "query has 3 aliases; at most 2 are allowed".into()
+            )
+        );
+        let answer = call(
+            &app,
+            query("{ __typename @skip(if: false) @include(if: true) }"),
+        )
+        .await;
+        assert!(
+            answer.first_error().1.contains("directives"),
+            "{}",
+            answer.body
+        );
+    }
+}
+
 #[tokio::test]
 async fn production_mode_hides_graphiql_introspection_and_suggestions() {
     let typo = "{ segmnts { name } }";

@@ -7,7 +7,8 @@
 # WORKLOADS picks the workloads (default "personalize events"): personalize runs closed
 # loop with 16 in flight after a 3 s warm-up; events and rest-events closed loop with 8
 # requests of 100 events in flight (each acknowledged once applied, as by default).
-# One JSON line per run; then the median achieved rate per binary and workload.
+# One JSON line per run; then the median achieved rate, and the median server CPU time
+# per request, per binary and workload.
 set -euo pipefail
 secs=10
 if [ "${1:-}" = "-s" ]; then
@@ -26,6 +27,10 @@ cleanup() {
   rm -f "$results"
 }
 trap cleanup EXIT
+hz=$(getconf CLK_TCK)
+# utime + stime of a process, in clock ticks (fields 14 and 15 of /proc/PID/stat; the
+# command name in field 2 has no spaces here).
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 for bin in "$@"; do
   dir=$(mktemp -d)
   RUST_LOG=warn "$bin" serve --demo --data-dir "$dir" --listen 127.0.0.1:$port >/dev/null 2>&1 &
@@ -42,9 +47,15 @@ for bin in "$@"; do
         --workload "$workload" --rate 0 "${args[@]}" "$@"
     }
     if [ "$workload" = personalize ]; then bench --duration 3s >/dev/null; fi
-    bench --duration "${secs}s" |
-      jq -c --arg bin "$bin" '{bin: $bin, workload, achieved_rps, events_per_s, p50_ms, p99_ms, errors}' |
-      tee -a "$results"
+    before=$(cpu_ticks "$pid")
+    out=$(bench --duration "${secs}s")
+    ticks=$(($(cpu_ticks "$pid") - before))
+    # The server's CPU time (user + system, every thread) per request: steadier than the
+    # rate on a shared machine, where other work takes cores from both sides.
+    jq -c --arg bin "$bin" --argjson ticks "$ticks" --argjson hz "$hz" \
+      '{bin: $bin, workload, achieved_rps, events_per_s, p50_ms, p99_ms, errors,
+        server_cpu_us_per_request: (if .requests > 0 then ($ticks / $hz * 1e6 / .requests | round) else null end)}' \
+      <<<"$out" | tee -a "$results"
   done
   kill "$pid"
   wait "$pid" 2>/dev/null || true
@@ -55,5 +66,10 @@ done
 echo "== median achieved rate (requests/s; events/s for the events workloads)"
 jq -rs 'group_by([.bin, .workload])[] |
   (map(.events_per_s // .achieved_rps) | sort) as $r | ($r | length) as $n |
+  (if $n % 2 == 1 then $r[($n - 1) / 2] else ($r[$n / 2 - 1] + $r[$n / 2]) / 2 end) as $m |
+  "\(.[0].workload)\t\(.[0].bin)\t\($m | round)\t(\($n) runs)"' "$results"
+echo "== median server CPU per request (µs; per request of 100 events for the events workloads)"
+jq -rs 'group_by([.bin, .workload])[] |
+  (map(.server_cpu_us_per_request) | sort) as $r | ($r | length) as $n |
   (if $n % 2 == 1 then $r[($n - 1) / 2] else ($r[$n / 2 - 1] + $r[$n / 2]) / 2 end) as $m |
   "\(.[0].workload)\t\(.[0].bin)\t\($m | round)\t(\($n) runs)"' "$results"

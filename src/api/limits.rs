@@ -18,6 +18,7 @@ use async_graphql::ValidationResult;
 use async_graphql::{BatchRequest, ServerError, ServerResult, Variables};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
+use quick_cache::sync::Cache;
 
 use crate::config::Limits;
 
@@ -83,17 +84,46 @@ pub fn json_error(e: &serde_json::Error) -> String {
 /// their complexity is the field's own. And rewrites syntax errors, which quote the
 /// offending line of the query (literals, personal data included), to what was expected
 /// and where.
+///
+/// It also keeps the documents it let through, by query text: clients send the same few
+/// queries with different variables, and parsing one again cost more than a tenth of a
+/// small decision's CPU. A document is kept only once async-graphql's own checks on the
+/// parsed text (recursion depth, directives) and the alias cap have passed, and those
+/// depend on the text alone; validation, which reads the variables, still runs on every
+/// request. This extension is the only one around parsing: one placed after it would not
+/// see cached queries.
 pub struct QueryGuard {
-    pub max_aliases: usize,
+    max_aliases: usize,
+    documents: Arc<Cache<String, Arc<ExecutableDocument>>>,
+}
+
+/// Parsed documents kept, at most.
+const CACHED_DOCUMENTS: usize = 512;
+/// Longer query texts are parsed every time (they are not what a frontend repeats).
+const MAX_CACHED_QUERY_BYTES: usize = 16 * 1024;
+
+impl QueryGuard {
+    pub fn new(max_aliases: usize) -> QueryGuard {
+        QueryGuard {
+            max_aliases,
+            documents: Arc::new(Cache::new(CACHED_DOCUMENTS)),
+        }
+    }
 }
 
 impl ExtensionFactory for QueryGuard {
     fn create(&self) -> Arc<dyn Extension> {
-        Arc::new(QueryGuardExtension(self.max_aliases))
+        Arc::new(QueryGuardExtension {
+            max_aliases: self.max_aliases,
+            documents: self.documents.clone(),
+        })
     }
 }
 
-struct QueryGuardExtension(usize);
+struct QueryGuardExtension {
+    max_aliases: usize,
+    documents: Arc<Cache<String, Arc<ExecutableDocument>>>,
+}
 
 /// A syntax error without the quoted source: `line:column: expected …`.
 fn syntax_error(mut error: ServerError) -> ServerError {
@@ -123,16 +153,19 @@ impl Extension for QueryGuardExtension {
         variables: &Variables,
         next: NextParseQuery<'_>,
     ) -> ServerResult<ExecutableDocument> {
+        if let Some(document) = self.documents.get(query) {
+            return Ok(ExecutableDocument::clone(&document));
+        }
         let document = next
             .run(ctx, query, variables)
             .await
             .map_err(syntax_error)?;
         let aliases = aliases(&document);
-        if aliases > self.0 {
+        if aliases > self.max_aliases {
             let mut error = ServerError::new(
                 format!(
                     "query has {aliases} aliases; at most {} are allowed",
-                    self.0
+                    self.max_aliases
                 ),
                 None,
             );
@@ -141,6 +174,10 @@ impl Extension for QueryGuardExtension {
                 .get_or_insert_with(Default::default)
                 .set("code", "BAD_REQUEST");
             return Err(error);
+        }
+        if query.len() <= MAX_CACHED_QUERY_BYTES {
+            self.documents
+                .insert(query.to_owned(), Arc::new(document.clone()));
         }
         Ok(document)
     }

@@ -41,9 +41,9 @@ fn builder(
     .limit_complexity(settings.limits.max_query_complexity)
     .limit_recursive_depth(settings.limits.max_recursive_depth)
     .limit_directives(settings.limits.max_directives)
-    .extension(crate::api::limits::QueryGuard {
-        max_aliases: settings.limits.max_aliases,
-    });
+    .extension(crate::api::limits::QueryGuard::new(
+        settings.limits.max_aliases,
+    ));
     if !settings.api.introspection() {
         builder = builder.disable_introspection();
     }

@@ -106,39 +106,38 @@ impl DecisionStore for EmbeddedDecisions {
         since: DateTime<Utc>,
         limit: usize,
     ) -> StorageResult<Vec<Impression>> {
-        let customer = customer.clone();
         let since = since.timestamp_millis();
-        self.store
-            .read_blocking(move |txn| {
-                let table = txn.open_table(IMPRESSIONS).map_err(db_err)?;
-                let mut out = Vec::new();
-                let range = table
-                    .range::<(&str, i64, &str)>((
-                        Bound::Included((customer.as_str(), since, "")),
-                        Bound::Included((customer.as_str(), i64::MAX, "\u{10ffff}")),
+        // On the caller's thread: `limit` bounds the scan (a decision reads at most a
+        // thousand), and a hand-off to the blocking pool cost more than the read.
+        self.store.read(|txn| {
+            let table = txn.open_table(IMPRESSIONS).map_err(db_err)?;
+            let mut out = Vec::new();
+            let range = table
+                .range::<(&str, i64, &str)>((
+                    Bound::Included((customer.as_str(), since, "")),
+                    Bound::Included((customer.as_str(), i64::MAX, "\u{10ffff}")),
+                ))
+                .map_err(db_err)?;
+            'newest: for entry in range.rev() {
+                let (key, value) = entry.map_err(db_err)?;
+                let at = DateTime::from_timestamp_millis(key.value().1).ok_or_else(|| {
+                    StorageError::Corrupt(format!(
+                        "impression of decision {}: time out of range",
+                        key.value().2
                     ))
-                    .map_err(db_err)?;
-                'newest: for entry in range.rev() {
-                    let (key, value) = entry.map_err(db_err)?;
-                    let at = DateTime::from_timestamp_millis(key.value().1).ok_or_else(|| {
-                        StorageError::Corrupt(format!(
-                            "impression of decision {}: time out of range",
-                            key.value().2
-                        ))
-                    })?;
-                    for item in value.value().split('\n') {
-                        if out.len() == limit {
-                            break 'newest;
-                        }
-                        out.push(Impression {
-                            item_id: item.to_owned(),
-                            at,
-                        });
+                })?;
+                for item in value.value().split('\n') {
+                    if out.len() == limit {
+                        break 'newest;
                     }
+                    out.push(Impression {
+                        item_id: item.to_owned(),
+                        at,
+                    });
                 }
-                Ok(out)
-            })
-            .await
+            }
+            Ok(out)
+        })
     }
 
     async fn get(&self, id: &str) -> StorageResult<Option<Decision>> {

@@ -12,8 +12,10 @@
 //!
 //! Writes go through the writer: a method returns `Ok` only after the transaction that
 //! holds its write was committed with `Durability::Immediate` (fsync). Reads open their own
-//! read transaction on the caller's thread (MVCC: they never wait for the writer); long
-//! scans run on `tokio::task::spawn_blocking`.
+//! read transaction on the caller's thread (MVCC: they never wait for the writer); scans
+//! of unbounded size run on `tokio::task::spawn_blocking`, scans with a small limit (a
+//! decision's impressions) on the caller's thread, where the hand-off cost more than the
+//! read.
 //!
 //! Keys are redb tuples (`(&str, u64)`, ...): redb compares tuples element by element,
 //! strings by bytes and integers numerically, which is exactly the order the traits ask
