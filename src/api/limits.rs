@@ -19,6 +19,7 @@ use async_graphql::{BatchRequest, ServerError, ServerResult, Variables};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use quick_cache::sync::Cache;
+use quick_cache::Weighter;
 
 use crate::config::Limits;
 
@@ -85,28 +86,42 @@ pub fn json_error(e: &serde_json::Error) -> String {
 /// offending line of the query (literals, personal data included), to what was expected
 /// and where.
 ///
-/// It also keeps the documents it let through, by query text: clients send the same few
-/// queries with different variables, and parsing one again cost more than a tenth of a
-/// small decision's CPU. A document is kept only once async-graphql's own checks on the
-/// parsed text (recursion depth, directives) and the alias cap have passed, and those
-/// depend on the text alone; validation, which reads the variables, still runs on every
-/// request. This extension is the only one around parsing: one placed after it would not
-/// see cached queries.
+/// It also keeps the documents it let through, by query text (at most 1 MiB of text in
+/// all, texts up to 16 KiB): clients send the same few queries with different variables,
+/// and parsing one again was 6% of a decision's server CPU. A document is kept only once
+/// async-graphql's own checks on the parsed text (recursion depth, directives) and the
+/// alias cap have passed, and those depend on the text alone; validation, which reads the
+/// variables, still runs on every request. This extension is the only one around
+/// parsing: one placed after it would not see cached queries.
 pub struct QueryGuard {
     max_aliases: usize,
-    documents: Arc<Cache<String, Arc<ExecutableDocument>>>,
+    documents: Arc<Documents>,
 }
 
-/// Parsed documents kept, at most.
-const CACHED_DOCUMENTS: usize = 512;
+/// Parsed documents by query text, weighed by the text's length: a document's size
+/// follows its text's, so the bound holds whatever texts clients send.
+type Documents = Cache<String, Arc<ExecutableDocument>, QueryBytes>;
+
+/// The query texts of the kept documents, in bytes, at most.
+const CACHED_QUERY_BYTES: u64 = 1024 * 1024;
 /// Longer query texts are parsed every time (they are not what a frontend repeats).
 const MAX_CACHED_QUERY_BYTES: usize = 16 * 1024;
+
+#[derive(Clone)]
+struct QueryBytes;
+
+impl Weighter<String, Arc<ExecutableDocument>> for QueryBytes {
+    fn weight(&self, query: &String, _: &Arc<ExecutableDocument>) -> u64 {
+        query.len() as u64
+    }
+}
 
 impl QueryGuard {
     pub fn new(max_aliases: usize) -> QueryGuard {
         QueryGuard {
             max_aliases,
-            documents: Arc::new(Cache::new(CACHED_DOCUMENTS)),
+            // Frontend queries are a few hundred bytes: some 2,000 of them fit.
+            documents: Arc::new(Cache::with_weighter(2_000, CACHED_QUERY_BYTES, QueryBytes)),
         }
     }
 }
@@ -122,7 +137,7 @@ impl ExtensionFactory for QueryGuard {
 
 struct QueryGuardExtension {
     max_aliases: usize,
-    documents: Arc<Cache<String, Arc<ExecutableDocument>>>,
+    documents: Arc<Documents>,
 }
 
 /// A syntax error without the quoted source: `line:column: expected …`.
