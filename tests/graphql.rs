@@ -89,7 +89,7 @@ async fn events_change_features_and_segments_at_once() {
 /// condition on two features, met only once both batches are in, and a derived feature
 /// whose inputs come from both.
 #[tokio::test]
-async fn segments_combine_features_folded_now_with_those_stored_before() {
+async fn segments_read_features_of_event_types_applied_in_different_batches() {
     let app = TestApp::new().await;
     let define = |name: &'static str, condition: serde_json::Value| {
         let app = &app;

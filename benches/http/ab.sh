@@ -63,13 +63,14 @@ for bin in "$@"; do
   rm -rf "$dir"
   dir=
 done
+# The median of the jq expression $1 over the runs of each binary and workload.
+medians() {
+  jq -rs "group_by([.bin, .workload])[] |
+    (map($1) | sort) as \$r | (\$r | length) as \$n |
+    (if \$n % 2 == 1 then \$r[(\$n - 1) / 2] else (\$r[\$n / 2 - 1] + \$r[\$n / 2]) / 2 end) as \$m |
+    \"\\(.[0].workload)\\t\\(.[0].bin)\\t\\(\$m | round)\\t(\\(\$n) runs)\"" "$results"
+}
 echo "== median achieved rate (requests/s; events/s for the events workloads)"
-jq -rs 'group_by([.bin, .workload])[] |
-  (map(.events_per_s // .achieved_rps) | sort) as $r | ($r | length) as $n |
-  (if $n % 2 == 1 then $r[($n - 1) / 2] else ($r[$n / 2 - 1] + $r[$n / 2]) / 2 end) as $m |
-  "\(.[0].workload)\t\(.[0].bin)\t\($m | round)\t(\($n) runs)"' "$results"
+medians '.events_per_s // .achieved_rps'
 echo "== median server CPU per request (µs; per request of 100 events for the events workloads)"
-jq -rs 'group_by([.bin, .workload])[] |
-  (map(.server_cpu_us_per_request) | sort) as $r | ($r | length) as $n |
-  (if $n % 2 == 1 then $r[($n - 1) / 2] else ($r[$n / 2 - 1] + $r[$n / 2]) / 2 end) as $m |
-  "\(.[0].workload)\t\(.[0].bin)\t\($m | round)\t(\($n) runs)"' "$results"
+medians '.server_cpu_us_per_request'
