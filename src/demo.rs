@@ -451,7 +451,7 @@ pub fn simulate_history(
                 customer_id: customer_id.clone(),
                 placement: Some(PLACEMENTS[p].to_string()),
                 items: vec![ScoredItem {
-                    item: shown.clone(),
+                    item: Arc::new(shown.clone()),
                     score: 0.0,
                 }],
                 alternatives: Vec::new(),

@@ -485,7 +485,8 @@ async fn on_event_sets_traits_that_later_decisions_see() {
 
 /// The processor shows hooks the traits alone (PII stays sealed), yet a trait change it
 /// stores keeps the PII, a sensitive trait stays readable, and the segments that read
-/// the changed trait follow in the same batch.
+/// the changed trait follow in the same batch (also one that reads a feature the batch
+/// did not load).
 #[tokio::test]
 async fn on_event_trait_changes_keep_pii_and_sensitive_traits_and_move_segments() {
     let app = TestApp::with(|s| s.encryption.sensitive_traits = vec!["birthday".into()]).await;
@@ -500,6 +501,18 @@ async fn on_event_trait_changes_keep_pii_and_sensitive_traits_and_move_segments(
         json!({"c": {"trait": "tier", "op": "eq", "value": "gold"}}),
     )
     .await;
+    // A segment over the changed trait and a feature that the batch's event types do not
+    // touch: its state is not among those the batch loaded, so it is read from the store.
+    app.gql(
+        "mutation($c: JSON!) { defineSegment(name: \"gold_readers\", condition: $c) { joined } }",
+        json!({"c": {"all": [
+            {"trait": "tier", "op": "eq", "value": "gold"},
+            {"feature": "email_opens_30d", "op": "gte", "value": 1}
+        ]}}),
+    )
+    .await;
+    app.track(json!([{"eventId": "o1", "customerId": "c1", "type": "email_open"}]))
+        .await;
     put(
         &app,
         r#"const NAME = "upgrade";
@@ -528,7 +541,10 @@ async fn on_event_trait_changes_keep_pii_and_sensitive_traits_and_move_segments(
         data["customer"]["traits"],
         json!({"birthday": "1990-01-01", "tier": "gold"})
     );
-    assert_eq!(data["customer"]["segments"], json!(["gold"]));
+    assert_eq!(
+        data["customer"]["segments"],
+        json!(["gold", "gold_readers"])
+    );
     assert_eq!(data["customerIdsByEmail"], json!(["c1"]));
     let export = data["exportCustomer"].to_string();
     assert!(export.contains("ada@example.com"), "{export}");

@@ -4,6 +4,7 @@
 pub mod pipeline;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -14,7 +15,8 @@ use crate::customers::CustomerId;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScoredItem {
-    pub item: ContentItem,
+    /// Shared with the catalog cache the decision was made from: not copied per decision.
+    pub item: Arc<ContentItem>,
     pub score: f64,
 }
 

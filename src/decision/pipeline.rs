@@ -236,7 +236,7 @@ impl DecisionEngine {
         }
 
         let mut ranked = ranking.order.iter().map(|&(i, score)| ScoredItem {
-            item: ContentItem::clone(&candidates[i]),
+            item: candidates[i].clone(),
             score,
         });
         let items: Vec<ScoredItem> = ranked.by_ref().take(req.count).collect();

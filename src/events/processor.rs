@@ -109,14 +109,19 @@ impl Processor {
         let started = std::time::Instant::now();
         let (batch, missing) = self.admitted(batch).await?;
         self.create_profiles(missing, now).await?;
-        self.features.apply(&batch, now).await?;
+        let types: BTreeSet<&str> = batch.iter().map(|e| e.event.event_type.as_str()).collect();
+        // Segment evaluation below reads these features: read with the folded states.
+        let then_read = self.segments.features_read_for(&types);
+        let states = self
+            .features
+            .apply(&batch, now, then_read.as_deref())
+            .await?;
         let rules = self.rules.current();
         let (read, changed) = if rules.handles_events() {
             self.run_event_rules(&rules, &batch).await?
         } else {
             Default::default()
         };
-        let types: BTreeSet<&str> = batch.iter().map(|e| e.event.event_type.as_str()).collect();
         let customers: Vec<CustomerId> = batch
             .iter()
             .map(|e| &e.event.customer_id)
@@ -125,7 +130,7 @@ impl Processor {
             .cloned()
             .collect();
         self.segments
-            .evaluate_batch(&customers, &types, &changed, &read)
+            .evaluate_batch(&customers, &types, &changed, &read, &states)
             .await?;
         self.stores.events.commit_offset(PROCESSOR, last).await?;
         tracing::debug!(events = batch.len(), elapsed = ?started.elapsed(), "Applied events");

@@ -126,7 +126,7 @@ impl FeatureCatalog {
 /// Evaluates features against loaded states, memoising derived inputs.
 struct Evaluator<'a> {
     catalog: &'a FeatureCatalog,
-    states: HashMap<FeatureKey, FeatureState>,
+    states: &'a HashMap<FeatureKey, FeatureState>,
     now: DateTime<Utc>,
     memo: HashMap<String, f64>,
     errors: u64,
@@ -134,7 +134,22 @@ struct Evaluator<'a> {
     failed: Vec<String>,
 }
 
-impl Evaluator<'_> {
+impl<'a> Evaluator<'a> {
+    fn new(
+        catalog: &'a FeatureCatalog,
+        states: &'a HashMap<FeatureKey, FeatureState>,
+        now: DateTime<Utc>,
+    ) -> Self {
+        Evaluator {
+            catalog,
+            states,
+            now,
+            memo: HashMap::new(),
+            errors: 0,
+            failed: Vec::new(),
+        }
+    }
+
     fn active(&mut self, name: &str, depth: usize) -> f64 {
         if let Some(v) = self.memo.get(name) {
             return *v;
@@ -153,20 +168,81 @@ impl Evaluator<'_> {
             self.failed.push(name.to_owned());
             return spec.default;
         }
-        let key = FeatureKey::new(name, version);
-        let state = self.states.remove(&key);
-        let result = spec.evaluate(state.as_ref(), self.now, &mut |input| {
-            self.active(input, depth + 1)
-        });
-        if let Some(state) = state {
-            self.states.insert(key, state);
-        }
+        let states = self.states;
+        let state = states.get(&FeatureKey::new(name, version));
+        let result = spec.evaluate(state, self.now, &mut |input| self.active(input, depth + 1));
         result.unwrap_or_else(|default| {
             self.errors += 1;
             self.failed.push(name.to_owned());
             default
         })
     }
+}
+
+/// The active versions of `names` (every feature when `None`); an unknown name is an
+/// error naming `field[i]`.
+fn wanted<'c>(
+    catalog: &'c FeatureCatalog,
+    names: Option<&[String]>,
+    field: &str,
+) -> Result<Vec<(String, u32, &'c FeatureSpec)>> {
+    match names {
+        Some(names) => names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                catalog
+                    .active_spec(n)
+                    .map(|(v, s)| (n.clone(), v, s))
+                    .ok_or_else(|| Error::not_found(format!("{field}[{i}]"), "feature", n))
+            })
+            .collect(),
+        None => Ok(catalog
+            .entries()
+            .filter_map(|e| {
+                e.versions
+                    .get(&e.active)
+                    .map(|s| (e.name.clone(), e.active, s))
+            })
+            .collect()),
+    }
+}
+
+/// The stateful keys that evaluating `wanted` reads.
+fn keys_of(catalog: &FeatureCatalog, wanted: &[(String, u32, &FeatureSpec)]) -> Vec<FeatureKey> {
+    let mut keys = Vec::new();
+    for (name, version, spec) in wanted {
+        catalog.collect_keys(name, *version, spec, &mut keys);
+    }
+    keys
+}
+
+/// The states that were found, by key.
+fn present(
+    keys: Vec<FeatureKey>,
+    states: Vec<Option<FeatureState>>,
+) -> HashMap<FeatureKey, FeatureState> {
+    keys.into_iter()
+        .zip(states)
+        .filter_map(|(k, s)| s.map(|s| (k, s)))
+        .collect()
+}
+
+/// The feature states of a batch's customers as [`FeatureService::apply`] stored them:
+/// the states it folded and those it was asked to read beside them, so that segment
+/// evaluation after the batch reads each customer's states once with the fold
+/// ([`FeatureService::read_after_batch`]). Empty by default (everything is read).
+#[derive(Default)]
+pub struct BatchStates {
+    /// The catalog the states were read under: another catalog may need other keys.
+    catalog: Arc<FeatureCatalog>,
+    customers: HashMap<CustomerId, LoadedStates>,
+}
+
+/// One customer's loaded keys, and the states of those that have one.
+struct LoadedStates {
+    keys: Vec<FeatureKey>,
+    states: HashMap<FeatureKey, FeatureState>,
 }
 
 /// A feature value as read.
@@ -338,30 +414,8 @@ impl FeatureService {
     ) -> Result<FeatureRead> {
         let started = Instant::now();
         let catalog = self.catalog();
-        let wanted: Vec<(String, u32, &FeatureSpec)> = match names {
-            Some(names) => names
-                .iter()
-                .enumerate()
-                .map(|(i, n)| {
-                    catalog
-                        .active_spec(n)
-                        .map(|(v, s)| (n.clone(), v, s))
-                        .ok_or_else(|| Error::not_found(format!("{field}[{i}]"), "feature", n))
-                })
-                .collect::<Result<_>>()?,
-            None => catalog
-                .entries()
-                .filter_map(|e| {
-                    e.versions
-                        .get(&e.active)
-                        .map(|s| (e.name.clone(), e.active, s))
-                })
-                .collect(),
-        };
-        let mut keys = Vec::new();
-        for (name, version, spec) in &wanted {
-            catalog.collect_keys(name, *version, spec, &mut keys);
-        }
+        let wanted = wanted(&catalog, names, field)?;
+        let keys = keys_of(&catalog, &wanted);
         let (states, degraded) = match tokio::time::timeout(
             self.read_deadline,
             self.stores.features.read(customer, &keys),
@@ -380,18 +434,54 @@ impl FeatureService {
                 (vec![None; keys.len()], true)
             }
         };
-        let mut eval = Evaluator {
-            catalog: &catalog,
-            states: keys
-                .into_iter()
-                .zip(states)
-                .filter_map(|(k, s)| s.map(|s| (k, s)))
-                .collect(),
-            now,
-            memo: HashMap::new(),
-            errors: 0,
-            failed: Vec::new(),
-        };
+        let values = self.evaluate(&catalog, &wanted, &present(keys, states), now);
+        self.metrics
+            .feature_read_latency_ms
+            .record(started.elapsed().as_secs_f64() * 1e3, &[]);
+        Ok(FeatureRead { values, degraded })
+    }
+
+    /// As [`FeatureService::read`], from the states that [`FeatureService::apply`] left
+    /// for `batch` when they cover `names` for `customer` under the current catalog;
+    /// otherwise from the store.
+    pub async fn read_after_batch(
+        &self,
+        batch: &BatchStates,
+        customer: &CustomerId,
+        names: Option<&[String]>,
+        field: &str,
+        now: DateTime<Utc>,
+    ) -> Result<FeatureRead> {
+        let catalog = self.catalog();
+        if let Some(loaded) = batch
+            .customers
+            .get(customer)
+            .filter(|_| Arc::ptr_eq(&catalog, &batch.catalog))
+        {
+            let wanted = wanted(&catalog, names, field)?;
+            if keys_of(&catalog, &wanted)
+                .iter()
+                .all(|k| loaded.keys.contains(k))
+            {
+                let values = self.evaluate(&catalog, &wanted, &loaded.states, now);
+                return Ok(FeatureRead {
+                    values,
+                    degraded: false,
+                });
+            }
+        }
+        self.read(customer, names, field, now).await
+    }
+
+    /// The values of `wanted` from `states`; counts the reads and compute errors.
+    fn evaluate(
+        &self,
+        catalog: &FeatureCatalog,
+        wanted: &[(String, u32, &FeatureSpec)],
+        states: &HashMap<FeatureKey, FeatureState>,
+        now: DateTime<Utc>,
+    ) -> Vec<FeatureValue> {
+        let mut eval = Evaluator::new(catalog, states, now);
         let values = wanted
             .iter()
             .map(|(name, version, _)| FeatureValue {
@@ -403,11 +493,8 @@ impl FeatureService {
         if eval.errors > 0 {
             self.metrics.feature_compute_errors.add(eval.errors, &[]);
         }
-        self.count_reads(&wanted, &eval.failed);
-        self.metrics
-            .feature_read_latency_ms
-            .record(started.elapsed().as_secs_f64() * 1e3, &[]);
-        Ok(FeatureRead { values, degraded })
+        self.count_reads(wanted, &eval.failed);
+        values
     }
 
     /// Stores `body` as the next version of `name`. The first version is active at once;
@@ -509,37 +596,65 @@ impl FeatureService {
     }
 
     /// Folds a batch of events (ascending by seq) into every live stateful version.
-    /// Called by the event processor while it holds [`Self::apply_lock`].
-    pub async fn apply(&self, batch: &[StoredEvent], now: DateTime<Utc>) -> Result<()> {
+    /// Called by the event processor while it holds [`Self::apply_lock`]. `then_read`
+    /// names the features that will be read for the batch's customers next (every
+    /// feature when `None`; unknown names are left to that read to report): their states
+    /// are read with the folded ones, in one read per customer, and returned with them.
+    pub async fn apply(
+        &self,
+        batch: &[StoredEvent],
+        now: DateTime<Utc>,
+        then_read: Option<&[String]>,
+    ) -> Result<BatchStates> {
         let catalog = self.catalog();
         let live: Vec<(FeatureKey, &FeatureSpec)> = catalog.live_stateful().collect();
+        let then_keys = {
+            let known: Option<Vec<String>> = then_read.map(|names| {
+                names
+                    .iter()
+                    .filter(|n| catalog.get(n).is_some())
+                    .cloned()
+                    .collect()
+            });
+            // Every name is known now, so this cannot fail.
+            let wanted = wanted(&catalog, known.as_deref(), "features").unwrap_or_default();
+            keys_of(&catalog, &wanted)
+        };
         let mut by_customer: BTreeMap<&CustomerId, Vec<&StoredEvent>> = BTreeMap::new();
         for e in batch {
             by_customer.entry(&e.event.customer_id).or_default().push(e);
         }
         let mut updates = Vec::new();
+        let mut customers = HashMap::with_capacity(by_customer.len());
         for (customer, events) in by_customer {
             let touched: Vec<&(FeatureKey, &FeatureSpec)> = live
                 .iter()
                 .filter(|(_, s)| events.iter().any(|e| s.matches(&e.event.event_type)))
                 .collect();
-            if touched.is_empty() {
+            let mut keys: Vec<FeatureKey> = touched.iter().map(|(k, _)| k.clone()).collect();
+            for key in &then_keys {
+                if !keys.contains(key) {
+                    keys.push(key.clone());
+                }
+            }
+            if keys.is_empty() {
                 continue;
             }
-            let keys: Vec<FeatureKey> = touched.iter().map(|(k, _)| k.clone()).collect();
             let states = self.stores.features.read(customer, &keys).await?;
-            for ((key, spec), state) in touched.into_iter().zip(states) {
-                let mut state = state.unwrap_or_default();
+            let mut states = present(keys.clone(), states);
+            for (key, spec) in touched {
+                let state = states.entry(key.clone()).or_default();
                 for e in &events {
-                    spec.fold(&mut state, e, now);
+                    spec.fold(state, e, now);
                 }
-                updates.push((customer.clone(), key.clone(), state));
+                updates.push((customer.clone(), key.clone(), state.clone()));
             }
+            customers.insert(customer.clone(), LoadedStates { keys, states });
         }
         if !updates.is_empty() {
             self.stores.features.write(updates).await?;
         }
-        Ok(())
+        Ok(BatchStates { catalog, customers })
     }
 
     /// Switches `name` to `version`, then checks the new version's health against the
@@ -694,18 +809,8 @@ impl FeatureService {
             catalog.collect_keys(name, old_version, old, &mut keys);
             catalog.collect_keys(name, new_version, new, &mut keys);
             let states = self.stores.features.read(&c.id, &keys).await?;
-            let mut eval = Evaluator {
-                catalog: &catalog,
-                states: keys
-                    .into_iter()
-                    .zip(states)
-                    .filter_map(|(k, s)| s.map(|s| (k, s)))
-                    .collect(),
-                now,
-                memo: HashMap::new(),
-                errors: 0,
-                failed: Vec::new(),
-            };
+            let states = present(keys, states);
+            let mut eval = Evaluator::new(&catalog, &states, now);
             old_values.push(eval.version(name, old_version, old, 0));
             let before = eval.errors;
             new_values.push(eval.version(name, new_version, new, 0));

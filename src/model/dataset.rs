@@ -89,11 +89,7 @@ impl Logged {
             placement: decision.placement,
             context: decision.context,
             features: decision.features,
-            shown: decision
-                .items
-                .into_iter()
-                .map(|s| Arc::new(s.item))
-                .collect(),
+            shown: decision.items.into_iter().map(|s| s.item).collect(),
             propensity: decision.propensity,
             outcomes: outcomes
                 .into_iter()
@@ -320,7 +316,7 @@ mod tests {
         let scored = |ids: &[&str]| {
             ids.iter()
                 .map(|i| ScoredItem {
-                    item: item(i, "banner", &["travel"], json!({})),
+                    item: Arc::new(item(i, "banner", &["travel"], json!({}))),
                     score: 0.5,
                 })
                 .collect()

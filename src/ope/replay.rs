@@ -136,7 +136,7 @@ pub fn rounds_from_log(
             .filter(|o| o.created_at - decision.created_at <= window)
             .find_map(|o| policy.reward_of(at_placement, o.reward, &o.conversion_type, o.value))
             .unwrap_or(0.0);
-        let kept: HashMap<&str, &ContentItem> = decision
+        let kept: HashMap<&str, &Arc<ContentItem>> = decision
             .items
             .iter()
             .chain(&decision.alternatives)
@@ -146,7 +146,7 @@ pub fn rounds_from_log(
             .iter()
             .map(|a| {
                 kept.get(a.as_str())
-                    .map(|i| Arc::new(ContentItem::clone(i)))
+                    .map(|i| Arc::clone(i))
                     .or_else(|| item(a))
             })
             .collect();
@@ -449,7 +449,7 @@ mod tests {
             customer_id: crate::customers::CustomerId::parse("c", "c1").expect("id"),
             placement: Some("hero".into()),
             items: vec![ScoredItem {
-                item: item(selected),
+                item: Arc::new(item(selected)),
                 score: 0.0,
             }],
             alternatives: Vec::new(),

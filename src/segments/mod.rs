@@ -20,7 +20,7 @@ use crate::customers::{Customer, CustomerId};
 use crate::error::{Error, Result};
 use crate::events::StoredEvent;
 use crate::expressions::EvalError;
-use crate::features::{FeatureService, Window};
+use crate::features::{BatchStates, FeatureService, Window};
 use crate::privacy::Profiles;
 use crate::storage::{DefinitionKind, MembershipChange, Stores};
 use crate::telemetry::Metrics;
@@ -276,6 +276,7 @@ impl SegmentService {
     /// Recomputes the whole membership of one segment and applies the difference.
     pub async fn rebuild(&self, def: &SegmentDef) -> Result<(u64, u64)> {
         let plan = FactsPlan::new(&[Arc::new(def.clone())]);
+        let empty = BatchStates::default();
         let now = Utc::now();
         let mut wanted = BTreeSet::new();
         let mut failures = Failures::default();
@@ -285,7 +286,9 @@ impl SegmentService {
             let Some(last) = page.last() else { break };
             after = Some(last.id.clone());
             for customer in &page {
-                let facts = self.facts(&customer.id, Some(customer), &plan, now).await?;
+                let facts = self
+                    .facts(&customer.id, Some(customer), &plan, &empty, now)
+                    .await?;
                 if failures.evaluate(def, &facts) {
                     wanted.insert(customer.id.clone());
                 }
@@ -337,6 +340,7 @@ impl SegmentService {
             &BTreeSet::new(),
             &BTreeSet::from([id.clone()]),
             &HashMap::from([(id.clone(), customer.clone())]),
+            &BatchStates::default(),
         )
         .await
     }
@@ -345,14 +349,16 @@ impl SegmentService {
     /// batch), the segments that `event_types` can affect, and every segment for the
     /// customers in `changed` (their traits changed: any trait condition may have a new
     /// answer). `profiles` are profiles already read for the batch (PII not needed);
-    /// other customers' are read from the store when a condition reads traits. Applies
-    /// and publishes the changes.
+    /// other customers' are read from the store when a condition reads traits. Feature
+    /// values come from `features` (the batch's states, as folded) where they cover the
+    /// conditions, else from the store. Applies and publishes the changes.
     pub async fn evaluate_batch(
         &self,
         customers: &[CustomerId],
         event_types: &BTreeSet<&str>,
         changed: &BTreeSet<CustomerId>,
         profiles: &HashMap<CustomerId, Customer>,
+        features: &BatchStates,
     ) -> Result<Vec<MembershipChange>> {
         let by_event = self.affected_by(Some(event_types));
         let by_event_plan = FactsPlan::new(&by_event);
@@ -375,12 +381,18 @@ impl SegmentService {
                 continue;
             }
             let facts = self
-                .facts(customer, profiles.get(customer), plan, now)
+                .facts(customer, profiles.get(customer), plan, features, now)
                 .await?;
             wanted.extend(membership(customer, defs, &facts, &mut failures));
         }
         failures.report(&self.metrics);
         self.apply(&wanted).await
+    }
+
+    /// The features that [`SegmentService::evaluate_batch`] reads of a customer with
+    /// events of `event_types` (whose traits did not change): `None` when any may be.
+    pub fn features_read_for(&self, event_types: &BTreeSet<&str>) -> Option<Vec<String>> {
+        FactsPlan::new(&self.affected_by(Some(event_types))).features
     }
 
     /// The definitions that an event of one of `event_types` can affect; all when `None`.
@@ -424,11 +436,13 @@ impl SegmentService {
 
     /// What `plan` says the conditions read of one customer. `profile`: the customer's
     /// profile when the caller has it; otherwise it is read when a condition reads traits.
+    /// `batch`: feature states already loaded for the customer.
     async fn facts(
         &self,
         id: &CustomerId,
         profile: Option<&Customer>,
         plan: &FactsPlan,
+        batch: &BatchStates,
         now: DateTime<Utc>,
     ) -> Result<CustomerFacts> {
         let traits = match profile {
@@ -445,7 +459,7 @@ impl SegmentService {
             Some(names) if names.is_empty() => HashMap::new(),
             names => self
                 .features
-                .read(id, names.as_deref(), "features", now)
+                .read_after_batch(batch, id, names.as_deref(), "features", now)
                 .await?
                 .values
                 .into_iter()

@@ -1357,9 +1357,12 @@ pub fn sample_decision(id: &str, customer: &CustomerId, n: i32) -> Decision {
         id: id.to_owned(),
         customer_id: customer.clone(),
         placement: Some("homepage_hero".into()),
-        items: vec![ScoredItem { item, score: 0.75 }],
+        items: vec![ScoredItem {
+            item: Arc::new(item),
+            score: 0.75,
+        }],
         alternatives: vec![ScoredItem {
-            item: other,
+            item: Arc::new(other),
             score: 0.5,
         }],
         confidence_score: 0.6,
@@ -1481,7 +1484,7 @@ pub async fn decisions(store: &dyn DecisionStore, prefix: &str) {
     let mut d6 = sample_decision(&id("d6"), &c2, 6);
     d6.created_at = at(10);
     d6.items.push(ScoredItem {
-        item: sample_content_item(&id("d6-second"), 6),
+        item: Arc::new(sample_content_item(&id("d6-second"), 6)),
         score: 0.5,
     });
     for d in [&d5, &d6] {

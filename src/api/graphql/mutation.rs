@@ -204,7 +204,7 @@ impl DefinitionMutation {
             frequency_cap: input.frequency_cap,
         };
         let item = engine(ctx).upsert_content(item).await.map_err(gql)?;
-        Ok(ContentItemObject(item))
+        Ok(ContentItemObject(std::sync::Arc::new(item)))
     }
 
     #[graphql(guard = "Allow::MARKETER")]

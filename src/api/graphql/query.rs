@@ -171,7 +171,10 @@ impl ContentQuery {
             .content(segment.as_deref(), content_type.as_deref(), limit as usize)
             .await
             .map_err(gql)?;
-        Ok(items.into_iter().map(ContentItemObject).collect())
+        Ok(items
+            .into_iter()
+            .map(|i| ContentItemObject(std::sync::Arc::new(i)))
+            .collect())
     }
 
     #[graphql(guard = "Allow::FRONTEND_MARKETER")]
@@ -186,7 +189,7 @@ impl ContentQuery {
             .get(&id)
             .await
             .map_err(|e| gql(e.into()))?;
-        Ok(item.map(ContentItemObject))
+        Ok(item.map(|i| ContentItemObject(std::sync::Arc::new(i))))
     }
 }
 

@@ -17,7 +17,7 @@ use crate::segments::SegmentDef;
 use crate::storage::MembershipChange;
 
 #[derive(Clone)]
-pub struct ContentItemObject(pub ContentItem);
+pub struct ContentItemObject(pub std::sync::Arc<ContentItem>);
 
 #[Object(name = "ContentItem")]
 impl ContentItemObject {

@@ -4,17 +4,23 @@
 //! - `decisions`: decision id (`&str`) → JSON of [`Decision`];
 //! - `outcomes`: (decision id, n `u64`) → JSON of [`Outcome`], n = 0, 1, 2, ... in the
 //!   order they were stored (outcomes are never removed, so n is also the count before);
-//! - `customer_decisions`: (customer id, decision id) → `()`: the customer's decisions,
-//!   for `customer_decisions` and `pseudonymise`;
 //! - `impressions`: (customer id, created at in ms `i64`, decision id) → the shown item
-//!   ids joined by `\n` (ids never contain a newline): what rules' frequency caps count.
+//!   ids joined by `\n` (ids never contain a newline): what rules' frequency caps count,
+//!   and the customer's decisions in time order, for `customer_decisions` and
+//!   `pseudonymise` (one row per decision: a second index would cost every decision
+//!   another insert in a random page). A pseudonymised decision's row has no items: what
+//!   a customer was shown is erased with them.
+//!
+//! Stores written before the impressions became the index have a `customer_decisions`
+//! table, (customer id, decision id) → `()`; opening one moves its entries into
+//! `impressions` (without items) and drops it ([`migrate_customer_index`]).
 
 use std::ops::Bound;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, TableDefinition, TableHandle, WriteTransaction};
 
 use super::{db_err, decode, encode, encode_checked, EmbeddedStore};
 use crate::customers::CustomerId;
@@ -23,16 +29,61 @@ use crate::storage::{DecisionStore, StorageError, StorageResult};
 
 pub(super) const DECISIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("decisions");
 pub(super) const OUTCOMES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("outcomes");
-pub(super) const CUSTOMER_DECISIONS: TableDefinition<(&str, &str), ()> =
-    TableDefinition::new("customer_decisions");
 pub(super) const IMPRESSIONS: TableDefinition<(&str, i64, &str), &str> =
     TableDefinition::new("impressions");
 
 pub(super) fn create_tables(txn: &WriteTransaction) -> StorageResult<()> {
     txn.open_table(DECISIONS).map_err(db_err)?;
     txn.open_table(OUTCOMES).map_err(db_err)?;
-    txn.open_table(CUSTOMER_DECISIONS).map_err(db_err)?;
     txn.open_table(IMPRESSIONS).map_err(db_err)?;
+    migrate_customer_index(txn)
+}
+
+/// The customer index of stores written before the impressions became the index:
+/// (customer id, decision id) → `()`.
+const CUSTOMER_DECISIONS: TableDefinition<(&str, &str), ()> =
+    TableDefinition::new("customer_decisions");
+
+/// Moves the entries of an old `customer_decisions` table into `impressions` and drops
+/// the table. An entry becomes a row without items unless the decision already has one
+/// (stores from before impressions were kept had none; a pseudonymised decision's items
+/// were erased). Entries naming a missing decision, or one that is no longer that
+/// customer's, are dropped, as readers skipped them. Runs in the transaction that
+/// creates the tables, so a crash leaves either both tables as they were or the move done.
+fn migrate_customer_index(txn: &WriteTransaction) -> StorageResult<()> {
+    let exists = txn
+        .list_tables()
+        .map_err(db_err)?
+        .any(|t| t.name() == CUSTOMER_DECISIONS.name());
+    if !exists {
+        return Ok(());
+    }
+    {
+        let index = txn.open_table(CUSTOMER_DECISIONS).map_err(db_err)?;
+        let decisions = txn.open_table(DECISIONS).map_err(db_err)?;
+        let mut impressions = txn.open_table(IMPRESSIONS).map_err(db_err)?;
+        for entry in index.iter().map_err(db_err)? {
+            let (key, _) = entry.map_err(db_err)?;
+            let (customer, id) = key.value();
+            let Some(value) = decisions.get(id).map_err(db_err)? else {
+                continue;
+            };
+            let decision: Decision = decode("decision", id, value.value())?;
+            if decision.customer_id.as_str() != customer {
+                continue;
+            }
+            let at = decision.created_at.timestamp_millis();
+            if impressions
+                .get((customer, at, id))
+                .map_err(db_err)?
+                .is_none()
+            {
+                impressions.insert((customer, at, id), "").map_err(db_err)?;
+            }
+        }
+    }
+    txn.delete_table(CUSTOMER_DECISIONS).map_err(db_err)?;
+    tracing::info!("Moved the customer index of decisions into the impressions table");
     Ok(())
 }
 
@@ -63,21 +114,15 @@ impl DecisionStore for EmbeddedDecisions {
         self.store
             .write_relaxed(move |txn| {
                 let mut decisions = txn.open_table(DECISIONS).map_err(db_err)?;
-                let mut index = txn.open_table(CUSTOMER_DECISIONS).map_err(db_err)?;
                 let mut impressions = txn.open_table(IMPRESSIONS).map_err(db_err)?;
-                // A replaced decision may have named another customer: move its index entry.
-                // (A stored value that cannot be decoded is simply replaced; `pseudonymise`
-                // checks every index entry against the decision it names.)
+                // A replaced decision may have named another customer or time: move its
+                // row. (A stored value that cannot be decoded is simply replaced; readers
+                // check every row against the decision it names.)
                 let previous = decisions
                     .get(id.as_str())
                     .map_err(db_err)?
                     .and_then(|v| serde_json::from_slice::<Decision>(v.value()).ok());
                 if let Some(previous) = previous {
-                    if previous.customer_id.as_str() != customer {
-                        index
-                            .remove((previous.customer_id.as_str(), id.as_str()))
-                            .map_err(db_err)?;
-                    }
                     impressions
                         .remove((
                             previous.customer_id.as_str(),
@@ -88,9 +133,6 @@ impl DecisionStore for EmbeddedDecisions {
                 }
                 decisions
                     .insert(id.as_str(), value.as_slice())
-                    .map_err(db_err)?;
-                index
-                    .insert((customer.as_str(), id.as_str()), ())
                     .map_err(db_err)?;
                 impressions
                     .insert((customer.as_str(), at, id.as_str()), shown.as_str())
@@ -126,7 +168,9 @@ impl DecisionStore for EmbeddedDecisions {
                         key.value().2
                     ))
                 })?;
-                for item in value.value().split('\n') {
+                // A row without items (pseudonymised, or moved from the old index)
+                // counts nothing.
+                for item in value.value().split('\n').filter(|i| !i.is_empty()) {
                     if out.len() == limit {
                         break 'newest;
                     }
@@ -255,11 +299,11 @@ impl DecisionStore for EmbeddedDecisions {
         let customer = customer.clone();
         self.store
             .read_blocking(move |txn| {
-                let index = txn.open_table(CUSTOMER_DECISIONS).map_err(db_err)?;
+                let index = txn.open_table(IMPRESSIONS).map_err(db_err)?;
                 let decisions = txn.open_table(DECISIONS).map_err(db_err)?;
                 let outcomes = txn.open_table(OUTCOMES).map_err(db_err)?;
                 let mut out = Vec::new();
-                for id in decision_ids(&index, customer.as_str())? {
+                for (_, id) in decision_rows(&index, customer.as_str())? {
                     let id = id.as_str();
                     let Some(value) = decisions.get(id).map_err(db_err)? else {
                         continue; // stale index entry
@@ -292,14 +336,13 @@ impl DecisionStore for EmbeddedDecisions {
             .write(move |txn| {
                 let mut decisions = txn.open_table(DECISIONS).map_err(db_err)?;
                 let mut outcomes = txn.open_table(OUTCOMES).map_err(db_err)?;
-                let mut index = txn.open_table(CUSTOMER_DECISIONS).map_err(db_err)?;
                 let mut impressions = txn.open_table(IMPRESSIONS).map_err(db_err)?;
 
                 // Check: collect the rewritten records; any undecodable one fails the call.
-                let ids = decision_ids(&index, customer.as_str())?;
+                let rows = decision_rows(&impressions, customer.as_str())?;
                 let mut new_decisions = Vec::new();
                 let mut new_outcomes = Vec::new();
-                for id in &ids {
+                for (at, id) in &rows {
                     let Some(value) = decisions.get(id.as_str()).map_err(db_err)? else {
                         continue; // stale index entry: dropped below
                     };
@@ -308,7 +351,7 @@ impl DecisionStore for EmbeddedDecisions {
                         continue; // stale index entry: dropped below
                     }
                     decision.customer_id = pseudonym.clone();
-                    new_decisions.push((id.as_str(), encode("decision", &decision)?));
+                    new_decisions.push((*at, id.as_str(), encode("decision", &decision)?));
                     for entry in outcomes
                         .range((id.as_str(), 0u64)..=(id.as_str(), u64::MAX))
                         .map_err(db_err)?
@@ -324,24 +367,8 @@ impl DecisionStore for EmbeddedDecisions {
                     }
                 }
 
-                // Write.
-                for id in &ids {
-                    index
-                        .remove((customer.as_str(), id.as_str()))
-                        .map_err(db_err)?;
-                }
-                for (id, value) in &new_decisions {
-                    decisions.insert(*id, value.as_slice()).map_err(db_err)?;
-                    index
-                        .insert((pseudonym.as_str(), *id), ())
-                        .map_err(db_err)?;
-                }
-                for (id, n, value) in &new_outcomes {
-                    outcomes
-                        .insert((*id, *n), value.as_slice())
-                        .map_err(db_err)?;
-                }
-                // What the customer was shown is theirs alone: erased, not pseudonymised.
+                // Write. What the customer was shown is theirs alone: their rows go, and
+                // the pseudonym's rows index the decisions without items.
                 impressions
                     .retain_in::<(&str, i64, &str), _>(
                         (customer.as_str(), i64::MIN, "")
@@ -349,29 +376,37 @@ impl DecisionStore for EmbeddedDecisions {
                         |_, _| false,
                     )
                     .map_err(db_err)?;
+                for (at, id, value) in &new_decisions {
+                    decisions.insert(*id, value.as_slice()).map_err(db_err)?;
+                    impressions
+                        .insert((pseudonym.as_str(), *at, *id), "")
+                        .map_err(db_err)?;
+                }
+                for (id, n, value) in &new_outcomes {
+                    outcomes
+                        .insert((*id, *n), value.as_slice())
+                        .map_err(db_err)?;
+                }
                 Ok(new_decisions.len() as u64)
             })
             .await
     }
 }
 
-/// The ids of `customer`'s decisions, from the customer index (entries may be stale:
-/// callers check the decision they name).
-fn decision_ids(
-    index: &impl ReadableTable<(&'static str, &'static str), ()>,
+/// `customer`'s decisions as (created at in ms, decision id), oldest first, from the
+/// impressions table (rows may be stale: callers check the decision they name).
+fn decision_rows(
+    index: &impl ReadableTable<(&'static str, i64, &'static str), &'static str>,
     customer: &str,
-) -> StorageResult<Vec<String>> {
-    let mut ids = Vec::new();
+) -> StorageResult<Vec<(i64, String)>> {
+    let mut rows = Vec::new();
     for entry in index
-        .range::<(&str, &str)>((Bound::Included((customer, "")), Bound::Unbounded))
+        .range::<(&str, i64, &str)>((customer, i64::MIN, "")..=(customer, i64::MAX, "\u{10ffff}"))
         .map_err(db_err)?
     {
         let (key, _) = entry.map_err(db_err)?;
-        let (owner, id) = key.value();
-        if owner != customer {
-            break;
-        }
-        ids.push(id.to_owned());
+        let (_, at, id) = key.value();
+        rows.push((at, id.to_owned()));
     }
-    Ok(ids)
+    Ok(rows)
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
-use redb::{TableDefinition, WriteTransaction};
+use redb::{TableDefinition, TableHandle, WriteTransaction};
 use serde_json::json;
 
 use super::{
@@ -350,6 +350,84 @@ async fn everything_survives_drop_and_reopen() {
         2,
         "version counters survive a reopen"
     );
+}
+
+/// A store written before the impressions table became the customer index of decisions
+/// has a `customer_decisions` table. Opening it moves every live entry into
+/// `impressions` without items (a decision that already had its row keeps it, items
+/// included), drops stale entries, and drops the table; opening it again changes nothing.
+#[tokio::test]
+async fn an_old_customer_index_is_moved_into_the_impressions_on_open() {
+    const OLD_INDEX: TableDefinition<(&str, &str), ()> = TableDefinition::new("customer_decisions");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c1 = customer_id("c1");
+    let c2 = customer_id("c2");
+    // d1 predates the impressions; d2 has its row; d3 is c2's (the entry under c1 is
+    // stale); "gone" names no decision.
+    let d1 = sample_decision("d1", &c1, 1);
+    let d2 = sample_decision("d2", &c1, 2);
+    let d3 = sample_decision("d3", &c2, 3);
+    {
+        let db = redb::Database::create(dir.path().join(FILE_NAME)).expect("create");
+        let txn = db.begin_write().expect("begin");
+        {
+            let mut table = txn.open_table(decisions::DECISIONS).expect("decisions");
+            for d in [&d1, &d2, &d3] {
+                let value = serde_json::to_vec(d).expect("encode");
+                table
+                    .insert(d.id.as_str(), value.as_slice())
+                    .expect("insert");
+            }
+            let mut index = txn.open_table(OLD_INDEX).expect("old index");
+            for (c, d) in [("c1", "d1"), ("c1", "d2"), ("c1", "d3"), ("c1", "gone")] {
+                index.insert((c, d), ()).expect("index");
+            }
+            index.insert(("c2", "d3"), ()).expect("index");
+            let mut impressions = txn.open_table(decisions::IMPRESSIONS).expect("impressions");
+            let shown = d2.items[0].item.id.as_str();
+            impressions
+                .insert(("c1", d2.created_at.timestamp_millis(), "d2"), shown)
+                .expect("impression");
+        }
+        txn.commit().expect("commit");
+    }
+    for round in ["first open", "second open"] {
+        let store = open(dir.path());
+        let s = store.stores();
+        let ids = |list: Vec<(crate::decision::Decision, Vec<crate::decision::Outcome>)>| {
+            let mut ids: Vec<String> = list.into_iter().map(|(d, _)| d.id).collect();
+            ids.sort();
+            ids
+        };
+        let of_c1 = s.decisions.customer_decisions(&c1).await.expect("c1");
+        assert_eq!(ids(of_c1), ["d1", "d2"], "{round}: c1's decisions");
+        let of_c2 = s.decisions.customer_decisions(&c2).await.expect("c2");
+        assert_eq!(ids(of_c2), ["d3"], "{round}: c2's decisions");
+        let shown = s
+            .decisions
+            .impressions(&c1, base_time() - chrono::Duration::days(1), 100)
+            .await
+            .expect("impressions");
+        let shown: Vec<&str> = shown.iter().map(|i| i.item_id.as_str()).collect();
+        assert_eq!(
+            shown,
+            [d2.items[0].item.id.as_str()],
+            "{round}: only the row that had items counts"
+        );
+        let tables: Vec<String> = store
+            .read(|txn| {
+                Ok(txn
+                    .list_tables()
+                    .map_err(super::db_err)?
+                    .map(|t| t.name().to_owned())
+                    .collect())
+            })
+            .expect("tables");
+        assert!(
+            !tables.iter().any(|t| t == "customer_decisions"),
+            "{round}: the old index is gone: {tables:?}"
+        );
+    }
 }
 
 #[tokio::test]
