@@ -21,11 +21,6 @@ use tailor::config::{DecisionLog, Settings};
 use tailor::customers::CustomerId;
 use tailor::decision::pipeline::PersonalizeRequest;
 
-/// The allocator the `tailor` binary uses.
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 struct World {
     rt: tokio::runtime::Runtime,
     engine: Arc<Engine>,

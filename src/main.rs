@@ -10,12 +10,6 @@ use tailor::app::{serve_role, Background, Engine, Role};
 use tailor::config::Settings;
 use tailor::rules as tailor_rules;
 
-/// The decision path allocates and frees many small objects across threads; mimalloc
-/// spends a good deal less CPU on them than glibc's malloc (docs/BENCHMARKS.md).
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "tailor",
