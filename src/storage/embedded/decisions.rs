@@ -48,8 +48,10 @@ const CUSTOMER_DECISIONS: TableDefinition<(&str, &str), ()> =
 /// the table. An entry becomes a row without items unless the decision already has one
 /// (stores from before impressions were kept had none; a pseudonymised decision's items
 /// were erased). Entries naming a missing decision, or one that is no longer that
-/// customer's, are dropped, as readers skipped them. Runs in the transaction that
-/// creates the tables, so a crash leaves either both tables as they were or the move done.
+/// customer's, are dropped, as readers skipped them; so is one naming a decision that
+/// cannot be decoded (logged: `get` still reports it), rather than the store refusing
+/// to open. Runs in the transaction that creates the tables, so a crash leaves either
+/// both tables as they were or the move done.
 fn migrate_customer_index(txn: &WriteTransaction) -> StorageResult<()> {
     let exists = txn
         .list_tables()
@@ -68,7 +70,13 @@ fn migrate_customer_index(txn: &WriteTransaction) -> StorageResult<()> {
             let Some(value) = decisions.get(id).map_err(db_err)? else {
                 continue;
             };
-            let decision: Decision = decode("decision", id, value.value())?;
+            let decision: Decision = match decode("decision", id, value.value()) {
+                Ok(decision) => decision,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Left an undecodable decision out of the customer index");
+                    continue;
+                }
+            };
             if decision.customer_id.as_str() != customer {
                 continue;
             }

@@ -363,7 +363,7 @@ async fn an_old_customer_index_is_moved_into_the_impressions_on_open() {
     let c1 = customer_id("c1");
     let c2 = customer_id("c2");
     // d1 predates the impressions; d2 has its row; d3 is c2's (the entry under c1 is
-    // stale); "gone" names no decision.
+    // stale); "gone" names no decision; "bad" cannot be decoded (the store still opens).
     let d1 = sample_decision("d1", &c1, 1);
     let d2 = sample_decision("d2", &c1, 2);
     let d3 = sample_decision("d3", &c2, 3);
@@ -378,8 +378,15 @@ async fn an_old_customer_index_is_moved_into_the_impressions_on_open() {
                     .insert(d.id.as_str(), value.as_slice())
                     .expect("insert");
             }
+            table.insert("bad", b"not json".as_slice()).expect("insert");
             let mut index = txn.open_table(OLD_INDEX).expect("old index");
-            for (c, d) in [("c1", "d1"), ("c1", "d2"), ("c1", "d3"), ("c1", "gone")] {
+            for (c, d) in [
+                ("c1", "d1"),
+                ("c1", "d2"),
+                ("c1", "d3"),
+                ("c1", "gone"),
+                ("c1", "bad"),
+            ] {
                 index.insert((c, d), ()).expect("index");
             }
             index.insert(("c2", "d3"), ()).expect("index");
