@@ -971,3 +971,82 @@ async fn rhai_segments_are_checked_when_defined_and_fail_closed() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_batch_reads_the_states_it_folded_before_they_are_stored() {
+    let app = TestApp::new().await;
+    let features = &app.engine.features;
+    let now = Utc::now();
+    // Events built here, not appended: the background processor never sees them.
+    let batch: Vec<tailor::events::StoredEvent> = (1..=3)
+        .map(|seq| {
+            let input: tailor::events::EventInput = serde_json::from_value(json!({
+                "eventId": format!("fold-{seq}"),
+                "customerId": "c1",
+                "type": "page_view",
+            }))
+            .unwrap();
+            tailor::events::StoredEvent {
+                seq,
+                event: input.validate("events[0]", now).unwrap(),
+            }
+        })
+        .collect();
+    let c1 = tailor::customers::CustomerId::parse("id", "c1").unwrap();
+    let views = ["page_views_30d".to_owned()];
+    let value = |read: tailor::features::FeatureRead| {
+        read.values
+            .iter()
+            .map(|v| (v.name.clone(), v.value))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+
+    let (states, updates) = features.fold(&batch, now, None).await.unwrap();
+    let after = features
+        .read_after_batch(&states, &c1, Some(&views), "features", now)
+        .await
+        .unwrap();
+    assert_eq!(value(after)["page_views_30d"], 3.0);
+    let stored = features
+        .read(&c1, Some(&views), "features", now)
+        .await
+        .unwrap();
+    assert_eq!(
+        value(stored)["page_views_30d"],
+        0.0,
+        "not stored before write"
+    );
+
+    // A feature defined after the fold: read from the store, the folded one from the batch.
+    features
+        .define(
+            "clicks_7d",
+            json!({"kind": "count", "event_type": "click", "window": "7d"}),
+        )
+        .await
+        .unwrap();
+    let both = ["page_views_30d".to_owned(), "clicks_7d".to_owned()];
+    let after = value(
+        features
+            .read_after_batch(&states, &c1, Some(&both), "features", now)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        (after["page_views_30d"], after["clicks_7d"]),
+        (3.0, 0.0),
+        "{after:?}"
+    );
+    let err = features
+        .read_after_batch(&states, &c1, Some(&["nope".to_owned()]), "features", now)
+        .await
+        .expect_err("unknown feature");
+    assert!(err.to_string().contains("features[0]"), "{err}");
+
+    features.write(updates).await.unwrap();
+    let stored = features
+        .read(&c1, Some(&views), "features", now)
+        .await
+        .unwrap();
+    assert_eq!(value(stored)["page_views_30d"], 3.0);
+}

@@ -108,30 +108,37 @@ impl Processor {
         let now = Utc::now();
         let started = std::time::Instant::now();
         let (batch, missing) = self.admitted(batch).await?;
-        self.create_profiles(missing, now).await?;
         let types: BTreeSet<&str> = batch.iter().map(|e| e.event.event_type.as_str()).collect();
         // Segment evaluation below reads these features: read with the folded states.
         let then_read = self.segments.features_read_for(&types);
-        let states = self
-            .features
-            .apply(&batch, now, then_read.as_deref())
-            .await?;
-        let rules = self.rules.current();
-        let (read, changed) = if rules.handles_events() {
-            self.run_event_rules(&rules, &batch).await?
-        } else {
-            Default::default()
+        // New customers' profiles are stored while the batch's states are read and folded
+        // (neither reads what the other writes); the hooks below read the profiles.
+        let ((), (states, updates)) = tokio::try_join!(
+            self.create_profiles(missing, now),
+            self.features.fold(&batch, now, then_read.as_deref()),
+        )?;
+        // The folded states are stored while the hooks and segment conditions run: those
+        // read the batch's states from `states`, never from the store. The offset is
+        // committed only once both writes are.
+        let evaluated = async {
+            let rules = self.rules.current();
+            let (read, changed) = if rules.handles_events() {
+                self.run_event_rules(&rules, &batch).await?
+            } else {
+                Default::default()
+            };
+            let customers: Vec<CustomerId> = batch
+                .iter()
+                .map(|e| &e.event.customer_id)
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .cloned()
+                .collect();
+            self.segments
+                .evaluate_batch(&customers, &types, &changed, &read, &states)
+                .await
         };
-        let customers: Vec<CustomerId> = batch
-            .iter()
-            .map(|e| &e.event.customer_id)
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .cloned()
-            .collect();
-        self.segments
-            .evaluate_batch(&customers, &types, &changed, &read, &states)
-            .await?;
+        tokio::try_join!(self.features.write(updates), evaluated)?;
         self.stores.events.commit_offset(PROCESSOR, last).await?;
         tracing::debug!(events = batch.len(), elapsed = ?started.elapsed(), "Applied events");
         self.applied.send_replace(last);

@@ -10,4 +10,4 @@ pub mod definition;
 pub use definition::{FeatureKind, FeatureSpec};
 pub mod service;
 
-pub use service::{BatchStates, FeatureRead, FeatureService, FeatureValue};
+pub use service::{BatchStates, FeatureRead, FeatureService, FeatureValue, StateUpdates};

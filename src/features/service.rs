@@ -228,16 +228,18 @@ fn present(
         .collect()
 }
 
-/// The feature states of a batch's customers as [`FeatureService::apply`] stored them:
-/// the states it folded and those it was asked to read beside them, so that segment
-/// evaluation after the batch reads each customer's states once with the fold
-/// ([`FeatureService::read_after_batch`]). Empty by default (everything is read).
+/// The feature states of a batch's customers after [`FeatureService::fold`]: the states
+/// it folded and those it was asked to read beside them, so that segment evaluation
+/// after the batch reads each customer's states once with the fold
+/// ([`FeatureService::read_after_batch`]), and does not depend on the folded states
+/// being stored yet. Empty by default (everything is read).
 #[derive(Default)]
 pub struct BatchStates {
-    /// The catalog the states were read under: another catalog may need other keys.
-    catalog: Arc<FeatureCatalog>,
     customers: HashMap<CustomerId, LoadedStates>,
 }
+
+/// The states a fold changed, to be stored by [`FeatureService::write`].
+pub struct StateUpdates(Vec<(CustomerId, FeatureKey, FeatureState)>);
 
 /// One customer's loaded keys, and the states of those that have one.
 struct LoadedStates {
@@ -416,9 +418,24 @@ impl FeatureService {
         let catalog = self.catalog();
         let wanted = wanted(&catalog, names, field)?;
         let keys = keys_of(&catalog, &wanted);
-        let (states, degraded) = match tokio::time::timeout(
+        let (states, degraded) = self.read_states(customer, &keys).await;
+        let values = self.evaluate(&catalog, &wanted, &present(keys, states), now);
+        self.metrics
+            .feature_read_latency_ms
+            .record(started.elapsed().as_secs_f64() * 1e3, &[]);
+        Ok(FeatureRead { values, degraded })
+    }
+
+    /// The stored states of `keys`, within the read deadline; past it, or when the
+    /// backend fails, none (`true`: degraded).
+    async fn read_states(
+        &self,
+        customer: &CustomerId,
+        keys: &[FeatureKey],
+    ) -> (Vec<Option<FeatureState>>, bool) {
+        match tokio::time::timeout(
             self.read_deadline,
-            self.stores.features.read(customer, &keys),
+            self.stores.features.read(customer, keys),
         )
         .await
         {
@@ -433,17 +450,13 @@ impl FeatureService {
                 self.metrics.backend_error("features");
                 (vec![None; keys.len()], true)
             }
-        };
-        let values = self.evaluate(&catalog, &wanted, &present(keys, states), now);
-        self.metrics
-            .feature_read_latency_ms
-            .record(started.elapsed().as_secs_f64() * 1e3, &[]);
-        Ok(FeatureRead { values, degraded })
+        }
     }
 
-    /// As [`FeatureService::read`], from the states that [`FeatureService::apply`] left
-    /// for `batch` when they cover `names` for `customer` under the current catalog;
-    /// otherwise from the store.
+    /// As [`FeatureService::read`], with the states that [`FeatureService::fold`] loaded
+    /// for `batch` taking the place of the store's: they are as new as the store's or
+    /// newer (their write may still be in flight). Keys the fold did not load (a catalog
+    /// changed since, say) are read from the store.
     pub async fn read_after_batch(
         &self,
         batch: &BatchStates,
@@ -452,25 +465,37 @@ impl FeatureService {
         field: &str,
         now: DateTime<Utc>,
     ) -> Result<FeatureRead> {
+        let Some(loaded) = batch.customers.get(customer) else {
+            return self.read(customer, names, field, now).await;
+        };
         let catalog = self.catalog();
-        if let Some(loaded) = batch
-            .customers
-            .get(customer)
-            .filter(|_| Arc::ptr_eq(&catalog, &batch.catalog))
-        {
-            let wanted = wanted(&catalog, names, field)?;
-            if keys_of(&catalog, &wanted)
-                .iter()
-                .all(|k| loaded.keys.contains(k))
-            {
-                let values = self.evaluate(&catalog, &wanted, &loaded.states, now);
-                return Ok(FeatureRead {
-                    values,
-                    degraded: false,
-                });
+        let wanted = wanted(&catalog, names, field)?;
+        let keys = keys_of(&catalog, &wanted);
+        let unloaded: Vec<FeatureKey> = keys
+            .iter()
+            .filter(|k| !loaded.keys.contains(k))
+            .cloned()
+            .collect();
+        if unloaded.is_empty() {
+            let values = self.evaluate(&catalog, &wanted, &loaded.states, now);
+            return Ok(FeatureRead {
+                values,
+                degraded: false,
+            });
+        }
+        let started = Instant::now();
+        let (states, degraded) = self.read_states(customer, &unloaded).await;
+        let mut states = present(unloaded, states);
+        for key in keys.iter().filter(|k| loaded.keys.contains(k)) {
+            if let Some(state) = loaded.states.get(key) {
+                states.insert(key.clone(), state.clone());
             }
         }
-        self.read(customer, names, field, now).await
+        let values = self.evaluate(&catalog, &wanted, &states, now);
+        self.metrics
+            .feature_read_latency_ms
+            .record(started.elapsed().as_secs_f64() * 1e3, &[]);
+        Ok(FeatureRead { values, degraded })
     }
 
     /// The values of `wanted` from `states`; counts the reads and compute errors.
@@ -595,17 +620,18 @@ impl FeatureService {
         Ok(())
     }
 
-    /// Folds a batch of events (ascending by seq) into every live stateful version.
-    /// Called by the event processor while it holds [`Self::apply_lock`]. `then_read`
+    /// Folds a batch of events (ascending by seq) into every live stateful version; the
+    /// changed states are stored by [`Self::write`]. Called by the event processor while
+    /// it holds [`Self::apply_lock`], which it keeps until the write is done. `then_read`
     /// names the features that will be read for the batch's customers next (every
     /// feature when `None`; unknown names are left to that read to report): their states
     /// are read with the folded ones, in one read per customer, and returned with them.
-    pub async fn apply(
+    pub async fn fold(
         &self,
         batch: &[StoredEvent],
         now: DateTime<Utc>,
         then_read: Option<&[String]>,
-    ) -> Result<BatchStates> {
+    ) -> Result<(BatchStates, StateUpdates)> {
         let catalog = self.catalog();
         let live: Vec<(FeatureKey, &FeatureSpec)> = catalog.live_stateful().collect();
         let then_keys = {
@@ -624,8 +650,9 @@ impl FeatureService {
         for e in batch {
             by_customer.entry(&e.event.customer_id).or_default().push(e);
         }
-        let mut updates = Vec::new();
-        let mut customers = HashMap::with_capacity(by_customer.len());
+        // Which states each customer's events touch, and what is read with them.
+        let mut requests = Vec::with_capacity(by_customer.len());
+        let mut folds = Vec::with_capacity(by_customer.len());
         for (customer, events) in by_customer {
             let touched: Vec<&(FeatureKey, &FeatureSpec)> = live
                 .iter()
@@ -640,7 +667,15 @@ impl FeatureService {
             if keys.is_empty() {
                 continue;
             }
-            let states = self.stores.features.read(customer, &keys).await?;
+            requests.push((customer.clone(), keys));
+            folds.push((events, touched));
+        }
+        let read = self.stores.features.read_many(&requests).await?;
+        let mut updates = Vec::new();
+        let mut customers = HashMap::with_capacity(requests.len());
+        for (((customer, keys), states), (events, touched)) in
+            requests.into_iter().zip(read).zip(folds)
+        {
             let mut states = present(keys.clone(), states);
             for (key, spec) in touched {
                 let state = states.entry(key.clone()).or_default();
@@ -649,12 +684,17 @@ impl FeatureService {
                 }
                 updates.push((customer.clone(), key.clone(), state.clone()));
             }
-            customers.insert(customer.clone(), LoadedStates { keys, states });
+            customers.insert(customer, LoadedStates { keys, states });
         }
-        if !updates.is_empty() {
-            self.stores.features.write(updates).await?;
+        Ok((BatchStates { customers }, StateUpdates(updates)))
+    }
+
+    /// Stores the states a [`Self::fold`] changed.
+    pub async fn write(&self, updates: StateUpdates) -> Result<()> {
+        if !updates.0.is_empty() {
+            self.stores.features.write(updates.0).await?;
         }
-        Ok(BatchStates { catalog, customers })
+        Ok(())
     }
 
     /// Switches `name` to `version`, then checks the new version's health against the

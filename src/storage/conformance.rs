@@ -876,6 +876,31 @@ pub async fn features(store: &dyn FeatureStore, prefix: &str) {
         vec![Some(s4.clone()), Some(s5.clone()), None],
         "states are per customer"
     );
+    let nobody = customer_id(&format!("{prefix}nobody"));
+    assert_eq!(
+        ok(
+            "read many",
+            store
+                .read_many(&[
+                    (c12.clone(), vec![g1.clone(), f2.clone()]),
+                    (nobody, vec![f1.clone()]),
+                    (c1.clone(), vec![]),
+                    (c1.clone(), vec![f2_1.clone(), f1.clone()]),
+                ])
+                .await
+        ),
+        vec![
+            vec![Some(s5.clone()), None],
+            vec![None],
+            vec![],
+            vec![Some(s3.clone()), Some(s1.clone())]
+        ],
+        "read_many must answer each request as read does, in order"
+    );
+    assert!(
+        ok("read many of none", store.read_many(&[]).await).is_empty(),
+        "read_many of no requests must return none"
+    );
 
     // Overwrite.
     let s1b = sample_feature_state(11);

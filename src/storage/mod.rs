@@ -262,6 +262,18 @@ pub trait FeatureStore: Send + Sync {
         customer: &CustomerId,
         keys: &[FeatureKey],
     ) -> StorageResult<Vec<Option<FeatureState>>>;
+    /// [`FeatureStore::read`] for many customers: one entry per request, in order. A
+    /// backend that can reads them in one snapshot or one round trip.
+    async fn read_many(
+        &self,
+        requests: &[(CustomerId, Vec<FeatureKey>)],
+    ) -> StorageResult<Vec<Vec<Option<FeatureState>>>> {
+        let mut out = Vec::with_capacity(requests.len());
+        for (customer, keys) in requests {
+            out.push(self.read(customer, keys).await?);
+        }
+        Ok(out)
+    }
     /// Writes all states. A customer's states become visible together; a single-node
     /// backend makes the whole batch atomic, a clustered one (Redis Cluster) each
     /// customer's part. After a failed call some customers' states may be written:

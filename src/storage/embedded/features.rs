@@ -27,6 +27,29 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> StorageResult<()> {
     Ok(())
 }
 
+/// The states of one customer's `keys`, in order.
+fn read_states(
+    table: &impl ReadableTable<(&'static str, &'static str, u32), &'static [u8]>,
+    customer: &CustomerId,
+    keys: &[FeatureKey],
+) -> StorageResult<Vec<Option<FeatureState>>> {
+    let mut out = Vec::with_capacity(keys.len());
+    for key in keys {
+        let value = table
+            .get((customer.as_str(), key.name.as_str(), key.version))
+            .map_err(db_err)?;
+        out.push(match value {
+            Some(value) => Some(decode(
+                "feature state",
+                format_args!("{customer}/{key}"),
+                value.value(),
+            )?),
+            None => None,
+        });
+    }
+    Ok(out)
+}
+
 /// [`FeatureStore`] on the embedded store.
 pub struct EmbeddedFeatures {
     store: Arc<EmbeddedStore>,
@@ -50,21 +73,24 @@ impl FeatureStore for EmbeddedFeatures {
         }
         self.store.read(|txn| {
             let table = txn.open_table(FEATURES).map_err(db_err)?;
-            let mut out = Vec::with_capacity(keys.len());
-            for key in keys {
-                let value = table
-                    .get((customer.as_str(), key.name.as_str(), key.version))
-                    .map_err(db_err)?;
-                out.push(match value {
-                    Some(value) => Some(decode(
-                        "feature state",
-                        format_args!("{customer}/{key}"),
-                        value.value(),
-                    )?),
-                    None => None,
-                });
-            }
-            Ok(out)
+            read_states(&table, customer, keys)
+        })
+    }
+
+    async fn read_many(
+        &self,
+        requests: &[(CustomerId, Vec<FeatureKey>)],
+    ) -> StorageResult<Vec<Vec<Option<FeatureState>>>> {
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One snapshot and one table open for the whole batch.
+        self.store.read(|txn| {
+            let table = txn.open_table(FEATURES).map_err(db_err)?;
+            requests
+                .iter()
+                .map(|(customer, keys)| read_states(&table, customer, keys))
+                .collect()
         })
     }
 
