@@ -6,7 +6,7 @@
 //! nothing more is awaited; a worker's consumer hands the events to [`LocalApply`], which
 //! appends them to its own log and waits for its processor.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -97,22 +97,30 @@ impl Ingestor {
         }
         let now = Utc::now();
         let mut report = IngestReport::default();
-        let mut events = Vec::with_capacity(raw.len());
-        // One look-up per customer in the batch, not per event.
-        let mut admission: BTreeMap<CustomerId, Admission> = BTreeMap::new();
-        for (index, value) in raw.into_iter().enumerate() {
-            let field = format!("events[{index}]");
-            let parsed = if value.is_object() {
-                serde_json::from_value::<EventInput>(value)
-                    .map_err(|e| Error::invalid(&field, e.to_string()))
-                    .and_then(|input| input.validate(&field, now))
-            } else {
-                Err(Error::invalid(&field, "must be a JSON object"))
-            };
-            let parsed = match parsed {
-                Ok(event) => self.admit(&mut admission, &field, event).await,
-                Err(e) => Err(e),
-            };
+        let parsed: Vec<Result<crate::events::Event>> = raw
+            .into_iter()
+            .enumerate()
+            .map(|(index, value)| {
+                let field = format!("events[{index}]");
+                if value.is_object() {
+                    serde_json::from_value::<EventInput>(value)
+                        .map_err(|e| Error::invalid(&field, e.to_string()))
+                        .and_then(|input| input.validate(&field, now))
+                } else {
+                    Err(Error::invalid(&field, "must be a JSON object"))
+                }
+            })
+            .collect();
+        let admission = self.admission(&parsed).await?;
+        let mut events = Vec::with_capacity(parsed.len());
+        for (index, parsed) in parsed.into_iter().enumerate() {
+            let parsed = parsed.and_then(|event| {
+                let verdict = admission
+                    .get(&event.customer_id)
+                    .copied()
+                    .unwrap_or(Admission::Store);
+                self.admit(verdict, index, event)
+            });
             match parsed {
                 Ok(Some(event)) => events.push(event),
                 Ok(None) => report.without_consent += 1,
@@ -183,33 +191,42 @@ impl Ingestor {
         Ok(report)
     }
 
+    /// What to do with the events of each customer of the valid events: one erasure
+    /// look-up per customer, and their consents in one read.
+    async fn admission(
+        &self,
+        parsed: &[Result<crate::events::Event>],
+    ) -> Result<HashMap<CustomerId, Admission>> {
+        let customers: Vec<CustomerId> = parsed
+            .iter()
+            .filter_map(|p| p.as_ref().ok().map(|e| &e.customer_id))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .cloned()
+            .collect();
+        let consents = self.profiles.consents(&customers).await?;
+        let mut admission = HashMap::with_capacity(customers.len());
+        for (id, consent) in customers.into_iter().zip(consents) {
+            let verdict = if self.profiles.erased_at(&id).await?.is_some() {
+                Admission::Erased
+            } else if self.consent.resolve(consent.as_ref()).analytics {
+                Admission::Store
+            } else {
+                Admission::WithoutConsent
+            };
+            admission.insert(id, verdict);
+        }
+        Ok(admission)
+    }
+
     /// The event when it may be stored; `None` when its customer has no analytics
     /// consent; an error naming its `customerId` when that customer was erased.
-    async fn admit(
+    fn admit(
         &self,
-        admission: &mut BTreeMap<CustomerId, Admission>,
-        field: &str,
+        verdict: Admission,
+        index: usize,
         event: crate::events::Event,
     ) -> Result<Option<crate::events::Event>> {
-        let id = &event.customer_id;
-        let verdict = match admission.get(id) {
-            Some(known) => *known,
-            None => {
-                let verdict = if self.profiles.erased_at(id).await?.is_some() {
-                    Admission::Erased
-                } else if self
-                    .consent
-                    .resolve(self.profiles.consent(id).await?.as_ref())
-                    .analytics
-                {
-                    Admission::Store
-                } else {
-                    Admission::WithoutConsent
-                };
-                admission.insert(id.clone(), verdict);
-                verdict
-            }
-        };
         match verdict {
             Admission::Store => Ok(Some(event)),
             Admission::WithoutConsent => Ok(None),
@@ -218,10 +235,11 @@ impl Ingestor {
                     .erased_writes_suppressed
                     .add(1, &[KeyValue::new("kind", "event")]);
                 Err(Error::invalid(
-                    format!("{field}.customerId"),
+                    format!("events[{index}].customerId"),
                     format!(
-                        "customer '{id}' was erased; their events are refused until they \
-                         consent again (upsertCustomer with consent)"
+                        "customer '{}' was erased; their events are refused until they \
+                         consent again (upsertCustomer with consent)",
+                        event.customer_id
                     ),
                 ))
             }

@@ -159,12 +159,13 @@ impl Processor {
         let mut erased = BTreeSet::new();
         let mut unconsented = BTreeSet::new();
         let mut missing = Vec::new();
-        for id in customers {
+        let ids: Vec<CustomerId> = customers.into_iter().cloned().collect();
+        let consents = self.profiles.consents(&ids).await?;
+        for (id, consent) in ids.iter().zip(consents) {
             if self.profiles.erased_at(id).await?.is_some() {
                 erased.insert(id.clone());
                 continue;
             }
-            let consent = self.profiles.consent(id).await?;
             if !self.consent.resolve(consent.as_ref()).analytics {
                 unconsented.insert(id.clone());
             } else if consent.is_none() {

@@ -122,6 +122,11 @@ impl Profiles {
         Ok(self.store.get(id).await?.map(|stored| stored.consent))
     }
 
+    /// [`Profiles::consent`] of each id, in order, in one read where the store can.
+    pub async fn consents(&self, ids: &[CustomerId]) -> StorageResult<Vec<Option<Consent>>> {
+        self.store.consents(ids).await
+    }
+
     /// Seals and stores the whole profile (merging is the caller's job).
     pub async fn put(&self, customer: &Customer) -> StorageResult<()> {
         let stored = self.seal_profile(customer).await?;

@@ -94,7 +94,8 @@ pub fn sample_customer(id: &CustomerId, n: i64) -> StoredProfile {
         email_index: Some(format!("index-{n}")),
         consent: Consent {
             personalization: Some(true),
-            marketing: None,
+            // Differs between samples, so that a consent read for another id shows.
+            marketing: (n % 3 != 0).then_some(n % 2 == 0),
             analytics: Some(false),
         },
         created_at: base_time() + Duration::nanoseconds(n * 1_001),
@@ -134,6 +135,17 @@ pub async fn profiles(store: &dyn ProfileStore, prefix: &str) {
             "get must return exactly the profile that was put"
         );
     }
+    let mut ids: Vec<CustomerId> = expected.values().map(|c| c.id.clone()).collect();
+    ids.insert(1, id("missing"));
+    let mut consents: Vec<Option<Consent>> =
+        expected.values().map(|c| Some(c.consent.clone())).collect();
+    consents.insert(1, None);
+    assert_eq!(
+        ok("consents", store.consents(&ids).await),
+        consents,
+        "consents must give each id's stored consent in order, None where there is no profile"
+    );
+    assert!(ok("consents of none", store.consents(&[]).await).is_empty());
     assert_eq!(
         ok("count", store.count().await),
         count0 + expected.len() as u64,

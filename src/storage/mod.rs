@@ -94,6 +94,16 @@ pub struct StoredProfile {
 pub trait ProfileStore: Send + Sync {
     /// `None`: no customer with this id.
     async fn get(&self, id: &CustomerId) -> StorageResult<Option<StoredProfile>>;
+    /// The stored consent of each id, in order (`None`: no profile): what admitting events
+    /// reads, without decoding the rest of the profile. A backend that can reads them in
+    /// one snapshot.
+    async fn consents(&self, ids: &[CustomerId]) -> StorageResult<Vec<Option<Consent>>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.push(self.get(id).await?.map(|p| p.consent));
+        }
+        Ok(out)
+    }
     /// Inserts or replaces the whole profile. Merging updates is the caller's job. The
     /// email index follows in the same atomic write: the profile's old `email_index`
     /// stops finding it, its new one finds it.

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 
 use super::{db_err, decode, encode, stored_customer_id, EmbeddedStore};
-use crate::customers::CustomerId;
+use crate::customers::{Consent, CustomerId};
 use crate::storage::{ProfileStore, StorageResult, StoredProfile};
 
 pub(super) const PROFILES: TableDefinition<&str, &[u8]> = TableDefinition::new("profiles");
@@ -57,6 +57,29 @@ impl ProfileStore for EmbeddedProfiles {
                 return Ok(None);
             };
             decode("profile", id, value.value()).map(Some)
+        })
+    }
+
+    async fn consents(&self, ids: &[CustomerId]) -> StorageResult<Vec<Option<Consent>>> {
+        /// The consent of a stored profile: the other fields are skipped, not decoded.
+        #[derive(serde::Deserialize)]
+        struct ConsentOf {
+            #[serde(default)]
+            consent: Consent,
+        }
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.store.read(|txn| {
+            let table = txn.open_table(PROFILES).map_err(db_err)?;
+            ids.iter()
+                .map(|id| match table.get(id.as_str()).map_err(db_err)? {
+                    Some(value) => {
+                        decode::<ConsentOf>("profile", id, value.value()).map(|p| Some(p.consent))
+                    }
+                    None => Ok(None),
+                })
+                .collect()
         })
     }
 
