@@ -1001,6 +1001,16 @@ async fn a_batch_reads_the_states_it_folded_before_they_are_stored() {
             .collect::<std::collections::BTreeMap<_, _>>()
     };
 
+    // Its `where` passes none of the events: its state is not written.
+    features
+        .define(
+            "home_views_30d",
+            json!({"kind": "count", "event_type": "page_view", "window": "30d",
+                   "where": {"path": "/home"}}),
+        )
+        .await
+        .unwrap();
+
     let (states, updates) = features.fold(&batch, now, None).await.unwrap();
     let after = features
         .read_after_batch(&states, &c1, Some(&views), "features", now)
@@ -1049,4 +1059,14 @@ async fn a_batch_reads_the_states_it_folded_before_they_are_stored() {
         .await
         .unwrap();
     assert_eq!(value(stored)["page_views_30d"], 3.0);
+    let key = |name: &str| tailor::features::FeatureKey::new(name, 1);
+    let raw = app
+        .engine
+        .stores
+        .features
+        .read(&c1, &[key("page_views_30d"), key("home_views_30d")])
+        .await
+        .unwrap();
+    assert!(raw[0].is_some(), "folded: stored");
+    assert!(raw[1].is_none(), "nothing folded: not stored");
 }

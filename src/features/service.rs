@@ -678,9 +678,20 @@ impl FeatureService {
         {
             let mut states = present(keys.clone(), states);
             for (key, spec) in touched {
+                // A state none of the events folded into (their properties did not pass
+                // its `where`, or a replay already counted them) is unchanged: not
+                // written again. A fold always moves `applied_seq`.
+                let before = states.get(key).map(|s| s.applied_seq);
                 let state = states.entry(key.clone()).or_default();
                 for e in &events {
                     spec.fold(state, e, now);
+                }
+                if Some(state.applied_seq) == before {
+                    continue;
+                }
+                if before.is_none() && state.applied_seq == 0 {
+                    states.remove(key);
+                    continue;
                 }
                 updates.push((customer.clone(), key.clone(), state.clone()));
             }
