@@ -191,8 +191,7 @@ impl Ingestor {
         Ok(report)
     }
 
-    /// What to do with the events of each customer of the valid events: one erasure
-    /// look-up per customer, and their consents in one read.
+    /// What to do with the events of each customer of the valid events.
     async fn admission(
         &self,
         parsed: &[Result<crate::events::Event>],
@@ -204,10 +203,10 @@ impl Ingestor {
             .into_iter()
             .cloned()
             .collect();
-        let consents = self.profiles.consents(&customers).await?;
+        let facts = self.profiles.admission(&customers).await?;
         let mut admission = HashMap::with_capacity(customers.len());
-        for (id, consent) in customers.into_iter().zip(consents) {
-            let verdict = if self.profiles.erased_at(&id).await?.is_some() {
+        for (id, (erased, consent)) in customers.into_iter().zip(facts) {
+            let verdict = if erased {
                 Admission::Erased
             } else if self.consent.resolve(consent.as_ref()).analytics {
                 Admission::Store

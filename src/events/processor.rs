@@ -160,13 +160,11 @@ impl Processor {
         let mut unconsented = BTreeSet::new();
         let mut missing = Vec::new();
         let ids: Vec<CustomerId> = customers.into_iter().cloned().collect();
-        let consents = self.profiles.consents(&ids).await?;
-        for (id, consent) in ids.iter().zip(consents) {
-            if self.profiles.erased_at(id).await?.is_some() {
+        let admission = self.profiles.admission(&ids).await?;
+        for (id, (was_erased, consent)) in ids.iter().zip(admission) {
+            if was_erased {
                 erased.insert(id.clone());
-                continue;
-            }
-            if !self.consent.resolve(consent.as_ref()).analytics {
+            } else if !self.consent.resolve(consent.as_ref()).analytics {
                 unconsented.insert(id.clone());
             } else if consent.is_none() {
                 missing.push(id.clone());

@@ -686,11 +686,10 @@ impl FeatureService {
                 for e in &events {
                     spec.fold(state, e, now);
                 }
-                if Some(state.applied_seq) == before {
-                    continue;
-                }
-                if before.is_none() && state.applied_seq == 0 {
-                    states.remove(key);
+                if state.applied_seq == before.unwrap_or(0) {
+                    if before.is_none() {
+                        states.remove(key);
+                    }
                     continue;
                 }
                 updates.push((customer.clone(), key.clone(), state.clone()));

@@ -117,14 +117,19 @@ impl Profiles {
         }
     }
 
-    /// The customer's consent as stored (nothing is decrypted); `None`: no profile.
-    pub async fn consent(&self, id: &CustomerId) -> StorageResult<Option<Consent>> {
-        Ok(self.store.get(id).await?.map(|stored| stored.consent))
-    }
-
-    /// [`Profiles::consent`] of each id, in order, in one read where the store can.
-    pub async fn consents(&self, ids: &[CustomerId]) -> StorageResult<Vec<Option<Consent>>> {
-        self.store.consents(ids).await
+    /// What admitting each id's events needs, in order: whether the customer was erased
+    /// (and has not consented since), and their consent as stored (`None`: no profile;
+    /// nothing is decrypted). The consents are read in one read where the store can.
+    pub async fn admission(
+        &self,
+        ids: &[CustomerId],
+    ) -> StorageResult<Vec<(bool, Option<Consent>)>> {
+        let consents = self.store.consents(ids).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, consent) in ids.iter().zip(consents) {
+            out.push((self.erased_at(id).await?.is_some(), consent));
+        }
+        Ok(out)
     }
 
     /// Seals and stores the whole profile (merging is the caller's job).
