@@ -25,7 +25,7 @@ use crate::privacy::{KeyRing, Profiles};
 use crate::rules::{Natives, RuleService};
 use crate::segments::SegmentService;
 use crate::storage::embedded::EmbeddedStore;
-use crate::storage::{EventStream, Stores};
+use crate::storage::{EventStream, PrivacyChange, PrivacyEntry, StorageError, Stores};
 use crate::telemetry::Metrics;
 
 /// Everything the API serves, built once.
@@ -52,6 +52,8 @@ pub struct Engine {
     /// The event stream (`backends.events = "kafka://…"`), if any.
     pub stream: Option<Arc<dyn EventStream>>,
     customer_locks: Arc<CustomerLocks>,
+    /// One run of [`Engine::follow_privacy_journal`] at a time.
+    journal_follow: tokio::sync::Mutex<()>,
 }
 
 /// What [`Engine::erase_customer`] removed.
@@ -87,6 +89,10 @@ pub enum Role {
 /// How long the decision path trusts its in-memory catalog when another process may
 /// have changed it.
 const CATALOG_TTL: Duration = Duration::from_secs(1);
+/// Privacy journal entries read per call.
+const JOURNAL_READ: usize = 256;
+/// How often a process applies the privacy journal.
+const JOURNAL_PERIOD: Duration = Duration::from_secs(1);
 
 impl Engine {
     /// Opens the configured backends in `settings.data_dir` and loads the definitions.
@@ -220,7 +226,13 @@ impl Engine {
             keys,
             stream,
             customer_locks,
+            journal_follow: tokio::sync::Mutex::new(()),
         });
+        // Whom the deployment erased, before this process accepts anything (a process
+        // that cannot read the journal now catches up from its background task).
+        if let Err(e) = engine.follow_privacy_journal().await {
+            tracing::warn!(error = %e, "Cannot read the privacy journal yet; retrying every second");
+        }
         // What opening read from a shared catalog, kept for a start during an outage.
         if engine.stores.catalog_copy.is_some() {
             let _ = engine.catalog.items().await;
@@ -285,6 +297,25 @@ impl Engine {
                 shutdown.clone(),
             ));
         }
+        // Erasures made by other processes of the deployment reach this one's stores,
+        // then events that batches skipped as erased are deleted.
+        let engine = self.clone();
+        tasks.push(every(JOURNAL_PERIOD, shutdown.clone(), move || {
+            let engine = engine.clone();
+            async move {
+                if let Err(e) = engine.follow_privacy_journal().await {
+                    tracing::warn!(error = %e, "Failed to apply the privacy journal");
+                    return;
+                }
+                match engine.purge_skipped_erased().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(events = n, "Deleted erased customers' late events"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Failed to delete erased customers' late events")
+                    }
+                }
+            }
+        }));
         // Decisions are made (and models' rewards counted) in every role that serves.
         tasks.push(online_rewards(self.clone(), shutdown.clone()));
         if role == Role::Api && self.stream.is_some() {
@@ -345,6 +376,18 @@ impl Engine {
     pub async fn upsert_customer(&self, update: CustomerUpdate) -> Result<Customer> {
         let id = update.id.clone();
         let customer = {
+            // Consent granted with other processes in the deployment: first apply what
+            // it erased meanwhile, so that this process knows whether the grant renews
+            // consent after an erasure (to be announced) and no earlier erasure can
+            // reach it afterwards.
+            if self.stores.journal.is_some() && update.consent.grants_any() {
+                if let Err(e) = self.follow_privacy_journal().await {
+                    if self.profiles.erased_at(&id).await?.is_some() {
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, "Granting consent without the latest privacy journal");
+                }
+            }
             let _guard = self.customer_locks.lock(&id).await;
             if self.profiles.erased_at(&id).await?.is_some() {
                 if !update.consent.grants_any() {
@@ -358,6 +401,14 @@ impl Engine {
                              (input.consent) to store them again"
                         ),
                     ));
+                }
+                if let Some(journal) = &self.stores.journal {
+                    let entry = PrivacyEntry {
+                        customer: id.clone(),
+                        at: Utc::now(),
+                        change: PrivacyChange::Consented,
+                    };
+                    journal.append(&entry).await?;
                 }
                 self.profiles.clear_erased(&id).await?;
             }
@@ -399,6 +450,23 @@ impl Engine {
         Ok(self.models.train(data, params, progress).await?)
     }
 
+    /// Publishes the experiment totals counted in this process's store to the shared
+    /// catalog (none without one); returns how many (experiment, variant) totals changed.
+    pub async fn publish_experiment_totals(&self) -> Result<usize> {
+        let Some(counted) = &self.stores.counted_here else {
+            return Ok(0);
+        };
+        let experiments: Vec<String> = self
+            .stores
+            .definitions
+            .list(crate::storage::DefinitionKind::Experiment)
+            .await?
+            .into_iter()
+            .map(|d| d.name)
+            .collect();
+        Ok(counted.publish(&experiments).await?)
+    }
+
     /// Estimates a policy's value from the decision log (off-policy evaluation).
     pub async fn evaluate_policy(
         &self,
@@ -433,30 +501,154 @@ impl Engine {
     /// data key (so sealed copies anywhere, backups included, are unreadable), deletes
     /// their events, feature states and segment memberships (announcing the leaves),
     /// and replaces their id on decisions and outcomes with a pseudonym (aggregate
-    /// history stays; what they were shown goes). Repeatable: a second call finishes
-    /// what a failed one left.
+    /// history stays; what they were shown goes). With other processes in the
+    /// deployment (a shared catalog), the erasure then goes into the privacy journal,
+    /// from which every process, this one included, applies it to its own stores within
+    /// about a second ([`Engine::follow_privacy_journal`]). Repeatable: a second call
+    /// finishes what a failed one left.
     pub async fn erase_customer(&self, id: &CustomerId) -> Result<Erasure> {
+        let at = Utc::now();
+        let pseudonym = format!("erased-{}", uuid::Uuid::now_v7());
+        let erasure = self.erase_here(id, at, &pseudonym).await?;
+        if let Some(journal) = &self.stores.journal {
+            let entry = PrivacyEntry {
+                customer: id.clone(),
+                at,
+                change: PrivacyChange::Erased { pseudonym },
+            };
+            journal.append(&entry).await.map_err(|e| {
+                tracing::warn!(error = %e, "An erasure done here could not be announced");
+                StorageError::Unavailable(format!(
+                    "the customer is erased on this process, but the other processes of \
+                     the deployment could not be told ({e}); call eraseCustomer again"
+                ))
+            })?;
+        }
+        Ok(erasure)
+    }
+
+    /// Erasure on this process's own stores (and the shared ones it reaches), as of
+    /// `at`; decisions are pseudonymised as `pseudonym`.
+    async fn erase_here(
+        &self,
+        id: &CustomerId,
+        at: chrono::DateTime<Utc>,
+        pseudonym: &str,
+    ) -> Result<Erasure> {
         let _guard = self.customer_locks.lock(id).await;
         // Under the processor's lock: no batch applies this customer's events meanwhile,
         // so nothing is re-created behind the erasure.
         let _applying = self.features.apply_lock().lock().await;
-        let now = Utc::now();
-        let profile = self.profiles.forget(id, now).await?;
+        let profile = self.profiles.forget(id, at).await?;
         let events = self.stores.events.delete_customer(id).await?;
         self.stores.features.delete_customer(id).await?;
         let left = self.stores.segments.remove_customer(id).await?;
         self.segments.announce(&left);
-        let pseudonym = format!("erased-{}", uuid::Uuid::now_v7());
-        let decisions = self.stores.decisions.pseudonymise(id, &pseudonym).await?;
+        let decisions = self.stores.decisions.pseudonymise(id, pseudonym).await?;
         Ok(Erasure {
             customer_id: id.clone(),
             profile,
             events,
             segments: left.iter().map(|c| c.segment.clone()).collect(),
             decisions,
-            pseudonym: (decisions > 0).then_some(pseudonym),
-            erased_at: now,
+            pseudonym: (decisions > 0).then(|| pseudonym.to_owned()),
+            erased_at: at,
         })
+    }
+
+    /// Applies to this process's stores the privacy journal's entries it has not applied
+    /// yet, in order, recording its position after each; returns how many it applied.
+    /// Every process of a deployment with a shared catalog runs it each second, so an
+    /// erasure made anywhere reaches its profiles, data keys, event log and decision
+    /// log, and a process started later still learns whom to refuse. Runs one at a time.
+    pub async fn follow_privacy_journal(&self) -> Result<usize> {
+        let Some(journal) = &self.stores.journal else {
+            return Ok(0);
+        };
+        let _following = self.journal_follow.lock().await;
+        let mut applied = 0;
+        loop {
+            let position = self.stores.data_keys.journal_position().await?;
+            let entries = journal
+                .read_after(position.as_deref(), JOURNAL_READ)
+                .await?;
+            if entries.is_empty() {
+                return Ok(applied);
+            }
+            for (position, entry) in entries {
+                self.apply_privacy_entry(&entry).await?;
+                self.stores
+                    .data_keys
+                    .set_journal_position(&position)
+                    .await?;
+                let change = match entry.change {
+                    PrivacyChange::Erased { .. } => "erased",
+                    PrivacyChange::Consented => "consented",
+                };
+                self.metrics
+                    .privacy_journal_applied
+                    .add(1, &[opentelemetry::KeyValue::new("change", change)]);
+                applied += 1;
+            }
+        }
+    }
+
+    /// Deletes the events that batches skipped because their customer was erased, for
+    /// the customers still erased now: run after [`Engine::follow_privacy_journal`], so
+    /// that the events of a customer who consented again meanwhile stay. Returns how many
+    /// it deleted.
+    pub async fn purge_skipped_erased(&self) -> Result<u64> {
+        let mut ids = self.processor.take_skipped_erased().into_iter();
+        let mut purged = 0;
+        while let Some(id) = ids.next() {
+            let deleted = async {
+                let _guard = self.customer_locks.lock(&id).await;
+                let _applying = self.features.apply_lock().lock().await;
+                if self.profiles.erased_at(&id).await?.is_none() {
+                    return Ok(0);
+                }
+                self.stores.events.delete_customer(&id).await
+            }
+            .await;
+            match deleted {
+                Ok(n) => purged += n,
+                Err(e) => {
+                    self.processor
+                        .keep_skipped_erased(std::iter::once(id).chain(ids));
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(purged)
+    }
+
+    async fn apply_privacy_entry(&self, entry: &PrivacyEntry) -> Result<()> {
+        let id = &entry.customer;
+        match &entry.change {
+            PrivacyChange::Erased { pseudonym } => {
+                let erasure = self.erase_here(id, entry.at, pseudonym).await?;
+                if erasure.profile || erasure.events > 0 || erasure.decisions > 0 {
+                    tracing::info!(
+                        events = erasure.events,
+                        decisions = erasure.decisions,
+                        "Applied an erasure from the privacy journal"
+                    );
+                }
+            }
+            PrivacyChange::Consented => {
+                let _guard = self.customer_locks.lock(id).await;
+                // A later erasure made here (and not yet in the journal) stays.
+                if self
+                    .profiles
+                    .erased_at(id)
+                    .await?
+                    .is_some_and(|erased| erased <= entry.at)
+                {
+                    self.profiles.clear_erased(id).await?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Right of access: everything held about the customer, PII decrypted — profile,
@@ -541,8 +733,9 @@ impl Engine {
     }
 }
 
-/// Adds the models' online rewards to the shared totals every second, and once more at
-/// shutdown, so that no counted decision is lost to a stop.
+/// Adds the models' online rewards to the shared totals, and publishes this process's
+/// experiment totals to a shared catalog, every second and once more at shutdown, so
+/// that no counted decision is lost to a stop.
 fn online_rewards(
     engine: Arc<Engine>,
     mut shutdown: watch::Receiver<bool>,
@@ -561,6 +754,9 @@ fn online_rewards(
                 .await
             {
                 tracing::warn!(error = %e, "Cannot store the models' online rewards; retrying");
+            }
+            if let Err(e) = engine.publish_experiment_totals().await {
+                tracing::warn!(error = %e, "Cannot publish the experiment totals counted here; retrying");
             }
             if stopping {
                 return;

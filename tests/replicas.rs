@@ -3,7 +3,9 @@
 //! (made by the CLI in the shared store) works on every replica; content put through one
 //! is served by the other; events sent to either replica change the features both serve;
 //! decisions made on either are found by the other (an outcome may reach any replica),
-//! and the bandit learns from both.
+//! and the bandit learns from both. An erasure made on one replica reaches every
+//! process's own stores (profiles, erasure markers, event logs, decision logs), a
+//! process started later refuses the erased id, and renewed consent reaches them all.
 //!
 //! The servers come from the environment (`scripts/test` starts them): `REDIS_URL` and
 //! `KAFKA_URL`. Without them the test fails when `CI=true` and is skipped otherwise.
@@ -152,16 +154,64 @@ impl Server {
     }
 
     async fn track(&self, events: Vec<Value>) {
+        let n = events.len() as u64;
+        assert_eq!(self.accepted(events).await, n);
+    }
+
+    /// How many of `events` were accepted.
+    async fn accepted(&self, events: Vec<Value>) -> u64 {
         let data = self
             .graphql(
                 "mutation($e: [EventInput!]!) { trackEvents(events: $e) { accepted } }",
                 json!({"e": events}),
             )
             .await;
-        assert_eq!(
-            data["trackEvents"]["accepted"].as_u64(),
-            Some(events.len() as u64)
-        );
+        data["trackEvents"]["accepted"].as_u64().expect("a count")
+    }
+
+    async fn export(&self, customer: &str) -> Value {
+        let data = self
+            .graphql(
+                "query($c: ID!) { exportCustomer(id: $c) }",
+                json!({"c": customer}),
+            )
+            .await;
+        data["exportCustomer"].clone()
+    }
+
+    async fn upsert(&self, customer: &str, email: &str) {
+        self.graphql(
+            "mutation($i: CustomerInput!) { upsertCustomer(input: $i) { id } }",
+            json!({"i": {"id": customer, "email": email, "consent": {"marketing": true}}}),
+        )
+        .await;
+    }
+
+    async fn erase(&self, customer: &str) -> Value {
+        let data = self
+            .graphql(
+                "mutation($c: ID!) { eraseCustomer(id: $c) { profile events decisions } }",
+                json!({"c": customer}),
+            )
+            .await;
+        data["eraseCustomer"].clone()
+    }
+
+    /// `tailor_privacy_journal_applied_total` summed over its labels.
+    async fn journal_applied(&self) -> f64 {
+        let text = self
+            .client
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .expect("metrics answer")
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("tailor_privacy_journal_applied_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 
     async fn decide(&self, customer: &str, explain: bool) -> Value {
@@ -211,26 +261,70 @@ fn page_views(customer: &str, from: &str, n: usize) -> Vec<Value> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_api_replicas_and_a_worker_share_features_decisions_and_learning() {
-    let (Some(redis), Some(kafka)) = (service("REDIS_URL"), service("KAFKA_URL")) else {
-        return;
-    };
-    let run = uuid::Uuid::now_v7().simple().to_string();
-    let redis = format!("{redis}?prefix=t-{run}:");
-    let kafka = format!("{kafka}?topic_prefix=t{run}.&group=g{run}&partitions=3");
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    // One key for every replica.
-    let key = admin_key(&redis);
-    // All three start together on the empty shared store (each built-in feature is
-    // defined once, by whichever gets there first).
-    let (worker, a, b) = tokio::join!(
-        start("worker", dirs[2].path(), &redis, &kafka, &key),
-        start("api", dirs[0].path(), &redis, &kafka, &key),
-        start("api", dirs[1].path(), &redis, &kafka, &key),
-    );
+/// A deployment of its own (key prefix, topics, consumer group) on the shared servers.
+struct Deployment {
+    redis: String,
+    kafka: String,
+    key: String,
+    dirs: Vec<tempfile::TempDir>,
+}
 
-    // The catalog is shared: content put through a serves decisions on b.
+impl Deployment {
+    fn new(redis: &str, kafka: &str) -> Deployment {
+        let run = uuid::Uuid::now_v7().simple().to_string();
+        let redis = format!("{redis}?prefix=t-{run}:");
+        let kafka = format!("{kafka}?topic_prefix=t{run}.&group=g{run}&partitions=3");
+        // One key for every replica.
+        let key = admin_key(&redis);
+        Deployment {
+            redis,
+            kafka,
+            key,
+            dirs: Vec::new(),
+        }
+    }
+
+    /// A `role` process on a data directory of its own.
+    async fn start(&mut self, role: &str) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start(role, dir.path(), &self.redis, &self.kafka, &self.key).await;
+        self.dirs.push(dir);
+        server
+    }
+
+    /// A worker and two API replicas, started together on the empty shared store (each
+    /// built-in feature is defined once, by whichever gets there first).
+    async fn start_three(&mut self) -> (Server, Server, Server) {
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let (redis, kafka, key) = (&self.redis, &self.kafka, &self.key);
+        let started = tokio::join!(
+            start("worker", dirs[0].path(), redis, kafka, key),
+            start("api", dirs[1].path(), redis, kafka, key),
+            start("api", dirs[2].path(), redis, kafka, key),
+        );
+        self.dirs.extend(dirs);
+        started
+    }
+}
+
+/// Polls `check` until it holds or `PATIENCE` is spent, then fails with `what`.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(seen) => assert!(Instant::now() < deadline, "{what}: {seen}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Puts the three offers through `a` and waits until `b` lists them.
+async fn shared_offers(a: &Server, b: &Server) {
     for id in ["offer-1", "offer-2", "offer-3"] {
         a.graphql(
             "mutation($i: ContentItemInput!) { upsertContent(input: $i) { id } }",
@@ -249,6 +343,18 @@ async fn two_api_replicas_and_a_worker_share_features_decisions_and_learning() {
         assert!(Instant::now() < deadline, "b lists what a stored: {listed}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_api_replicas_and_a_worker_share_features_decisions_and_learning() {
+    let (Some(redis), Some(kafka)) = (service("REDIS_URL"), service("KAFKA_URL")) else {
+        return;
+    };
+    let mut deployment = Deployment::new(&redis, &kafka);
+    let (worker, a, b) = deployment.start_three().await;
+
+    // The catalog is shared: content put through a serves decisions on b.
+    shared_offers(&a, &b).await;
 
     // Events through either replica reach the worker, and both serve what it applied.
     a.track(page_views("alice", "a", 3)).await;
@@ -302,4 +408,101 @@ async fn two_api_replicas_and_a_worker_share_features_decisions_and_learning() {
         "b sees a's observer decision too: {shown_b} after {shown_a}"
     );
     drop(worker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_on_one_replica_reaches_every_process() {
+    let (Some(redis), Some(kafka)) = (service("REDIS_URL"), service("KAFKA_URL")) else {
+        return;
+    };
+    let mut deployment = Deployment::new(&redis, &kafka);
+    let (worker, a, b) = deployment.start_three().await;
+    let worker_dir = deployment.dirs[0].path().to_path_buf();
+    shared_offers(&a, &b).await;
+
+    // Carol is known to b alone (her profile), to the worker (her events) and to b's
+    // decision log.
+    b.upsert("carol", "carol@example.com").await;
+    b.track(page_views("carol", "b", 3)).await;
+    eventually("the worker applied carol's events", || async {
+        let seen = a.page_views("carol").await;
+        (seen == 3.0)
+            .then_some(())
+            .ok_or(format!("page views {seen}"))
+    })
+    .await;
+    let decision = b.decide("carol", false).await;
+    assert!(decision["id"].is_string(), "{decision}");
+    // Dave is erased too, and consents again later.
+    b.upsert("dave", "dave@example.com").await;
+
+    // Both erased through a, which holds none of their profiles.
+    let erased = a.erase("carol").await;
+    assert_eq!(
+        erased["profile"], false,
+        "a never held carol's profile: {erased}"
+    );
+    a.erase("dave").await;
+
+    // b forgets carol: profile, decisions in its own log, and it refuses her events.
+    eventually("b applied the erasure", || async {
+        let export = b.export("carol").await;
+        let done = !export["erasedAt"].is_null()
+            && export["profile"].is_null()
+            && export["decisions"] == json!([])
+            && export["events"] == json!([]);
+        done.then_some(()).ok_or(export.to_string())
+    })
+    .await;
+    assert_eq!(b.accepted(page_views("carol", "b-after", 1)).await, 0);
+    assert_eq!(
+        a.page_views("carol").await,
+        0.0,
+        "the shared features are gone"
+    );
+
+    // A process started after the erasure refuses carol from its first request.
+    let c = deployment.start("api").await;
+    assert_eq!(c.accepted(page_views("carol", "c", 1)).await, 0);
+
+    // The worker applied both erasures to its own stores: its event log has nothing of
+    // carol's left once it stops.
+    eventually("the worker applied the journal", || async {
+        let applied = worker.journal_applied().await;
+        (applied >= 2.0)
+            .then_some(())
+            .ok_or(format!("{applied} entries"))
+    })
+    .await;
+    drop(worker);
+    let store = tailor::storage::embedded::EmbeddedStore::open(&worker_dir).expect("opens");
+    let carol = tailor::customers::CustomerId::parse("id", "carol").unwrap();
+    let left = store
+        .stores()
+        .events
+        .customer_events(&carol, chrono::DateTime::<chrono::Utc>::MIN_UTC)
+        .await
+        .unwrap();
+    assert!(
+        left.is_empty(),
+        "the worker's log kept carol's events: {left:?}"
+    );
+
+    // Dave consents again through b: every replica accepts his events again, and carol
+    // stays erased.
+    b.upsert("dave", "dave@example.com").await;
+    let tries = std::sync::atomic::AtomicUsize::new(0);
+    for replica in [&a, &c] {
+        eventually("every replica accepts dave again", || async {
+            let n = tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let accepted = replica
+                .accepted(page_views("dave", &format!("back-{n}"), 1))
+                .await;
+            (accepted == 1)
+                .then_some(())
+                .ok_or(format!("{accepted} accepted"))
+        })
+        .await;
+    }
+    assert_eq!(a.accepted(page_views("carol", "a-after", 1)).await, 0);
 }

@@ -41,6 +41,11 @@ pub struct Processor {
     metrics: Arc<Metrics>,
     applied: watch::Sender<u64>,
     wake: Notify,
+    /// Customers whose events a batch skipped because they were erased: events from a
+    /// stream that another process accepted before it learned of the erasure. Their
+    /// events are deleted by [`Engine::purge_skipped_erased`](crate::app::Engine), once
+    /// the privacy journal was followed (a consent renewed meanwhile keeps them).
+    skipped_erased: std::sync::Mutex<BTreeSet<CustomerId>>,
 }
 
 impl Processor {
@@ -66,6 +71,7 @@ impl Processor {
             consent,
             metrics,
             applied: watch::channel(committed).0,
+            skipped_erased: std::sync::Mutex::default(),
             wake: Notify::new(),
         }))
     }
@@ -145,6 +151,25 @@ impl Processor {
         Ok(batch.len())
     }
 
+    /// Takes the customers whose events batches skipped as erased since the last call.
+    pub fn take_skipped_erased(&self) -> BTreeSet<CustomerId> {
+        std::mem::take(
+            &mut *self
+                .skipped_erased
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Puts back customers [`Processor::take_skipped_erased`] took whose events could not
+    /// be deleted yet.
+    pub fn keep_skipped_erased(&self, ids: impl IntoIterator<Item = CustomerId>) {
+        self.skipped_erased
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(ids);
+    }
+
     /// The batch without the events of erased customers (an event that passed
     /// ingestion's check just before its customer's erasure completed, or arrived from a
     /// stream, cannot bring the customer back) and without those of customers who have no
@@ -190,6 +215,10 @@ impl Processor {
             })
             .collect();
         if without_erasure > 0 {
+            self.skipped_erased
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend(erased);
             self.metrics
                 .erased_writes_suppressed
                 .add(without_erasure, &[KeyValue::new("kind", "event")]);

@@ -19,6 +19,8 @@
 //! On disk it is one [`DefinitionKind::CatalogCopy`] definition in the local store, under
 //! one of two names written in turn (`a`, `b`, each replaced by a delete and a put), so a
 //! crash during a save leaves the previous copy whole; the one with the higher `seq` wins.
+//! It names the shared store it was read from (its address without credentials): a
+//! process pointed at another deployment does not serve the old one's catalog.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,6 +62,48 @@ struct Saved {
     /// (kind, name, active version).
     active: Vec<(DefinitionKind, String, u32)>,
     content: Vec<ContentItem>,
+    /// The shared store the copy was read from ([`source_of`]); `None` in copies saved
+    /// before it was recorded.
+    #[serde(default)]
+    source: Option<String>,
+}
+
+impl Saved {
+    fn into_kept(self) -> Kept {
+        let mut kept = Kept::default();
+        for d in self.definitions {
+            kept.definitions
+                .entry((d.kind, d.name.clone()))
+                .or_default()
+                .versions
+                .insert(d.version, d);
+        }
+        for (kind, name, version) in self.active {
+            kept.definitions.entry((kind, name)).or_default().active = Some(version);
+        }
+        kept.content = self
+            .content
+            .into_iter()
+            .map(|item| (item.id.clone(), item))
+            .collect();
+        kept
+    }
+}
+
+/// `value` (a `backends.definitions` address) without credentials: what names the shared
+/// store a copy was read from.
+pub fn source_of(value: &str) -> String {
+    let Some((scheme, rest)) = value.split_once("://") else {
+        return value.to_owned();
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let hosts = authority
+        .split(',')
+        .map(|host| host.rsplit_once('@').map_or(host, |(_, host)| host))
+        .collect::<Vec<_>>()
+        .join(",");
+    format!("{scheme}://{hosts}{tail}")
 }
 
 struct State {
@@ -78,6 +122,8 @@ struct State {
 pub struct CatalogCopy {
     /// The local embedded store the copy is saved in.
     local: Arc<dyn DefinitionStore>,
+    /// The shared store it copies ([`source_of`]).
+    source: String,
     /// A std lock: held to read or update the maps, never across an await.
     state: parking_lot::Mutex<State>,
     /// Whether the last read of the shared store failed and was answered from the copy.
@@ -87,9 +133,14 @@ pub struct CatalogCopy {
 }
 
 impl CatalogCopy {
-    /// Reads the copy saved in `local` (the newer of its two names); an empty copy when
-    /// none was saved or neither can be decoded (said in a warning).
-    pub async fn open(local: Arc<dyn DefinitionStore>) -> StorageResult<Arc<CatalogCopy>> {
+    /// Reads the copy of `source` (the shared store's address) saved in `local` (the
+    /// newer of its two names); an empty copy when none was saved, neither can be
+    /// decoded, or the newest was read from another shared store (said in a warning).
+    pub async fn open(
+        local: Arc<dyn DefinitionStore>,
+        source: &str,
+    ) -> StorageResult<Arc<CatalogCopy>> {
+        let source = source_of(source);
         let mut newest: Option<(Saved, usize)> = None;
         for (slot, name) in SLOTS.iter().enumerate() {
             let Some(stored) = local.get(DefinitionKind::CatalogCopy, name, None).await? else {
@@ -114,32 +165,20 @@ impl CatalogCopy {
         };
         if let Some((saved, slot)) = newest {
             state.saved = Some((saved.seq, slot));
-            state.loaded_from = Some(saved.saved_at);
-            for d in saved.definitions {
-                state
-                    .copy
-                    .definitions
-                    .entry((d.kind, d.name.clone()))
-                    .or_default()
-                    .versions
-                    .insert(d.version, d);
+            if saved.source.as_ref().is_some_and(|s| *s != source) {
+                tracing::warn!(
+                    copied = saved.source.as_deref().unwrap_or_default(),
+                    shared = source,
+                    "The local copy of the shared catalog was read from another store; not served"
+                );
+            } else {
+                state.loaded_from = Some(saved.saved_at);
+                state.copy = saved.into_kept();
             }
-            for (kind, name, version) in saved.active {
-                state
-                    .copy
-                    .definitions
-                    .entry((kind, name))
-                    .or_default()
-                    .active = Some(version);
-            }
-            state.copy.content = saved
-                .content
-                .into_iter()
-                .map(|item| (item.id.clone(), item))
-                .collect();
         }
         Ok(Arc::new(CatalogCopy {
             local,
+            source,
             state: parking_lot::Mutex::new(state),
             serving: AtomicBool::new(false),
             saving: tokio::sync::Mutex::new(()),
@@ -185,6 +224,7 @@ impl CatalogCopy {
                 definitions,
                 active,
                 content: copy.content.values().cloned().collect(),
+                source: Some(self.source.clone()),
             };
             (saved, state.changes, slot)
         };
@@ -520,6 +560,9 @@ mod tests {
     use crate::storage::embedded::EmbeddedStore;
     use serde_json::json;
 
+    /// The shared store the tests' copies are of.
+    const SHARED: &str = "redis://user:pass@127.0.0.1:6379/0?prefix=p";
+
     /// What the copy would answer for `kind` and for the content list.
     fn served(copy: &CatalogCopy, kind: DefinitionKind) -> (Vec<Definition>, Vec<ContentItem>) {
         copy.read(|kept| (kept.list(kind), kept.content.values().cloned().collect()))
@@ -533,7 +576,9 @@ mod tests {
         let (shared_dir, local_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let shared = EmbeddedStore::open(shared_dir.path()).unwrap().stores();
         let local = EmbeddedStore::open(local_dir.path()).unwrap().stores();
-        let copy = CatalogCopy::open(local.definitions.clone()).await.unwrap();
+        let copy = CatalogCopy::open(local.definitions.clone(), SHARED)
+            .await
+            .unwrap();
         assert!(!copy.save().await.unwrap(), "nothing read, nothing to save");
         let definitions = CopiedDefinitions::new(shared.definitions.clone(), copy.clone());
         let content = CopiedContent::new(shared.content.clone(), copy.clone());
@@ -564,7 +609,9 @@ mod tests {
         assert!(copy.save().await.unwrap());
         assert!(!copy.save().await.unwrap(), "unchanged since saved");
 
-        let reopened = CatalogCopy::open(local.definitions.clone()).await.unwrap();
+        let reopened = CatalogCopy::open(local.definitions.clone(), SHARED)
+            .await
+            .unwrap();
         assert_eq!(served(&reopened, feature), read);
         assert!(reopened.loaded_from().is_some());
         assert_eq!(
@@ -578,7 +625,9 @@ mod tests {
         definitions.list(feature).await.unwrap();
         assert!(copy.save().await.unwrap());
         assert_eq!(served(&copy, feature).0.len(), 1);
-        let reopened = CatalogCopy::open(local.definitions.clone()).await.unwrap();
+        let reopened = CatalogCopy::open(local.definitions.clone(), SHARED)
+            .await
+            .unwrap();
         assert_eq!(served(&reopened, feature), served(&copy, feature));
 
         // The newest save lost (a crash between its delete and its put): the one before.
@@ -587,7 +636,42 @@ mod tests {
             .delete(DefinitionKind::CatalogCopy, SLOTS[1])
             .await
             .unwrap();
-        let reopened = CatalogCopy::open(local.definitions.clone()).await.unwrap();
+        let reopened = CatalogCopy::open(local.definitions.clone(), SHARED)
+            .await
+            .unwrap();
         assert_eq!(served(&reopened, feature), read);
+
+        // The same store under other credentials is the same store; another one is not
+        // served this copy, and its first save replaces it.
+        let same = "redis://other:secret@127.0.0.1:6379/0?prefix=p";
+        let reopened = CatalogCopy::open(local.definitions.clone(), same)
+            .await
+            .unwrap();
+        assert_eq!(served(&reopened, feature), read);
+        let other = CatalogCopy::open(
+            local.definitions.clone(),
+            "redis://10.0.0.9:6379/0?prefix=p",
+        )
+        .await
+        .unwrap();
+        assert!(!other.has_data(), "a copy of another store is not served");
+        assert_eq!(other.loaded_from(), None);
+        let content = CopiedContent::new(shared.content.clone(), other.clone());
+        content.list().await.unwrap();
+        assert!(other.save().await.unwrap());
+        let reopened = CatalogCopy::open(local.definitions.clone(), SHARED)
+            .await
+            .unwrap();
+        assert!(!reopened.has_data(), "the first store's copy was replaced");
+    }
+
+    #[test]
+    fn a_source_is_its_address_without_credentials() {
+        assert_eq!(source_of(SHARED), "redis://127.0.0.1:6379/0?prefix=p");
+        assert_eq!(
+            source_of("redis+cluster://a:b@h1:7000,:pw@h2:7001?prefix=x"),
+            "redis+cluster://h1:7000,h2:7001?prefix=x"
+        );
+        assert_eq!(source_of("redis://h"), "redis://h");
     }
 }

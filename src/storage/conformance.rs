@@ -25,7 +25,8 @@ use serde_json::{json, Map};
 use super::{
     AppendOutcome, BanditStore, ContentStore, DataKeyStore, DecisionStore, DefinitionKind,
     DefinitionStore, EventLog, ExperimentStore, FeatureStore, KeyOwner, KeyStore, MembershipChange,
-    ProfileStore, SealedField, SegmentStore, StorageResult, StoredProfile, WrappedKey,
+    PrivacyChange, PrivacyEntry, PrivacyJournal, ProfileStore, PublishedTotals, SealedField,
+    SegmentStore, StorageResult, StoredProfile, WrappedKey,
 };
 use crate::auth::{KeyRecord, Role};
 use crate::bandit::linear::LinearStats;
@@ -452,6 +453,150 @@ pub async fn data_keys(store: &dyn DataKeyStore, prefix: &str) {
     );
     assert!(ok("clear", store.clear_erased(&tag).await));
     assert_eq!(ok("erased_at cleared", store.erased_at(&tag).await), None);
+
+    // How far the privacy journal was applied: the last position set wins.
+    for position in [format!("{prefix}1-0"), format!("{prefix}2-5")] {
+        ok(
+            "set journal position",
+            store.set_journal_position(&position).await,
+        );
+        assert_eq!(
+            ok("journal position", store.journal_position().await),
+            Some(position),
+            "the journal position reads back as last set"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Published experiment totals
+// ---------------------------------------------------------------------------------------
+
+/// [`PublishedTotals`] on `published`, which is the same store as `store`: publications
+/// set (not add) a process's figures, totals sum every process's and what `add` added,
+/// and `totals_except` leaves one process out.
+pub async fn published_totals(
+    store: &dyn ExperimentStore,
+    published: &dyn PublishedTotals,
+    prefix: &str,
+) {
+    let exp = format!("{prefix}published");
+    let totals = |exposures, conversions, value: f64| VariantTotals {
+        exposures,
+        conversions,
+        value_sum: value,
+        value_sum_sq: value * value,
+    };
+    let row = |variant: &str, t: VariantTotals| (exp.clone(), variant.to_owned(), t);
+    let (p1, p2) = ("process-1", "process-2");
+    let first = [row("control", totals(2, 1, 1.5))];
+    ok("publish", published.publish(p1, &first).await);
+    ok("publish again", published.publish(p1, &first).await);
+    assert_eq!(
+        ok("totals", store.totals(&exp).await),
+        vec![("control".to_owned(), totals(2, 1, 1.5))],
+        "a publication repeated sets the same figures, it does not add them"
+    );
+    ok(
+        "publish another process",
+        published
+            .publish(
+                p2,
+                &[
+                    row("control", totals(3, 0, 0.0)),
+                    row("treatment", totals(4, 1, 2.0)),
+                ],
+            )
+            .await,
+    );
+    ok("add", store.add(&[row("control", totals(1, 0, 0.0))]).await);
+    assert_eq!(
+        ok("totals", store.totals(&exp).await),
+        vec![
+            ("control".to_owned(), totals(6, 1, 1.5)),
+            ("treatment".to_owned(), totals(4, 1, 2.0)),
+        ],
+        "totals sum every process's figures and what was added"
+    );
+    assert_eq!(
+        ok("totals except", published.totals_except(&exp, p2).await),
+        vec![("control".to_owned(), totals(3, 1, 1.5))],
+        "totals_except leaves that process out"
+    );
+    ok(
+        "publish newer",
+        published
+            .publish(p1, &[row("control", totals(5, 2, 3.0))])
+            .await,
+    );
+    assert_eq!(
+        ok("totals except", published.totals_except(&exp, p2).await),
+        vec![("control".to_owned(), totals(6, 2, 3.0))],
+        "the latest publication replaces the process's figures"
+    );
+    let nan = [row("control", totals(1, 0, f64::NAN))];
+    assert!(
+        published.publish(p1, &nan).await.is_err(),
+        "a figure that is not finite is refused"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Privacy journal
+// ---------------------------------------------------------------------------------------
+
+/// [`PrivacyJournal`]: appends read back in order, strictly after a position, at most
+/// `limit`. The suite must be the journal's only writer while it runs.
+pub async fn privacy_journal(journal: &dyn PrivacyJournal, prefix: &str) {
+    let erased = PrivacyEntry {
+        customer: customer_id(&format!("{prefix}journal-c1")),
+        at: base_time(),
+        change: PrivacyChange::Erased {
+            pseudonym: format!("{prefix}erased-1"),
+        },
+    };
+    let consented = PrivacyEntry {
+        customer: customer_id(&format!("{prefix}journal-c1")),
+        at: base_time() + Duration::seconds(1),
+        change: PrivacyChange::Consented,
+    };
+    let first = ok("append", journal.append(&erased).await);
+    let second = ok("append", journal.append(&consented).await);
+    assert_ne!(first, second, "each entry has its own position");
+    let after_first = ok("read after", journal.read_after(Some(&first), 10).await);
+    assert_eq!(
+        after_first,
+        vec![(second.clone(), consented.clone())],
+        "read_after returns what follows the position, in order"
+    );
+    assert!(
+        ok(
+            "read after the last",
+            journal.read_after(Some(&second), 10).await
+        )
+        .is_empty(),
+        "nothing follows the last entry"
+    );
+    let all = ok(
+        "read from the start",
+        journal.read_after(None, usize::MAX).await,
+    );
+    let at = |p: &str| all.iter().position(|(q, _)| q == p);
+    let (i, j) = (at(&first), at(&second));
+    assert!(
+        i.is_some() && j == i.map(|i| i + 1),
+        "a read from the start holds both entries, in append order"
+    );
+    assert_eq!(
+        all[i.unwrap_or_default()].1,
+        erased,
+        "an entry reads back as appended"
+    );
+    assert_eq!(
+        ok("read one", journal.read_after(None, 1).await).len(),
+        1,
+        "limit bounds a read"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

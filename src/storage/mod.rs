@@ -17,6 +17,7 @@
 
 pub mod catalog_copy;
 pub mod conformance;
+pub mod counted_here;
 pub mod embedded;
 pub mod health;
 #[cfg(feature = "kafka")]
@@ -206,6 +207,49 @@ pub trait DataKeyStore: Send + Sync {
     async fn erased_at(&self, tag: &str) -> StorageResult<Option<DateTime<Utc>>>;
     /// Forgets the erasure marker (the customer consented again). `false`: there was none.
     async fn clear_erased(&self, tag: &str) -> StorageResult<bool>;
+    /// How far this process has applied the deployment's [`PrivacyJournal`]: the
+    /// position of the last entry applied; `None` before the first.
+    async fn journal_position(&self) -> StorageResult<Option<String>>;
+    /// Records that every entry up to and including `position` was applied.
+    async fn set_journal_position(&self, position: &str) -> StorageResult<()>;
+}
+
+/// What one entry of the [`PrivacyJournal`] says happened to a customer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum PrivacyChange {
+    /// Erased at `at`; decisions of theirs are pseudonymised as `pseudonym`.
+    Erased { pseudonym: String },
+    /// Consented again after an erasure: their writes are accepted again.
+    Consented,
+}
+
+/// One entry of the [`PrivacyJournal`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrivacyEntry {
+    pub customer: CustomerId,
+    pub at: DateTime<Utc>,
+    #[serde(flatten)]
+    pub change: PrivacyChange,
+}
+
+/// The erasures (and the consents that lift them) of a deployment whose processes keep
+/// stores of their own (profiles, data keys, event logs, decision logs), in one order
+/// that every process applies to its own stores. On the shared catalog
+/// (`backends.definitions`); a single process has none.
+///
+/// Contract: an `append` that returns `Ok` is durable in the backend and read by every
+/// later `read_after`; `read_after` returns entries in append order, strictly after
+/// `after` (from the first when `None`), at most `limit`, each with its position.
+#[async_trait]
+pub trait PrivacyJournal: Send + Sync {
+    /// Appends and returns the entry's position.
+    async fn append(&self, entry: &PrivacyEntry) -> StorageResult<String>;
+    async fn read_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StorageResult<Vec<(String, PrivacyEntry)>>;
 }
 
 /// Byte strings as standard base64 in JSON.
@@ -421,6 +465,27 @@ pub trait ExperimentStore: Send + Sync {
     async fn totals(&self, experiment: &str) -> StorageResult<Vec<(String, VariantTotals)>>;
 }
 
+/// Experiment totals that each process of a deployment counts in its own store and
+/// publishes whole (the absolute totals, not a delta), so that a publication repeated
+/// after a timeout or an outage counts once ([`counted_here`]). On the shared catalog.
+#[async_trait]
+pub trait PublishedTotals: Send + Sync {
+    /// Sets `process`'s totals of each (experiment, variant) to the value given.
+    async fn publish(
+        &self,
+        process: &str,
+        totals: &[(String, String, VariantTotals)],
+    ) -> StorageResult<()>;
+    /// The totals of every variant of `experiment`, summed over every process but
+    /// `process` (and over what [`ExperimentStore::add`] added to the same store),
+    /// ascending by variant key.
+    async fn totals_except(
+        &self,
+        experiment: &str,
+        process: &str,
+    ) -> StorageResult<Vec<(String, VariantTotals)>>;
+}
+
 /// The kinds of definition the engine keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -435,6 +500,9 @@ pub enum DefinitionKind {
     /// This process's saved copy of a shared catalog ([`catalog_copy`]); only ever in the
     /// local embedded store.
     CatalogCopy,
+    /// This process's own records (its id in shared stores); only ever in the local
+    /// embedded store.
+    Process,
 }
 
 impl DefinitionKind {
@@ -447,6 +515,7 @@ impl DefinitionKind {
             DefinitionKind::Model => "model",
             DefinitionKind::FeatureActivation => "feature_activation",
             DefinitionKind::CatalogCopy => "catalog_copy",
+            DefinitionKind::Process => "process",
         }
     }
 }
@@ -531,6 +600,12 @@ pub struct Stores {
     /// The local copy of the shared catalog that `content` and `definitions` fall back
     /// to while their backend is unreachable; `None` when they are the embedded store.
     pub catalog_copy: Option<Arc<catalog_copy::CatalogCopy>>,
+    /// The deployment's erasures, when its processes share a catalog
+    /// (`backends.definitions` is not embedded); `None` for one process.
+    pub journal: Option<Arc<dyn PrivacyJournal>>,
+    /// With a shared catalog, `experiments` counts in this process's store and this
+    /// publishes its totals there; `None` for one process.
+    pub counted_here: Option<Arc<counted_here::CountedHere>>,
 }
 
 /// Where a stream consumer hands the events it received. `apply` returns once they are
@@ -708,8 +783,10 @@ pub async fn with_backends(
                     stores.decisions = Arc::new(store.decisions(stores.decisions.clone()));
                 }
                 _ => {
-                    // `stores.definitions` is still the local embedded store here.
-                    let copy = catalog_copy::CatalogCopy::open(stores.definitions.clone())
+                    // `stores.definitions` and `stores.experiments` are still the local
+                    // embedded store here.
+                    let local_definitions = stores.definitions.clone();
+                    let copy = catalog_copy::CatalogCopy::open(local_definitions.clone(), value)
                         .await
                         .context("Failed to read the local copy of the shared catalog")?;
                     stores.content = Arc::new(catalog_copy::CopiedContent::new(
@@ -721,8 +798,17 @@ pub async fn with_backends(
                         copy.clone(),
                     ));
                     stores.catalog_copy = Some(copy);
-                    stores.experiments = Arc::new(store.experiments());
+                    let counted = counted_here::CountedHere::open(
+                        stores.experiments.clone(),
+                        local_definitions.clone(),
+                        Arc::new(store.experiments()),
+                    )
+                    .await
+                    .context("Failed to open this process's experiment totals")?;
+                    stores.experiments = counted.clone();
+                    stores.counted_here = Some(counted);
                     stores.keys = Arc::new(store.keys());
+                    stores.journal = Some(Arc::new(store.journal()));
                 }
             }
         }

@@ -36,6 +36,9 @@ pub struct Metrics {
     pub events_ingested: Counter<u64>,
     /// Writes for erased customers refused (`kind`: event, profile).
     pub erased_writes_suppressed: Counter<u64>,
+    /// Privacy journal entries this process applied to its stores (`change`: erased,
+    /// consented).
+    pub privacy_journal_applied: Counter<u64>,
     /// Events not used because their customer has no analytics consent (`stage`:
     /// `ingest`, dropped before storing; `apply`, stored but skipped by the processor).
     pub events_without_consent: Counter<u64>,
@@ -112,6 +115,10 @@ impl Metrics {
             erased_writes_suppressed: counter(
                 "tailor_erased_writes_suppressed_total",
                 "Events and profile updates refused because their customer was erased, by kind",
+            ),
+            privacy_journal_applied: counter(
+                "tailor_privacy_journal_applied_total",
+                "Erasures and renewed consents of the deployment applied to this process's stores, by change",
             ),
             feature_read_latency_ms: ms_histogram(
                 "tailor_feature_read_latency_ms",

@@ -3,7 +3,9 @@
 //! Tables:
 //! - `data_keys`: [`KeyOwner::encode`] (`&str`) → JSON of [`WrappedKey`];
 //! - `erased`: erasure tag (`&str`, a keyed hash of the customer id) → erased at, in
-//!   milliseconds since the epoch (`i64`).
+//!   milliseconds since the epoch (`i64`);
+//! - `privacy_journal`: `"applied"` → the position of the last entry of the deployment's
+//!   privacy journal this process applied (beside the markers it set).
 
 use std::ops::Bound;
 use std::sync::Arc;
@@ -17,10 +19,13 @@ use crate::storage::{DataKeyStore, KeyOwner, StorageError, StorageResult, Wrappe
 
 pub(super) const DATA_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("data_keys");
 pub(super) const ERASED: TableDefinition<&str, i64> = TableDefinition::new("erased");
+const JOURNAL: TableDefinition<&str, &str> = TableDefinition::new("privacy_journal");
+const APPLIED: &str = "applied";
 
 pub(super) fn create_tables(txn: &WriteTransaction) -> StorageResult<()> {
     txn.open_table(DATA_KEYS).map_err(db_err)?;
     txn.open_table(ERASED).map_err(db_err)?;
+    txn.open_table(JOURNAL).map_err(db_err)?;
     Ok(())
 }
 
@@ -174,6 +179,27 @@ impl DataKeyStore for EmbeddedDataKeys {
                 let mut table = txn.open_table(ERASED).map_err(db_err)?;
                 let removed = table.remove(tag.as_str()).map_err(db_err)?.is_some();
                 Ok(removed)
+            })
+            .await
+    }
+
+    async fn journal_position(&self) -> StorageResult<Option<String>> {
+        self.store.read(|txn| {
+            let table = txn.open_table(JOURNAL).map_err(db_err)?;
+            Ok(table
+                .get(APPLIED)
+                .map_err(db_err)?
+                .map(|v| v.value().to_owned()))
+        })
+    }
+
+    async fn set_journal_position(&self, position: &str) -> StorageResult<()> {
+        let position = position.to_owned();
+        self.store
+            .write(move |txn| {
+                let mut table = txn.open_table(JOURNAL).map_err(db_err)?;
+                table.insert(APPLIED, position.as_str()).map_err(db_err)?;
+                Ok(())
             })
             .await
     }

@@ -116,6 +116,8 @@ impl EmbeddedStore {
             keys: Arc::new(keys::EmbeddedKeys::new(self.clone())),
             health: Vec::new(),
             catalog_copy: None,
+            journal: None,
+            counted_here: None,
         }
     }
 

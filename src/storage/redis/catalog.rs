@@ -17,8 +17,15 @@
 //! - `definition_active:{catalog}`: a hash, `<kind>\n<name>` → the active version;
 //! - `experiment_totals:{catalog}:<len>:<experiment>`: a hash, `<variant>\n<total>` → a
 //!   number as 17 significant digits, added to by one script per batch;
+//!   `experiment_totals_by_process:{catalog}:<len>:<experiment>`: a hash,
+//!   `<process>\n<variant>\n<total>` → the process's whole total ([`PublishedTotals`]);
+//!   the experiment's totals are the sum of both;
 //! - `api_keys:{catalog}`: a hash, key id → the record without `revoked_at`;
-//!   `api_keys_revoked:{catalog}`: a hash, key id → the first revocation time.
+//!   `api_keys_revoked:{catalog}`: a hash, key id → the first revocation time;
+//! - `privacy_journal:{catalog}`: a stream, one entry per erasure or renewed consent
+//!   ([`PrivacyJournal`]), its one field `entry` the JSON of a [`PrivacyEntry`]. It is
+//!   never trimmed: a process started later must still learn every erased id, to refuse
+//!   their events (as each process's markers are kept).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, LazyLock};
@@ -35,7 +42,7 @@ use crate::content::ContentItem;
 use crate::experiments::VariantTotals;
 use crate::storage::{
     ContentStore, Definition, DefinitionKind, DefinitionStore, ExperimentStore, KeyStore,
-    StorageError, StorageResult,
+    PrivacyEntry, PrivacyJournal, PublishedTotals, StorageError, StorageResult,
 };
 
 const TAG: &str = "catalog";
@@ -511,12 +518,88 @@ impl RedisExperiments {
     }
 
     fn key(&self, experiment: &str) -> String {
+        self.key_of("experiment_totals", experiment)
+    }
+
+    fn by_process_key(&self, experiment: &str) -> String {
+        self.key_of("experiment_totals_by_process", experiment)
+    }
+
+    fn key_of(&self, kind: &str, experiment: &str) -> String {
         format!(
             "{}:{}:{experiment}",
-            self.store.key("experiment_totals", TAG),
+            self.store.key(kind, TAG),
             experiment.len()
         )
     }
+
+    /// The added totals and every process's published ones of `experiment`, summed per
+    /// variant, leaving out those published by `except`.
+    async fn summed(
+        &self,
+        experiment: &str,
+        except: Option<&str>,
+    ) -> StorageResult<Vec<(String, VariantTotals)>> {
+        let (added, by_process) = (self.key(experiment), self.by_process_key(experiment));
+        let (added, published): (HashMap<String, String>, HashMap<String, String>) = self
+            .store
+            .call("read experiment totals", |mut c| async move {
+                redis::pipe()
+                    .cmd("HGETALL")
+                    .arg(added)
+                    .cmd("HGETALL")
+                    .arg(by_process)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let mut variants: BTreeMap<String, VariantTotals> = BTreeMap::new();
+        for (field, raw) in &added {
+            let what = format!("experiment {experiment} field {field:?}");
+            let Some((variant, total)) = field.rsplit_once('\n') else {
+                return Err(StorageError::Corrupt(format!("{what}: no variant")));
+            };
+            add_total(
+                variants.entry(variant.to_owned()).or_default(),
+                &what,
+                total,
+                raw,
+            )?;
+        }
+        for (field, raw) in &published {
+            let what = format!("experiment {experiment} published field {field:?}");
+            let Some((process, rest)) = field.split_once('\n') else {
+                return Err(StorageError::Corrupt(format!("{what}: no process")));
+            };
+            let Some((variant, total)) = rest.rsplit_once('\n') else {
+                return Err(StorageError::Corrupt(format!("{what}: no variant")));
+            };
+            if except == Some(process) {
+                continue;
+            }
+            add_total(
+                variants.entry(variant.to_owned()).or_default(),
+                &what,
+                total,
+                raw,
+            )?;
+        }
+        Ok(variants.into_iter().collect())
+    }
+}
+
+/// Adds the stored figure `raw` of the named `total` to `sum`.
+fn add_total(sum: &mut VariantTotals, what: &str, total: &str, raw: &str) -> StorageResult<()> {
+    let mut one = VariantTotals::default();
+    match total {
+        "exposures" => one.exposures = stored_count(what, raw)?,
+        "conversions" => one.conversions = stored_count(what, raw)?,
+        "value_sum" => one.value_sum = stored_f64(what, raw)?,
+        "value_sum_sq" => one.value_sum_sq = stored_f64(what, raw)?,
+        _ => return Err(StorageError::Corrupt(format!("{what}: unknown total"))),
+    }
+    sum.merge(one);
+    Ok(())
 }
 
 /// A stored count: whole and not negative.
@@ -569,29 +652,53 @@ impl ExperimentStore for RedisExperiments {
     }
 
     async fn totals(&self, experiment: &str) -> StorageResult<Vec<(String, VariantTotals)>> {
-        let key = self.key(experiment);
-        let all: HashMap<String, String> = self
-            .store
-            .call("read experiment totals", |mut c| async move {
-                redis::cmd("HGETALL").arg(key).query_async(&mut c).await
-            })
-            .await?;
-        let mut variants: BTreeMap<String, VariantTotals> = BTreeMap::new();
-        for (field, raw) in &all {
-            let what = format!("experiment {experiment} field {field:?}");
-            let Some((variant, total)) = field.rsplit_once('\n') else {
-                return Err(StorageError::Corrupt(format!("{what}: no variant")));
-            };
-            let entry = variants.entry(variant.to_owned()).or_default();
-            match total {
-                "exposures" => entry.exposures = stored_count(&what, raw)?,
-                "conversions" => entry.conversions = stored_count(&what, raw)?,
-                "value_sum" => entry.value_sum = stored_f64(&what, raw)?,
-                "value_sum_sq" => entry.value_sum_sq = stored_f64(&what, raw)?,
-                _ => return Err(StorageError::Corrupt(format!("{what}: unknown total"))),
-            }
+        self.summed(experiment, None).await
+    }
+}
+
+#[async_trait]
+impl PublishedTotals for RedisExperiments {
+    async fn publish(
+        &self,
+        process: &str,
+        totals: &[(String, String, VariantTotals)],
+    ) -> StorageResult<()> {
+        VariantTotals::check_finite(totals)?;
+        if process.contains('\n') {
+            return Err(StorageError::Backend(format!(
+                "process id {process:?} holds a line break"
+            )));
         }
-        Ok(variants.into_iter().collect())
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for (experiment, variant, t) in totals {
+            let field = |total: &str| format!("{process}\n{variant}\n{total}");
+            pipe.cmd("HSET")
+                .arg(self.by_process_key(experiment))
+                .arg(field("exposures"))
+                .arg(t.exposures)
+                .arg(field("conversions"))
+                .arg(t.conversions)
+                // Debug formatting of an f64 is the shortest text that parses back exactly.
+                .arg(field("value_sum"))
+                .arg(format!("{:?}", t.value_sum))
+                .arg(field("value_sum_sq"))
+                .arg(format!("{:?}", t.value_sum_sq))
+                .ignore();
+        }
+        self.store
+            .call("publish experiment totals", |mut c| async move {
+                pipe.query_async::<()>(&mut c).await
+            })
+            .await
+    }
+
+    async fn totals_except(
+        &self,
+        experiment: &str,
+        process: &str,
+    ) -> StorageResult<Vec<(String, VariantTotals)>> {
+        self.summed(experiment, Some(process)).await
     }
 }
 
@@ -728,5 +835,80 @@ impl KeyStore for RedisKeys {
         stored
             .map(|(raw, revoked)| Self::record(id, &raw, Some(&revoked)))
             .transpose()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Privacy journal
+// ---------------------------------------------------------------------------------------
+
+/// [`PrivacyJournal`] on Redis: a stream, whose entry ids are the positions.
+pub struct RedisJournal {
+    store: Arc<RedisStore>,
+}
+
+impl RedisJournal {
+    pub fn new(store: Arc<RedisStore>) -> Self {
+        RedisJournal { store }
+    }
+
+    fn key(&self) -> String {
+        self.store.key("privacy_journal", TAG)
+    }
+}
+
+#[async_trait]
+impl PrivacyJournal for RedisJournal {
+    async fn append(&self, entry: &PrivacyEntry) -> StorageResult<String> {
+        let (key, value) = (self.key(), encode("privacy journal entry", entry)?);
+        self.store
+            .call("append to the privacy journal", |mut c| async move {
+                redis::cmd("XADD")
+                    .arg(key)
+                    .arg("*")
+                    .arg("entry")
+                    .arg(value)
+                    .query_async::<String>(&mut c)
+                    .await
+            })
+            .await
+    }
+
+    async fn read_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StorageResult<Vec<(String, PrivacyEntry)>> {
+        let key = self.key();
+        // `(id` is exclusive (Redis 6.2 and later).
+        let start = after.map_or_else(|| "-".to_owned(), |after| format!("({after}"));
+        let raw: Vec<(String, Vec<String>)> = self
+            .store
+            .call("read the privacy journal", |mut c| async move {
+                redis::cmd("XRANGE")
+                    .arg(key)
+                    .arg(start)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(limit.clamp(1, i64::MAX as usize))
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        raw.into_iter()
+            .map(|(position, fields)| {
+                let value = fields
+                    .chunks(2)
+                    .find(|pair| pair[0] == "entry")
+                    .and_then(|pair| pair.get(1))
+                    .ok_or_else(|| {
+                        StorageError::Corrupt(format!(
+                            "privacy journal entry {position}: no field `entry`"
+                        ))
+                    })?;
+                let entry = decode(&format!("privacy journal entry {position}"), value)?;
+                Ok((position, entry))
+            })
+            .collect()
     }
 }

@@ -46,7 +46,9 @@ use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 
 pub use self::bandit::RedisBandit;
 use self::breaker::{Admission, Breaker};
-pub use self::catalog::{RedisContent, RedisDefinitions, RedisExperiments, RedisKeys};
+pub use self::catalog::{
+    RedisContent, RedisDefinitions, RedisExperiments, RedisJournal, RedisKeys,
+};
 pub use self::config::RedisConfig;
 pub use self::decisions::{RedisDecisions, SHARED_DECISION_DAYS};
 pub use self::features::RedisFeatures;
@@ -212,6 +214,10 @@ impl RedisStore {
 
     pub fn keys(self: &Arc<Self>) -> RedisKeys {
         RedisKeys::new(self.clone())
+    }
+
+    pub fn journal(self: &Arc<Self>) -> RedisJournal {
+        RedisJournal::new(self.clone())
     }
 
     /// Decisions shared between replicas, each also kept in `local` (the replica's own

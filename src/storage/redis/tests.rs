@@ -89,6 +89,9 @@ async fn catalog_conforms(var: &str) {
     conformance::definitions(&store.definitions(), &prefix).await;
     conformance::experiments(Arc::new(store.experiments()), &prefix).await;
     conformance::keys(&store.keys(), &prefix).await;
+    conformance::privacy_journal(&store.journal(), &prefix).await;
+    let experiments = store.experiments();
+    conformance::published_totals(&experiments, &experiments, &prefix).await;
 
     // Through the local copy's wrappers, as an engine reads them: the same answers.
     let Some((value, prefix)) = location(var) else {
@@ -99,7 +102,9 @@ async fn catalog_conforms(var: &str) {
     let local = EmbeddedStore::open(dir.path())
         .expect("embedded store")
         .stores();
-    let copy = CatalogCopy::open(local.definitions).await.expect("a copy");
+    let copy = CatalogCopy::open(local.definitions, &value)
+        .await
+        .expect("a copy");
     let content = CopiedContent::new(Arc::new(store.content()), copy.clone());
     let definitions = CopiedDefinitions::new(Arc::new(store.definitions()), copy.clone());
     conformance::content(&content, &prefix).await;
@@ -1038,10 +1043,14 @@ async fn an_engine_starts_while_redis_is_down_from_its_local_catalog_copy() {
     let placement = "home";
     for fault in ["SIGKILL", "SIGSTOP"] {
         let dir = tempfile::tempdir().expect("tempdir");
+        // Every decision is an exposure of this experiment, counted once whatever Redis
+        // did meanwhile.
+        let experiment = format!("outage-{}", &fault[3..].to_lowercase());
+        let mut decided = 0u64;
 
-        // First run, Redis up: the shared catalog gets content and the built-in
-        // features, and the local copy is saved (at open, by the reload task, and at its
-        // shutdown).
+        // First run, Redis up: the shared catalog gets content, an experiment and the
+        // built-in features, and the local copy is saved (at open, by the reload task,
+        // and at its shutdown).
         {
             let engine = Engine::open(shared_settings(&redis.url(), dir.path()))
                 .await
@@ -1053,7 +1062,20 @@ async fn an_engine_starts_while_redis_is_down_from_its_local_catalog_copy() {
                 item.frequency_cap = None;
                 engine.upsert_content(item).await.expect("upsert content");
             }
+            let mut input = crate::demo::experiment();
+            input.key = experiment.clone();
+            engine
+                .experiments
+                .create(input, &|_| true)
+                .await
+                .expect("an experiment");
+            engine
+                .experiments
+                .set_status(&experiment, crate::experiments::Status::Running)
+                .await
+                .expect("it runs");
             let decision = decide_on(&engine, placement).await.expect("a decision");
+            decided += 1;
             assert!(
                 !decision.degraded,
                 "{fault}: a decision on a healthy Redis is whole"
@@ -1079,9 +1101,17 @@ async fn an_engine_starts_while_redis_is_down_from_its_local_catalog_copy() {
         let decision = decide_on(&engine, placement)
             .await
             .expect("a decision while Redis is down, not an error");
+        decided += 1;
         assert!(
             decision.degraded,
             "{fault}: a decision without Redis is degraded"
+        );
+        assert!(
+            decision
+                .experiments
+                .iter()
+                .any(|a| a.experiment == experiment),
+            "{fault}: the experiment assigns from the local copy"
         );
         assert!(
             ["i1", "i2"].contains(&decision.items[0].item.id.as_str()),
@@ -1106,6 +1136,7 @@ async fn an_engine_starts_while_redis_is_down_from_its_local_catalog_copy() {
         let give_up = Instant::now() + Duration::from_secs(60);
         loop {
             let decision = decide_on(&engine, placement).await.expect("a decision");
+            decided += 1;
             if !decision.degraded {
                 break;
             }
@@ -1128,7 +1159,37 @@ async fn an_engine_starts_while_redis_is_down_from_its_local_catalog_copy() {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // Exposures counted while Redis was away are neither lost nor, though some
+        // publications failed or timed out, counted twice; so also after the stop's
+        // last publication.
+        let exposures = |engine: Arc<Engine>| {
+            let experiment = experiment.clone();
+            async move {
+                let results = engine
+                    .experiments
+                    .results(&experiment)
+                    .await
+                    .expect("results")
+                    .expect("the experiment");
+                results
+                    .variants
+                    .iter()
+                    .map(|v| v.summary.exposures)
+                    .sum::<u64>()
+            }
+        };
+        assert_eq!(exposures(engine.clone()).await, decided, "{fault}");
         background.stop().await;
+        drop(engine);
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        let other = Engine::open(shared_settings(&redis.url(), elsewhere.path()))
+            .await
+            .expect("another process opens");
+        assert_eq!(
+            exposures(other).await,
+            decided,
+            "{fault}: another process reads them all from what was published"
+        );
     }
 }
 
