@@ -219,8 +219,6 @@ pub fn segments() -> Vec<(&'static str, Value, &'static str)> {
     ]
 }
 
-/// Builds the demo world unless the store already holds customers.
-/// Then trains and activates a first model unless one exists.
 /// The demo's key file in the data directory: one `ROLE KEY` line per role.
 pub const KEYS_FILE: &str = "demo-keys.txt";
 
@@ -283,6 +281,60 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     options.open(path)?.write_all(text.as_bytes())
 }
 
+/// The demo world (see [`ensure`]) and, with authentication on, its keys.
+pub async fn prepare(engine: &Engine) -> Result<Option<DemoKeys>> {
+    ensure(engine).await?;
+    if engine.settings.auth.enabled {
+        Ok(Some(ensure_keys(engine).await?))
+    } else {
+        Ok(None)
+    }
+}
+
+/// How long [`prepare_when_reachable`] waits between tries.
+const RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// [`prepare`], except that while a backend cannot be reached (a Redis outage) it keeps
+/// trying in the background every few seconds instead of failing, so that the server
+/// starts and serves (degraded) meanwhile. Any other error fails at once. `announce` gets
+/// the keys once they exist.
+pub async fn prepare_when_reachable(
+    engine: Arc<Engine>,
+    announce: impl Fn(&DemoKeys) + Send + 'static,
+) -> Result<()> {
+    let error = match prepare(&engine).await {
+        Ok(keys) => {
+            keys.iter().for_each(&announce);
+            return Ok(());
+        }
+        Err(e) if e.is_unavailable() => e,
+        Err(e) => return Err(e),
+    };
+    tracing::warn!(error = %error, "The demo world waits for its backends; trying again every few seconds");
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(RETRY).await;
+            match prepare(&engine).await {
+                Ok(keys) => {
+                    tracing::info!("The demo world is ready");
+                    keys.iter().for_each(&announce);
+                    return;
+                }
+                Err(e) if e.is_unavailable() => {
+                    tracing::debug!(error = %e, "The demo world still waits for its backends");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "Failed to build the demo world");
+                    return;
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Builds the demo world unless the store already holds customers, then trains and
+/// activates a first model unless one exists.
 pub async fn ensure(engine: &Engine) -> Result<()> {
     if engine.profiles.count().await? > 0 {
         tracing::info!("Demo world already present");

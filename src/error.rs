@@ -34,6 +34,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether a backend could not be reached (trying again later may succeed).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Error::Storage(StorageError::Unavailable(_)))
+    }
+
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         Error::Invalid {
             field: field.into(),

@@ -907,15 +907,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("Failed to listen on {listen}"))?;
             let background = Background::start_role(&engine, role);
             if demo {
-                tailor::demo::ensure(&engine)
+                tailor::demo::prepare_when_reachable(engine.clone(), |keys| println!("{keys}"))
                     .await
                     .context("Failed to build the demo world")?;
-                if engine.settings.auth.enabled {
-                    let keys = tailor::demo::ensure_keys(&engine)
-                        .await
-                        .context("Failed to create the demo's API keys")?;
-                    println!("{keys}");
-                }
             }
             let served = serve_role(engine, role, listener, shutdown_signal()).await;
             background.stop().await;
