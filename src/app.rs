@@ -91,6 +91,8 @@ pub enum Role {
 const CATALOG_TTL: Duration = Duration::from_secs(1);
 /// Privacy journal entries read per call.
 const JOURNAL_READ: usize = 256;
+/// How often bandit statistics written behind are flushed.
+const BANDIT_FLUSH: Duration = Duration::from_millis(100);
 /// How often a process applies the privacy journal.
 const JOURNAL_PERIOD: Duration = Duration::from_secs(1);
 
@@ -314,6 +316,25 @@ impl Engine {
                         tracing::warn!(error = %e, "Failed to delete erased customers' late events")
                     }
                 }
+            }
+        }));
+        // Bandit statistics written behind (Redis): what was added reaches the store
+        // within [`BANDIT_FLUSH`], and what an outage held back once it answers.
+        let engine = self.clone();
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        tasks.push(every(BANDIT_FLUSH, shutdown.clone(), move || {
+            let (engine, failing) = (engine.clone(), failing.clone());
+            async move {
+                let result = engine.stores.bandit.flush().await;
+                let failed = result.is_err();
+                if let Err(e) = result {
+                    if !failing.load(std::sync::atomic::Ordering::Relaxed) {
+                        tracing::warn!(error = %e, "Cannot write bandit statistics; holding them and retrying");
+                    }
+                } else if failing.load(std::sync::atomic::Ordering::Relaxed) {
+                    tracing::info!("Bandit statistics held back are written");
+                }
+                failing.store(failed, std::sync::atomic::Ordering::Relaxed);
             }
         }));
         // Decisions are made (and models' rewards counted) in every role that serves.
@@ -734,8 +755,8 @@ impl Engine {
 }
 
 /// Adds the models' online rewards to the shared totals, and publishes this process's
-/// experiment totals to a shared catalog, every second and once more at shutdown, so
-/// that no counted decision is lost to a stop.
+/// experiment totals to a shared catalog, every second and once more at shutdown (then
+/// also flushing the bandit statistics), so that no counted decision is lost to a stop.
 fn online_rewards(
     engine: Arc<Engine>,
     mut shutdown: watch::Receiver<bool>,
@@ -759,6 +780,9 @@ fn online_rewards(
                 tracing::warn!(error = %e, "Cannot publish the experiment totals counted here; retrying");
             }
             if stopping {
+                if let Err(e) = engine.stores.bandit.flush().await {
+                    tracing::warn!(error = %e, "Bandit statistics not written before the stop are lost");
+                }
                 return;
             }
         }

@@ -396,16 +396,33 @@ async fn two_api_replicas_and_a_worker_share_features_decisions_and_learning() {
     a.reward(&once).await;
     decided += 1.0;
 
-    // Both replicas read the bandit that learned from both (the observer decisions add
-    // impressions as they go).
-    let (shown_a, rewards_a) = a.bandit_totals().await;
-    let (shown_b, rewards_b) = b.bandit_totals().await;
-    assert_eq!(rewards_a, decided, "rewards seen on a");
-    assert_eq!(rewards_b, decided, "rewards seen on b");
+    // Both replicas read the bandit that learned from both, once each wrote what it
+    // holds (every 100 ms; the observer decisions add impressions as they go).
+    eventually("both replicas see every reward", || async {
+        let (rewards_a, rewards_b) = (a.bandit_totals().await.1, b.bandit_totals().await.1);
+        (rewards_a == decided && rewards_b == decided)
+            .then_some(())
+            .ok_or(format!(
+                "rewards {rewards_a} on a, {rewards_b} on b, of {decided}"
+            ))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (shown_a, _) = a.bandit_totals().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (shown_b, _) = b.bandit_totals().await;
     assert!(shown_a >= decided, "impressions seen on a: {shown_a}");
     assert!(
         shown_b > shown_a,
         "b sees a's observer decision too: {shown_b} after {shown_a}"
+    );
+    // No reward is counted twice (the second outcome above included), however long one
+    // waits.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        a.bandit_totals().await.1,
+        decided,
+        "rewards seen on a, later"
     );
     drop(worker);
 }

@@ -468,6 +468,40 @@ pub async fn data_keys(store: &dyn DataKeyStore, prefix: &str) {
     }
 }
 
+/// A [`BanditStore`] whose adds are flushed before they return.
+struct Flushed(Arc<dyn BanditStore>);
+
+#[async_trait::async_trait]
+impl BanditStore for Flushed {
+    async fn add(&self, placement: &str, arm: &str, delta: ArmStats) -> StorageResult<()> {
+        self.0.add(placement, arm, delta).await?;
+        self.0.flush().await
+    }
+
+    async fn get(&self, placement: &str, arms: &[String]) -> StorageResult<Vec<ArmStats>> {
+        self.0.get(placement, arms).await
+    }
+
+    async fn add_linear(
+        &self,
+        placement: &str,
+        arm: &str,
+        delta: &LinearStats,
+    ) -> StorageResult<()> {
+        self.0.add_linear(placement, arm, delta).await?;
+        self.0.flush().await
+    }
+
+    async fn get_linear(
+        &self,
+        placement: &str,
+        arms: &[String],
+        dims: usize,
+    ) -> StorageResult<Vec<LinearStats>> {
+        self.0.get_linear(placement, arms, dims).await
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Published experiment totals
 // ---------------------------------------------------------------------------------------
@@ -1939,6 +1973,9 @@ fn stats(trials: f64, reward: f64) -> ArmStats {
 /// [`BanditStore`]: never-seen arms read as zero, one entry per arm in order, additive
 /// `add`, including concurrent adds from several tasks. Takes an `Arc` to spawn them.
 pub async fn bandit(store: Arc<dyn BanditStore>, prefix: &str) {
+    // Every add flushed at once, so that the reads below see it on a store that writes
+    // behind.
+    let store: Arc<dyn BanditStore> = Arc::new(Flushed(store));
     let p = format!("{prefix}p");
     let p2 = format!("{prefix}p2"); // p is a prefix of p2
     let arms = |names: &[&str]| names.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();

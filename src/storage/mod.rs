@@ -431,7 +431,7 @@ pub trait DecisionStore: Send + Sync {
 /// from many replicas merge by addition.
 #[async_trait]
 pub trait BanditStore: Send + Sync {
-    /// Adds `delta` to the arm's statistics atomically.
+    /// Adds `delta` to the arm's statistics atomically (see [`BanditStore::flush`]).
     async fn add(&self, placement: &str, arm: &str, delta: ArmStats) -> StorageResult<()>;
     /// One entry per arm, in order; never-seen arms read as zero.
     async fn get(&self, placement: &str, arms: &[String]) -> StorageResult<Vec<ArmStats>>;
@@ -451,6 +451,12 @@ pub trait BanditStore: Send + Sync {
         arms: &[String],
         dims: usize,
     ) -> StorageResult<Vec<LinearStats>>;
+    /// Writes what the adds before it hold in memory, on a store that writes behind
+    /// (Redis: reads see an add once flushed, and one that failed for an outage is kept
+    /// and written exactly once by a later flush). The embedded store writes at once.
+    async fn flush(&self) -> StorageResult<()> {
+        Ok(())
+    }
 }
 
 /// Experiment counters per (experiment key, variant key): additive sufficient statistics,

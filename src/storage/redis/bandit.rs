@@ -8,12 +8,26 @@
 //! (`<len>` is the placement's length in bytes, so that no placement/arm pair can spell
 //! another's key.) Values are decimal text that reads back to the exact `f64`.
 //!
-//! Every add is one Lua script that adds each field's delta to its stored value, so
-//! concurrent adds from any number of replicas merge by addition. The script adds in
-//! `f64` and writes 17 significant digits; `HINCRBYFLOAT` would add in long double but
-//! write a fixed 17 decimals, which loses small magnitudes (1e-20 reads back as 0). A sum
-//! that would overflow to infinity is refused and nothing is written.
+//! Adds are written behind: [`BanditStore::add`] and [`BanditStore::add_linear`] sum
+//! their deltas per key and field in memory, and [`BanditStore::flush`] (the engine
+//! calls it every 100 ms and at shutdown) writes them as one batch, one Lua script per
+//! key that adds each field's delta to its stored value, so concurrent writers from any
+//! number of replicas merge by addition, and decisions never wait for Redis to count.
+//! A batch is written exactly once: it carries a sequence number, and each key's script
+//! first checks and then records, in a marker key beside it
+//! (`<key>:applied:<writer>`, kept 7 days), the last number that writer applied there. So
+//! a batch whose call failed or timed out (and may or may not have been applied) is sent
+//! again, unchanged, until every key took it, while newer deltas gather for the next:
+//! an outage loses nothing this process holds, and a retry counts nothing twice. (The
+//! writer id is random per process start: what a stopped process still held is lost
+//! with it, so nothing of an earlier start is ever retried.)
+//!
+//! The script adds in `f64` and writes 17 significant digits; `HINCRBYFLOAT` would add in
+//! long double but write a fixed 17 decimals, which loses small magnitudes (1e-20 reads
+//! back as 0). A sum that would overflow to infinity is refused and nothing is written
+//! to that key.
 
+use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
@@ -25,13 +39,17 @@ use crate::bandit::linear::LinearStats;
 use crate::bandit::ArmStats;
 use crate::storage::{BanditStore, StorageError, StorageResult};
 
-/// KEYS[1]: the hash; ARGV: field, delta, field, delta, … Adds every delta or, when a
-/// sum would not be finite, none.
+/// KEYS[1]: the hash, KEYS[2]: the writer's marker beside it; ARGV[1]: the batch's
+/// sequence number, then field, delta, field, delta, … Unless the writer already
+/// applied this batch (or a later one) here, adds every delta or, when a sum would not
+/// be finite, none; then records the batch.
 static ADD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+local applied = tonumber(redis.call('GET', KEYS[2]) or '0')
+if applied >= tonumber(ARGV[1]) then return 0 end
 local sums = {}
-for i = 1, #ARGV, 2 do
+for i = 2, #ARGV, 2 do
   local current = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
   local sum = current + tonumber(ARGV[i + 1])
   if sum ~= sum or sum == math.huge or sum == -math.huge then
@@ -41,19 +59,123 @@ for i = 1, #ARGV, 2 do
   sums[#sums + 1] = string.format('%.17g', sum)
 end
 redis.call('HSET', KEYS[1], unpack(sums))
+redis.call('SET', KEYS[2], ARGV[1], 'EX', 604800)
 return 1
 ",
     )
 });
 
-/// [`BanditStore`] on Redis.
+/// Deltas per key, each a list of (field, delta) in first-added order.
+type Deltas = HashMap<String, Vec<(String, f64)>>;
+
+/// What is held in memory until written.
+#[derive(Default)]
+struct Pending {
+    /// Added since the batch being sent was cut.
+    adding: Deltas,
+    /// The batch being sent: its number and the keys that have not taken it yet.
+    sending: Option<(u64, Deltas)>,
+    /// The last batch number handed out.
+    last: u64,
+}
+
+/// [`BanditStore`] on Redis, written behind (see the module).
 pub struct RedisBandit {
     store: Arc<RedisStore>,
+    /// This process start's id in the markers.
+    writer: String,
+    /// A std lock: never held across an await.
+    pending: parking_lot::Mutex<Pending>,
+    /// One flush at a time.
+    flushing: tokio::sync::Mutex<()>,
 }
 
 impl RedisBandit {
     pub fn new(store: Arc<RedisStore>) -> Self {
-        RedisBandit { store }
+        RedisBandit {
+            store,
+            writer: uuid::Uuid::now_v7().simple().to_string(),
+            pending: parking_lot::Mutex::default(),
+            flushing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Adds `deltas` to what `key` holds in memory; refuses (changing nothing) a sum
+    /// that would not be finite.
+    fn hold(&self, key: String, deltas: &[(&str, f64)]) -> StorageResult<()> {
+        let mut pending = self.pending.lock();
+        let held = pending.adding.entry(key).or_default();
+        let mut sums = Vec::with_capacity(deltas.len());
+        for (field, delta) in deltas {
+            let current = held
+                .iter()
+                .find(|(f, _)| f == field)
+                .map_or(0.0, |(_, v)| *v);
+            let sum = current + delta;
+            if !sum.is_finite() {
+                return Err(StorageError::Backend(format!(
+                    "refusing a sum that is not finite in field {field}"
+                )));
+            }
+            sums.push((*field, sum));
+        }
+        for (field, sum) in sums {
+            match held.iter_mut().find(|(f, _)| f == field) {
+                Some(slot) => slot.1 = sum,
+                None => held.push((field.to_owned(), sum)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the batch being sent (cutting one from what was added, when there is none)
+    /// to every key that has not taken it. A key that refuses it for good (a sum that
+    /// would not be finite) is dropped from it; the first error is returned.
+    async fn send(&self) -> StorageResult<()> {
+        let (seq, batch) = {
+            let mut pending = self.pending.lock();
+            if pending.sending.is_none() && !pending.adding.is_empty() {
+                let now = u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(0);
+                let seq = now.max(pending.last + 1);
+                pending.last = seq;
+                let batch = std::mem::take(&mut pending.adding);
+                pending.sending = Some((seq, batch));
+            }
+            match &pending.sending {
+                Some((seq, batch)) => (*seq, batch.clone()),
+                None => return Ok(()),
+            }
+        };
+        let results =
+            futures::future::join_all(batch.into_iter().map(|(key, deltas)| async move {
+                let result = self.add_fields(&key, seq, deltas).await;
+                (key, result)
+            }))
+            .await;
+        let mut first_error = None;
+        let mut pending = self.pending.lock();
+        let Some((_, left)) = pending.sending.as_mut() else {
+            return Ok(());
+        };
+        for (key, result) in results {
+            match result {
+                Ok(()) => {
+                    left.remove(&key);
+                }
+                Err(StorageError::Unavailable(e)) => {
+                    first_error.get_or_insert(StorageError::Unavailable(e));
+                }
+                Err(e) => {
+                    tracing::error!(key, error = %e, "Bandit statistics refused by Redis; dropped");
+                    left.remove(&key);
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if left.is_empty() {
+            pending.sending = None;
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     fn tag(placement: &str, arm: &str) -> String {
@@ -71,16 +193,27 @@ impl RedisBandit {
         )
     }
 
-    async fn add_fields(&self, key: String, deltas: Vec<(String, f64)>) -> StorageResult<()> {
-        let mut args: Vec<String> = Vec::with_capacity(2 * deltas.len());
+    async fn add_fields(
+        &self,
+        key: &str,
+        seq: u64,
+        deltas: Vec<(String, f64)>,
+    ) -> StorageResult<()> {
+        let mut args: Vec<String> = Vec::with_capacity(1 + 2 * deltas.len());
+        args.push(seq.to_string());
         for (field, delta) in deltas {
             // Debug formatting of an f64 is the shortest text that parses back exactly.
             args.push(field);
             args.push(format!("{delta:?}"));
         }
+        let keys = [key.to_owned(), format!("{key}:applied:{}", self.writer)];
         self.store
             .call("add bandit statistics", |mut c| async move {
-                ADD.key(key).arg(args).invoke_async::<()>(&mut c).await
+                ADD.key(&keys[0])
+                    .key(&keys[1])
+                    .arg(args)
+                    .invoke_async::<()>(&mut c)
+                    .await
             })
             .await
     }
@@ -147,14 +280,10 @@ impl BanditStore for RedisBandit {
                 "bandit {placement}/{arm}: refusing a non-finite delta {delta:?}"
             )));
         }
-        self.add_fields(
+        self.hold(
             self.arm_key(placement, arm),
-            vec![
-                ("trials".to_owned(), delta.trials),
-                ("reward".to_owned(), delta.reward),
-            ],
+            &[("trials", delta.trials), ("reward", delta.reward)],
         )
-        .await
     }
 
     async fn get(&self, placement: &str, arms: &[String]) -> StorageResult<Vec<ArmStats>> {
@@ -193,9 +322,18 @@ impl BanditStore for RedisBandit {
         let values = std::iter::once(delta.n)
             .chain(delta.b.iter().copied())
             .chain(delta.a.iter().copied());
-        let deltas = linear_fields(delta.dims).into_iter().zip(values).collect();
-        self.add_fields(self.linear_key(placement, arm, delta.dims), deltas)
-            .await
+        let fields = linear_fields(delta.dims);
+        let deltas: Vec<(&str, f64)> = fields.iter().map(String::as_str).zip(values).collect();
+        self.hold(self.linear_key(placement, arm, delta.dims), &deltas)
+    }
+
+    /// Writes what was added (see the module): the batch being sent first, then, once
+    /// every key took it, a new one of what was added since.
+    async fn flush(&self) -> StorageResult<()> {
+        let _flushing = self.flushing.lock().await;
+        // At most twice: a batch left by an earlier failure, then the newer deltas.
+        self.send().await?;
+        self.send().await
     }
 
     async fn get_linear(

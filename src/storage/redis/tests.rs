@@ -356,6 +356,7 @@ async fn bandit_sums_keep_small_magnitudes() {
     };
     for _ in 0..2 {
         bandit.add(&placement, "a", delta).await.expect("add");
+        bandit.flush().await.expect("flush");
     }
     let stats = bandit
         .get(&placement, &["a".to_owned()])
@@ -448,6 +449,8 @@ async fn engine_learns_through_redis(var: &str) {
     // The decision must not degrade because another test paused the server briefly.
     settings.timeouts.feature_read_ms = TIMEOUT.as_millis() as u64;
     let engine = Engine::open(settings).await.expect("engine opens on Redis");
+    // Its background tasks write the bandit statistics behind.
+    let background = crate::app::Background::start(&engine);
 
     let placement = "home";
     for (id, priority) in [("i1", 1), ("i2", 2)] {
@@ -517,6 +520,7 @@ async fn engine_learns_through_redis(var: &str) {
         1.0,
         "the engine reads its statistics from Redis"
     );
+    background.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -965,6 +969,33 @@ async fn decisions_survive_a_killed_and_a_stalled_redis() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    // The bandit learned from the outcome recorded while Redis was killed, once: the
+    // reward was held and written when it came back, and the retries of batches that
+    // timed out against the stalled server counted nothing twice.
+    let arms = ["i1".to_owned(), "i2".to_owned()];
+    let rewards = || {
+        let (engine, arms) = (engine.clone(), arms.clone());
+        async move {
+            engine
+                .stores
+                .bandit
+                .get(placement, &arms)
+                .await
+                .map(|stats| stats.iter().map(|s| s.reward).sum::<f64>())
+                .unwrap_or(-1.0)
+        }
+    };
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while rewards().await != 1.0 {
+        assert!(
+            Instant::now() < give_up,
+            "the outcome recorded during the outage never reached the bandit: {}",
+            rewards().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rewards().await, 1.0, "the reward is counted once");
     let _ = stop.send(true);
 }
 
