@@ -3,7 +3,8 @@
 //! (made by the CLI in the shared store) works on every replica; content put through one
 //! is served by the other; events sent to either replica change the features both serve;
 //! decisions made on either are found by the other (an outcome may reach any replica),
-//! and the bandit learns from both. An erasure made on one replica reaches every
+//! and the bandit learns from both; a feature defined through a replica is backfilled by
+//! the worker from the events it holds. An erasure made on one replica reaches every
 //! process's own stores (profiles, erasure markers, event logs, decision logs), a
 //! process started later refuses the erased id, and renewed consent reaches them all.
 //!
@@ -377,6 +378,27 @@ async fn two_api_replicas_and_a_worker_share_features_decisions_and_learning() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // A feature defined through an API replica is backfilled by the worker, from the
+    // events it holds: alice's history counts at once, not only what comes after.
+    a.graphql(
+        r#"mutation { defineFeature(name: "views_all", definition: {kind: "count", event_type: "page_view", window: "30d"}) { name } }"#,
+        json!({}),
+    )
+    .await;
+    eventually("the worker backfilled the new feature", || async {
+        let data = a
+            .graphql(
+                r#"{ features(customerId: "alice", names: ["views_all"]) { value } }"#,
+                json!({}),
+            )
+            .await;
+        let value = data["features"][0]["value"].as_f64();
+        (value == Some(5.0))
+            .then_some(())
+            .ok_or(format!("views_all of alice: {value:?}"))
+    })
+    .await;
 
     // Decisions made on each replica, rewarded through the other one.
     let mut decided = 0.0;

@@ -590,7 +590,33 @@ impl FeatureService {
         self.reload().await
     }
 
-    /// Folds every event already applied live into the new version's state.
+    /// Backfills from this process's event log every stateful version it has not
+    /// backfilled yet (a version defined by another process of the deployment, or while
+    /// this one was stopped), under the apply lock: what a process that applies events
+    /// runs at start and every second. Returns how many versions it backfilled. On a
+    /// process that never backfilled before (an older data directory) this recomputes
+    /// every stateful version once.
+    pub async fn backfill_new_versions(&self) -> Result<usize> {
+        let _guard = self.apply_lock.lock().await;
+        let catalog = self.catalog();
+        let mut done = 0;
+        for (key, spec) in catalog.live_stateful() {
+            if self
+                .stores
+                .events
+                .committed_offset(&backfill_mark(&key))
+                .await?
+                == 0
+            {
+                self.backfill(&key, spec).await?;
+                done += 1;
+            }
+        }
+        Ok(done)
+    }
+
+    /// Folds every event already applied live into the new version's state, and records
+    /// in the event log that this version was backfilled from it.
     async fn backfill(&self, key: &FeatureKey, spec: &FeatureSpec) -> Result<()> {
         let events = &self.stores.events;
         let until = events.committed_offset(PROCESSOR).await?;
@@ -616,6 +642,7 @@ impl FeatureService {
             let rest = updates.split_off(updates.len().saturating_sub(2048));
             self.stores.features.write(rest).await?;
         }
+        events.commit_offset(&backfill_mark(key), until + 1).await?;
         tracing::info!(feature = %key, until, "Backfilled feature version");
         Ok(())
     }
@@ -949,6 +976,12 @@ fn ks_distance(a: &mut [f64], b: &mut [f64]) -> f64 {
         d = d.max((i as f64 / a.len() as f64 - j as f64 / b.len() as f64).abs());
     }
     d
+}
+
+/// The consumer name under which an event log records that `key` was backfilled from
+/// it (the offset: the last sequence number folded, plus one, so never 0).
+fn backfill_mark(key: &FeatureKey) -> String {
+    format!("backfill:{key}")
 }
 
 #[cfg(test)]
