@@ -351,20 +351,23 @@ impl Engine {
                     .spawn_consumer(sink, self.metrics.clone(), shutdown.clone()),
             );
         }
-        // Feature versions defined elsewhere (another process of the deployment) or while
-        // this one was stopped are backfilled from this process's event log: at start,
-        // then each second.
-        let features = self.features.clone();
-        let backfill = move || {
-            let features = features.clone();
-            async move {
-                if let Err(e) = features.backfill_new_versions().await {
-                    tracing::warn!(error = %e, "Failed to backfill new feature versions");
+        // With shared definitions, feature versions defined elsewhere (another process of
+        // the deployment) or while this one was stopped are backfilled from this
+        // process's event log: at start, then each second. (With its own definitions, a
+        // process backfills each version as it defines it.)
+        if self.settings.backends.definitions != "embedded" {
+            let features = self.features.clone();
+            let backfill = move || {
+                let features = features.clone();
+                async move {
+                    if let Err(e) = features.backfill_new_versions().await {
+                        tracing::warn!(error = %e, "Failed to backfill new feature versions");
+                    }
                 }
-            }
-        };
-        tasks.push(tokio::spawn(backfill()));
-        tasks.push(every(Duration::from_secs(1), shutdown.clone(), backfill));
+            };
+            tasks.push(tokio::spawn(backfill()));
+            tasks.push(every(Duration::from_secs(1), shutdown.clone(), backfill));
+        }
         let segments = self.segments.clone();
         tasks.push(every(
             Duration::from_secs(self.settings.segments.refresh_interval_secs.max(1)),

@@ -11,14 +11,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-const PATIENCE: Duration = Duration::from_secs(120);
+mod common;
+use common::free_port;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+const PATIENCE: Duration = Duration::from_secs(120);
 
 /// A child process, killed when dropped.
 struct Killed(Child);

@@ -18,14 +18,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-const PATIENCE: Duration = Duration::from_secs(90);
+mod common;
+use common::free_port;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+const PATIENCE: Duration = Duration::from_secs(90);
 
 /// `$var`, or `None` after saying why the test cannot run (a failure under `CI=true`).
 fn service(var: &str) -> Option<String> {

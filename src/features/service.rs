@@ -593,7 +593,7 @@ impl FeatureService {
     /// Backfills from this process's event log every stateful version it has not
     /// backfilled yet (a version defined by another process of the deployment, or while
     /// this one was stopped), under the apply lock: what a process that applies events
-    /// runs at start and every second. Returns how many versions it backfilled. On a
+    /// with shared definitions runs at start and every second. Returns how many versions it backfilled. On a
     /// process that never backfilled before (an older data directory) this recomputes
     /// every stateful version once.
     pub async fn backfill_new_versions(&self) -> Result<usize> {

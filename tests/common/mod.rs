@@ -158,3 +158,11 @@ pub fn first_error(resp: &Value) -> (String, String) {
         e["message"].as_str().unwrap_or_default().to_owned(),
     )
 }
+
+/// A port nothing listens on now (for a server a test starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
