@@ -78,7 +78,8 @@ check() {
 # exit status, so the binary is run directly). Compose resolves `${VAR:-default}` from
 # the environment: render with the defaults.
 compose_bin="$("$VENV/bin/python" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')"
-compose() { env -u TAILOR_LOG -u GRAFANA_ADMIN_PASSWORD "$compose_bin" -f docker/compose.yaml "$@"; }
+# The master key has no default (it must be the deployment's own): render with a dummy.
+compose() { env -u TAILOR_LOG -u GRAFANA_ADMIN_PASSWORD TAILOR_ENCRYPTION_KEY=rendering-only "$compose_bin" -f docker/compose.yaml "$@"; }
 
 check "compose.yaml renders (docker compose config)" compose config --quiet
 check "compose.yaml matches the Compose Specification schema" \

@@ -45,9 +45,11 @@ def check_env(compose: dict) -> None:
     if not top:
         fail("src/config.rs: no `pub struct Settings` found")
         return
+    # The variable that holds the master key by default is not a setting.
+    master_key = re.search(r'DEFAULT_MASTER_KEY_ENV: &str = "([A-Z_]+)"', config)
     for service_name, service in compose["services"].items():
         for var in service.get("environment") or {}:
-            if not var.startswith("TAILOR_"):
+            if not var.startswith("TAILOR_") or (master_key and var == master_key.group(1)):
                 continue
             parts = var[len("TAILOR_"):].lower().split("__")
             if parts[0] not in top:

@@ -93,6 +93,16 @@ const CATALOG_TTL: Duration = Duration::from_secs(1);
 const JOURNAL_READ: usize = 256;
 /// How often bandit statistics written behind are flushed.
 const BANDIT_FLUSH: Duration = Duration::from_millis(100);
+/// Which stores an erasure reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// Every store this process uses, the shared ones included: the process that took
+    /// the request.
+    Shared,
+    /// Only the stores this process keeps for itself: applying the privacy journal.
+    Own,
+}
+
 /// How often a process applies the privacy journal.
 const JOURNAL_PERIOD: Duration = Duration::from_secs(1);
 
@@ -128,6 +138,15 @@ impl Engine {
     ) -> Result<Arc<Engine>> {
         let metrics = Arc::new(Metrics::new()?);
         metrics.observe_backends(&stores.health);
+        if stores.shared.profiles && crate::privacy::keys::uses_generated_key(&settings.encryption)
+        {
+            return Err(Error::invalid(
+                "encryption.key_env",
+                "backends.profiles is shared by every process of the deployment, so they \
+                 must all use one master key: set the variable encryption.key_env names, \
+                 or encryption.key_file (a generated key is this data directory's own)",
+            ));
+        }
         let ring = KeyRing::load(&settings.encryption, &settings.data_dir)?;
         let profiles =
             Arc::new(Profiles::open(&stores, ring, &settings.encryption.sensitive_traits).await?);
@@ -547,7 +566,7 @@ impl Engine {
     pub async fn erase_customer(&self, id: &CustomerId) -> Result<Erasure> {
         let at = Utc::now();
         let pseudonym = format!("erased-{}", uuid::Uuid::now_v7());
-        let erasure = self.erase_here(id, at, &pseudonym).await?;
+        let erasure = self.erase_here(id, at, &pseudonym, Reach::Shared).await?;
         if let Some(journal) = &self.stores.journal {
             let entry = PrivacyEntry {
                 customer: id.clone(),
@@ -565,22 +584,38 @@ impl Engine {
         Ok(erasure)
     }
 
-    /// Erasure on this process's own stores (and the shared ones it reaches), as of
-    /// `at`; decisions are pseudonymised as `pseudonym`.
+    /// Erasure on this process's own stores, and with [`Reach::Shared`] on the stores
+    /// every process shares too, as of `at`; decisions are pseudonymised as `pseudonym`.
     async fn erase_here(
         &self,
         id: &CustomerId,
         at: chrono::DateTime<Utc>,
         pseudonym: &str,
+        reach: Reach,
     ) -> Result<Erasure> {
         let _guard = self.customer_locks.lock(id).await;
         // Under the processor's lock: no batch applies this customer's events meanwhile,
         // so nothing is re-created behind the erasure.
         let _applying = self.features.apply_lock().lock().await;
-        let profile = self.profiles.forget(id, at).await?;
+        let shared = self.stores.shared;
+        // A shared store was erased by the process that took the request: erasing it
+        // again from the journal could delete what the customer gave after consenting
+        // again (a profile, new features), when this process catches up late.
+        let everywhere = reach == Reach::Shared;
+        let profile = if everywhere || !shared.profiles {
+            self.profiles.forget(id, at).await?
+        } else {
+            false
+        };
         let events = self.stores.events.delete_customer(id).await?;
-        self.stores.features.delete_customer(id).await?;
-        let left = self.stores.segments.remove_customer(id).await?;
+        if everywhere || !shared.features {
+            self.stores.features.delete_customer(id).await?;
+        }
+        let left = if everywhere || !shared.segments {
+            self.stores.segments.remove_customer(id).await?
+        } else {
+            Vec::new()
+        };
         self.segments.announce(&left);
         let decisions = self.stores.decisions.pseudonymise(id, pseudonym).await?;
         Ok(Erasure {
@@ -664,7 +699,7 @@ impl Engine {
         let id = &entry.customer;
         match &entry.change {
             PrivacyChange::Erased { pseudonym } => {
-                let erasure = self.erase_here(id, entry.at, pseudonym).await?;
+                let erasure = self.erase_here(id, entry.at, pseudonym, Reach::Own).await?;
                 if erasure.profile || erasure.events > 0 || erasure.decisions > 0 {
                     tracing::info!(
                         events = erasure.events,
@@ -673,6 +708,8 @@ impl Engine {
                     );
                 }
             }
+            // The process that took the consent cleared the shared marker itself.
+            PrivacyChange::Consented if self.stores.shared.profiles => {}
             PrivacyChange::Consented => {
                 let _guard = self.customer_locks.lock(id).await;
                 // A later erasure made here (and not yet in the journal) stays.

@@ -594,6 +594,14 @@ async fn rotate_master(store: Store) -> anyhow::Result<()> {
     let ring = tailor::privacy::KeyRing::load(&settings.encryption, &settings.data_dir)?;
     let mut stores = embedded.stores();
     stores.data_keys = tailor::storage::embedded::open_keyring(&settings.data_dir)?;
+    // Shared data keys (`backends.profiles` on Redis) are re-wrapped where they are.
+    let stores = tailor::storage::with_backends(
+        stores,
+        &settings.backends,
+        settings.timeouts.backend(),
+        &settings.breaker,
+    )
+    .await?;
     let profiles =
         tailor::privacy::Profiles::open(&stores, ring, &settings.encryption.sensitive_traits)
             .await

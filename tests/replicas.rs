@@ -63,9 +63,41 @@ fn admin_key(redis: &str) -> String {
     String::from_utf8(created.stdout).unwrap().trim().to_owned()
 }
 
-async fn start(role: &str, data_dir: &Path, redis: &str, kafka: &str, key: &str) -> Server {
+/// Where a deployment's processes keep what they share.
+#[derive(Clone)]
+struct Shape {
+    redis: String,
+    kafka: String,
+    /// `Some`: profiles (with their data keys) on Redis too, every process under this
+    /// master key.
+    master_key: Option<String>,
+}
+
+impl Shape {
+    /// `tailor` with this shape's backends.
+    fn command(&self) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tailor"));
+        let redis = &self.redis;
+        command
+            .env("TAILOR_BACKENDS__FEATURES", redis)
+            .env("TAILOR_BACKENDS__SEGMENTS", redis)
+            .env("TAILOR_BACKENDS__BANDIT", redis)
+            .env("TAILOR_BACKENDS__DECISIONS", redis)
+            .env("TAILOR_BACKENDS__DEFINITIONS", redis)
+            .env("TAILOR_BACKENDS__EVENTS", &self.kafka);
+        if let Some(master_key) = &self.master_key {
+            command
+                .env("TAILOR_BACKENDS__PROFILES", redis)
+                .env("TAILOR_ENCRYPTION_KEY", master_key);
+        }
+        command
+    }
+}
+
+async fn start(role: &str, data_dir: &Path, shape: &Shape, key: &str) -> Server {
     let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_tailor"))
+    let child = shape
+        .command()
         .args([
             "serve",
             "--role",
@@ -78,12 +110,6 @@ async fn start(role: &str, data_dir: &Path, redis: &str, kafka: &str, key: &str)
         .env("RUST_LOG", "warn")
         .env("TAILOR_RULES__DIR", "")
         .env("TAILOR_RULES__PLUGINS_DIR", "")
-        .env("TAILOR_BACKENDS__FEATURES", redis)
-        .env("TAILOR_BACKENDS__SEGMENTS", redis)
-        .env("TAILOR_BACKENDS__BANDIT", redis)
-        .env("TAILOR_BACKENDS__DECISIONS", redis)
-        .env("TAILOR_BACKENDS__DEFINITIONS", redis)
-        .env("TAILOR_BACKENDS__EVENTS", kafka)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -184,6 +210,16 @@ impl Server {
         .await;
     }
 
+    async fn ids_by_email(&self, email: &str) -> Value {
+        let data = self
+            .graphql(
+                "query($e: String!) { customerIdsByEmail(email: $e) }",
+                json!({"e": email}),
+            )
+            .await;
+        data["customerIdsByEmail"].clone()
+    }
+
     async fn erase(&self, customer: &str) -> Value {
         let data = self
             .graphql(
@@ -260,8 +296,7 @@ fn page_views(customer: &str, from: &str, n: usize) -> Vec<Value> {
 
 /// A deployment of its own (key prefix, topics, consumer group) on the shared servers.
 struct Deployment {
-    redis: String,
-    kafka: String,
+    shape: Shape,
     key: String,
     dirs: Vec<tempfile::TempDir>,
 }
@@ -274,17 +309,27 @@ impl Deployment {
         // One key for every replica.
         let key = admin_key(&redis);
         Deployment {
-            redis,
-            kafka,
+            shape: Shape {
+                redis,
+                kafka,
+                master_key: None,
+            },
             key,
             dirs: Vec::new(),
         }
     }
 
+    /// Profiles on Redis too, under one master key.
+    fn with_shared_profiles(redis: &str, kafka: &str) -> Deployment {
+        let mut deployment = Deployment::new(redis, kafka);
+        deployment.shape.master_key = Some("42".repeat(32));
+        deployment
+    }
+
     /// A `role` process on a data directory of its own.
     async fn start(&mut self, role: &str) -> Server {
         let dir = tempfile::tempdir().unwrap();
-        let server = start(role, dir.path(), &self.redis, &self.kafka, &self.key).await;
+        let server = start(role, dir.path(), &self.shape, &self.key).await;
         self.dirs.push(dir);
         server
     }
@@ -293,11 +338,11 @@ impl Deployment {
     /// built-in feature is defined once, by whichever gets there first).
     async fn start_three(&mut self) -> (Server, Server, Server) {
         let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-        let (redis, kafka, key) = (&self.redis, &self.kafka, &self.key);
+        let (shape, key) = (&self.shape, &self.key);
         let started = tokio::join!(
-            start("worker", dirs[0].path(), redis, kafka, key),
-            start("api", dirs[1].path(), redis, kafka, key),
-            start("api", dirs[2].path(), redis, kafka, key),
+            start("worker", dirs[0].path(), shape, key),
+            start("api", dirs[1].path(), shape, key),
+            start("api", dirs[2].path(), shape, key),
         );
         self.dirs.extend(dirs);
         started
@@ -540,4 +585,83 @@ async fn an_erasure_on_one_replica_reaches_every_process() {
         .await;
     }
     assert_eq!(a.accepted(page_views("carol", "a-after", 1)).await, 0);
+}
+
+/// With `backends.profiles` on Redis too, the API replicas keep nothing of a customer's
+/// profile: one written through a replica is read, decrypted, and found by its email on
+/// the other; an erasure through one is seen by all at once; and a process catching up
+/// with the privacy journal late (erased, then consented again) leaves alone the profile
+/// the customer gave after consenting again. A process whose master key is its data
+/// directory's own refuses to start on shared profiles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profiles_on_redis_are_one_truth_for_every_process() {
+    let (Some(redis), Some(kafka)) = (service("REDIS_URL"), service("KAFKA_URL")) else {
+        return;
+    };
+    let mut deployment = Deployment::with_shared_profiles(&redis, &kafka);
+    let (worker, a, b) = deployment.start_three().await;
+
+    a.upsert("erin", "erin@example.com").await;
+    let export = b.export("erin").await;
+    assert_eq!(
+        export["profile"]["email"], "erin@example.com",
+        "b reads, decrypted, what a wrote: {export}"
+    );
+    assert_eq!(b.ids_by_email(" Erin@Example.com").await, json!(["erin"]));
+
+    // Erased through a: b holds no copy, so it is gone there at once.
+    a.erase("erin").await;
+    let export = b.export("erin").await;
+    assert!(
+        export["profile"].is_null() && !export["erasedAt"].is_null(),
+        "b sees the erasure at once: {export}"
+    );
+    assert_eq!(b.accepted(page_views("erin", "b", 1)).await, 0);
+    assert_eq!(b.ids_by_email("erin@example.com").await, json!([]));
+
+    // Erin consents again through b, with a new email.
+    b.upsert("erin", "erin@new.example").await;
+    // A process started now applies the whole journal (the erasure, then the consent)
+    // before it serves; the worker and a apply it too, each in its own time.
+    let c = deployment.start("api").await;
+    for (name, process) in [("c", &c), ("a", &a), ("worker", &worker)] {
+        eventually(&format!("{name} applied the journal"), || async {
+            let applied = process.journal_applied().await;
+            (applied >= 2.0)
+                .then_some(())
+                .ok_or(format!("{applied} entries"))
+        })
+        .await;
+    }
+    for replica in [&a, &b, &c] {
+        let export = replica.export("erin").await;
+        assert_eq!(
+            export["profile"]["email"], "erin@new.example",
+            "the profile given after consenting again stays: {export}"
+        );
+        assert!(export["erasedAt"].is_null(), "{export}");
+    }
+    assert_eq!(c.accepted(page_views("erin", "c", 1)).await, 1);
+    assert_eq!(a.ids_by_email("erin@new.example").await, json!(["erin"]));
+    assert_eq!(a.ids_by_email("erin@example.com").await, json!([]));
+
+    // Without a master key of the deployment's (the generated key is one data
+    // directory's own), a process refuses to start on shared profiles.
+    let dir = tempfile::tempdir().unwrap();
+    let mut shape = deployment.shape.clone();
+    shape.master_key = None;
+    let refused = shape
+        .command()
+        .env("TAILOR_BACKENDS__PROFILES", &shape.redis)
+        .env_remove("TAILOR_ENCRYPTION_KEY")
+        .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port())])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .expect("tailor runs");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("encryption.key_env"),
+        "{refused:?}"
+    );
 }

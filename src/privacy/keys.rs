@@ -133,11 +133,7 @@ impl KeyRing {
     /// warning that names its path, never the key); then the previous ones, and — when
     /// the current key is the generated kind — every other `*.key` in that directory.
     pub fn load(settings: &EncryptionSettings, data_dir: &Path) -> anyhow::Result<KeyRing> {
-        let from_env = (!settings.key_env.is_empty())
-            .then(|| std::env::var(&settings.key_env).ok())
-            .flatten()
-            .filter(|v| !v.trim().is_empty())
-            .map(Zeroizing::new);
+        let from_env = key_from_env(settings);
         let mut previous = Vec::new();
         let current = if let Some(text) = from_env {
             MasterKey::parse(&settings.key_id, &text)
@@ -174,6 +170,21 @@ impl KeyRing {
         }
         KeyRing::new(current, previous).context("encryption.previous_keys")
     }
+}
+
+/// The current master key's text from `key_env`, when that variable is set and not empty.
+fn key_from_env(settings: &EncryptionSettings) -> Option<Zeroizing<String>> {
+    (!settings.key_env.is_empty())
+        .then(|| std::env::var(&settings.key_env).ok())
+        .flatten()
+        .filter(|v| !v.trim().is_empty())
+        .map(Zeroizing::new)
+}
+
+/// Whether [`KeyRing::load`] would use the generated key of the data directory (neither
+/// `key_env` nor `key_file` gives one): a key no other process has.
+pub fn uses_generated_key(settings: &EncryptionSettings) -> bool {
+    settings.key_file.is_empty() && key_from_env(settings).is_none()
 }
 
 fn read_key_file(id: &str, path: &Path, field: &str) -> anyhow::Result<MasterKey> {

@@ -125,11 +125,13 @@ impl Profiles {
         ids: &[CustomerId],
     ) -> StorageResult<Vec<(bool, Option<Consent>)>> {
         let consents = self.store.consents(ids).await?;
-        let mut out = Vec::with_capacity(ids.len());
-        for (id, consent) in ids.iter().zip(consents) {
-            out.push((self.erased_at(id).await?.is_some(), consent));
-        }
-        Ok(out)
+        let tags: Vec<String> = ids.iter().map(|id| self.index.erasure_tag(id)).collect();
+        let erased = self.keys.erased_many(&tags).await?;
+        Ok(erased
+            .into_iter()
+            .zip(consents)
+            .map(|(erased, consent)| (erased.is_some(), consent))
+            .collect())
     }
 
     /// Seals and stores the whole profile (merging is the caller's job).

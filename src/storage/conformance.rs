@@ -451,6 +451,17 @@ pub async fn data_keys(store: &dyn DataKeyStore, prefix: &str) {
         ok("other tag", store.erased_at(&format!("{tag}x")).await),
         None
     );
+    assert_eq!(
+        ok(
+            "erased_many",
+            store
+                .erased_many(&[format!("{tag}x"), tag.clone(), tag.clone()])
+                .await
+        ),
+        vec![None, Some(later), Some(later)],
+        "erased_many must give each tag's marker in order"
+    );
+    assert!(ok("erased_many of none", store.erased_many(&[]).await).is_empty());
     assert!(ok("clear", store.clear_erased(&tag).await));
     assert_eq!(ok("erased_at cleared", store.erased_at(&tag).await), None);
 

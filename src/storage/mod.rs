@@ -205,6 +205,15 @@ pub trait DataKeyStore: Send + Sync {
     async fn mark_erased(&self, tag: &str, at: DateTime<Utc>) -> StorageResult<()>;
     /// When the customer behind `tag` was erased; `None`: not erased (or re-consented).
     async fn erased_at(&self, tag: &str) -> StorageResult<Option<DateTime<Utc>>>;
+    /// [`DataKeyStore::erased_at`] of each tag, in order: what admitting a batch of
+    /// events reads. A backend over the network reads them together.
+    async fn erased_many(&self, tags: &[String]) -> StorageResult<Vec<Option<DateTime<Utc>>>> {
+        let mut out = Vec::with_capacity(tags.len());
+        for tag in tags {
+            out.push(self.erased_at(tag).await?);
+        }
+        Ok(out)
+    }
     /// Forgets the erasure marker (the customer consented again). `false`: there was none.
     async fn clear_erased(&self, tag: &str) -> StorageResult<bool>;
     /// How far this process has applied the deployment's [`PrivacyJournal`]: the
@@ -612,6 +621,19 @@ pub struct Stores {
     /// With a shared catalog, `experiments` counts in this process's store and this
     /// publishes its totals there; `None` for one process.
     pub counted_here: Option<Arc<counted_here::CountedHere>>,
+    /// Which of these every process of the deployment shares.
+    pub shared: Shared,
+}
+
+/// Which capabilities live on a backend that every process of the deployment shares: a
+/// change one process made there, the others must not make again (an erasure applied
+/// from the privacy journal touches only the stores a process keeps for itself).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Shared {
+    /// Profiles, their data keys and the erasure markers (`backends.profiles`).
+    pub profiles: bool,
+    pub features: bool,
+    pub segments: bool,
 }
 
 /// Where a stream consumer hands the events it received. `apply` returns once they are
@@ -686,8 +708,14 @@ pub async fn open_event_stream(
 
 /// Capabilities that a Redis URL may serve.
 #[cfg(feature = "redis")]
-const REDIS_CAPABILITIES: [&str; 5] =
-    ["features", "segments", "bandit", "decisions", "definitions"];
+const REDIS_CAPABILITIES: [&str; 6] = [
+    "profiles",
+    "features",
+    "segments",
+    "bandit",
+    "decisions",
+    "definitions",
+];
 
 /// Whether this build can serve `capability` (a `backends.*` key) from `value`; the
 /// error says why not, without echoing secrets.
@@ -756,6 +784,7 @@ pub async fn with_backends(
         let mut connected: Vec<(String, Arc<redis::RedisStore>, Vec<&str>)> = Vec::new();
         for capability in REDIS_CAPABILITIES {
             let value = match capability {
+                "profiles" => &backends.profiles,
                 "features" => &backends.features,
                 "segments" => &backends.segments,
                 "bandit" => &backends.bandit,
@@ -782,8 +811,19 @@ pub async fn with_backends(
                 }
             };
             match capability {
-                "features" => stores.features = Arc::new(store.features()),
-                "segments" => stores.segments = Arc::new(store.segments()),
+                "profiles" => {
+                    stores.profiles = Arc::new(store.profiles());
+                    stores.data_keys = Arc::new(store.data_keys(stores.data_keys.clone()));
+                    stores.shared.profiles = true;
+                }
+                "features" => {
+                    stores.features = Arc::new(store.features());
+                    stores.shared.features = true;
+                }
+                "segments" => {
+                    stores.segments = Arc::new(store.segments());
+                    stores.shared.segments = true;
+                }
                 "bandit" => stores.bandit = Arc::new(store.bandit()),
                 "decisions" => {
                     stores.decisions = Arc::new(store.decisions(stores.decisions.clone()));

@@ -160,15 +160,26 @@ impl DataKeyStore for EmbeddedDataKeys {
     }
 
     async fn erased_at(&self, tag: &str) -> StorageResult<Option<DateTime<Utc>>> {
+        Ok(self.erased_many(&[tag.to_owned()]).await?.pop().flatten())
+    }
+
+    async fn erased_many(&self, tags: &[String]) -> StorageResult<Vec<Option<DateTime<Utc>>>> {
+        // One snapshot for the whole batch.
         self.store.read(|txn| {
             let table = txn.open_table(ERASED).map_err(db_err)?;
-            let Some(value) = table.get(tag).map_err(db_err)? else {
-                return Ok(None);
-            };
-            let ms = value.value();
-            DateTime::from_timestamp_millis(ms)
-                .map(Some)
-                .ok_or_else(|| StorageError::Corrupt(format!("erasure marker {tag}: time {ms}")))
+            tags.iter()
+                .map(|tag| {
+                    let Some(value) = table.get(tag.as_str()).map_err(db_err)? else {
+                        return Ok(None);
+                    };
+                    let ms = value.value();
+                    DateTime::from_timestamp_millis(ms)
+                        .map(Some)
+                        .ok_or_else(|| {
+                            StorageError::Corrupt(format!("erasure marker {tag}: time {ms}"))
+                        })
+                })
+                .collect()
         })
     }
 

@@ -118,6 +118,7 @@ impl EmbeddedStore {
             catalog_copy: None,
             journal: None,
             counted_here: None,
+            shared: crate::storage::Shared::default(),
         }
     }
 

@@ -1,12 +1,12 @@
-//! The Redis backend (cargo feature `redis`): [`FeatureStore`], [`SegmentStore`],
-//! [`BanditStore`], the shared side of [`DecisionStore`], and the catalog every replica
-//! must agree on (content, definitions, experiment totals, API keys) on one Redis server
-//! or a Redis Cluster.
+//! The Redis backend (cargo feature `redis`): [`ProfileStore`] with its
+//! [`DataKeyStore`], [`FeatureStore`], [`SegmentStore`], [`BanditStore`], the shared side
+//! of [`DecisionStore`], and the catalog every replica must agree on (content,
+//! definitions, experiment totals, API keys) on one Redis server or a Redis Cluster.
 //!
 //! - `config.rs`: the `redis://` / `redis+cluster://` values of `backends.*`;
 //! - `breaker.rs`: the circuit breaker every call goes through;
-//! - `features.rs`, `segments.rs`, `bandit.rs`, `decisions.rs`, `catalog.rs`: one
-//!   capability each, with its key layout;
+//! - `profiles.rs`, `features.rs`, `segments.rs`, `bandit.rs`, `decisions.rs`,
+//!   `catalog.rs`: one capability each, with its key layout;
 //! - `tests.rs`: the conformance suites against real servers.
 //!
 //! Keys carry a hash tag (`{...}`) so that everything one write must change atomically
@@ -32,6 +32,7 @@ mod catalog;
 pub mod config;
 mod decisions;
 mod features;
+mod profiles;
 mod segments;
 #[cfg(test)]
 mod tests;
@@ -52,9 +53,10 @@ pub use self::catalog::{
 pub use self::config::RedisConfig;
 pub use self::decisions::{RedisDecisions, SHARED_DECISION_DAYS};
 pub use self::features::RedisFeatures;
+pub use self::profiles::{RedisDataKeys, RedisProfiles};
 pub use self::segments::RedisSegments;
 use crate::storage::health::BreakerStats;
-use crate::storage::{DecisionStore, StorageError, StorageResult};
+use crate::storage::{DataKeyStore, DecisionStore, StorageError, StorageResult};
 
 /// One connection to a server or a cluster, shared by the capabilities that use it.
 ///
@@ -186,6 +188,16 @@ impl RedisStore {
             redis::cmd("PING").query_async::<()>(&mut c).await
         })
         .await
+    }
+
+    pub fn profiles(self: &Arc<Self>) -> RedisProfiles {
+        RedisProfiles::new(self.clone())
+    }
+
+    /// Data keys and erasure markers shared by every process; this process's position
+    /// in the privacy journal stays in `local`.
+    pub fn data_keys(self: &Arc<Self>, local: Arc<dyn DataKeyStore>) -> RedisDataKeys {
+        RedisDataKeys::new(self.clone(), local)
     }
 
     pub fn features(self: &Arc<Self>) -> RedisFeatures {

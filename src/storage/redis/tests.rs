@@ -79,6 +79,22 @@ async fn bandit_conforms(var: &str) {
     conformance::bandit(Arc::new(store.bandit()), &prefix).await;
 }
 
+/// Profiles, and data keys with erasure markers (the journal position stays local).
+async fn profiles_conform(var: &str) {
+    let Some((value, prefix)) = location(var) else {
+        return;
+    };
+    let store = connect(&value, TIMEOUT).await;
+    conformance::profiles(&store.profiles(), &prefix).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local = crate::storage::embedded::open_keyring(dir.path()).expect("keyring");
+    conformance::data_keys(&store.data_keys(local.clone()), &prefix).await;
+    assert!(
+        local.journal_position().await.expect("position").is_some(),
+        "the journal position is kept in the local keyring"
+    );
+}
+
 /// The catalog: content, definitions, experiment totals and API keys.
 async fn catalog_conforms(var: &str) {
     let Some((value, prefix)) = location(var) else {
@@ -280,6 +296,16 @@ async fn features_conform_on_a_single_server() {
 #[tokio::test]
 async fn features_conform_on_a_cluster() {
     features_conform(CLUSTER).await;
+}
+
+#[tokio::test]
+async fn profiles_conform_on_a_single_server() {
+    profiles_conform(SINGLE).await;
+}
+
+#[tokio::test]
+async fn profiles_conform_on_a_cluster() {
+    profiles_conform(CLUSTER).await;
 }
 
 #[tokio::test]
