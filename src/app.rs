@@ -321,12 +321,22 @@ impl Engine {
         // Erasures made by other processes of the deployment reach this one's stores,
         // then events that batches skipped as erased are deleted.
         let engine = self.clone();
+        // Warnings say when following starts and stops failing, not every second.
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         tasks.push(every(JOURNAL_PERIOD, shutdown.clone(), move || {
-            let engine = engine.clone();
+            let (engine, failing) = (engine.clone(), failing.clone());
             async move {
-                if let Err(e) = engine.follow_privacy_journal().await {
-                    tracing::warn!(error = %e, "Failed to apply the privacy journal");
+                let followed = engine.follow_privacy_journal().await;
+                let was_failing =
+                    failing.swap(followed.is_err(), std::sync::atomic::Ordering::Relaxed);
+                if let Err(e) = followed {
+                    if !was_failing {
+                        tracing::warn!(error = %e, "Cannot apply the privacy journal; retrying every second");
+                    }
                     return;
+                }
+                if was_failing {
+                    tracing::info!("The privacy journal is applied again");
                 }
                 match engine.purge_skipped_erased().await {
                     Ok(0) => {}
