@@ -259,6 +259,11 @@ impl Processor {
     /// after a crash, before the offset was committed: hooks are written to be idempotent.
     /// Returns the profiles it read (without PII, as stored once the hooks ran: segment
     /// evaluation reads them rather than the store) and the customers whose traits changed.
+    ///
+    /// The batch's profiles and segment lists are read together, without the customers'
+    /// locks: hooks rarely change traits. A customer whose traits a hook changed is read
+    /// again under their lock; if an update changed the profile since the batch read it,
+    /// the hooks run again on the profile as stored now, so no update is overwritten.
     async fn run_event_rules(
         &self,
         rules: &RuleSet,
@@ -271,78 +276,108 @@ impl Processor {
                 .or_default()
                 .push(event);
         }
-        let mut read = HashMap::with_capacity(by_customer.len());
+        let ids: Vec<CustomerId> = by_customer.keys().map(|&id| id.clone()).collect();
+        let profiles = self.profiles.get_many_without_pii(&ids).await?;
+        let segments = self.stores.segments.segments_of_many(&ids).await?;
+        let mut read = HashMap::with_capacity(ids.len());
         let mut changed_customers = BTreeSet::new();
-        for (id, events) in by_customer {
-            let _guard = self.locks.lock(id).await;
+        for ((id, profile), segments) in ids.into_iter().zip(profiles).zip(segments) {
             // Hooks see traits, never PII: the PII stays sealed unless traits change.
-            let Some(mut profile) = self.profiles.get_without_pii(id).await? else {
+            let Some(mut profile) = profile else {
                 continue;
             };
-            let segments = self.stores.segments.segments_of(id).await?;
-            let purposes = self.consent.resolve(Some(&profile.consent));
-            let mut changed = false;
-            // Rebuilt only when a hook changed the traits it shows.
-            let mut customer: Option<CustomerView> = None;
-            for stored in events {
-                let event = &stored.event;
-                let customer = customer.get_or_insert_with(|| {
-                    CustomerView(Arc::new(CustomerData {
-                        id: id.as_str().to_owned(),
-                        known: true,
-                        traits: host::map_of(&profile.traits),
-                        segments: segments.clone(),
-                        personalization: purposes.personalization,
-                        marketing: purposes.marketing,
-                        analytics: purposes.analytics,
-                        now: event.timestamp,
-                        ..Default::default()
-                    }))
-                });
-                if customer.0.now != event.timestamp {
-                    Arc::make_mut(&mut customer.0).now = event.timestamp;
-                }
-                let view = event_map(
-                    &event.event_id,
-                    &event.event_type,
-                    event.timestamp,
-                    &serde_json::Value::Object(event.properties.clone()),
-                );
-                let (changes, failures) = rules.on_event(customer, &view);
-                for failure in failures {
-                    tracing::warn!(rule = %failure.rule, error = %failure.error, event = %event.event_id, "on_event skipped");
-                    self.metrics.rule_error(&failure.rule);
-                }
-                let mut shown_changed = false;
-                for (key, value) in changes {
-                    if profile.traits.get(&key) == Some(&value) {
-                        continue;
-                    }
-                    shown_changed = true;
-                    if value.is_null() {
-                        profile.traits.remove(&key);
-                    } else {
-                        profile.traits.insert(key, value);
+            let events = &by_customer[&id];
+            if let Some(before) = self.run_hooks(rules, &mut profile, &segments, events) {
+                let _guard = self.locks.lock(&id).await;
+                let Some(mut now) = self.profiles.get_without_pii(&id).await? else {
+                    continue;
+                };
+                let changed = if now.traits == before && now.consent == profile.consent {
+                    now.traits = std::mem::take(&mut profile.traits);
+                    true
+                } else {
+                    self.run_hooks(rules, &mut now, &segments, events).is_some()
+                };
+                profile = now;
+                if changed {
+                    // The whole profile, PII too, read again under the same lock.
+                    if let Some(mut full) = self.profiles.get(&id).await? {
+                        full.traits = profile.traits.clone();
+                        full.updated_at = Utc::now();
+                        profile.updated_at = full.updated_at;
+                        self.profiles.put(&full).await?;
+                        changed_customers.insert(id.clone());
                     }
                 }
-                if shown_changed {
-                    changed = true;
-                    Arc::make_mut(&mut customer.0).traits = host::map_of(&profile.traits);
-                }
             }
-            if changed {
-                // The whole profile, PII too, read again under the same lock.
-                if let Some(mut full) = self.profiles.get(id).await? {
-                    full.traits = profile.traits.clone();
-                    full.updated_at = Utc::now();
-                    profile.updated_at = full.updated_at;
-                    self.profiles.put(&full).await?;
-                    changed_customers.insert(id.clone());
-                }
-            }
-            read.insert(id.clone(), profile);
+            read.insert(id, profile);
         }
         Ok((read, changed_customers))
+    }
+
+    /// Runs the `on_event` hooks over one customer's events in order, applying the trait
+    /// changes they return to `profile`; returns the traits as they were before the first
+    /// change, `None` when nothing changed.
+    fn run_hooks(
+        &self,
+        rules: &RuleSet,
+        profile: &mut Customer,
+        segments: &[String],
+        events: &[&StoredEvent],
+    ) -> Option<serde_json::Map<String, serde_json::Value>> {
+        let purposes = self.consent.resolve(Some(&profile.consent));
+        let mut before = None;
+        // Rebuilt only when a hook changed the traits it shows.
+        let mut customer: Option<CustomerView> = None;
+        for stored in events {
+            let event = &stored.event;
+            let customer = customer.get_or_insert_with(|| {
+                CustomerView(Arc::new(CustomerData {
+                    id: profile.id.as_str().to_owned(),
+                    known: true,
+                    traits: host::map_of(&profile.traits),
+                    segments: segments.to_vec(),
+                    personalization: purposes.personalization,
+                    marketing: purposes.marketing,
+                    analytics: purposes.analytics,
+                    now: event.timestamp,
+                    ..Default::default()
+                }))
+            });
+            if customer.0.now != event.timestamp {
+                Arc::make_mut(&mut customer.0).now = event.timestamp;
+            }
+            let view = event_map(
+                &event.event_id,
+                &event.event_type,
+                event.timestamp,
+                &serde_json::Value::Object(event.properties.clone()),
+            );
+            let (changes, failures) = rules.on_event(customer, &view);
+            for failure in failures {
+                tracing::warn!(rule = %failure.rule, error = %failure.error, event = %event.event_id, "on_event skipped");
+                self.metrics.rule_error(&failure.rule);
+            }
+            let mut shown_changed = false;
+            for (key, value) in changes {
+                if profile.traits.get(&key) == Some(&value) {
+                    continue;
+                }
+                if before.is_none() {
+                    before = Some(profile.traits.clone());
+                }
+                shown_changed = true;
+                if value.is_null() {
+                    profile.traits.remove(&key);
+                } else {
+                    profile.traits.insert(key, value);
+                }
+            }
+            if shown_changed {
+                Arc::make_mut(&mut customer.0).traits = host::map_of(&profile.traits);
+            }
+        }
+        before
     }
 
     pub fn wake(&self) {

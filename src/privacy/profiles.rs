@@ -107,14 +107,33 @@ impl Profiles {
     /// Never `put` what this returns: that would drop the PII. `None`: no such customer.
     pub async fn get_without_pii(&self, id: &CustomerId) -> StorageResult<Option<Customer>> {
         match self.store.get(id).await? {
-            Some(mut stored) => {
-                stored
-                    .sealed
-                    .retain(|field, _| field.starts_with(TRAIT_FIELD));
-                self.open_profile(stored).await.map(Some)
-            }
+            Some(stored) => self.open_without_pii(stored).await.map(Some),
             None => Ok(None),
         }
+    }
+
+    /// [`Profiles::get_without_pii`] of each id, in order, read together where the store
+    /// can (one snapshot of the embedded store).
+    pub async fn get_many_without_pii(
+        &self,
+        ids: &[CustomerId],
+    ) -> StorageResult<Vec<Option<Customer>>> {
+        let stored = self.store.get_many(ids).await?;
+        let mut out = Vec::with_capacity(stored.len());
+        for profile in stored {
+            out.push(match profile {
+                Some(profile) => Some(self.open_without_pii(profile).await?),
+                None => None,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn open_without_pii(&self, mut stored: StoredProfile) -> StorageResult<Customer> {
+        stored
+            .sealed
+            .retain(|field, _| field.starts_with(TRAIT_FIELD));
+        self.open_profile(stored).await
     }
 
     /// What admitting each id's events needs, in order: whether the customer was erased

@@ -138,6 +138,14 @@ pub async fn profiles(store: &dyn ProfileStore, prefix: &str) {
     }
     let mut ids: Vec<CustomerId> = expected.values().map(|c| c.id.clone()).collect();
     ids.insert(1, id("missing"));
+    let mut stored: Vec<Option<StoredProfile>> = expected.values().cloned().map(Some).collect();
+    stored.insert(1, None);
+    assert_eq!(
+        ok("get_many", store.get_many(&ids).await),
+        stored,
+        "get_many must give each id's profile in order, None where there is none"
+    );
+    assert!(ok("get_many of none", store.get_many(&[]).await).is_empty());
     let mut consents: Vec<Option<Consent>> =
         expected.values().map(|c| Some(c.consent.clone())).collect();
     consents.insert(1, None);
@@ -1393,6 +1401,25 @@ pub async fn segments(store: &dyn SegmentStore, prefix: &str) {
         ok("segments_of c2", store.segments_of(&c2).await).is_empty(),
         "a customer who left every segment has none"
     );
+    assert_eq!(
+        ok(
+            "segments_of_many",
+            store
+                .segments_of_many(&[c10.clone(), c2.clone(), c1.clone()])
+                .await
+        ),
+        vec![
+            vec![s1.clone()],
+            Vec::new(),
+            vec![s.clone(), s1.clone(), s2.clone()]
+        ],
+        "segments_of_many must give each customer's segments, in order"
+    );
+    assert!(ok(
+        "segments_of_many of none",
+        store.segments_of_many(&[]).await
+    )
+    .is_empty());
 
     // Clear: the segment and all its memberships; nothing else.
     ok("clear", store.clear(&s1).await);

@@ -95,6 +95,15 @@ pub struct StoredProfile {
 pub trait ProfileStore: Send + Sync {
     /// `None`: no customer with this id.
     async fn get(&self, id: &CustomerId) -> StorageResult<Option<StoredProfile>>;
+    /// [`ProfileStore::get`] of each id, in order: what a batch of events reads. A
+    /// backend that can reads them in one snapshot.
+    async fn get_many(&self, ids: &[CustomerId]) -> StorageResult<Vec<Option<StoredProfile>>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.push(self.get(id).await?);
+        }
+        Ok(out)
+    }
     /// The stored consent of each id, in order (`None`: no profile): what admitting events
     /// reads, without decoding the rest of the profile. A backend that can reads them in
     /// one snapshot.
@@ -378,6 +387,15 @@ pub trait SegmentStore: Send + Sync {
     ) -> StorageResult<Vec<CustomerId>>;
     /// The customer's segments, sorted by name.
     async fn segments_of(&self, customer: &CustomerId) -> StorageResult<Vec<String>>;
+    /// [`SegmentStore::segments_of`] of each customer, in order. A backend that can
+    /// reads them in one snapshot.
+    async fn segments_of_many(&self, customers: &[CustomerId]) -> StorageResult<Vec<Vec<String>>> {
+        let mut out = Vec::with_capacity(customers.len());
+        for customer in customers {
+            out.push(self.segments_of(customer).await?);
+        }
+        Ok(out)
+    }
     /// Drops the segment and all its memberships.
     async fn clear(&self, segment: &str) -> StorageResult<()>;
     /// Removes the customer from every segment, returning the leaves.

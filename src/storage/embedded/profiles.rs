@@ -51,12 +51,22 @@ fn old_index(table: &redb::Table<&str, &[u8]>, id: &str) -> StorageResult<Option
 #[async_trait]
 impl ProfileStore for EmbeddedProfiles {
     async fn get(&self, id: &CustomerId) -> StorageResult<Option<StoredProfile>> {
+        Ok(self
+            .get_many(std::slice::from_ref(id))
+            .await?
+            .pop()
+            .flatten())
+    }
+
+    async fn get_many(&self, ids: &[CustomerId]) -> StorageResult<Vec<Option<StoredProfile>>> {
         self.store.read(|txn| {
             let table = txn.open_table(PROFILES).map_err(db_err)?;
-            let Some(value) = table.get(id.as_str()).map_err(db_err)? else {
-                return Ok(None);
-            };
-            decode("profile", id, value.value()).map(Some)
+            ids.iter()
+                .map(|id| match table.get(id.as_str()).map_err(db_err)? {
+                    Some(value) => decode("profile", id, value.value()).map(Some),
+                    None => Ok(None),
+                })
+                .collect()
         })
     }
 

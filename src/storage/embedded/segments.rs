@@ -175,21 +175,33 @@ impl SegmentStore for EmbeddedSegments {
     }
 
     async fn segments_of(&self, customer: &CustomerId) -> StorageResult<Vec<String>> {
+        Ok(self
+            .segments_of_many(std::slice::from_ref(customer))
+            .await?
+            .pop()
+            .unwrap_or_default())
+    }
+
+    async fn segments_of_many(&self, customers: &[CustomerId]) -> StorageResult<Vec<Vec<String>>> {
         self.store.read(|txn| {
             let by_customer = txn.open_table(CUSTOMER_SEGMENTS).map_err(db_err)?;
-            let mut out = Vec::new();
-            for entry in by_customer
-                .range((customer.as_str(), "")..)
-                .map_err(db_err)?
-            {
-                let (key, _) = entry.map_err(db_err)?;
-                let (owner, segment) = key.value();
-                if owner != customer.as_str() {
-                    break;
+            let mut all = Vec::with_capacity(customers.len());
+            for customer in customers {
+                let mut out = Vec::new();
+                for entry in by_customer
+                    .range((customer.as_str(), "")..)
+                    .map_err(db_err)?
+                {
+                    let (key, _) = entry.map_err(db_err)?;
+                    let (owner, segment) = key.value();
+                    if owner != customer.as_str() {
+                        break;
+                    }
+                    out.push(segment.to_owned());
                 }
-                out.push(segment.to_owned());
+                all.push(out);
             }
-            Ok(out)
+            Ok(all)
         })
     }
 

@@ -243,6 +243,10 @@ impl ProfileStore for RedisProfiles {
         Ok(self.record(id).await?.map(|r| r.profile))
     }
 
+    async fn get_many(&self, ids: &[CustomerId]) -> StorageResult<Vec<Option<StoredProfile>>> {
+        self.profiles(ids).await
+    }
+
     async fn consents(&self, ids: &[CustomerId]) -> StorageResult<Vec<Option<Consent>>> {
         let keys = ids.iter().map(|id| self.record_key(id.as_str())).collect();
         let raw = read_all(&self.store, "read consents", keys).await?;

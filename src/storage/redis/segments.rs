@@ -23,6 +23,9 @@ use super::RedisStore;
 use crate::customers::CustomerId;
 use crate::storage::{MembershipChange, SegmentStore, StorageError, StorageResult};
 
+/// How many customers' segment lists `segments_of_many` has in flight at once.
+const READS_IN_FLIGHT: usize = 64;
+
 /// How many members `clear` moves per round trip.
 const CLEAR_BATCH: isize = 500;
 
@@ -260,6 +263,15 @@ impl SegmentStore for RedisSegments {
                 c.zrange(key, 0, -1).await
             })
             .await
+    }
+
+    async fn segments_of_many(&self, customers: &[CustomerId]) -> StorageResult<Vec<Vec<String>>> {
+        // READS_IN_FLIGHT at a time on the multiplexed connection.
+        let mut out = Vec::with_capacity(customers.len());
+        for chunk in customers.chunks(READS_IN_FLIGHT) {
+            out.extend(try_join_all(chunk.iter().map(|c| self.segments_of(c))).await?);
+        }
+        Ok(out)
     }
 
     async fn clear(&self, segment: &str) -> StorageResult<()> {
