@@ -1368,3 +1368,107 @@ async fn keys_fail_closed_while_redis_is_down() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Profiles on Redis (`backends.profiles`), their server killed: a decision goes on
+/// without the profile, marked degraded; events and profile writes are refused as
+/// unavailable (their consent and erasure cannot be checked) rather than taken unchecked;
+/// once the server is back, the profile written before the outage reads again, decrypted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn profiles_on_a_killed_redis_degrade_decisions_and_refuse_writes() {
+    let Some(mut redis) = PrivateRedis::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_file = dir.path().join("master.key");
+    std::fs::write(&key_file, "5a".repeat(32)).expect("key file");
+    let mut settings = Settings {
+        data_dir: dir.path().join("data"),
+        ..Settings::default()
+    };
+    settings.rules.dir = String::new();
+    settings.rules.plugins_dir = String::new();
+    settings.backends.profiles = redis.url();
+    settings.encryption.key_file = key_file.display().to_string();
+    settings.timeouts.backend_ms = 1_000;
+    settings.breaker.failure_threshold = 3;
+    settings.breaker.cool_down_ms = 500;
+    let engine = Engine::open(settings).await.expect("engine opens on Redis");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    engine.spawn_background(stopped);
+    for (id, priority) in [("i1", 1), ("i2", 2)] {
+        let mut item = sample_content_item(id, priority);
+        item.placements = vec!["home".to_owned()];
+        item.frequency_cap = None;
+        engine.upsert_content(item).await.expect("upsert content");
+    }
+    let now = chrono::Utc::now();
+    let customer = crate::customers::Customer {
+        id: customer_id("c1"),
+        traits: serde_json::Map::new(),
+        pii: crate::customers::Pii {
+            email: Some("c1@example.com".into()),
+            ..Default::default()
+        },
+        consent: Default::default(),
+        created_at: now,
+        updated_at: now,
+    };
+    engine
+        .profiles
+        .put(&customer)
+        .await
+        .expect("profile stored");
+    let healthy = decide_on(&engine, "home").await.expect("a decision");
+    assert!(!healthy.degraded, "a decision with Redis up is whole");
+    let event =
+        |n: u32| json!({"eventId": format!("e{n}"), "customerId": "c1", "type": "page_view"});
+
+    redis.kill();
+    let decision = decide_on(&engine, "home")
+        .await
+        .expect("a decision without the profile's Redis");
+    assert!(
+        decision.degraded,
+        "a decision without its profile is degraded"
+    );
+    let refused = engine
+        .ingestor
+        .ingest(vec![event(1)])
+        .await
+        .expect_err("events are not taken unchecked");
+    assert!(refused.is_unavailable(), "{refused}");
+    let refused = engine
+        .profiles
+        .put(&customer)
+        .await
+        .expect_err("profile writes fail");
+    assert!(matches!(refused, StorageError::Unavailable(_)), "{refused}");
+
+    redis.resume();
+    let give_up = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(d) = decide_on(&engine, "home").await {
+            if !d.degraded {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < give_up,
+            "decisions never became whole again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let read = engine
+        .customer(&customer_id("c1"))
+        .await
+        .expect("a read")
+        .expect("the profile survived the outage");
+    assert_eq!(read.pii.email.as_deref(), Some("c1@example.com"));
+    let report = engine
+        .ingestor
+        .ingest(vec![event(2)])
+        .await
+        .expect("ingest");
+    assert_eq!(report.accepted, 1, "events are taken again");
+    let _ = stop.send(true);
+}
