@@ -7,6 +7,11 @@
 //! cargo run --release --features kafka --example kafka_throughput -- kafka://127.0.0.1:9092 [EVENTS]
 //! ```
 //!
+//! With `FEATURES_REDIS=redis://…` (a build with `--features kafka,redis`), features and
+//! segments live on that Redis, as in a scaled-out deployment, and the worker claims the
+//! event ids it reads there; append `&dedup_window_secs=0` to the broker URL to measure
+//! the same without the claims.
+//!
 //! Prints the ingest rate (acknowledged) and the end-to-end rate (first event ingested to
 //! last event applied by the worker), as JSON.
 
@@ -21,7 +26,8 @@ use tailor::config::Settings;
 const CUSTOMERS: usize = 1_000;
 const PER_REQUEST: usize = 500;
 
-fn settings(dir: &std::path::Path, events: &str) -> Settings {
+/// `redis`: where features and segments live, when not in the embedded store.
+fn settings(dir: &std::path::Path, events: &str, redis: Option<&str>) -> Settings {
     let mut settings = Settings {
         data_dir: dir.to_path_buf(),
         ..Settings::default()
@@ -29,6 +35,10 @@ fn settings(dir: &std::path::Path, events: &str) -> Settings {
     settings.rules.dir = String::new();
     settings.rules.plugins_dir = String::new();
     settings.backends.events = events.to_owned();
+    if let Some(redis) = redis {
+        settings.backends.features = redis.to_owned();
+        settings.backends.segments = redis.to_owned();
+    }
     settings
 }
 
@@ -43,12 +53,17 @@ async fn main() -> anyhow::Result<()> {
         None => 100_000,
     };
     let id = uuid::Uuid::now_v7().simple().to_string();
-    let url = format!("{broker}?topic_prefix=bench{id}.&group=bench{id}");
+    // Parameters given with the broker (`kafka://h:p?dedup_window_secs=0`) are kept.
+    let (broker, given) = broker.split_once('?').unwrap_or((&broker, ""));
+    let url = format!("{broker}?topic_prefix=bench{id}.&group=bench{id}&{given}");
 
     let api_dir = tempfile::tempdir()?;
     let worker_dir = tempfile::tempdir()?;
-    let api = Engine::open(settings(api_dir.path(), &url)).await?;
-    let worker = Engine::open(settings(worker_dir.path(), &url)).await?;
+    let redis = std::env::var("FEATURES_REDIS")
+        .ok()
+        .map(|r| format!("{r}?prefix=bench{id}:"));
+    let api = Engine::open(settings(api_dir.path(), &url, redis.as_deref())).await?;
+    let worker = Engine::open(settings(worker_dir.path(), &url, redis.as_deref())).await?;
     let api_tasks = Background::start_role(&api, Role::Api);
     let worker_tasks = Background::start_role(&worker, Role::Worker);
 
@@ -102,6 +117,8 @@ async fn main() -> anyhow::Result<()> {
         serde_json::to_string_pretty(&json!({
             "events": total,
             "customers": CUSTOMERS,
+            "features": if redis.is_some() { "redis" } else { "embedded" },
+            "broker_url": url,
             "events_per_request": PER_REQUEST,
             "ingest_seconds": ingested.as_secs_f64(),
             "ingest_events_per_second": rate(ingested),

@@ -50,6 +50,7 @@ fn state(i: usize, j: usize, minute: i64) -> FeatureState {
     let count = 1 + ((i * 31 + j * 7) % 50) as u32;
     FeatureState {
         applied_seq: (i * FEATURES + j) as u64,
+        applied_position: None,
         buckets: vec![Bucket {
             minute,
             count,

@@ -373,7 +373,12 @@ impl Engine {
         }
         tasks.push(tokio::spawn(self.processor.clone().run(shutdown.clone())));
         if let Some(stream) = &self.stream {
-            let sink = Arc::new(LocalApply::new(self.stores.clone(), self.processor.clone()));
+            let sink = Arc::new(LocalApply::new(
+                self.stores.clone(),
+                self.processor.clone(),
+                stream.dedup_window(),
+                self.metrics.clone(),
+            ));
             tasks.push(
                 stream
                     .clone()

@@ -351,6 +351,7 @@ async fn erasure_leaves_nothing_readable_and_suppresses_the_id_until_consent() {
         event_type: "page_view".into(),
         timestamp: chrono::Utc::now(),
         properties: Default::default(),
+        position: None,
     };
     let appended = app.engine.stores.events.append(&[late]).await.unwrap();
     let tailor::storage::AppendOutcome::Appended(seq) = appended[0] else {

@@ -7,11 +7,13 @@
 //! the worker from the events it holds. An erasure made on one replica reaches every
 //! process's own stores (profiles, erasure markers, event logs, decision logs), a
 //! process started later refuses the erased id, and renewed consent reaches them all.
+//! Two workers keep features exact while partitions move between them.
 //!
 //! The servers come from the environment (`scripts/test` starts them): `REDIS_URL` and
 //! `KAFKA_URL`. Without them the test fails when `CI=true` and is skipped otherwise.
 #![cfg(all(feature = "redis", feature = "kafka"))]
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -230,8 +232,8 @@ impl Server {
         data["eraseCustomer"].clone()
     }
 
-    /// `tailor_privacy_journal_applied_total` summed over its labels.
-    async fn journal_applied(&self) -> f64 {
+    /// Each series of the metric `name` (its labels, as written) with its value.
+    async fn metric(&self, name: &str) -> Vec<(String, f64)> {
         let text = self
             .client
             .get(format!("{}/metrics", self.base))
@@ -242,9 +244,29 @@ impl Server {
             .await
             .unwrap();
         text.lines()
-            .filter(|l| l.starts_with("tailor_privacy_journal_applied_total"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(name)?;
+                let (labels, value) = rest.rsplit_once(' ')?;
+                (labels.is_empty() || labels.starts_with('{'))
+                    .then(|| Some((labels.to_owned(), value.parse::<f64>().ok()?)))?
+            })
+            .collect()
+    }
+
+    /// `tailor_privacy_journal_applied_total` summed over its labels.
+    async fn journal_applied(&self) -> f64 {
+        let series = self.metric("tailor_privacy_journal_applied_total").await;
+        series.iter().map(|(_, v)| v).sum()
+    }
+
+    /// The events this worker applied from the stream: how many in all, and how many of
+    /// the partitions it applied any from.
+    async fn stream_applied(&self) -> (f64, usize) {
+        let series = self.metric("tailor_stream_events_applied_total").await;
+        (
+            series.iter().map(|(_, v)| v).sum(),
+            series.iter().filter(|(_, v)| *v > 0.0).count(),
+        )
     }
 
     async fn decide(&self, customer: &str, explain: bool) -> Value {
@@ -664,4 +686,131 @@ async fn profiles_on_redis_are_one_truth_for_every_process() {
         !refused.status.success() && stderr.contains("encryption.key_env"),
         "{refused:?}"
     );
+}
+
+/// Sends `n` page views to each customer, round-robin (so that each customer's last event
+/// is among the last the log numbers), 50 to a request; counts them in `sent`.
+async fn views_round_robin(
+    api: &Server,
+    customers: &[String],
+    n: usize,
+    round: &str,
+    sent: &mut BTreeMap<String, f64>,
+) {
+    let events: Vec<Value> = (0..n)
+        .flat_map(|i| {
+            customers.iter().map(move |c| {
+                json!({"eventId": format!("{round}-{c}-{i}"), "customerId": c, "type": "page_view"})
+            })
+        })
+        .collect();
+    for chunk in events.chunks(50) {
+        api.track(chunk.to_vec()).await;
+    }
+    for c in customers {
+        *sent.entry(c.clone()).or_default() += n as f64;
+    }
+}
+
+/// Waits until `api` serves, for every customer, as many page views as were sent.
+async fn views_are_exact(api: &Server, sent: &BTreeMap<String, f64>, when: &str) {
+    eventually(when, || async {
+        let mut wrong = Vec::new();
+        for (customer, expected) in sent {
+            let seen = api.page_views(customer).await;
+            if seen != *expected {
+                wrong.push(format!("{customer}: {seen} of {expected}"));
+            }
+        }
+        wrong.is_empty().then_some(()).ok_or(wrong.join(", "))
+    })
+    .await;
+}
+
+/// Two workers share the partitions, and a partition moves between them: when a second
+/// worker joins (its log numbers events from 1, far below the first one's), and when the
+/// first is killed while events flow (what it applied and had not committed is delivered
+/// again, to the other). Each customer's page views stay exactly the events sent: the
+/// feature states remember the stream position, which both workers agree on, rather
+/// than a log sequence number, which they do not. Copies of events the first worker
+/// read, sent again through another replica, are dropped by the second: the workers
+/// share the event ids they read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn features_stay_exact_while_partitions_move_between_workers() {
+    let (Some(redis), Some(kafka)) = (service("REDIS_URL"), service("KAFKA_URL")) else {
+        return;
+    };
+    let mut deployment = Deployment::new(&redis, &kafka);
+    let api = deployment.start("api").await;
+    let first = deployment.start("worker").await;
+    let customers: Vec<String> = (0..24).map(|i| format!("mover-{i}")).collect();
+    let mut sent = BTreeMap::new();
+
+    // The first worker alone: its log numbers these 480 events up to 480.
+    views_round_robin(&api, &customers, 20, "alone", &mut sent).await;
+    views_are_exact(&api, &sent, "page views applied by the first worker").await;
+    assert_eq!(first.stream_applied().await, (480.0, 3));
+
+    // A second worker joins; the group gives it some of the three partitions. Rounds
+    // of two events a customer go on until it has applied some: every one of them is
+    // numbered below 480 in its log.
+    let second = deployment.start("worker").await;
+    let deadline = Instant::now() + PATIENCE;
+    for round in 0.. {
+        views_round_robin(&api, &customers, 2, &format!("joined-{round}"), &mut sent).await;
+        if second.stream_applied().await.0 > 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second worker took no partition over"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    views_are_exact(&api, &sent, "page views with two workers").await;
+    let (_, held_by_second) = second.stream_applied().await;
+    assert!(
+        held_by_second < 3,
+        "the first worker kept partitions: {held_by_second}"
+    );
+
+    // The first worker dies while events flow; the second takes its partitions over from
+    // their committed offsets.
+    let before = second.stream_applied().await.0;
+    let stream = async {
+        for i in 0..6 {
+            views_round_robin(&api, &customers, 2, &format!("takeover-{i}"), &mut sent).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let kill = async {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        drop(first);
+    };
+    tokio::join!(stream, kill);
+    views_are_exact(&api, &sent, "page views after the first worker died").await;
+    let (after, partitions) = second.stream_applied().await;
+    assert_eq!(partitions, 3, "the second worker holds every partition");
+    assert!(after > before, "{before} → {after}");
+
+    // A client sends the first round again through another replica (a retry after a
+    // timeout, say): that replica's outbox never saw these ids, so they reach the
+    // stream a second time, and the second worker, whose log never saw them either.
+    // The first worker's claims make them copies, dropped.
+    let other = deployment.start("api").await;
+    let mut again = BTreeMap::new();
+    views_round_robin(&other, &customers, 20, "alone", &mut again).await;
+    eventually("the second worker drops the copies", || async {
+        let dropped: f64 = second
+            .metric("tailor_stream_copies_dropped_total")
+            .await
+            .iter()
+            .map(|(_, v)| v)
+            .sum();
+        (dropped == 480.0)
+            .then_some(())
+            .ok_or(format!("{dropped} of 480 dropped"))
+    })
+    .await;
+    views_are_exact(&api, &sent, "page views after copies of the first round").await;
 }

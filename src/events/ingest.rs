@@ -256,27 +256,74 @@ enum Admission {
     Erased,
 }
 
-/// The [`EventSink`] of a worker: appends consumed events to the local event log (a
-/// redelivered event is recognised by id and not stored again) and returns once the
-/// processor has applied everything appended so far.
+/// The [`EventSink`] of a worker: drops the copies of events other workers read first
+/// (when the deployment shares [`crate::storage::EventClaims`]), appends the rest to the
+/// local event log (a redelivered event is recognised by id and not stored again) and
+/// returns once the processor has applied everything appended so far.
 pub struct LocalApply {
     stores: Stores,
     processor: Arc<Processor>,
+    dedup_window: Duration,
+    metrics: Arc<Metrics>,
 }
 
 /// How often a worker waiting for its processor says so.
 const APPLY_REPORT: Duration = Duration::from_secs(10);
 
 impl LocalApply {
-    pub fn new(stores: Stores, processor: Arc<Processor>) -> Self {
-        LocalApply { stores, processor }
+    /// `dedup_window`: how long workers remember event ids for one another (zero: not).
+    pub fn new(
+        stores: Stores,
+        processor: Arc<Processor>,
+        dedup_window: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        LocalApply {
+            stores,
+            processor,
+            dedup_window,
+            metrics,
+        }
+    }
+
+    /// The events that are not copies of events first read at another position.
+    async fn originals<'a>(
+        &self,
+        events: &'a [crate::events::Event],
+    ) -> Result<std::borrow::Cow<'a, [crate::events::Event]>> {
+        let Some(claims) = self
+            .stores
+            .claims
+            .as_ref()
+            .filter(|_| !self.dedup_window.is_zero())
+        else {
+            return Ok(events.into());
+        };
+        let copies = claims.copies(events, self.dedup_window).await?;
+        let dropped = copies.iter().filter(|c| **c).count();
+        if dropped == 0 {
+            return Ok(events.into());
+        }
+        self.metrics.stream_copies_dropped.add(dropped as u64, &[]);
+        tracing::debug!(
+            dropped,
+            "Dropped copies of events another worker read first"
+        );
+        Ok(events
+            .iter()
+            .zip(copies)
+            .filter(|(_, copy)| !copy)
+            .map(|(e, _)| e.clone())
+            .collect::<Vec<_>>()
+            .into())
     }
 }
 
 #[async_trait::async_trait]
 impl EventSink for LocalApply {
     async fn apply(&self, events: &[crate::events::Event]) -> Result<()> {
-        self.stores.events.append(events).await?;
+        let originals = self.originals(events).await?;
+        self.stores.events.append(&originals).await?;
         // Duplicates were appended by an earlier delivery and may not be applied yet:
         // wait for the whole log, not only for this batch's new events.
         let last = self.stores.events.last_seq().await?;

@@ -31,6 +31,23 @@ pub struct Event {
     pub timestamp: DateTime<Utc>,
     #[serde(default)]
     pub properties: Map<String, Value>,
+    /// Where the event was read from the events stream, set by the worker that consumed
+    /// it; `None` for an event that never went through a stream (a single process) or
+    /// that was ingested and not yet consumed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<StreamPosition>,
+}
+
+/// A message's place in the events topic. Messages are keyed by customer id, so all of
+/// a customer's events are in one partition, where offsets order them the same way for
+/// every worker of the group: what lets a customer's feature states, shared on Redis,
+/// tell an event folded by another worker (before a rebalance moved the partition, or
+/// before that worker died with the batch uncommitted) from a new one, whatever each
+/// worker's own log numbered it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamPosition {
+    pub partition: i32,
+    pub offset: i64,
 }
 
 /// An event as it sits in the log: `seq` is its position, assigned at append, strictly
@@ -134,6 +151,7 @@ impl EventInput {
             event_type,
             timestamp,
             properties,
+            position: None,
         })
     }
 }

@@ -240,17 +240,30 @@ impl FeatureSpec {
         }
     }
 
-    /// Folds one event into the state. Idempotent: an event at or below `applied_seq`
-    /// was already counted and is skipped. Buckets that fell out of the window by `now`
-    /// are pruned.
-    pub fn fold(&self, state: &mut FeatureState, stored: &StoredEvent, now: DateTime<Utc>) {
-        if stored.seq <= state.applied_seq
+    /// Folds one event into the state; `true` if it counted. Idempotent: an event with a
+    /// stream position at or before `applied_position` in the same partition, or one
+    /// without at or below `applied_seq`, was already counted and is skipped. Buckets that
+    /// fell out of the window by `now` are pruned.
+    pub fn fold(&self, state: &mut FeatureState, stored: &StoredEvent, now: DateTime<Utc>) -> bool {
+        let counted = match (stored.event.position, state.applied_position) {
+            (Some(at), Some(applied)) => {
+                // A customer's events change partition only when the topic's partition
+                // count changes; from then on the new partition's offsets count.
+                at.partition == applied.partition && at.offset <= applied.offset
+            }
+            (Some(_), None) => false,
+            (None, _) => stored.seq <= state.applied_seq,
+        };
+        if counted
             || !self.matches(&stored.event.event_type)
             || !self.accepts(&stored.event.properties)
         {
-            return;
+            return false;
         }
-        state.applied_seq = stored.seq;
+        match stored.event.position {
+            Some(at) => state.applied_position = Some(at),
+            None => state.applied_seq = stored.seq,
+        }
         let ts = stored.event.timestamp;
         match &self.kind {
             FeatureKind::Count { window, .. } | FeatureKind::Sum { window, .. } => {
@@ -287,6 +300,7 @@ impl FeatureSpec {
             | FeatureKind::WeightedSum { .. }
             | FeatureKind::Expression { .. } => {}
         }
+        true
     }
 
     /// The value at `now`. `state` is this feature's state (stateful kinds); `input`
@@ -473,6 +487,7 @@ mod tests {
                 event_type: ty.into(),
                 timestamp: at,
                 properties: props.as_object().cloned().unwrap_or_default(),
+                position: None,
             },
         }
     }
@@ -550,6 +565,39 @@ mod tests {
             f.fold(&mut st, e, now);
         }
         assert_eq!(f.evaluate(Some(&st), now, &mut |_| 0.0), Ok(15.0));
+    }
+
+    /// Two workers number the same events differently; the stream position does not.
+    #[test]
+    fn folding_by_stream_position_is_the_same_on_every_worker() {
+        let now = Utc::now();
+        let f = spec(json!({"kind": "count", "event_type": "page_view", "window": "30d"}));
+        let at = |seq: u64, partition: i32, offset: i64| {
+            let mut e = ev(seq, "page_view", now, json!({}));
+            e.event.position = Some(crate::events::StreamPosition { partition, offset });
+            e
+        };
+        let mut st = FeatureState::default();
+        // Worker a, whose log is long: its seqs are high.
+        for (seq, offset) in [(9_000, 10), (9_001, 11)] {
+            assert!(f.fold(&mut st, &at(seq, 1, offset), now));
+        }
+        // Worker b took the partition over: a redelivered offset is counted already, the
+        // next is new although b's log numbers it far lower.
+        assert!(!f.fold(&mut st, &at(3, 1, 11), now), "redelivered");
+        assert!(f.fold(&mut st, &at(4, 1, 12), now), "new on b");
+        assert_eq!(f.evaluate(Some(&st), now, &mut |_| 0.0), Ok(3.0));
+        assert_eq!(
+            st.applied_seq, 0,
+            "positioned events leave the log's numbering alone"
+        );
+        // The topic grew and the customer's key moved: the new partition counts.
+        assert!(f.fold(&mut st, &at(5, 4, 0), now));
+        assert!(!f.fold(&mut st, &at(5, 4, 0), now));
+        // An event without a position (a single process's own log) is told by its seq.
+        assert!(f.fold(&mut st, &ev(6, "page_view", now, json!({})), now));
+        assert!(!f.fold(&mut st, &ev(6, "page_view", now, json!({})), now));
+        assert_eq!(f.evaluate(Some(&st), now, &mut |_| 0.0), Ok(5.0));
     }
 
     #[test]

@@ -707,14 +707,15 @@ impl FeatureService {
             for (key, spec) in touched {
                 // A state none of the events folded into (their properties did not pass
                 // its `where`, or a replay already counted them) is unchanged: not
-                // written again. A fold always moves `applied_seq`.
-                let before = states.get(key).map(|s| s.applied_seq);
+                // written again.
+                let existed = states.contains_key(key);
                 let state = states.entry(key.clone()).or_default();
+                let mut folded = false;
                 for e in &events {
-                    spec.fold(state, e, now);
+                    folded |= spec.fold(state, e, now);
                 }
-                if state.applied_seq == before.unwrap_or(0) {
-                    if before.is_none() {
+                if !folded {
+                    if !existed {
                         states.remove(key);
                     }
                     continue;

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::events::StreamPosition;
+
 /// Identifies one version of one feature definition.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct FeatureKey {
@@ -40,9 +42,16 @@ pub struct Bucket {
 /// window slides without any new event (resolution: one minute).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct FeatureState {
-    /// Highest event sequence number folded in. The event processor applies the log in
-    /// sequence order, so a replay after a crash skips what is already counted.
+    /// Highest event sequence number folded in, of the events without a stream position.
+    /// The event processor applies the log in sequence order, so a replay after a crash
+    /// skips what is already counted.
     pub applied_seq: u64,
+    /// The stream position of the newest event folded in that had one (a worker's). Every
+    /// worker agrees on it, unlike on its own log's sequence numbers: an event at or
+    /// before it in the same partition was counted, by whichever worker held the
+    /// partition then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_position: Option<StreamPosition>,
     /// Ascending by minute.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub buckets: Vec<Bucket>,

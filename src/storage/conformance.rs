@@ -24,9 +24,9 @@ use serde_json::{json, Map};
 
 use super::{
     AppendOutcome, BanditStore, ContentStore, DataKeyStore, DecisionStore, DefinitionKind,
-    DefinitionStore, EventLog, ExperimentStore, FeatureStore, KeyOwner, KeyStore, MembershipChange,
-    PrivacyChange, PrivacyEntry, PrivacyJournal, ProfileStore, PublishedTotals, SealedField,
-    SegmentStore, StorageResult, StoredProfile, WrappedKey,
+    DefinitionStore, EventClaims, EventLog, ExperimentStore, FeatureStore, KeyOwner, KeyStore,
+    MembershipChange, PrivacyChange, PrivacyEntry, PrivacyJournal, ProfileStore, PublishedTotals,
+    SealedField, SegmentStore, StorageResult, StoredProfile, WrappedKey,
 };
 use crate::auth::{KeyRecord, Role};
 use crate::bandit::linear::LinearStats;
@@ -670,6 +670,7 @@ pub fn sample_event(id: &str, customer: &CustomerId, timestamp: DateTime<Utc>, n
         event_type: "page_view".into(),
         timestamp,
         properties,
+        position: None,
     }
 }
 
@@ -990,6 +991,67 @@ pub async fn event_log(store: &dyn EventLog, prefix: &str) {
     );
 }
 
+/// [`EventClaims`]: the first position an event id is read at is kept for the window; a
+/// redelivery at that position is no copy, a read at another position is, in another
+/// customer's space the same id is unrelated, and after the window the id is forgotten.
+pub async fn event_claims(claims: &dyn EventClaims, prefix: &str) {
+    let customer = customer_id(&format!("{prefix}claims"));
+    let other = customer_id(&format!("{prefix}claims-other"));
+    let at = |id: &str, who: &CustomerId, partition: i32, offset: i64| {
+        let mut e = sample_event(id, who, Utc::now(), 0);
+        e.position = Some(crate::events::StreamPosition { partition, offset });
+        e
+    };
+    let hour = std::time::Duration::from_secs(3600);
+    let copies = |events: Vec<Event>, window| async move {
+        ok("copies", claims.copies(&events, window).await)
+    };
+    assert_eq!(
+        copies(
+            vec![at("e1", &customer, 0, 10), at("e2", &customer, 0, 11)],
+            hour
+        )
+        .await,
+        [false, false],
+        "first reads"
+    );
+    assert_eq!(
+        copies(
+            vec![
+                at("e1", &customer, 0, 10),
+                at("e2", &customer, 0, 40),
+                at("e1", &other, 1, 5),
+                sample_event("e2", &customer, Utc::now(), 0),
+            ],
+            hour
+        )
+        .await,
+        [false, true, false, false],
+        "a redelivery, a copy, another customer's id, an event without a position"
+    );
+    // Two copies in one batch: the first in stream order is the original.
+    assert_eq!(
+        copies(
+            vec![at("e3", &customer, 0, 50), at("e3", &customer, 0, 51)],
+            hour
+        )
+        .await,
+        [false, true]
+    );
+    // Forgotten after the window.
+    let short = std::time::Duration::from_millis(50);
+    assert_eq!(
+        copies(vec![at("e4", &customer, 0, 60)], short).await,
+        [false]
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(120)).await;
+    assert_eq!(
+        copies(vec![at("e4", &customer, 0, 90)], short).await,
+        [false],
+        "the window has passed"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Features
 // ---------------------------------------------------------------------------------------
@@ -998,6 +1060,11 @@ pub async fn event_log(store: &dyn EventLog, prefix: &str) {
 pub fn sample_feature_state(n: u64) -> FeatureState {
     FeatureState {
         applied_seq: n,
+        // Round-trips through every backend's encoding.
+        applied_position: (n % 2 == 1).then_some(crate::events::StreamPosition {
+            partition: 2,
+            offset: 7_000_000_000 + n as i64,
+        }),
         buckets: vec![
             Bucket {
                 minute: 29_000_000 + n as i64,

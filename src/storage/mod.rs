@@ -641,6 +641,9 @@ pub struct Stores {
     pub counted_here: Option<Arc<counted_here::CountedHere>>,
     /// Which of these every process of the deployment shares.
     pub shared: Shared,
+    /// The event ids read by every worker, kept beside shared features; `None` where
+    /// features are this process's own (one worker's log is its dedup).
+    pub claims: Option<Arc<dyn EventClaims>>,
 }
 
 /// Which capabilities live on a backend that every process of the deployment shares: a
@@ -652,6 +655,21 @@ pub struct Shared {
     pub profiles: bool,
     pub features: bool,
     pub segments: bool,
+}
+
+/// The event ids the workers of a deployment read from the stream, with the position each
+/// was first read at, shared so that a second copy of an event (a client's retry through
+/// another API replica, an outbox batch sent again) is recognised by whichever worker it
+/// reaches: each worker's own log recognises only the copies it received itself, and a
+/// rebalance between two copies hands the second to another worker.
+#[async_trait]
+pub trait EventClaims: Send + Sync {
+    /// For each event, in order: `true` when its id was first read at another stream
+    /// position within `window` (a copy, to drop); `false` when this is the first
+    /// position it is read at (recorded now and kept for `window`), or that same position
+    /// again (a redelivery, which the feature states' positions recognise). Events
+    /// without a stream position are never copies.
+    async fn copies(&self, events: &[Event], window: Duration) -> StorageResult<Vec<bool>>;
 }
 
 /// Where a stream consumer hands the events it received. `apply` returns once they are
@@ -703,6 +721,9 @@ pub trait EventStream: Send + Sync {
     ) -> tokio::task::JoinHandle<()>;
     /// Waits for what the producer still holds to be delivered, at most `timeout`.
     async fn flush(&self, timeout: Duration);
+    /// How long workers remember an event id for one another ([`EventClaims`]); zero
+    /// when they do not.
+    fn dedup_window(&self) -> Duration;
 }
 
 /// The event stream `backends.events` names, if it names one; its outboxes live under
@@ -836,6 +857,7 @@ pub async fn with_backends(
                 }
                 "features" => {
                     stores.features = Arc::new(store.features());
+                    stores.claims = Some(Arc::new(store.claims()));
                     stores.shared.features = true;
                 }
                 "segments" => {

@@ -50,6 +50,10 @@ pub struct Metrics {
     pub backend_errors: Counter<u64>,
     /// Messages on the event stream that did not decode as an event (skipped).
     pub malformed_messages: Counter<u64>,
+    /// Events a worker consumed from the stream and applied, by partition.
+    pub stream_events_applied: Counter<u64>,
+    /// Copies of events another worker read first, dropped.
+    pub stream_copies_dropped: Counter<u64>,
     pub rule_errors: Counter<u64>,
 }
 
@@ -147,6 +151,16 @@ impl Metrics {
             malformed_messages: counter(
                 "tailor_stream_malformed_messages_total",
                 "Messages on the event stream that did not decode as an event and were skipped",
+            ),
+            stream_events_applied: counter(
+                "tailor_stream_events_applied_total",
+                "Events this worker consumed from the event stream and applied, by partition \
+                 (a redelivered event counts again)",
+            ),
+            stream_copies_dropped: counter(
+                "tailor_stream_copies_dropped_total",
+                "Second copies of events (sent again through another replica, or by an \
+                 outbox) dropped because another worker read the event first",
             ),
             rule_errors: counter(
                 "tailor_rule_errors_total",

@@ -119,6 +119,7 @@ impl EmbeddedStore {
             journal: None,
             counted_here: None,
             shared: crate::storage::Shared::default(),
+            claims: None,
         }
     }
 

@@ -1,12 +1,16 @@
 //! Where the Kafka backend connects: parsed from `backends.events`.
 //!
-//! `kafka://host:port[,host2:port2...][?topic_prefix=tailor.&group=tailor-workers&partitions=3&replication=1]`
+//! `kafka://host:port[,host2:port2...][?topic_prefix=tailor.&group=tailor-workers&partitions=3&replication=1&dedup_window_secs=3600]`
 //!
 //! - `topic_prefix` (default `tailor.`): the topics are `<prefix>events`,
 //!   `<prefix>decisions` and `<prefix>outcomes`;
 //! - `group` (default `tailor-workers`): the consumer group of the workers;
 //! - `partitions`, `replication` (default 3 and 1): used only to create a topic that does
-//!   not exist yet; existing topics are left as they are.
+//!   not exist yet; existing topics are left as they are;
+//! - `dedup_window_secs` (default 3600; 0 turns it off): how long the workers remember,
+//!   for one another, the event ids they read (on the Redis of `backends.features`), so
+//!   that a second copy of an event is dropped by whichever worker it reaches. Each key
+//!   costs Redis about 100 bytes for the window: at 1,000 events/s, an hour is ~360 MB.
 
 use std::fmt;
 
@@ -14,6 +18,8 @@ use std::fmt;
 pub const DEFAULT_TOPIC_PREFIX: &str = "tailor.";
 /// Default consumer group of the workers.
 pub const DEFAULT_GROUP: &str = "tailor-workers";
+/// Default of `dedup_window_secs`: an hour.
+pub const DEFAULT_DEDUP_WINDOW_SECS: u64 = 3600;
 
 const SCHEME: &str = "kafka://";
 
@@ -26,6 +32,8 @@ pub struct KafkaConfig {
     pub group: String,
     pub partitions: i32,
     pub replication: i32,
+    /// How long workers remember an event id for one another; 0: not at all.
+    pub dedup_window_secs: u64,
 }
 
 impl fmt::Debug for KafkaConfig {
@@ -36,6 +44,7 @@ impl fmt::Debug for KafkaConfig {
             .field("group", &self.group)
             .field("partitions", &self.partitions)
             .field("replication", &self.replication)
+            .field("dedup_window_secs", &self.dedup_window_secs)
             .finish()
     }
 }
@@ -79,6 +88,7 @@ impl KafkaConfig {
             group: DEFAULT_GROUP.into(),
             partitions: 3,
             replication: 1,
+            dedup_window_secs: DEFAULT_DEDUP_WINDOW_SECS,
         };
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let Some((key, value)) = pair.split_once('=') else {
@@ -101,9 +111,15 @@ impl KafkaConfig {
                 }
                 "partitions" => config.partitions = positive(key, value)?,
                 "replication" => config.replication = positive(key, value)?,
+                "dedup_window_secs" => {
+                    config.dedup_window_secs = value.parse::<u64>().map_err(|_| {
+                        format!("{key}: must be a whole number of seconds (0 turns it off)")
+                    })?
+                }
                 _ => {
                     return Err(format!(
-                        "unknown parameter '{key}' (topic_prefix, group, partitions, replication)"
+                        "unknown parameter '{key}' (topic_prefix, group, partitions, \
+                         replication, dedup_window_secs)"
                     ))
                 }
             }
@@ -147,15 +163,17 @@ mod tests {
         assert_eq!(c.topic("events"), "tailor.events");
         assert_eq!(c.group, "tailor-workers");
         assert_eq!((c.partitions, c.replication), (3, 1));
+        assert_eq!(c.dedup_window_secs, 3600);
 
         let c = KafkaConfig::parse(
-            "kafka://a:1, b:2?topic_prefix=prod-&group=g1&partitions=12&replication=3",
+            "kafka://a:1, b:2?topic_prefix=prod-&group=g1&partitions=12&replication=3&dedup_window_secs=0",
         )
         .unwrap();
         assert_eq!(c.bootstrap(), "a:1,b:2");
         assert_eq!(c.topic("outcomes"), "prod-outcomes");
         assert_eq!(c.group, "g1");
         assert_eq!((c.partitions, c.replication), (12, 3));
+        assert_eq!(c.dedup_window_secs, 0);
     }
 
     #[test]
@@ -168,7 +186,8 @@ mod tests {
             ("kafka://a:x", "'a:x' is not a host:port"),
             (
                 "kafka://a:1?prefix=x",
-                "unknown parameter 'prefix' (topic_prefix, group, partitions, replication)",
+                "unknown parameter 'prefix' (topic_prefix, group, partitions, replication, \
+                 dedup_window_secs)",
             ),
             ("kafka://a:1?group", "parameter 'group' has no value"),
             ("kafka://a:1?group=", "group: must not be empty"),
@@ -179,6 +198,10 @@ mod tests {
             (
                 "kafka://a:1?partitions=0",
                 "partitions: must be a whole number above 0",
+            ),
+            (
+                "kafka://a:1?dedup_window_secs=-1",
+                "dedup_window_secs: must be a whole number of seconds (0 turns it off)",
             ),
         ];
         for (value, expected) in cases {

@@ -1,8 +1,9 @@
 //! The worker's consumer: a member of the workers' group on the events topic. Each batch
 //! goes to the [`EventSink`] (appended to the local log, idempotently, and applied), and
 //! only then are the consumed positions committed, synchronously. A crash between the
-//! two redelivers the batch; the log recognises the events by id and nothing is applied
-//! twice.
+//! two redelivers the batch: to the same worker, whose log recognises the events by id,
+//! or, after a rebalance, to another, whose folds recognise them by the stream position
+//! each event carries from here ([`StreamPosition`]); nothing is applied twice.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use tokio::sync::watch;
 
 use super::config::KafkaConfig;
 use super::producer::{client_config, ensure_topics};
-use crate::events::Event;
+use crate::events::{Event, StreamPosition};
 use crate::storage::{EventSink, StorageError, StorageResult};
 use crate::telemetry::Metrics;
 
@@ -114,13 +115,36 @@ impl Batch {
         self.events.len() + self.malformed
     }
 
+    /// Counts the batch's events in `tailor_stream_events_applied_total`, by partition.
+    fn count_applied(&self, metrics: &Metrics) {
+        let mut by_partition: BTreeMap<i32, u64> = BTreeMap::new();
+        for position in self.events.iter().filter_map(|e| e.position) {
+            *by_partition.entry(position.partition).or_default() += 1;
+        }
+        for (partition, n) in by_partition {
+            metrics.stream_events_applied.add(
+                n,
+                &[opentelemetry::KeyValue::new(
+                    "partition",
+                    i64::from(partition),
+                )],
+            );
+        }
+    }
+
     fn take<M: Message>(&mut self, message: &M) {
         let position = (message.topic().to_owned(), message.partition());
         let next = message.offset() + 1;
         let entry = self.positions.entry(position).or_insert(next);
         *entry = (*entry).max(next);
         match message.payload().map(Event::from_stored_json) {
-            Some(Ok(event)) => self.events.push(event),
+            Some(Ok(mut event)) => {
+                event.position = Some(StreamPosition {
+                    partition: message.partition(),
+                    offset: message.offset(),
+                });
+                self.events.push(event);
+            }
             Some(Err(e)) => {
                 tracing::warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(), error = %e, "Skipping a malformed message");
                 self.malformed += 1;
@@ -194,6 +218,7 @@ pub(super) async fn run(
         if !apply(&*sink, &batch, &metrics, &mut shutdown).await {
             break;
         }
+        batch.count_applied(&metrics);
         if let Err(e) = consumer.commit(&batch).await {
             // Not lost: the batch is redelivered after a restart or a rebalance, and the
             // sink drops what it already has.

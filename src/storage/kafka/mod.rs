@@ -103,6 +103,7 @@ fn record(
         event_type: kind.to_owned(),
         timestamp,
         properties,
+        position: None,
     })
 }
 
@@ -170,6 +171,10 @@ impl EventStream for KafkaStream {
             metrics,
             shutdown,
         ))
+    }
+
+    fn dedup_window(&self) -> Duration {
+        Duration::from_secs(self.config.dedup_window_secs)
     }
 
     async fn flush(&self, timeout: Duration) {

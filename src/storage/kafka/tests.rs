@@ -658,7 +658,12 @@ async fn a_worker_killed_before_committing_resumes_without_double_counting() {
             .expect("a batch");
         assert!(!batch.events.is_empty());
         let half = batch.events.len().div_ceil(2);
-        let sink = LocalApply::new(worker.stores.clone(), worker.processor.clone());
+        let sink = LocalApply::new(
+            worker.stores.clone(),
+            worker.processor.clone(),
+            Duration::ZERO,
+            worker.metrics.clone(),
+        );
         sink.apply(&batch.events[..half]).await.expect("applied");
         assert_eq!(
             worker.stores.events.last_seq().await.expect("seq"),

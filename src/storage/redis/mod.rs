@@ -5,8 +5,9 @@
 //!
 //! - `config.rs`: the `redis://` / `redis+cluster://` values of `backends.*`;
 //! - `breaker.rs`: the circuit breaker every call goes through;
-//! - `profiles.rs`, `features.rs`, `segments.rs`, `bandit.rs`, `decisions.rs`,
-//!   `catalog.rs`: one capability each, with its key layout;
+//! - `profiles.rs`, `features.rs` (with `claims.rs`, the event ids workers read),
+//!   `segments.rs`, `bandit.rs`, `decisions.rs`, `catalog.rs`: one capability each, with
+//!   its key layout;
 //! - `tests.rs`: the conformance suites against real servers.
 //!
 //! Keys carry a hash tag (`{...}`) so that everything one write must change atomically
@@ -29,6 +30,7 @@
 mod bandit;
 mod breaker;
 mod catalog;
+mod claims;
 pub mod config;
 mod decisions;
 mod features;
@@ -50,6 +52,7 @@ use self::breaker::{Admission, Breaker};
 pub use self::catalog::{
     RedisContent, RedisDefinitions, RedisExperiments, RedisJournal, RedisKeys,
 };
+pub use self::claims::RedisClaims;
 pub use self::config::RedisConfig;
 pub use self::decisions::{RedisDecisions, SHARED_DECISION_DAYS};
 pub use self::features::RedisFeatures;
@@ -202,6 +205,11 @@ impl RedisStore {
 
     pub fn features(self: &Arc<Self>) -> RedisFeatures {
         RedisFeatures::new(self.clone())
+    }
+
+    /// The event ids the workers read, beside the features.
+    pub fn claims(self: &Arc<Self>) -> RedisClaims {
+        RedisClaims::new(self.clone())
     }
 
     pub fn segments(self: &Arc<Self>) -> RedisSegments {

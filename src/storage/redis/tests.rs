@@ -288,6 +288,24 @@ async fn floats_are_exact(var: &str) {
     conformance::exact_floats(stores.decisions.as_ref(), &store.features(), &prefix).await;
 }
 
+async fn claims_conform(var: &str) {
+    let Some((value, prefix)) = location(var) else {
+        return;
+    };
+    let store = connect(&value, TIMEOUT).await;
+    conformance::event_claims(&store.claims(), &prefix).await;
+}
+
+#[tokio::test]
+async fn event_claims_conform_on_a_single_server() {
+    claims_conform(SINGLE).await;
+}
+
+#[tokio::test]
+async fn event_claims_conform_on_a_cluster() {
+    claims_conform(CLUSTER).await;
+}
+
 #[tokio::test]
 async fn features_conform_on_a_single_server() {
     features_conform(SINGLE).await;
