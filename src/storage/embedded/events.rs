@@ -66,6 +66,46 @@ impl EmbeddedEventLog {
     pub fn new(store: Arc<EmbeddedStore>) -> Self {
         EmbeddedEventLog { store }
     }
+
+    /// Forgets the oldest events with `seq <= through`, at most `limit` of them in one
+    /// transaction (relaxed: what a crash undoes is forgotten again): their records,
+    /// their customer index rows and their ids, so an id forgotten is new again. What an
+    /// outbox does with the records it delivered long enough ago. `last_seq` stays, so
+    /// sequence numbers are never reused. Returns how many were forgotten; 0 when none
+    /// is left at or below `through`.
+    pub async fn forget_through(&self, through: u64, limit: usize) -> StorageResult<u64> {
+        self.store
+            .write_relaxed(move |txn| {
+                let mut log = txn.open_table(EVENTS).map_err(db_err)?;
+                let mut ids = txn.open_table(EVENT_IDS).map_err(db_err)?;
+                let mut index = txn.open_table(CUSTOMER_EVENTS).map_err(db_err)?;
+                // Check: decode what goes, so that its id and index row go with it.
+                let mut doomed = Vec::new();
+                for entry in log.range(..=through).map_err(db_err)?.take(limit) {
+                    let (key, value) = entry.map_err(db_err)?;
+                    let seq = key.value();
+                    let event: Event = decode("event", seq, value.value())?;
+                    doomed.push((seq, event));
+                }
+                // Write.
+                for (seq, event) in &doomed {
+                    let (secs, nanos) = time_key(event.timestamp);
+                    index
+                        .remove((event.customer_id.as_str(), secs, nanos, *seq))
+                        .map_err(db_err)?;
+                    let first = ids
+                        .get(event.event_id.as_str())
+                        .map_err(db_err)?
+                        .map(|v| v.value());
+                    if first == Some(*seq) {
+                        ids.remove(event.event_id.as_str()).map_err(db_err)?;
+                    }
+                    log.remove(*seq).map_err(db_err)?;
+                }
+                Ok(doomed.len() as u64)
+            })
+            .await
+    }
 }
 
 /// Loads stored events by seq; an index entry without its event is corruption.

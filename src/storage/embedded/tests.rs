@@ -22,7 +22,7 @@ use crate::storage::conformance::{
     sample_event, sample_feature_state, sample_outcome,
 };
 use crate::storage::{
-    AppendOutcome, DefinitionKind, MembershipChange, StorageError, StorageResult, Stores,
+    AppendOutcome, DefinitionKind, EventLog, MembershipChange, StorageError, StorageResult, Stores,
 };
 
 /// A scratch table for tests that drive the writer directly.
@@ -744,5 +744,61 @@ async fn corrupt_values_are_reported_not_panicked_on() {
     assert_corrupt(
         "definitions.list",
         s.definitions.list(DefinitionKind::Model).await,
+    );
+}
+
+/// What an outbox forgets: the oldest records at or below a seq, a bounded number per
+/// call, with their index rows and ids (an id forgotten is new again); the numbering goes
+/// on where it was, and what is newer stays untouched.
+#[tokio::test]
+async fn forgetting_delivered_events_keeps_the_newer_ones_and_the_numbering() {
+    let (_dir, store, _) = fresh();
+    let log = events::EmbeddedEventLog::new(store.clone());
+    let (a, b) = (customer_id("forget-a"), customer_id("forget-b"));
+    let sent: Vec<Event> = (0..10)
+        .map(|i| {
+            let who = if i % 2 == 0 { &a } else { &b };
+            sample_event(
+                &format!("e{i}"),
+                who,
+                base_time() + chrono::Duration::seconds(i),
+                i,
+            )
+        })
+        .collect();
+    log.append(&sent).await.expect("append");
+
+    assert_eq!(log.forget_through(6, 4).await.expect("forget"), 4);
+    assert_eq!(log.forget_through(6, 4).await.expect("forget"), 2);
+    assert_eq!(log.forget_through(6, 4).await.expect("forget"), 0);
+    let left: Vec<u64> = log
+        .scan(0, 100)
+        .await
+        .expect("scan")
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(left, [7, 8, 9, 10]);
+    let of_a: Vec<u64> = log
+        .customer_events(&a, base_time())
+        .await
+        .expect("a's events")
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(
+        of_a,
+        [7, 9],
+        "the index lost the forgotten rows, kept the rest"
+    );
+    assert_eq!(log.last_seq().await.expect("last seq"), 10);
+    // e1 was forgotten and is new again; e8 is still known.
+    let again = log
+        .append(&[sent[1].clone(), sent[8].clone()])
+        .await
+        .expect("append again");
+    assert_eq!(
+        again,
+        [AppendOutcome::Appended(11), AppendOutcome::Duplicate]
     );
 }

@@ -59,8 +59,9 @@ impl KafkaStream {
     /// wait for the broker: an unreachable one only delays delivery.
     pub async fn open(config: KafkaConfig, data_dir: &Path) -> anyhow::Result<Arc<KafkaStream>> {
         let dir = data_dir.join("outbox");
+        let retention = Duration::from_secs(config.dedup_window_secs);
         let open = |stream: &str, payload| {
-            Outbox::open(&dir.join(stream), config.topic(stream), payload).map(Arc::new)
+            Outbox::open(&dir.join(stream), config.topic(stream), payload, retention).map(Arc::new)
         };
         let events = open(EVENTS, Payload::Event)?;
         let decisions = open(DECISIONS, Payload::Properties)?;

@@ -8,10 +8,16 @@
 //! append order; a broker outage only delays it. A batch that failed part-way is sent
 //! again whole, so some of its records may arrive twice. Decisions and outcomes ride in an outbox as an
 //! [`Event`] whose `properties` are the payload.
+//!
+//! Delivered records are kept for the deployment's dedup window (`dedup_window_secs`),
+//! so that a client's retry to the same replica within it is still recognised there,
+//! then forgotten ([`EmbeddedEventLog::forget_through`]): an outbox holds what is not
+//! yet delivered and one window of what is, not everything it ever took.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
 
@@ -28,6 +34,11 @@ pub const FORWARDER: &str = "kafka-forwarder";
 const BATCH: usize = 1000;
 /// Poll interval when nothing woke the forwarder.
 const IDLE_POLL: Duration = Duration::from_millis(250);
+/// Delivered records forgotten per transaction.
+const FORGET_CHUNK: usize = 5000;
+/// Deliveries closer together than this share one entry in the forwarder's record of
+/// what it delivered when.
+const DELIVERY_GRAIN: Duration = Duration::from_secs(1);
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -42,20 +53,54 @@ pub(super) enum Payload {
 
 pub(super) struct Outbox {
     pub topic: String,
-    pub log: Arc<dyn EventLog>,
+    pub log: Arc<EmbeddedEventLog>,
     payload: Payload,
+    /// How long delivered records are kept.
+    retention: Duration,
     wake: Notify,
 }
 
+/// When the forwarder delivered through which seq, oldest first.
+type Delivered = VecDeque<(Instant, u64)>;
+
 impl Outbox {
-    pub fn open(dir: &Path, topic: String, payload: Payload) -> anyhow::Result<Outbox> {
+    pub fn open(
+        dir: &Path,
+        topic: String,
+        payload: Payload,
+        retention: Duration,
+    ) -> anyhow::Result<Outbox> {
         let store = EmbeddedStore::open(dir)?;
         Ok(Outbox {
             topic,
             log: Arc::new(EmbeddedEventLog::new(store)),
             payload,
+            retention,
             wake: Notify::new(),
         })
+    }
+
+    /// Forgets the records delivered longer than `retention` ago, as `delivered` tells.
+    async fn forget_delivered(&self, delivered: &mut Delivered) -> StorageResult<u64> {
+        let mut through = None;
+        while let Some(&(at, seq)) = delivered.front() {
+            if at.elapsed() < self.retention {
+                break;
+            }
+            through = Some(seq);
+            delivered.pop_front();
+        }
+        let Some(through) = through else {
+            return Ok(0);
+        };
+        let mut forgotten = 0;
+        loop {
+            let n = self.log.forget_through(through, FORGET_CHUNK).await?;
+            forgotten += n;
+            if n < FORGET_CHUNK as u64 {
+                return Ok(forgotten);
+            }
+        }
     }
 
     pub fn wake(&self) {
@@ -69,8 +114,13 @@ impl Outbox {
         Ok(())
     }
 
-    /// Delivers the next batch after the committed offset; returns how many records.
-    async fn step(&self, producer: &KafkaProducer) -> StorageResult<usize> {
+    /// Delivers the next batch after the committed offset; returns how many records, and
+    /// notes the delivery in `delivered`.
+    async fn step(
+        &self,
+        producer: &KafkaProducer,
+        delivered: &mut Delivered,
+    ) -> StorageResult<usize> {
         let from = self.log.committed_offset(FORWARDER).await?;
         let batch = self.log.scan(from, BATCH).await?;
         let Some(last) = batch.last().map(|e| e.seq) else {
@@ -90,6 +140,7 @@ impl Outbox {
             .collect::<StorageResult<Vec<_>>>()?;
         producer.send_all(&self.topic, &records).await?;
         self.log.commit_offset(FORWARDER, last).await?;
+        note_delivery(delivered, Instant::now(), last);
         Ok(batch.len())
     }
 
@@ -103,13 +154,32 @@ impl Outbox {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut backoff = MIN_BACKOFF;
+        // What was delivered before this start is kept one window from now.
+        let mut delivered = Delivered::new();
+        match self.log.committed_offset(FORWARDER).await {
+            Ok(seq) if seq > 0 => note_delivery(&mut delivered, Instant::now(), seq),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(topic = %self.topic, error = %e, "Failed to read the outbox's delivered offset")
+            }
+        }
         loop {
             if *shutdown.borrow() {
                 return;
             }
+            match self.forget_delivered(&mut delivered).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::debug!(topic = %self.topic, records = n, "Forgot delivered outbox records")
+                }
+                // Kept, not lost: the next pass forgets them.
+                Err(e) => {
+                    tracing::warn!(topic = %self.topic, error = %e, "Failed to forget delivered outbox records")
+                }
+            }
             let producer = producers.get();
             let step = tokio::select! {
-                step = self.step(&producer) => step,
+                step = self.step(&producer, &mut delivered) => step,
                 _ = shutdown.changed() => return,
             };
             match step {
@@ -146,5 +216,16 @@ impl Outbox {
                 }
             }
         }
+    }
+}
+
+/// Notes that everything through `seq` was delivered at `at` (a delivery within
+/// [`DELIVERY_GRAIN`] of the last noted one moves that entry on instead).
+fn note_delivery(delivered: &mut Delivered, at: Instant, seq: u64) {
+    match delivered.back_mut() {
+        Some((last_at, last_seq)) if at.duration_since(*last_at) < DELIVERY_GRAIN => {
+            *last_seq = (*last_seq).max(seq);
+        }
+        _ => delivered.push_back((at, seq)),
     }
 }

@@ -425,6 +425,67 @@ async fn a_round_trip_keeps_each_customers_order_and_matches_the_embedded_path()
     api_tasks.stop().await;
 }
 
+/// An API replica's outbox keeps what it delivered for the dedup window (a retry to it
+/// is still a duplicate), then forgets it, so that it holds what is undelivered and one
+/// window of the rest rather than everything it ever took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_outbox_records_are_forgotten_after_the_dedup_window() {
+    let Some(base) = shared_broker() else {
+        return;
+    };
+    let url = format!("{}&dedup_window_secs=2", fresh(&base));
+    let events = sample_events("ob", 3, 10, Utc::now() - chrono::Duration::minutes(5));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = Engine::open(settings(dir.path(), &url))
+        .await
+        .expect("api engine");
+    let tasks = Background::start_role(&api, Role::Api);
+    let report = api.ingestor.ingest(events.clone()).await.expect("ingest");
+    assert_eq!(report.accepted, events.len(), "{report:?}");
+    until_forwarded(&api).await;
+    let outbox = api.stream.as_ref().expect("an event stream").outbox();
+    let started = Instant::now();
+    let retry = api.ingestor.ingest(events.clone()).await.expect("retry");
+    assert_eq!(
+        retry.duplicates,
+        events.len(),
+        "within the window: {retry:?}"
+    );
+
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let held = outbox.scan(0, 1000).await.expect("scan").len();
+        if held == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{held} delivered records still held"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "kept about the window: forgotten after {:?}",
+        started.elapsed()
+    );
+    let n = events.len() as u64;
+    assert_eq!(
+        outbox.last_seq().await.expect("last seq"),
+        n,
+        "the numbering stays"
+    );
+    // After the window a retry is new to the replica (the workers' claims see it then).
+    let late = api
+        .ingestor
+        .ingest(events[..1].to_vec())
+        .await
+        .expect("late retry");
+    assert_eq!((late.accepted, late.duplicates), (1, 0), "{late:?}");
+    assert_eq!(outbox.last_seq().await.expect("last seq"), n + 1);
+    tasks.stop().await;
+}
+
 /// An engine in role all with events on Kafka: `trackEvents` over GraphQL is acknowledged
 /// from the outbox, and once the engine's own worker has applied the events the
 /// customer's features reflect them. Decisions and outcomes reach their topics.
