@@ -4,21 +4,29 @@
 //! - `customer_features:{<customer id>}`: a hash, field `<version>:<feature name>` → JSON
 //!   of [`FeatureState`]. One customer's states are one key, so a read of many features
 //!   is one `HMGET` and erasure is one `DEL`;
+//!   In the same hash, `@<version>:<feature name>` → `<partition>:<offset>`: the state's
+//!   `applied_position`, readable without decoding the state (below);
 //! - `feature_customers:{<version>:<feature name>}`: a set of the customer ids that have
 //!   a state of that feature version, so dropping a version visits only them. It may
 //!   list customers whose state is already gone (harmless); it never misses one, because
 //!   a write adds to it before it writes the state.
 //!
-//! Atomicity: a batch is one `MULTI` on a single server. On a cluster each customer's
-//! part of a batch is one `HSET` (atomic and visible at once); different customers live
-//! on different nodes and become visible one after another.
+//! Fencing: a write of a state with a stream position is skipped where the stored state
+//! has a later one in the same partition, so a worker that stalled past its group session
+//! and wakes mid-batch cannot overwrite what the partition's new owner wrote meanwhile
+//! (nor can a backfill from an older log). States without a position are written as
+//! given.
+//!
+//! Atomicity: a batch is one script on a single server. On a cluster each customer's
+//! part of a batch is one script on its slot (atomic and visible at once); different
+//! customers live on different nodes and become visible one after another.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
 use futures::future::try_join_all;
-use redis::AsyncCommands;
+use redis::{AsyncCommands, Script};
 
 use super::RedisStore;
 use crate::customers::CustomerId;
@@ -30,6 +38,68 @@ const DELETE_BATCH: usize = 500;
 
 /// How many customers' reads `read_many` has in flight at once.
 const READ_MANY_IN_FLIGHT: usize = 64;
+
+/// Writes states, fenced by their stream positions. `KEYS`: the customers' hashes, then
+/// the version indexes. `ARGV`: the number of hashes, of indexes; per index its member
+/// count and members; per hash its field count and (field, state, position) triples,
+/// position `""` for none. Returns how many states were skipped as older than stored.
+static WRITE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local hashes, indexes = tonumber(ARGV[1]), tonumber(ARGV[2])
+local a = 3
+for j = 1, indexes do
+  local count = tonumber(ARGV[a])
+  for x = 1, count do
+    redis.call('SADD', KEYS[hashes + j], ARGV[a + x])
+  end
+  a = a + count + 1
+end
+local function later(stored, new)
+  local sp, so = string.match(stored, '^(-?%d+):(%d+)$')
+  local np, no = string.match(new, '^(-?%d+):(%d+)$')
+  if sp == nil or sp ~= np then return false end
+  -- Offsets as decimal strings: longer is larger; equal lengths compare as text.
+  return #so > #no or (#so == #no and so > no)
+end
+local skipped = 0
+for i = 1, hashes do
+  local count = tonumber(ARGV[a])
+  a = a + 1
+  -- One HMGET of the stored positions, one HSET of what is written, one HDEL.
+  local marks = {}
+  for x = 0, count - 1 do
+    marks[#marks + 1] = '@' .. ARGV[a + 3 * x]
+  end
+  local stored = redis.call('HMGET', KEYS[i], unpack(marks))
+  local writes, unmarks = {}, {}
+  for x = 0, count - 1 do
+    local field, state, position = ARGV[a + 3 * x], ARGV[a + 3 * x + 1], ARGV[a + 3 * x + 2]
+    if position == '' then
+      writes[#writes + 1] = field
+      writes[#writes + 1] = state
+      unmarks[#unmarks + 1] = marks[x + 1]
+    elseif stored[x + 1] and later(stored[x + 1], position) then
+      skipped = skipped + 1
+    else
+      writes[#writes + 1] = field
+      writes[#writes + 1] = state
+      writes[#writes + 1] = marks[x + 1]
+      writes[#writes + 1] = position
+    end
+  end
+  a = a + 3 * count
+  if #writes > 0 then
+    redis.call('HSET', KEYS[i], unpack(writes))
+  end
+  if #unmarks > 0 then
+    redis.call('HDEL', KEYS[i], unpack(unmarks))
+  end
+end
+return skipped
+",
+    )
+});
 
 /// [`FeatureStore`] on Redis.
 pub struct RedisFeatures {
@@ -52,6 +122,29 @@ impl RedisFeatures {
 
 fn field(key: &FeatureKey) -> String {
     format!("{}:{}", key.version, key.name)
+}
+
+/// The field beside a state's that holds its stream position.
+fn position_field(field: &str) -> String {
+    format!("@{field}")
+}
+
+/// A state's stream position as the write script compares it; `""` for none.
+fn position(state: &FeatureState) -> String {
+    state
+        .applied_position
+        .map(|p| format!("{}:{}", p.partition, p.offset))
+        .unwrap_or_default()
+}
+
+/// Appends the script arguments of one hash's states: their count, then the triples.
+fn hash_args(args: &mut Vec<Vec<u8>>, fields: &[(String, Vec<u8>, String)]) {
+    args.push(fields.len().to_string().into_bytes());
+    for (field, state, position) in fields {
+        args.push(field.clone().into_bytes());
+        args.push(state.clone());
+        args.push(position.clone().into_bytes());
+    }
 }
 
 /// The feature key of a stored field, or `None` for a field this layout did not write.
@@ -145,50 +238,76 @@ impl FeatureStore for RedisFeatures {
         if updates.is_empty() {
             return Ok(());
         }
-        // Per customer, the fields in input order (HSET keeps the last of a repeated field).
-        let mut by_customer: BTreeMap<String, Vec<(String, Vec<u8>)>> = BTreeMap::new();
+        // Per customer, the fields in input order (a repeated field keeps the last).
+        let mut by_customer: BTreeMap<String, Vec<(String, Vec<u8>, String)>> = BTreeMap::new();
         let mut indexes: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for (customer, key, state) in &updates {
-            by_customer
+            let fields = by_customer
                 .entry(self.customer_key(customer.as_str()))
-                .or_default()
-                .push((field(key), encode(state)?));
+                .or_default();
+            let written = (field(key), encode(state)?, position(state));
+            match fields.iter_mut().find(|(f, _, _)| *f == written.0) {
+                Some(earlier) => *earlier = written,
+                None => fields.push(written),
+            }
             indexes
                 .entry(self.index_key(key))
                 .or_default()
                 .insert(customer.as_str().to_owned());
         }
 
-        if !self.store.is_cluster() {
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            for (index, customers) in &indexes {
-                pipe.sadd(index, customers).ignore();
+        let skipped: u64 = if !self.store.is_cluster() {
+            let mut keys: Vec<&str> = by_customer.keys().map(String::as_str).collect();
+            keys.extend(indexes.keys().map(String::as_str));
+            let mut args: Vec<Vec<u8>> = vec![
+                by_customer.len().to_string().into_bytes(),
+                indexes.len().to_string().into_bytes(),
+            ];
+            for customers in indexes.values() {
+                args.push(customers.len().to_string().into_bytes());
+                args.extend(customers.iter().map(|c| c.clone().into_bytes()));
             }
-            for (hash, fields) in &by_customer {
-                pipe.hset_multiple(hash, fields).ignore();
+            for fields in by_customer.values() {
+                hash_args(&mut args, fields);
             }
-            return self
-                .store
+            self.store
                 .call("write features", |mut c| async move {
-                    pipe.query_async::<()>(&mut c).await
+                    WRITE
+                        .key(&keys[..])
+                        .arg(&args[..])
+                        .invoke_async(&mut c)
+                        .await
                 })
-                .await;
+                .await?
+        } else {
+            // Cluster: the indexes first, so that `delete_key` never misses a state.
+            try_join_all(indexes.iter().map(|(index, customers)| {
+                self.store.call("index features", move |mut c| async move {
+                    c.sadd::<_, _, ()>(index, customers).await
+                })
+            }))
+            .await?;
+            try_join_all(by_customer.iter().map(|(hash, fields)| {
+                let mut args = vec![b"1".to_vec(), b"0".to_vec()];
+                hash_args(&mut args, fields);
+                self.store.call("write features", move |mut c| async move {
+                    WRITE
+                        .key(hash)
+                        .arg(&args[..])
+                        .invoke_async::<u64>(&mut c)
+                        .await
+                })
+            }))
+            .await?
+            .into_iter()
+            .sum()
+        };
+        if skipped > 0 {
+            tracing::warn!(
+                skipped,
+                "Feature states older than those stored were not written (a worker that lost its partitions wrote late)"
+            );
         }
-
-        // Cluster: the indexes first, so that `delete_key` never misses a state.
-        try_join_all(indexes.iter().map(|(index, customers)| {
-            self.store.call("index features", move |mut c| async move {
-                c.sadd::<_, _, ()>(index, customers).await
-            })
-        }))
-        .await?;
-        try_join_all(by_customer.iter().map(|(hash, fields)| {
-            self.store.call("write features", move |mut c| async move {
-                c.hset_multiple::<_, _, _, ()>(hash, fields).await
-            })
-        }))
-        .await?;
         Ok(())
     }
 
@@ -243,9 +362,9 @@ impl FeatureStore for RedisFeatures {
             }
             try_join_all(customers.iter().map(|customer| {
                 let hash = self.customer_key(customer);
-                let field = field.clone();
+                let fields = [field.clone(), position_field(&field)];
                 self.store.call("delete feature", |mut c| async move {
-                    c.hdel::<_, _, ()>(hash, field).await
+                    c.hdel::<_, _, ()>(hash, &fields[..]).await
                 })
             }))
             .await?;

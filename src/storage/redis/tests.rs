@@ -1490,3 +1490,85 @@ async fn profiles_on_a_killed_redis_degrade_decisions_and_refuse_writes() {
     assert_eq!(report.accepted, 1, "events are taken again");
     let _ = stop.send(true);
 }
+
+/// A state written with a stream position older than the stored one, in the same
+/// partition, is not written: a worker that lost its partitions and writes late does not
+/// undo what the new owner wrote. A new partition, or a state without a position, is
+/// written; dropping the version forgets the position too.
+async fn stale_feature_writes_are_fenced(var: &str) {
+    let Some((value, prefix)) = location(var) else {
+        return;
+    };
+    let store = connect(&value, TIMEOUT).await;
+    let features = store.features();
+    let customer = customer_id(&format!("{prefix}fenced"));
+    let key = crate::features::FeatureKey::new("views", 1);
+    let state = |n: u64, at: Option<(i32, i64)>| {
+        let mut s = conformance::sample_feature_state(n);
+        s.applied_position =
+            at.map(|(partition, offset)| crate::events::StreamPosition { partition, offset });
+        s
+    };
+    let write = |s: crate::features::FeatureState| {
+        let (features, customer, key) = (&features, &customer, &key);
+        async move {
+            features
+                .write(vec![(customer.clone(), key.clone(), s)])
+                .await
+                .expect("write");
+        }
+    };
+    let read = || async {
+        features
+            .read(&customer, std::slice::from_ref(&key))
+            .await
+            .expect("read")
+            .pop()
+            .flatten()
+    };
+    let steps = [
+        (state(1, Some((1, 100))), true, "first"),
+        (state(2, Some((1, 99))), false, "older, same partition"),
+        (state(3, Some((1, 100))), true, "the same position"),
+        (
+            state(4, Some((1, 10_000_000_000))),
+            true,
+            "newer, a longer offset",
+        ),
+        (
+            state(5, Some((1, 9_999_999_999))),
+            false,
+            "older, a shorter offset",
+        ),
+        (state(6, Some((2, 0))), true, "another partition"),
+        (state(7, None), true, "no position"),
+        (state(8, Some((2, 0))), true, "a position after none"),
+    ];
+    let mut expected = None;
+    for (s, taken, what) in steps {
+        write(s.clone()).await;
+        if taken {
+            expected = Some(s);
+        }
+        assert_eq!(read().await, expected, "{what}");
+    }
+    features.delete_key(&key).await.expect("drop the version");
+    assert_eq!(read().await, None);
+    let fresh = state(9, Some((2, -1)));
+    write(fresh.clone()).await;
+    assert_eq!(
+        read().await,
+        Some(fresh),
+        "the dropped version's position is gone"
+    );
+}
+
+#[tokio::test]
+async fn stale_feature_writes_are_fenced_on_a_single_server() {
+    stale_feature_writes_are_fenced(SINGLE).await;
+}
+
+#[tokio::test]
+async fn stale_feature_writes_are_fenced_on_a_cluster() {
+    stale_feature_writes_are_fenced(CLUSTER).await;
+}
