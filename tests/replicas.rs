@@ -73,6 +73,8 @@ struct Shape {
     /// `Some`: profiles (with their data keys) on Redis too, every process under this
     /// master key.
     master_key: Option<String>,
+    /// `Some`: `policy.attribution_window_secs`, so that decisions become evaluable soon.
+    attribution_window_secs: Option<u64>,
 }
 
 impl Shape {
@@ -91,6 +93,9 @@ impl Shape {
             command
                 .env("TAILOR_BACKENDS__PROFILES", redis)
                 .env("TAILOR_ENCRYPTION_KEY", master_key);
+        }
+        if let Some(secs) = self.attribution_window_secs {
+            command.env("TAILOR_POLICY__ATTRIBUTION_WINDOW_SECS", secs.to_string());
         }
         command
     }
@@ -335,6 +340,7 @@ impl Deployment {
                 redis,
                 kafka,
                 master_key: None,
+                attribution_window_secs: None,
             },
             key,
             dirs: Vec::new(),
@@ -415,6 +421,9 @@ async fn two_api_replicas_and_a_worker_share_features_decisions_and_learning() {
         return;
     };
     let mut deployment = Deployment::new(&redis, &kafka);
+    // Short, so that the decisions below can be evaluated within the test.
+    let window = Duration::from_secs(8);
+    deployment.shape.attribution_window_secs = Some(window.as_secs());
     let (worker, a, b) = deployment.start_three().await;
 
     // The catalog is shared: content put through a serves decisions on b.
@@ -464,6 +473,7 @@ async fn two_api_replicas_and_a_worker_share_features_decisions_and_learning() {
     .await;
 
     // Decisions made on each replica, rewarded through the other one.
+    let first_decision = Instant::now();
     let mut decided = 0.0;
     for (maker, rewarder) in [(&a, &b), (&b, &a)] {
         for n in 0..5 {
@@ -508,6 +518,33 @@ async fn two_api_replicas_and_a_worker_share_features_decisions_and_learning() {
         a.bandit_totals().await.1,
         decided,
         "rewards seen on a, later"
+    );
+
+    // Off-policy evaluation on either replica reads every replica's decisions (once the
+    // first ones are out of their attribution window: it refuses a log with none).
+    tokio::time::sleep_until((first_decision + window + Duration::from_secs(1)).into()).await;
+    let scanned = |replica: &'static str, data: Value| {
+        let e = &data["evaluatePolicy"];
+        let skipped = &e["skipped"];
+        [
+            "unpersonalized",
+            "openWindow",
+            "otherPlacement",
+            "inconsistent",
+        ]
+        .iter()
+        .map(|k| skipped[k].as_f64().unwrap_or_default())
+        .sum::<f64>()
+            + e["rounds"]
+                .as_f64()
+                .unwrap_or_else(|| panic!("rounds on {replica}: {data}"))
+    };
+    const EVALUATE: &str = r#"{ evaluatePolicy(input: {policy: "uniform"}) { rounds skipped { unpersonalized openWindow otherPlacement inconsistent } } }"#;
+    let on_a = scanned("a", a.graphql(EVALUATE, json!({})).await);
+    let on_b = scanned("b", b.graphql(EVALUATE, json!({})).await);
+    assert!(
+        on_a >= decided && on_a == on_b,
+        "decisions evaluated: {on_a} on a, {on_b} on b, of at least {decided} made on both"
     );
     drop(worker);
 }

@@ -18,8 +18,15 @@
 //! atomically with the check that the decision exists (one script on its slot), so the
 //! "first outcome" that teaches the bandit is first across all replicas; the outcome is
 //! also stored locally when the decision was made here. `customer_decisions` merges the
-//! local decisions with those Redis holds for the customer; `scan` is the local log only
-//! (the decisions topic of the event stream carries every replica's).
+//! local decisions with those Redis holds for the customer.
+//!
+//! `scan` (what training and off-policy evaluation read) merges the local log with the
+//! shared one, `decision_log:{<shard>}`: [`LOG_SHARDS`] sorted sets of decision ids (all
+//! scored 0, so they read in id order by `ZRANGEBYLEX`; a decision goes to the shard its
+//! id hashes to, so that on a cluster every replica's writes are spread over nodes). Ids
+//! are UUIDv7s, whose text sorts by creation time: each write trims the ids older than
+//! the window. So a scan holds every replica's decisions of the window, with every
+//! outcome, and this replica's own older ones.
 //!
 //! A decision whose Redis write fails is still stored locally and the call succeeds (the
 //! decision has been made; its outcomes are accepted on this replica); the failure is
@@ -30,6 +37,7 @@ use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
 use redis::Script;
 
 use super::RedisStore;
@@ -40,6 +48,12 @@ use crate::storage::{DecisionStore, StorageError, StorageResult};
 /// How long Redis keeps a decision, its outcomes and its impressions: the window in which
 /// an outcome may reach any replica, and the longest frequency cap window.
 pub const SHARED_DECISION_DAYS: i64 = 30;
+
+/// How many sorted sets the shared decision log is spread over.
+pub const LOG_SHARDS: u32 = 16;
+
+/// How many decisions a scan reads from Redis at once.
+const SCAN_IN_FLIGHT: usize = 64;
 
 /// KEYS[1]: the decision, KEYS[2]: its outcome list; ARGV[1]: the outcome. Returns -1
 /// when the decision is unknown (nothing stored), else how many outcomes came before.
@@ -75,6 +89,21 @@ fn impression_member(decision: &Decision) -> String {
     out
 }
 
+/// The shard of the shared decision log that holds `id` (FNV-1a of its text).
+fn log_shard(id: &str) -> u32 {
+    let hash = id.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    hash % LOG_SHARDS
+}
+
+/// The exclusive upper bound, in the text of UUIDv7 ids, of those made before `at_ms`:
+/// their first 48 bits are the creation time in milliseconds.
+fn id_bound(at_ms: i64) -> String {
+    let ms = u64::try_from(at_ms).unwrap_or_default();
+    format!("({:08x}-{:04x}", (ms >> 16) & 0xffff_ffff, ms & 0xffff)
+}
+
 fn encode<T: serde::Serialize>(what: &str, value: &T) -> StorageResult<String> {
     serde_json::to_string(value).map_err(|e| StorageError::Backend(format!("encoding {what}: {e}")))
 }
@@ -100,6 +129,88 @@ impl RedisDecisions {
         self.store.key("customer_impressions", customer)
     }
 
+    fn log_key(&self, shard: u32) -> String {
+        self.store.key("decision_log", &shard.to_string())
+    }
+
+    /// Adds the decision's id to the shared log, trimming the ids older than the window.
+    async fn log(&self, id: &str, now_ms: i64) -> StorageResult<()> {
+        let key = self.log_key(log_shard(id));
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZADD")
+            .arg(&key)
+            .arg(0)
+            .arg(id)
+            .ignore()
+            .cmd("ZREMRANGEBYLEX")
+            .arg(&key)
+            .arg("-")
+            .arg(id_bound(now_ms.saturating_sub(window_ms())))
+            .ignore();
+        self.store
+            .call("log a decision", |mut c| async move {
+                pipe.query_async::<()>(&mut c).await
+            })
+            .await
+    }
+
+    /// Up to `limit` ids of the shared log after `after`, ascending.
+    async fn logged_ids(&self, after: Option<&str>, limit: usize) -> StorageResult<Vec<String>> {
+        let min = after.map_or_else(|| "-".to_owned(), |a| format!("({a}"));
+        let count = i64::try_from(limit).unwrap_or(i64::MAX);
+        let shards = (0..LOG_SHARDS).map(|shard| {
+            let (key, min) = (self.log_key(shard), min.clone());
+            self.store
+                .call("scan the decision log", move |mut c| async move {
+                    redis::cmd("ZRANGEBYLEX")
+                        .arg(key)
+                        .arg(min)
+                        .arg("+")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(count)
+                        .query_async::<Vec<String>>(&mut c)
+                        .await
+                })
+        });
+        let mut ids: Vec<String> = futures::future::try_join_all(shards)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.truncate(limit);
+        Ok(ids)
+    }
+
+    /// The decision and its outcomes as Redis holds them, in one exchange on its slot;
+    /// `None` when Redis holds no decision of that id.
+    async fn shared_entry(&self, id: &str) -> StorageResult<Option<(Decision, Vec<Outcome>)>> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET")
+            .arg(self.decision_key(id))
+            .cmd("LRANGE")
+            .arg(self.outcomes_key(id))
+            .arg(0)
+            .arg(-1);
+        let (raw, outcomes): (Option<String>, Vec<String>) = self
+            .store
+            .call("read a decision", |mut c| async move {
+                pipe.query_async(&mut c).await
+            })
+            .await?;
+        let Some(raw) = raw else {
+            return Ok(None);
+        };
+        let decision = decode(&format!("decision {id}"), &raw)?;
+        let outcomes = outcomes
+            .iter()
+            .map(|r| decode(&format!("outcome of decision {id}"), r))
+            .collect::<StorageResult<Vec<_>>>()?;
+        Ok(Some((decision, outcomes)))
+    }
+
     /// Writes the decision and its impression; the impression of a decision it replaces
     /// (same id) goes.
     async fn share(&self, decision: &Decision) -> StorageResult<()> {
@@ -120,8 +231,10 @@ impl RedisDecisions {
         let at = decision.created_at.timestamp_millis();
         let impressions = self.impressions_key(decision.customer_id.as_str());
         let shown = self.add_impression(impressions, member.clone(), at);
-        let (previous, shown) = tokio::join!(replace, shown);
+        let logged = self.log(&decision.id, Utc::now().timestamp_millis());
+        let (previous, shown, logged) = tokio::join!(replace, shown, logged);
         shown?;
+        logged?;
         // A replaced decision may have shown other items or named another customer.
         if let Some(previous) = previous? {
             if let Ok(previous) = serde_json::from_str::<Decision>(&previous) {
@@ -408,7 +521,50 @@ impl DecisionStore for RedisDecisions {
         after: Option<&str>,
         limit: usize,
     ) -> StorageResult<Vec<(Decision, Vec<Outcome>)>> {
-        self.local.scan(after, limit).await
+        let mut out = Vec::with_capacity(limit.min(4096));
+        let mut cursor = after.map(str::to_owned);
+        while out.len() < limit {
+            let want = limit - out.len();
+            let (local, shared) = tokio::join!(
+                self.local.scan(cursor.as_deref(), want),
+                self.logged_ids(cursor.as_deref(), want)
+            );
+            let (local, shared) = (local?, shared?);
+            // Neither log has more than it returned: this is the last round.
+            let last = local.len() < want && shared.len() < want;
+            // The `want` smallest ids of both are among each one's first `want`.
+            let mut page: BTreeMap<String, Option<(Decision, Vec<Outcome>)>> = local
+                .into_iter()
+                .map(|(d, o)| (d.id.clone(), Some((d, o))))
+                .collect();
+            for id in shared {
+                page.entry(id).or_insert(None);
+            }
+            let page: Vec<_> = page.into_iter().take(want).collect();
+            let Some((tail, _)) = page.last() else {
+                break;
+            };
+            cursor = Some(tail.clone());
+            // Redis holds every replica's outcomes of the decisions it holds; a decision
+            // it no longer holds (older than the window) has only this replica's.
+            let resolved: Vec<_> = futures::stream::iter(page)
+                .map(|(id, local)| async move {
+                    Ok::<_, StorageError>(match (self.shared_entry(&id).await?, local) {
+                        (Some((_, outcomes)), Some((decision, _))) => Some((decision, outcomes)),
+                        (Some(shared), None) => Some(shared),
+                        (None, local) => local,
+                    })
+                })
+                .buffered(SCAN_IN_FLIGHT)
+                .try_collect()
+                .await?;
+            // A logged id whose decision is gone (expired, or its write failed) is skipped.
+            out.extend(resolved.into_iter().flatten());
+            if last {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     async fn customer_decisions(

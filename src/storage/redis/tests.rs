@@ -275,6 +275,102 @@ async fn decisions_cross_replicas(var: &str) {
     assert!(b.customer_decisions(&customer).await.unwrap().is_empty());
 }
 
+/// Training and evaluation scan every replica's decisions: each replica's scan holds the
+/// decisions made on the others, with the outcomes recorded anywhere, in id order and in
+/// full pages even where a logged decision is gone from Redis.
+async fn decisions_scan_every_replica(var: &str) {
+    let Some((value, prefix)) = location(var) else {
+        return;
+    };
+    let store = connect(&value, TIMEOUT).await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = store.decisions(
+        EmbeddedStore::open(dir_a.path())
+            .unwrap()
+            .stores()
+            .decisions,
+    );
+    let b = store.decisions(
+        EmbeddedStore::open(dir_b.path())
+            .unwrap()
+            .stores()
+            .decisions,
+    );
+    let customer = customer_id(&format!("{prefix}c"));
+    let made = |name: &str, n: i32| {
+        let mut d = conformance::sample_decision(&format!("{prefix}{name}"), &customer, n);
+        d.created_at = chrono::Utc::now();
+        d
+    };
+    let (d1, d2, d3, d4) = (made("d1", 1), made("d2", 2), made("d3", 3), made("d4", 4));
+    a.put(&d1).await.expect("put d1 on a");
+    b.put(&d2).await.expect("put d2 on b");
+    b.put(&d3).await.expect("put d3 on b");
+    a.put(&d4).await.expect("put d4 on a");
+    let outcome = conformance::sample_outcome(&d1, 0);
+    b.put_outcome(&outcome).await.expect("outcome of d1 on b");
+
+    /// Every decision after `prefix`, paged by `limit` until a short page.
+    async fn scan_all(
+        replica: &super::decisions::RedisDecisions,
+        prefix: &str,
+        limit: usize,
+    ) -> Vec<(crate::decision::Decision, Vec<crate::decision::Outcome>)> {
+        let mut seen = Vec::new();
+        let mut after = prefix.to_owned();
+        loop {
+            let page = replica.scan(Some(&after), limit).await.expect("scan");
+            assert!(page.len() <= limit, "at most `limit` decisions");
+            let full = page.len() == limit;
+            if let Some((last, _)) = page.last() {
+                after = last.id.clone();
+            }
+            seen.extend(page);
+            if !full {
+                return seen;
+            }
+        }
+    }
+    for (name, replica) in [("a", &a), ("b", &b)] {
+        for limit in [1, 3, 10] {
+            let seen = scan_all(replica, &prefix, limit).await;
+            assert_eq!(
+                seen,
+                vec![
+                    (d1.clone(), vec![outcome.clone()]),
+                    (d2.clone(), vec![]),
+                    (d3.clone(), vec![]),
+                    (d4.clone(), vec![]),
+                ],
+                "replica {name}, pages of {limit}: every replica's decisions, with the outcome recorded on the other"
+            );
+        }
+    }
+
+    // d2's shared copy is gone (as after the window): a still pages in full past it, and
+    // b, which made it, still has it.
+    let gone = format!("{prefix}decision:{{{prefix}d2}}");
+    store
+        .call("delete", |mut c| async move {
+            redis::cmd("DEL").arg(gone).query_async::<()>(&mut c).await
+        })
+        .await
+        .expect("DEL");
+    let ids = |seen: Vec<(crate::decision::Decision, Vec<crate::decision::Outcome>)>| {
+        seen.into_iter().map(|(d, _)| d.id).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(scan_all(&a, &prefix, 1).await),
+        vec![d1.id.clone(), d3.id.clone(), d4.id.clone()],
+        "a skips what Redis no longer holds, and its pages stay full"
+    );
+    assert_eq!(
+        ids(scan_all(&b, &prefix, 2).await),
+        vec![d1.id.clone(), d2.id.clone(), d3.id.clone(), d4.id.clone()],
+        "b keeps its own decision"
+    );
+}
+
 /// Feature states read back bit for bit (decisions on the embedded store, which the
 /// suite needs beside them).
 async fn floats_are_exact(var: &str) {
@@ -354,6 +450,16 @@ async fn catalog_conforms_on_a_single_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn catalog_conforms_on_a_cluster() {
     catalog_conforms(CLUSTER).await;
+}
+
+#[tokio::test]
+async fn decisions_scan_every_replica_on_a_single_server() {
+    decisions_scan_every_replica(SINGLE).await;
+}
+
+#[tokio::test]
+async fn decisions_scan_every_replica_on_a_cluster() {
+    decisions_scan_every_replica(CLUSTER).await;
 }
 
 #[tokio::test]
