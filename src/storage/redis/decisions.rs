@@ -549,10 +549,13 @@ impl DecisionStore for RedisDecisions {
             // it no longer holds (older than the window) has only this replica's.
             let resolved: Vec<_> = futures::stream::iter(page)
                 .map(|(id, local)| async move {
-                    Ok::<_, StorageError>(match (self.shared_entry(&id).await?, local) {
-                        (Some((_, outcomes)), Some((decision, _))) => Some((decision, outcomes)),
-                        (Some(shared), None) => Some(shared),
-                        (None, local) => local,
+                    Ok::<_, StorageError>(match local {
+                        // Made here: only the outcomes are read from Redis.
+                        Some((decision, outcomes)) => {
+                            let shared = self.shared_outcomes(&id).await?;
+                            Some((decision, shared.unwrap_or(outcomes)))
+                        }
+                        None => self.shared_entry(&id).await?,
                     })
                 })
                 .buffered(SCAN_IN_FLIGHT)
