@@ -1,12 +1,17 @@
 //! Where the Kafka backend connects: parsed from `backends.events`.
 //!
-//! `kafka://host:port[,host2:port2...][?topic_prefix=tailor.&group=tailor-workers&partitions=3&replication=1&dedup_window_secs=3600]`
+//! `kafka://host:port[,host2:port2...][?topic_prefix=tailor.&group=tailor-workers&partitions=3&replication=1&retention_hours=168&dedup_window_secs=3600]`
 //!
 //! - `topic_prefix` (default `tailor.`): the topics are `<prefix>events`,
 //!   `<prefix>decisions` and `<prefix>outcomes`;
 //! - `group` (default `tailor-workers`): the consumer group of the workers;
 //! - `partitions`, `replication` (default 3 and 1): used only to create a topic that does
 //!   not exist yet; existing topics are left as they are;
+//! - `retention_hours` (default 168, a week): the `retention.ms` of the topics Tailor
+//!   creates. It bounds how long an erased customer's records stay on the broker (it
+//!   cannot delete single records), and it must outlast the longest time the workers may
+//!   be stopped: an event the broker drops before a worker read it is lost. A topic that
+//!   already exists keeps its own; a process warns when that is longer, or forever;
 //! - `dedup_window_secs` (default 3600; 0 turns it off): how long the workers remember,
 //!   for one another, the event ids they read (on the Redis of `backends.features`), so
 //!   that a second copy of an event is dropped by whichever worker it reaches. Each key
@@ -20,6 +25,8 @@ pub const DEFAULT_TOPIC_PREFIX: &str = "tailor.";
 pub const DEFAULT_GROUP: &str = "tailor-workers";
 /// Default of `dedup_window_secs`: an hour.
 pub const DEFAULT_DEDUP_WINDOW_SECS: u64 = 3600;
+/// Default of `retention_hours`: a week (Kafka's own default).
+pub const DEFAULT_RETENTION_HOURS: u64 = 168;
 
 const SCHEME: &str = "kafka://";
 
@@ -32,6 +39,8 @@ pub struct KafkaConfig {
     pub group: String,
     pub partitions: i32,
     pub replication: i32,
+    /// The retention of the topics this process creates, in hours.
+    pub retention_hours: u64,
     /// How long workers remember an event id for one another; 0: not at all.
     pub dedup_window_secs: u64,
 }
@@ -44,6 +53,7 @@ impl fmt::Debug for KafkaConfig {
             .field("group", &self.group)
             .field("partitions", &self.partitions)
             .field("replication", &self.replication)
+            .field("retention_hours", &self.retention_hours)
             .field("dedup_window_secs", &self.dedup_window_secs)
             .finish()
     }
@@ -88,6 +98,7 @@ impl KafkaConfig {
             group: DEFAULT_GROUP.into(),
             partitions: 3,
             replication: 1,
+            retention_hours: DEFAULT_RETENTION_HOURS,
             dedup_window_secs: DEFAULT_DEDUP_WINDOW_SECS,
         };
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
@@ -111,6 +122,13 @@ impl KafkaConfig {
                 }
                 "partitions" => config.partitions = positive(key, value)?,
                 "replication" => config.replication = positive(key, value)?,
+                "retention_hours" => {
+                    config.retention_hours = match value.parse::<u64>() {
+                        // Kafka keeps `retention.ms` in an i64.
+                        Ok(h) if h > 0 && h <= i64::MAX as u64 / 3_600_000 => h,
+                        _ => return Err(format!("{key}: must be a whole number of hours above 0")),
+                    }
+                }
                 "dedup_window_secs" => {
                     config.dedup_window_secs = value.parse::<u64>().map_err(|_| {
                         format!("{key}: must be a whole number of seconds (0 turns it off)")
@@ -119,7 +137,7 @@ impl KafkaConfig {
                 _ => {
                     return Err(format!(
                         "unknown parameter '{key}' (topic_prefix, group, partitions, \
-                         replication, dedup_window_secs)"
+                         replication, retention_hours, dedup_window_secs)"
                     ))
                 }
             }
@@ -138,6 +156,11 @@ impl KafkaConfig {
 
     pub fn topic(&self, stream: &str) -> String {
         format!("{}{stream}", self.topic_prefix)
+    }
+
+    /// `retention_hours` as Kafka's `retention.ms`.
+    pub fn retention_ms(&self) -> i64 {
+        i64::try_from(self.retention_hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX)
     }
 }
 
@@ -164,9 +187,11 @@ mod tests {
         assert_eq!(c.group, "tailor-workers");
         assert_eq!((c.partitions, c.replication), (3, 1));
         assert_eq!(c.dedup_window_secs, 3600);
+        assert_eq!(c.retention_hours, 168);
+        assert_eq!(c.retention_ms(), 604_800_000);
 
         let c = KafkaConfig::parse(
-            "kafka://a:1, b:2?topic_prefix=prod-&group=g1&partitions=12&replication=3&dedup_window_secs=0",
+            "kafka://a:1, b:2?topic_prefix=prod-&group=g1&partitions=12&replication=3&dedup_window_secs=0&retention_hours=48",
         )
         .unwrap();
         assert_eq!(c.bootstrap(), "a:1,b:2");
@@ -174,6 +199,7 @@ mod tests {
         assert_eq!(c.group, "g1");
         assert_eq!((c.partitions, c.replication), (12, 3));
         assert_eq!(c.dedup_window_secs, 0);
+        assert_eq!(c.retention_ms(), 172_800_000);
     }
 
     #[test]
@@ -187,7 +213,7 @@ mod tests {
             (
                 "kafka://a:1?prefix=x",
                 "unknown parameter 'prefix' (topic_prefix, group, partitions, replication, \
-                 dedup_window_secs)",
+                 retention_hours, dedup_window_secs)",
             ),
             ("kafka://a:1?group", "parameter 'group' has no value"),
             ("kafka://a:1?group=", "group: must not be empty"),
@@ -198,6 +224,14 @@ mod tests {
             (
                 "kafka://a:1?partitions=0",
                 "partitions: must be a whole number above 0",
+            ),
+            (
+                "kafka://a:1?retention_hours=0",
+                "retention_hours: must be a whole number of hours above 0",
+            ),
+            (
+                "kafka://a:1?retention_hours=99999999999999999",
+                "retention_hours: must be a whole number of hours above 0",
             ),
             (
                 "kafka://a:1?dedup_window_secs=-1",

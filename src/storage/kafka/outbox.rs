@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 
 use super::config::KafkaConfig;
-use super::producer::{ensure_topics, KafkaProducer, ProducerSlot};
+use super::producer::{ensure_topics, prepare_topic, KafkaProducer, ProducerSlot};
 use crate::events::Event;
 use crate::storage::embedded::events::EmbeddedEventLog;
 use crate::storage::embedded::EmbeddedStore;
@@ -162,6 +162,12 @@ impl Outbox {
             Err(e) => {
                 tracing::warn!(topic = %self.topic, error = %e, "Failed to read the outbox's delivered offset")
             }
+        }
+        // Created with its retention before anything is sent (a broker that creates
+        // topics on first use would give them its own), and checked.
+        tokio::select! {
+            () = prepare_topic(&config, &self.topic) => {}
+            _ = shutdown.changed() => return,
         }
         loop {
             if *shutdown.borrow() {

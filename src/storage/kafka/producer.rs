@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::RDKafkaErrorCode;
@@ -151,12 +151,23 @@ impl ProducerSlot {
     }
 }
 
-/// Creates the topics that do not exist yet (`config.partitions`, `config.replication`);
-/// existing topics are left as they are.
-pub(super) async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> StorageResult<()> {
-    let admin: AdminClient<DefaultClientContext> = client_config(config)
+fn admin_client(config: &KafkaConfig) -> StorageResult<AdminClient<DefaultClientContext>> {
+    client_config(config)
         .create()
-        .map_err(|e| StorageError::Backend(format!("creating the Kafka admin client: {e}")))?;
+        .map_err(|e| StorageError::Backend(format!("creating the Kafka admin client: {e}")))
+}
+
+fn admin_options() -> AdminOptions {
+    AdminOptions::new()
+        .operation_timeout(Some(ADMIN_TIMEOUT))
+        .request_timeout(Some(ADMIN_TIMEOUT))
+}
+
+/// Creates the topics that do not exist yet (`config.partitions`, `config.replication`,
+/// `retention.ms` from `config.retention_hours`); existing topics are left as they are.
+pub(super) async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> StorageResult<()> {
+    let admin = admin_client(config)?;
+    let retention = config.retention_ms().to_string();
     let new: Vec<NewTopic> = topics
         .iter()
         .map(|t| {
@@ -165,11 +176,10 @@ pub(super) async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> St
                 config.partitions,
                 TopicReplication::Fixed(config.replication),
             )
+            .set("retention.ms", &retention)
         })
         .collect();
-    let options = AdminOptions::new()
-        .operation_timeout(Some(ADMIN_TIMEOUT))
-        .request_timeout(Some(ADMIN_TIMEOUT));
+    let options = admin_options();
     let results = tokio::time::timeout(ADMIN_TIMEOUT, admin.create_topics(&new, &options))
         .await
         .map_err(|_| unavailable("creating topics", "timed out"))?
@@ -184,4 +194,73 @@ pub(super) async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> St
         }
     }
     Ok(())
+}
+
+/// The `retention.ms` the broker has for `topic` (-1: forever); `None` where it does not
+/// say.
+pub(super) async fn retention_ms(config: &KafkaConfig, topic: &str) -> StorageResult<Option<i64>> {
+    let admin = admin_client(config)?;
+    let resources = [ResourceSpecifier::Topic(topic)];
+    let options = admin_options();
+    let results = tokio::time::timeout(ADMIN_TIMEOUT, admin.describe_configs(&resources, &options))
+        .await
+        .map_err(|_| unavailable("describing a topic", "timed out"))?
+        .map_err(|e| unavailable("describing a topic", e))?;
+    let Some(result) = results.into_iter().next() else {
+        return Ok(None);
+    };
+    let resource =
+        result.map_err(|code| unavailable(&format!("describing topic {topic}"), code))?;
+    Ok(resource
+        .get("retention.ms")
+        .and_then(|entry| entry.value.as_deref())
+        .and_then(|value| value.parse().ok()))
+}
+
+/// What to warn about a topic that keeps records for `retention_ms` (as the broker says)
+/// when this process creates its topics with `config.retention_hours`; `None` when it
+/// keeps them no longer.
+pub(super) fn retention_warning(
+    config: &KafkaConfig,
+    topic: &str,
+    retention_ms: i64,
+) -> Option<String> {
+    let kept = if retention_ms < 0 {
+        "forever".to_owned()
+    } else if retention_ms > config.retention_ms() {
+        format!("for {} hours", retention_ms / 3_600_000)
+    } else {
+        return None;
+    };
+    Some(format!(
+        "Topic {topic} keeps records {kept} (retention.ms {retention_ms}), longer than \
+         retention_hours ({} hours): an erased customer's records stay on the broker that long; \
+         set the topic's retention.ms to at most {}",
+        config.retention_hours,
+        config.retention_ms()
+    ))
+}
+
+/// Creates `topic` if it is missing, then warns when it keeps records longer than
+/// `config.retention_hours`. Failures only log: forwarding and consuming retry on their
+/// own.
+pub(super) async fn prepare_topic(config: &KafkaConfig, topic: &str) {
+    if let Err(e) = ensure_topics(config, &[topic.to_owned()]).await {
+        tracing::debug!(topic, error = %e, "Failed to ensure the topic");
+        return;
+    }
+    match retention_ms(config, topic).await {
+        Ok(Some(ms)) => {
+            if let Some(warning) = retention_warning(config, topic, ms) {
+                tracing::warn!("{warning}");
+            }
+        }
+        Ok(None) => {
+            tracing::warn!(
+                topic,
+                "The broker does not say how long this topic keeps records"
+            );
+        }
+        Err(e) => tracing::debug!(topic, error = %e, "Failed to read the topic's retention"),
+    }
 }

@@ -823,3 +823,75 @@ async fn a_malformed_message_is_skipped_and_counted() {
     );
     tasks.stop().await;
 }
+
+/// The topics a process creates keep records for `retention_hours`, as the broker says;
+/// a topic created elsewhere that keeps them longer, or forever, is what it warns about.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_are_created_with_the_configured_retention() {
+    let Some(base) = shared_broker() else {
+        return;
+    };
+    let url = format!("{}&retention_hours=48", fresh(&base));
+    let config = KafkaConfig::parse(&url).expect("url");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = Engine::open(settings(dir.path(), &url))
+        .await
+        .expect("api engine");
+    let tasks = Background::start_role(&api, Role::Api);
+    for stream in [EVENTS, DECISIONS, OUTCOMES] {
+        let topic = config.topic(stream);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match super::producer::retention_ms(&config, &topic).await {
+                Ok(Some(ms)) => {
+                    assert_eq!(ms, 48 * 3_600_000, "retention of {topic}");
+                    break;
+                }
+                other => assert!(
+                    Instant::now() < deadline,
+                    "the forwarder created {topic} with its retention: {other:?}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(
+            super::producer::retention_warning(&config, &topic, 48 * 3_600_000),
+            None
+        );
+    }
+    tasks.stop().await;
+
+    // A topic that already existed, kept forever: created as an operator might.
+    let kept = config.topic("kept-forever");
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        ClientConfig::new()
+            .set("bootstrap.servers", config.bootstrap())
+            .create()
+            .expect("admin");
+    let created = admin
+        .create_topics(
+            &[
+                rdkafka::admin::NewTopic::new(&kept, 1, rdkafka::admin::TopicReplication::Fixed(1))
+                    .set("retention.ms", "-1"),
+            ],
+            &rdkafka::admin::AdminOptions::new(),
+        )
+        .await
+        .expect("created");
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    super::producer::ensure_topics(&config, std::slice::from_ref(&kept))
+        .await
+        .expect("an existing topic is left as it is");
+    let ms = super::producer::retention_ms(&config, &kept)
+        .await
+        .expect("described");
+    assert_eq!(ms, Some(-1));
+    let warning = super::producer::retention_warning(&config, &kept, -1).expect("a warning");
+    assert!(
+        warning.contains(&kept) && warning.contains("forever") && warning.contains("172800000"),
+        "{warning}"
+    );
+    let longer =
+        super::producer::retention_warning(&config, &kept, 49 * 3_600_000).expect("a warning");
+    assert!(longer.contains("for 49 hours"), "{longer}");
+}
