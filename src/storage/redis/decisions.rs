@@ -641,3 +641,41 @@ impl DecisionStore for RedisDecisions {
         Ok(u64::try_from(changed.len()).unwrap_or(u64::MAX))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{id_bound, log_shard, LOG_SHARDS};
+
+    /// A UUIDv7 made at `ms` milliseconds after the epoch.
+    fn id_at(ms: i64) -> String {
+        let secs = u64::try_from(ms / 1000).unwrap();
+        let nanos = u32::try_from(ms % 1000).unwrap() * 1_000_000;
+        uuid::Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, secs, nanos)).to_string()
+    }
+
+    #[test]
+    fn the_trim_bound_splits_ids_by_creation_time() {
+        let at = 1_780_000_000_123_i64;
+        let bound = id_bound(at);
+        let bound = bound.strip_prefix('(').expect("an exclusive bound");
+        for (ms, older) in [
+            (at - 30 * 86_400_000, true),
+            (at - 1, true),
+            (at, false),
+            (at + 1, false),
+            (at + 86_400_000, false),
+        ] {
+            let id = id_at(ms);
+            assert_eq!(id.as_str() < bound, older, "{id} against {bound}");
+        }
+    }
+
+    #[test]
+    fn ids_spread_over_every_shard() {
+        let mut used = [0_u32; LOG_SHARDS as usize];
+        for n in 0..1_000 {
+            used[log_shard(&id_at(1_780_000_000_000 + n)) as usize] += 1;
+        }
+        assert!(used.iter().all(|&n| n > 20), "{used:?}");
+    }
+}

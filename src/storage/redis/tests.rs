@@ -303,6 +303,34 @@ async fn decisions_scan_every_replica(var: &str) {
         d
     };
     let (d1, d2, d3, d4) = (made("d1", 1), made("d2", 2), made("d3", 3), made("d4", 4));
+    // A decision whose id says it is older than the shared window: its log entry is
+    // trimmed as it is written, so only the replica that made it scans it.
+    let old_ms = chrono::Utc::now().timestamp_millis() - 31 * 86_400_000;
+    let mut old = made("", 0);
+    old.id = uuid::Uuid::new_v7(uuid::Timestamp::from_unix(
+        uuid::NoContext,
+        u64::try_from(old_ms / 1000).unwrap(),
+        0,
+    ))
+    .to_string();
+    a.put(&old).await.expect("put an old decision on a");
+    assert_eq!(
+        a.scan(None, 1)
+            .await
+            .expect("scan a")
+            .first()
+            .map(|(d, _)| &d.id),
+        Some(&old.id),
+        "a has it in its own log"
+    );
+    assert!(
+        b.scan(None, 100)
+            .await
+            .expect("scan b")
+            .iter()
+            .all(|(d, _)| d.id != old.id),
+        "the shared log no longer lists it"
+    );
     a.put(&d1).await.expect("put d1 on a");
     b.put(&d2).await.expect("put d2 on b");
     b.put(&d3).await.expect("put d3 on b");
