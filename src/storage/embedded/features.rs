@@ -1,20 +1,88 @@
 //! Online feature state ([`FeatureStore`]).
 //!
 //! Tables:
-//! - `features`: (customer id, feature name, version `u32`) → JSON of [`FeatureState`];
-//!   one customer's states are one key range (reads, erasure);
+//! - `features`: (customer id, feature name, version `u32`) → the [`FeatureState`] in
+//!   its stored form (below); one customer's states are one key range (reads, erasure);
 //! - `feature_keys`: (feature name, version `u32`, customer id) → `()`: the same entries by
 //!   feature version, so dropping one version is a range scan, not a full scan.
+//!
+//! Stored form: the byte [`BINARY_V1`], then postcard of [`StoredState`] (varints, the
+//! sums as little-endian `f64`, so they read back exactly): smaller than JSON, and no
+//! text to parse on the paths that read states for every event and decision.
+//! States written as JSON before (they start with `{`) still read, and are rewritten in
+//! the binary form when next written.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
 
-use super::{db_err, decode, encode_checked, EmbeddedStore};
+use super::{db_err, decode, EmbeddedStore};
 use crate::customers::CustomerId;
-use crate::features::{FeatureKey, FeatureState};
-use crate::storage::{FeatureStore, StorageResult};
+use crate::events::StreamPosition;
+use crate::features::{Bucket, FeatureKey, FeatureState};
+use crate::storage::{FeatureStore, StorageError, StorageResult};
+
+/// The first byte of a state in the binary form.
+pub(super) const BINARY_V1: u8 = 1;
+
+/// [`FeatureState`] as stored: every field always present (postcard is not
+/// self-describing, so it has no place for serde's skipped fields).
+#[derive(Serialize, Deserialize)]
+struct StoredState<B> {
+    applied_seq: u64,
+    applied_position: Option<(i32, i64)>,
+    buckets: B,
+    last_seen_ms: Option<i64>,
+}
+
+/// A state in its stored form, refused when it would not read back (a non-finite sum).
+fn encode_state(state: &FeatureState) -> StorageResult<Vec<u8>> {
+    if let Some(bucket) = state.buckets.iter().find(|b| !b.sum.is_finite()) {
+        return Err(StorageError::Backend(format!(
+            "refusing to store feature state: it would not read back (non-finite number {})",
+            bucket.sum
+        )));
+    }
+    let stored = StoredState {
+        applied_seq: state.applied_seq,
+        applied_position: state.applied_position.map(|p| (p.partition, p.offset)),
+        buckets: state.buckets.as_slice(),
+        last_seen_ms: state.last_seen_ms,
+    };
+    postcard::to_extend(&stored, vec![BINARY_V1])
+        .map_err(|e| StorageError::Backend(format!("encoding a feature state: {e}")))
+}
+
+/// A stored state, in either form; anything else is [`StorageError::Corrupt`].
+fn decode_state(key: impl std::fmt::Display, bytes: &[u8]) -> StorageResult<FeatureState> {
+    match bytes.split_first() {
+        Some((&BINARY_V1, rest)) => {
+            let corrupt = |why: &dyn std::fmt::Display| {
+                StorageError::Corrupt(format!("feature state {key}: undecodable value: {why}"))
+            };
+            let (stored, left): (StoredState<Vec<Bucket>>, _) =
+                postcard::take_from_bytes(rest).map_err(|e| corrupt(&e))?;
+            if !left.is_empty() {
+                return Err(corrupt(&format_args!(
+                    "{} bytes after the state",
+                    left.len()
+                )));
+            }
+            Ok(FeatureState {
+                applied_seq: stored.applied_seq,
+                applied_position: stored
+                    .applied_position
+                    .map(|(partition, offset)| StreamPosition { partition, offset }),
+                buckets: stored.buckets,
+                last_seen_ms: stored.last_seen_ms,
+            })
+        }
+        // Written as JSON before the binary form.
+        _ => decode("feature state", key, bytes),
+    }
+}
 
 pub(super) const FEATURES: TableDefinition<(&str, &str, u32), &[u8]> =
     TableDefinition::new("features");
@@ -39,8 +107,7 @@ fn read_states(
             .get((customer.as_str(), key.name.as_str(), key.version))
             .map_err(db_err)?;
         out.push(match value {
-            Some(value) => Some(decode(
-                "feature state",
+            Some(value) => Some(decode_state(
                 format_args!("{customer}/{key}"),
                 value.value(),
             )?),
@@ -103,9 +170,7 @@ impl FeatureStore for EmbeddedFeatures {
         }
         let encoded = updates
             .into_iter()
-            .map(|(customer, key, state)| {
-                Ok((customer, key, encode_checked("feature state", &state)?))
-            })
+            .map(|(customer, key, state)| Ok((customer, key, encode_state(&state)?)))
             .collect::<StorageResult<Vec<_>>>()?;
         self.store
             .write(move |txn| {

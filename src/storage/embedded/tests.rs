@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
-use redb::{TableDefinition, TableHandle, WriteTransaction};
+use redb::{ReadableDatabase, TableDefinition, TableHandle, WriteTransaction};
 use serde_json::json;
 
 use super::{
@@ -801,4 +801,64 @@ async fn forgetting_delivered_events_keeps_the_newer_ones_and_the_numbering() {
         again,
         [AppendOutcome::Appended(11), AppendOutcome::Duplicate]
     );
+}
+
+/// Feature states are stored in the binary form, which reads back exactly and is smaller
+/// than the JSON they were stored as before; states stored as JSON still read; a binary
+/// state cut short, or with bytes after it, is reported corrupt.
+#[tokio::test]
+async fn feature_states_are_binary_and_json_ones_still_read() {
+    let (_dir, store, s) = fresh();
+    let c1 = customer_id("c1");
+    let key = FeatureKey::new("f", 1);
+    let mut state = sample_feature_state(3);
+    state.applied_position = Some(crate::events::StreamPosition {
+        partition: 2,
+        offset: 1_234_567,
+    });
+    let raw = |store: &EmbeddedStore| {
+        let txn = store.db.begin_read().expect("begin_read");
+        let table = txn
+            .open_table(feature_tables::FEATURES)
+            .expect("open_table");
+        let value = table.get(("c1", "f", 1u32)).expect("get").expect("stored");
+        value.value().to_vec()
+    };
+    let put_raw = |store: &EmbeddedStore, bytes: &[u8]| {
+        let txn = store.db.begin_write().expect("begin_write");
+        {
+            let mut table = txn
+                .open_table(feature_tables::FEATURES)
+                .expect("open_table");
+            table.insert(("c1", "f", 1u32), bytes).expect("insert");
+        }
+        txn.commit().expect("commit");
+    };
+    let read = || s.features.read(&c1, std::slice::from_ref(&key));
+
+    // Stored as JSON, as before the binary form.
+    let json = serde_json::to_vec(&state).expect("json");
+    put_raw(&store, &json);
+    assert_eq!(read().await.expect("read"), vec![Some(state.clone())]);
+
+    s.features
+        .write(vec![(c1.clone(), key.clone(), state.clone())])
+        .await
+        .expect("write");
+    let binary = raw(&store);
+    assert_eq!(binary[0], feature_tables::BINARY_V1);
+    assert!(
+        binary.len() < json.len(),
+        "{} bytes against {} as JSON",
+        binary.len(),
+        json.len()
+    );
+    assert_eq!(read().await.expect("read"), vec![Some(state.clone())]);
+
+    put_raw(&store, &binary[..binary.len() - 1]);
+    assert_corrupt("a state cut short", read().await);
+    let mut longer = binary.clone();
+    longer.push(0);
+    put_raw(&store, &longer);
+    assert_corrupt("a state with bytes after it", read().await);
 }
