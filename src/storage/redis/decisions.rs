@@ -104,6 +104,13 @@ fn id_bound(at_ms: i64) -> String {
     format!("({:08x}-{:04x}", (ms >> 16) & 0xffff_ffff, ms & 0xffff)
 }
 
+/// A decision's outcomes as Redis lists them.
+fn decode_outcomes(id: &str, raw: &[String]) -> StorageResult<Vec<Outcome>> {
+    raw.iter()
+        .map(|r| decode(&format!("outcome of decision {id}"), r))
+        .collect()
+}
+
 fn encode<T: serde::Serialize>(what: &str, value: &T) -> StorageResult<String> {
     serde_json::to_string(value).map_err(|e| StorageError::Backend(format!("encoding {what}: {e}")))
 }
@@ -134,8 +141,9 @@ impl RedisDecisions {
     }
 
     /// Adds the decision's id to the shared log, trimming the ids older than the window.
-    async fn log(&self, id: &str, now_ms: i64) -> StorageResult<()> {
+    async fn log(&self, id: &str) -> StorageResult<()> {
         let key = self.log_key(log_shard(id));
+        let oldest = Utc::now().timestamp_millis().saturating_sub(window_ms());
         let mut pipe = redis::pipe();
         pipe.cmd("ZADD")
             .arg(&key)
@@ -145,7 +153,7 @@ impl RedisDecisions {
             .cmd("ZREMRANGEBYLEX")
             .arg(&key)
             .arg("-")
-            .arg(id_bound(now_ms.saturating_sub(window_ms())))
+            .arg(id_bound(oldest))
             .ignore();
         self.store
             .call("log a decision", |mut c| async move {
@@ -204,11 +212,7 @@ impl RedisDecisions {
             return Ok(None);
         };
         let decision = decode(&format!("decision {id}"), &raw)?;
-        let outcomes = outcomes
-            .iter()
-            .map(|r| decode(&format!("outcome of decision {id}"), r))
-            .collect::<StorageResult<Vec<_>>>()?;
-        Ok(Some((decision, outcomes)))
+        Ok(Some((decision, decode_outcomes(id, &outcomes)?)))
     }
 
     /// Writes the decision and its impression; the impression of a decision it replaces
@@ -231,7 +235,7 @@ impl RedisDecisions {
         let at = decision.created_at.timestamp_millis();
         let impressions = self.impressions_key(decision.customer_id.as_str());
         let shown = self.add_impression(impressions, member.clone(), at);
-        let logged = self.log(&decision.id, Utc::now().timestamp_millis());
+        let logged = self.log(&decision.id);
         let (previous, shown, logged) = tokio::join!(replace, shown, logged);
         shown?;
         logged?;
@@ -316,10 +320,7 @@ impl RedisDecisions {
         if !exists {
             return Ok(None);
         }
-        raw.iter()
-            .map(|r| decode(&format!("outcome of decision {id}"), r))
-            .collect::<StorageResult<Vec<_>>>()
-            .map(Some)
+        decode_outcomes(id, &raw).map(Some)
     }
 
     /// The ids of the customer's decisions that Redis holds (within the window).
@@ -587,13 +588,12 @@ impl DecisionStore for RedisDecisions {
             if all.contains_key(&id) {
                 continue;
             }
-            let Some(decision) = self.shared(&id).await? else {
+            let Some((decision, outcomes)) = self.shared_entry(&id).await? else {
                 continue;
             };
             if decision.customer_id != *customer {
                 continue;
             }
-            let outcomes = self.shared_outcomes(&id).await?.unwrap_or_default();
             all.insert(id, (decision, outcomes));
         }
         Ok(all.into_values().collect())

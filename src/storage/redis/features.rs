@@ -138,12 +138,12 @@ fn position(state: &FeatureState) -> String {
 }
 
 /// Appends the script arguments of one hash's states: their count, then the triples.
-fn hash_args(args: &mut Vec<Vec<u8>>, fields: &[(String, Vec<u8>, String)]) {
+fn hash_args(args: &mut Vec<Vec<u8>>, fields: Vec<(String, Vec<u8>, String)>) {
     args.push(fields.len().to_string().into_bytes());
     for (field, state, position) in fields {
-        args.push(field.clone().into_bytes());
-        args.push(state.clone());
-        args.push(position.clone().into_bytes());
+        args.push(field.into_bytes());
+        args.push(state);
+        args.push(position.into_bytes());
     }
 }
 
@@ -257,17 +257,17 @@ impl FeatureStore for RedisFeatures {
         }
 
         let skipped: u64 = if !self.store.is_cluster() {
-            let mut keys: Vec<&str> = by_customer.keys().map(String::as_str).collect();
-            keys.extend(indexes.keys().map(String::as_str));
+            let (mut keys, states): (Vec<String>, Vec<_>) = by_customer.into_iter().unzip();
+            keys.extend(indexes.keys().cloned());
             let mut args: Vec<Vec<u8>> = vec![
-                by_customer.len().to_string().into_bytes(),
+                states.len().to_string().into_bytes(),
                 indexes.len().to_string().into_bytes(),
             ];
             for customers in indexes.values() {
                 args.push(customers.len().to_string().into_bytes());
                 args.extend(customers.iter().map(|c| c.clone().into_bytes()));
             }
-            for fields in by_customer.values() {
+            for fields in states {
                 hash_args(&mut args, fields);
             }
             self.store
@@ -287,7 +287,7 @@ impl FeatureStore for RedisFeatures {
                 })
             }))
             .await?;
-            try_join_all(by_customer.iter().map(|(hash, fields)| {
+            try_join_all(by_customer.into_iter().map(|(hash, fields)| {
                 let mut args = vec![b"1".to_vec(), b"0".to_vec()];
                 hash_args(&mut args, fields);
                 self.store.call("write features", move |mut c| async move {
