@@ -13,7 +13,9 @@
 //! the same without the claims.
 //!
 //! Prints the ingest rate (acknowledged) and the end-to-end rate (first event ingested to
-//! last event applied by the worker), as JSON.
+//! last event applied by the worker), as JSON. Then defines a new feature on the worker
+//! and times its backfill from the events topic (every partition replayed from its start
+//! and folded), as `backfill_events_per_second`.
 
 use std::time::{Duration, Instant};
 
@@ -108,6 +110,38 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let applied = started.elapsed();
+
+    // A new version, backfilled from the topic: every partition the worker holds.
+    let backfill_started = Instant::now();
+    worker
+        .features
+        .define(
+            "bench_purchases_30d",
+            json!({"kind": "count", "event_type": "purchase", "window": "30d"}),
+        )
+        .await?;
+    let held = worker
+        .stream
+        .as_ref()
+        .context("the worker has an event stream")?
+        .assigned_partitions();
+    loop {
+        worker.processor.backfill_assigned().await?;
+        let catalog = worker.features.catalog();
+        if worker.features.unfilled(&catalog, &held).await?.is_empty() {
+            break;
+        }
+    }
+    let backfilled = backfill_started.elapsed();
+    let sample = worker
+        .features
+        .read(
+            &tailor::customers::CustomerId::parse("customerId", "c0")?,
+            Some(&["bench_purchases_30d".to_owned()]),
+            "features",
+            Utc::now(),
+        )
+        .await?;
     worker_tasks.stop().await;
     api_tasks.stop().await;
 
@@ -124,6 +158,10 @@ async fn main() -> anyhow::Result<()> {
             "ingest_events_per_second": rate(ingested),
             "end_to_end_seconds": applied.as_secs_f64(),
             "end_to_end_events_per_second": rate(applied),
+            "backfill_partitions": held.len(),
+            "backfill_seconds": backfilled.as_secs_f64(),
+            "backfill_events_per_second": rate(backfilled),
+            "backfilled_value_of_c0": sample.values.first().map(|v| v.value),
         }))?
     );
     Ok(())

@@ -156,6 +156,7 @@ impl Engine {
             settings.features.clone(),
             Duration::from_millis(settings.timeouts.feature_read_ms),
             metrics.clone(),
+            stream.is_some(),
         )
         .await?;
         let segments = SegmentService::start(
@@ -182,6 +183,7 @@ impl Engine {
             customer_locks.clone(),
             settings.consent.clone(),
             metrics.clone(),
+            stream.clone(),
         )
         .await?;
         let target = match &stream {
@@ -385,11 +387,25 @@ impl Engine {
                     .spawn_consumer(sink, self.metrics.clone(), shutdown.clone()),
             );
         }
-        // With shared definitions, feature versions defined elsewhere (another process of
-        // the deployment) or while this one was stopped are backfilled from this
-        // process's event log: at start, then each second. (With its own definitions, a
-        // process backfills each version as it defines it.)
-        if self.settings.backends.definitions != "embedded" {
+        // With an event stream, new feature versions are backfilled from its topic, in
+        // each partition before anything is folded into them there: by the batches of
+        // that partition, and each second here for the partitions this worker holds that
+        // have no new events.
+        if self.stream.is_some() {
+            let processor = self.processor.clone();
+            tasks.push(every(Duration::from_secs(1), shutdown.clone(), move || {
+                let processor = processor.clone();
+                async move {
+                    if let Err(e) = processor.backfill_assigned().await {
+                        tracing::warn!(error = %e, "Failed to backfill new feature versions from the events topic");
+                    }
+                }
+            }));
+        } else if self.settings.backends.definitions != "embedded" {
+            // With shared definitions, feature versions defined elsewhere (another
+            // process of the deployment) or while this one was stopped are backfilled
+            // from this process's event log: at start, then each second. (With its own
+            // definitions, a process backfills each version as it defines it.)
             let features = self.features.clone();
             let backfill = move || {
                 let features = features.clone();

@@ -1,5 +1,6 @@
 //! A slow feature backend degrades decisions instead of failing them.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +42,12 @@ impl FeatureStore for Slow {
     }
     async fn delete_key(&self, key: &FeatureKey) -> StorageResult<()> {
         self.inner.delete_key(key).await
+    }
+    async fn backfilled_partitions(&self, key: &FeatureKey) -> StorageResult<BTreeSet<i32>> {
+        self.inner.backfilled_partitions(key).await
+    }
+    async fn mark_backfilled(&self, key: &FeatureKey, partition: i32) -> StorageResult<()> {
+        self.inner.mark_backfilled(key, partition).await
     }
 }
 

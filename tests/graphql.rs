@@ -1011,7 +1011,10 @@ async fn a_batch_reads_the_states_it_folded_before_they_are_stored() {
         .await
         .unwrap();
 
-    let (states, updates) = features.fold(&batch, now, None).await.unwrap();
+    let (states, updates) = features
+        .fold(&features.catalog(), &batch, now, None)
+        .await
+        .unwrap();
     let after = features
         .read_after_batch(&states, &c1, Some(&views), "features", now)
         .await

@@ -4,7 +4,7 @@
 //! is served by the other; events sent to either replica change the features both serve;
 //! decisions made on either are found by the other (an outcome may reach any replica),
 //! and the bandit learns from both; a feature defined through a replica is backfilled by
-//! the worker from the events it holds. An erasure made on one replica reaches every
+//! the worker from the events topic. An erasure made on one replica reaches every
 //! process's own stores (profiles, erasure markers, event logs, decision logs), a
 //! process started later refuses the erased id, and renewed consent reaches them all.
 //! Two workers keep features exact while partitions move between them.
@@ -174,10 +174,14 @@ impl Server {
     }
 
     async fn page_views(&self, customer: &str) -> f64 {
+        self.feature(customer, "page_views_30d").await
+    }
+
+    async fn feature(&self, customer: &str, name: &str) -> f64 {
         let data = self
             .graphql(
-                "query($c: ID!) { features(customerId: $c, names: [\"page_views_30d\"]) { name value } }",
-                json!({"c": customer}),
+                "query($c: ID!, $n: [String!]) { features(customerId: $c, names: $n) { name value } }",
+                json!({"c": customer, "n": [name]}),
             )
             .await;
         data["features"][0]["value"].as_f64().unwrap_or(0.0)
@@ -452,7 +456,7 @@ async fn two_api_replicas_and_a_worker_share_features_decisions_and_learning() {
     }
 
     // A feature defined through an API replica is backfilled by the worker, from the
-    // events it holds: alice's history counts at once, not only what comes after.
+    // events topic: alice's history counts at once, not only what comes after.
     a.graphql(
         r#"mutation { defineFeature(name: "views_all", definition: {kind: "count", event_type: "page_view", window: "30d"}) { name } }"#,
         json!({}),
@@ -751,10 +755,15 @@ async fn views_round_robin(
 
 /// Waits until `api` serves, for every customer, as many page views as were sent.
 async fn views_are_exact(api: &Server, sent: &BTreeMap<String, f64>, when: &str) {
+    feature_is_exact(api, "page_views_30d", sent, when).await;
+}
+
+/// Waits until `api` serves, for every customer, `sent` as the value of `feature`.
+async fn feature_is_exact(api: &Server, feature: &str, sent: &BTreeMap<String, f64>, when: &str) {
     eventually(when, || async {
         let mut wrong = Vec::new();
         for (customer, expected) in sent {
-            let seen = api.page_views(customer).await;
+            let seen = api.feature(customer, feature).await;
             if seen != *expected {
                 wrong.push(format!("{customer}: {seen} of {expected}"));
             }
@@ -771,7 +780,8 @@ async fn views_are_exact(api: &Server, sent: &BTreeMap<String, f64>, when: &str)
 /// feature states remember the stream position, which both workers agree on, rather
 /// than a log sequence number, which they do not. Copies of events the first worker
 /// read, sent again through another replica, are dropped by the second: the workers
-/// share the event ids they read.
+/// share the event ids they read. A feature defined afterwards counts each customer's
+/// whole history, read from the events topic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn features_stay_exact_while_partitions_move_between_workers() {
     let (Some(redis), Some(kafka)) = (service("REDIS_URL"), service("KAFKA_URL")) else {
@@ -850,4 +860,25 @@ async fn features_stay_exact_while_partitions_move_between_workers() {
     })
     .await;
     views_are_exact(&api, &sent, "page views after copies of the first round").await;
+
+    // A feature defined now is backfilled from the events topic, partition by
+    // partition: each customer's whole history counts, though the second worker's log
+    // holds only what it consumed since it joined, and the first worker is gone.
+    // (Backfilled from the second worker's log, a customer whose partition it took
+    // over would count only the events since.) What comes after counts live.
+    api.graphql(
+        r#"mutation { defineFeature(name: "views_history", definition: {kind: "count", event_type: "page_view", window: "30d"}) { name } }"#,
+        json!({}),
+    )
+    .await;
+    feature_is_exact(&api, "views_history", &sent, "the new feature's backfill").await;
+    views_round_robin(&api, &customers, 3, "defined", &mut sent).await;
+    feature_is_exact(
+        &api,
+        "views_history",
+        &sent,
+        "the new feature after more events",
+    )
+    .await;
+    views_are_exact(&api, &sent, "page views after the new feature").await;
 }

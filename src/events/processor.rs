@@ -18,15 +18,24 @@ use crate::customers::{Consent, Customer, CustomerId, CustomerLocks, Pii};
 use crate::error::Result;
 use crate::events::StoredEvent;
 use crate::features::service::PROCESSOR;
-use crate::features::FeatureService;
+use crate::features::service::{FeatureCatalog, HistoryStates};
+use crate::features::{FeatureKey, FeatureService};
 use crate::privacy::Profiles;
 use crate::rules::host::{self, event_map, CustomerData, CustomerView};
 use crate::rules::{RuleService, RuleSet};
 use crate::segments::SegmentService;
-use crate::storage::Stores;
+use crate::storage::{EventStream, Stores};
 use crate::telemetry::Metrics;
 
 const BATCH: usize = 2048;
+
+/// The customers of a batch whose events are not applied, and those without a profile.
+#[derive(Default)]
+struct Admission {
+    erased: BTreeSet<CustomerId>,
+    unconsented: BTreeSet<CustomerId>,
+    missing: Vec<CustomerId>,
+}
 /// Poll interval when nothing woke the processor (events appended by another process).
 const IDLE_POLL: Duration = Duration::from_millis(250);
 
@@ -39,6 +48,9 @@ pub struct Processor {
     locks: Arc<CustomerLocks>,
     consent: ConsentSettings,
     metrics: Arc<Metrics>,
+    /// The event stream the local log is consumed from, if any: new feature versions
+    /// are backfilled from its topic, partition by partition.
+    stream: Option<Arc<dyn EventStream>>,
     applied: watch::Sender<u64>,
     wake: Notify,
     /// Customers whose events a batch skipped because they were erased: events from a
@@ -59,6 +71,7 @@ impl Processor {
         locks: Arc<CustomerLocks>,
         consent: ConsentSettings,
         metrics: Arc<Metrics>,
+        stream: Option<Arc<dyn EventStream>>,
     ) -> Result<Arc<Self>> {
         let committed = stores.events.committed_offset(PROCESSOR).await?;
         Ok(Arc::new(Processor {
@@ -70,6 +83,7 @@ impl Processor {
             locks,
             consent,
             metrics,
+            stream,
             applied: watch::channel(committed).0,
             skipped_erased: std::sync::Mutex::default(),
             wake: Notify::new(),
@@ -114,6 +128,14 @@ impl Processor {
         let now = Utc::now();
         let started = std::time::Instant::now();
         let (batch, missing) = self.admitted(batch).await?;
+        // One catalog for the batch: every version folded below was checked backfilled
+        // in the batch's partitions (a version defined meanwhile waits for the next).
+        let catalog = self.features.catalog();
+        let partitions: BTreeSet<i32> = batch
+            .iter()
+            .filter_map(|e| e.event.position.map(|p| p.partition))
+            .collect();
+        self.backfill_partitions(&catalog, &partitions).await?;
         let types: BTreeSet<&str> = batch.iter().map(|e| e.event.event_type.as_str()).collect();
         // Segment evaluation below reads these features: read with the folded states.
         let then_read = self.segments.features_read_for(&types);
@@ -121,7 +143,8 @@ impl Processor {
         // (neither reads what the other writes); the hooks below read the profiles.
         let ((), (states, updates)) = tokio::try_join!(
             self.create_profiles(missing, now),
-            self.features.fold(&batch, now, then_read.as_deref()),
+            self.features
+                .fold(&catalog, &batch, now, then_read.as_deref()),
         )?;
         // The folded states are stored while the hooks and segment conditions run: those
         // read the batch's states from `states`, never from the store. The offset is
@@ -149,6 +172,137 @@ impl Processor {
         tracing::debug!(events = batch.len(), elapsed = ?started.elapsed(), "Applied events");
         self.applied.send_replace(last);
         Ok(batch.len())
+    }
+
+    /// With an event stream: backfills, from its topic, each partition this process's
+    /// consumer holds whose history a live stateful version does not hold yet (a
+    /// version defined elsewhere, or while this process was stopped, in a partition
+    /// that has no new events). Batches backfill their own partitions as they come
+    /// ([`Processor::step`]); this covers the quiet ones. Returns how many partitions it
+    /// backfilled.
+    pub async fn backfill_assigned(&self) -> Result<usize> {
+        let Some(stream) = &self.stream else {
+            return Ok(0);
+        };
+        let partitions = stream.assigned_partitions();
+        if partitions.is_empty()
+            || self
+                .features
+                .unfilled(&self.features.catalog(), &partitions)
+                .await?
+                .is_empty()
+        {
+            return Ok(0);
+        }
+        let _guard = self.features.apply_lock().lock().await;
+        let catalog = self.features.catalog();
+        self.backfill_partitions(&catalog, &partitions).await
+    }
+
+    /// Backfills each of `partitions` into the live stateful versions of `catalog` whose
+    /// states do not hold its history yet, reading the partition from the stream's
+    /// topic; called under the apply lock. A version's state for a customer then holds
+    /// every event of theirs up to its position, which is what makes it exact whichever
+    /// worker folds next: the live fold skips what the history already counted, and a
+    /// concurrent backfill or a late write of a worker that lost the partition keeps
+    /// whichever state is later (both hold every event up to their position). Nothing
+    /// is folded into a version in a partition before that partition's backfill, so no
+    /// state starts without the history before it. Returns how many partitions it read.
+    async fn backfill_partitions(
+        &self,
+        catalog: &FeatureCatalog,
+        partitions: &BTreeSet<i32>,
+    ) -> Result<usize> {
+        let Some(stream) = &self.stream else {
+            return Ok(0);
+        };
+        if partitions.is_empty() {
+            return Ok(0);
+        }
+        let pending = self.features.unfilled(catalog, partitions).await?;
+        for (&partition, keys) in &pending {
+            let started = std::time::Instant::now();
+            let now = Utc::now();
+            let mut replay = stream.replay(partition).await?;
+            let mut states = HistoryStates::new();
+            let (mut read, mut folded) = (0usize, 0usize);
+            let mut oldest: Option<chrono::DateTime<Utc>> = None;
+            while let Some(page) = replay.pages.recv().await {
+                let page: Vec<StoredEvent> = page?
+                    .into_iter()
+                    .map(|event| StoredEvent { seq: 0, event })
+                    .collect();
+                read += page.len();
+                oldest = page.iter().map(|e| e.event.timestamp).chain(oldest).min();
+                // The live stream leaves out erased and unconsented customers' events.
+                let Admission {
+                    erased,
+                    unconsented,
+                    ..
+                } = self.admission(&page).await?;
+                let page: Vec<StoredEvent> = page
+                    .into_iter()
+                    .filter(|e| {
+                        !erased.contains(&e.event.customer_id)
+                            && !unconsented.contains(&e.event.customer_id)
+                    })
+                    .collect();
+                folded += page.len();
+                self.features
+                    .fold_history(catalog, keys, &page, &mut states, now);
+            }
+            if replay.first > 0 {
+                self.warn_partial_history(catalog, keys, partition, replay.first, oldest, now);
+            }
+            let customers = states.len();
+            self.features.store_history(partition, keys, states).await?;
+            tracing::info!(
+                partition,
+                versions = %keys.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+                from = replay.first,
+                until = replay.end,
+                read,
+                folded,
+                states = customers,
+                elapsed = ?started.elapsed(),
+                "Backfilled feature versions from the events topic"
+            );
+        }
+        Ok(pending.len())
+    }
+
+    /// Warns, per version whose window reaches back before the oldest event partition
+    /// `partition` still holds, that its history there is partial: the topic's
+    /// retention dropped the records before offset `first`.
+    fn warn_partial_history(
+        &self,
+        catalog: &FeatureCatalog,
+        keys: &[FeatureKey],
+        partition: i32,
+        first: i64,
+        oldest: Option<chrono::DateTime<Utc>>,
+        now: chrono::DateTime<Utc>,
+    ) {
+        for key in keys {
+            let reach = catalog
+                .get(&key.name)
+                .and_then(|e| e.versions.get(&key.version))
+                .map(|spec| spec.reach());
+            let partial = match (reach, oldest) {
+                (Some(Some(window)), Some(oldest)) => now - window < oldest,
+                (Some(_), _) => true,
+                (None, _) => false,
+            };
+            if partial {
+                tracing::warn!(
+                    feature = %key,
+                    partition,
+                    first_retained_offset = first,
+                    oldest_retained_event = ?oldest,
+                    "The events topic no longer holds this version's whole window (its retention dropped older records): the version counts only what it holds until the window has passed"
+                );
+            }
+        }
     }
 
     /// Takes the customers whose events batches skipped as erased since the last call.
@@ -180,21 +334,11 @@ impl Processor {
         &self,
         batch: Vec<StoredEvent>,
     ) -> Result<(Vec<StoredEvent>, Vec<CustomerId>)> {
-        let customers: BTreeSet<&CustomerId> = batch.iter().map(|e| &e.event.customer_id).collect();
-        let mut erased = BTreeSet::new();
-        let mut unconsented = BTreeSet::new();
-        let mut missing = Vec::new();
-        let ids: Vec<CustomerId> = customers.into_iter().cloned().collect();
-        let admission = self.profiles.admission(&ids).await?;
-        for (id, (was_erased, consent)) in ids.iter().zip(admission) {
-            if was_erased {
-                erased.insert(id.clone());
-            } else if !self.consent.resolve(consent.as_ref()).analytics {
-                unconsented.insert(id.clone());
-            } else if consent.is_none() {
-                missing.push(id.clone());
-            }
-        }
+        let Admission {
+            erased,
+            unconsented,
+            missing,
+        } = self.admission(&batch).await?;
         if erased.is_empty() && unconsented.is_empty() {
             return Ok((batch, missing));
         }
@@ -229,6 +373,25 @@ impl Processor {
                 .add(without_consent, &[KeyValue::new("stage", "apply")]);
         }
         Ok((kept, missing))
+    }
+
+    /// Whom of the batch's customers [`Processor::admitted`] leaves out, and who has no
+    /// profile yet.
+    async fn admission(&self, batch: &[StoredEvent]) -> Result<Admission> {
+        let customers: BTreeSet<&CustomerId> = batch.iter().map(|e| &e.event.customer_id).collect();
+        let ids: Vec<CustomerId> = customers.into_iter().cloned().collect();
+        let mut out = Admission::default();
+        let admission = self.profiles.admission(&ids).await?;
+        for (id, (was_erased, consent)) in ids.into_iter().zip(admission) {
+            if was_erased {
+                out.erased.insert(id);
+            } else if !self.consent.resolve(consent.as_ref()).analytics {
+                out.unconsented.insert(id);
+            } else if consent.is_none() {
+                out.missing.push(id);
+            }
+        }
+        Ok(out)
     }
 
     /// Events for a customer never seen before create an empty profile, so every

@@ -233,6 +233,12 @@ impl FeatureSpec {
         }
     }
 
+    /// How far back this version counts events: its window; `None` when it counts
+    /// every event ever (`days_since`) or none (derived kinds).
+    pub fn reach(&self) -> Option<chrono::Duration> {
+        self.window().map(Window::duration)
+    }
+
     fn window(&self) -> Option<Window> {
         match &self.kind {
             FeatureKind::Count { window, .. } | FeatureKind::Sum { window, .. } => Some(*window),

@@ -1,7 +1,7 @@
 //! The feature service: the catalog of versioned definitions, reads of active values,
 //! `defineFeature` with backfill, activation with health checks and automatic rollback.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -281,7 +281,18 @@ pub struct FeatureService {
     /// rest were not because the definition store was unreachable at start, and
     /// [`FeatureService::refresh`] defines them once it answers.
     builtins_defined: std::sync::atomic::AtomicUsize,
+    /// Events come from a partitioned stream (Kafka): a new version is backfilled
+    /// partition by partition from the stream's topic by the workers
+    /// ([`FeatureService::unfilled`]), not from this process's log when it is defined.
+    from_stream: bool,
+    /// (version, partition) pairs known to be backfilled: by this process, or found
+    /// marked in the feature store. A std lock: never held across an await.
+    filled: parking_lot::Mutex<HashSet<(FeatureKey, i32)>>,
 }
+
+/// A partition's history folded into fresh states, by customer and version
+/// ([`FeatureService::fold_history`]).
+pub type HistoryStates = HashMap<(CustomerId, FeatureKey), FeatureState>;
 
 /// Reads a version must have served before its runtime error rate is judged.
 const MIN_READS_FOR_HEALTH: u64 = 100;
@@ -312,6 +323,7 @@ impl FeatureService {
         settings: FeatureSettings,
         read_deadline: Duration,
         metrics: Arc<Metrics>,
+        from_stream: bool,
     ) -> Result<Arc<Self>> {
         let service = Arc::new(FeatureService {
             stores,
@@ -323,6 +335,8 @@ impl FeatureService {
             apply_lock: tokio::sync::Mutex::new(()),
             served: parking_lot::Mutex::new(HashMap::new()),
             builtins_defined: std::sync::atomic::AtomicUsize::new(0),
+            from_stream,
+            filled: parking_lot::Mutex::default(),
         });
         service.define_pending_builtins(true).await?;
         service.reload().await?;
@@ -544,7 +558,7 @@ impl FeatureService {
             .definitions
             .put(DefinitionKind::Feature, name, stored)
             .await?;
-        if spec.is_stateful() {
+        if spec.is_stateful() && !self.from_stream {
             self.backfill(&FeatureKey::new(name, version), &spec)
                 .await?;
         }
@@ -577,7 +591,7 @@ impl FeatureService {
             .put_first(DefinitionKind::Feature, name, stored)
             .await?;
         if created {
-            if spec.is_stateful() {
+            if spec.is_stateful() && !self.from_stream {
                 self.backfill(&FeatureKey::new(name, 1), &spec).await?;
             }
             self.stores
@@ -647,7 +661,98 @@ impl FeatureService {
         Ok(())
     }
 
-    /// Folds a batch of events (ascending by seq) into every live stateful version; the
+    /// With events from a stream: of `catalog`'s live stateful versions, those whose
+    /// states do not hold the history of each of `partitions` yet, by partition (a
+    /// partition and its versions are left out when every one is known backfilled).
+    /// Marks this process has not seen are read from the feature store, once per version
+    /// until every partition asked about is backfilled.
+    pub async fn unfilled(
+        &self,
+        catalog: &FeatureCatalog,
+        partitions: &BTreeSet<i32>,
+    ) -> Result<BTreeMap<i32, Vec<FeatureKey>>> {
+        let mut out: BTreeMap<i32, Vec<FeatureKey>> = BTreeMap::new();
+        for (key, _) in catalog.live_stateful() {
+            let missing = |filled: &HashSet<(FeatureKey, i32)>| -> Vec<i32> {
+                partitions
+                    .iter()
+                    .filter(|p| !filled.contains(&(key.clone(), **p)))
+                    .copied()
+                    .collect()
+            };
+            if missing(&self.filled.lock()).is_empty() {
+                continue;
+            }
+            let marked = self.stores.features.backfilled_partitions(&key).await?;
+            let mut filled = self.filled.lock();
+            filled.extend(marked.into_iter().map(|p| (key.clone(), p)));
+            for partition in missing(&filled) {
+                out.entry(partition).or_default().push(key.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Folds a page of a partition's history (in offset order) into fresh states of
+    /// `keys`, which must be `catalog`'s.
+    pub fn fold_history(
+        &self,
+        catalog: &FeatureCatalog,
+        keys: &[FeatureKey],
+        page: &[StoredEvent],
+        states: &mut HistoryStates,
+        now: DateTime<Utc>,
+    ) {
+        let specs: Vec<(&FeatureKey, &FeatureSpec)> = keys
+            .iter()
+            .filter_map(|key| {
+                let spec = catalog.get(&key.name)?.versions.get(&key.version)?;
+                Some((key, spec))
+            })
+            .collect();
+        for stored in page {
+            for (key, spec) in &specs {
+                if spec.matches(&stored.event.event_type) {
+                    let state = states
+                        .entry((stored.event.customer_id.clone(), (*key).clone()))
+                        .or_default();
+                    spec.fold(state, stored, now);
+                }
+            }
+        }
+    }
+
+    /// Stores the states [`Self::fold_history`] built from `partition`'s history, then
+    /// marks each of `keys` backfilled from it. A stored state that is later in the
+    /// partition (folded live meanwhile, after its own backfill) is kept: both hold
+    /// every event up to their position.
+    pub async fn store_history(
+        &self,
+        partition: i32,
+        keys: &[FeatureKey],
+        states: HistoryStates,
+    ) -> Result<()> {
+        // A state none of the customer's events counted in (their properties did not
+        // pass the version's `where`) is not written.
+        let mut updates: Vec<_> = states
+            .into_iter()
+            .filter(|(_, s)| s.applied_position.is_some())
+            .map(|((c, k), s)| (c, k, s))
+            .collect();
+        while !updates.is_empty() {
+            let rest = updates.split_off(updates.len().saturating_sub(2048));
+            self.stores.features.write(rest).await?;
+        }
+        for key in keys {
+            self.stores.features.mark_backfilled(key, partition).await?;
+            self.filled.lock().insert((key.clone(), partition));
+        }
+        Ok(())
+    }
+
+    /// Folds a batch of events (ascending by seq) into every live stateful version of
+    /// `catalog` (taken once per batch: with events from a stream, the versions whose
+    /// partitions were checked backfilled); the
     /// changed states are stored by [`Self::write`]. Called by the event processor while
     /// it holds [`Self::apply_lock`], which it keeps until the write is done. `then_read`
     /// names the features that will be read for the batch's customers next (every
@@ -655,11 +760,11 @@ impl FeatureService {
     /// are read with the folded ones, in one read per customer, and returned with them.
     pub async fn fold(
         &self,
+        catalog: &FeatureCatalog,
         batch: &[StoredEvent],
         now: DateTime<Utc>,
         then_read: Option<&[String]>,
     ) -> Result<(BatchStates, StateUpdates)> {
-        let catalog = self.catalog();
         let live: Vec<(FeatureKey, &FeatureSpec)> = catalog.live_stateful().collect();
         let then_keys = {
             let known: Option<Vec<String>> = then_read.map(|names| {
@@ -670,8 +775,8 @@ impl FeatureService {
                     .collect()
             });
             // Every name is known now, so this cannot fail.
-            let wanted = wanted(&catalog, known.as_deref(), "features").unwrap_or_default();
-            keys_of(&catalog, &wanted)
+            let wanted = wanted(catalog, known.as_deref(), "features").unwrap_or_default();
+            keys_of(catalog, &wanted)
         };
         let mut by_customer: BTreeMap<&CustomerId, Vec<&StoredEvent>> = BTreeMap::new();
         for e in batch {

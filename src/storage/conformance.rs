@@ -15,7 +15,7 @@
 //! This is plain library code (no dev-dependencies), so integration tests of any backend
 //! can call it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -1237,8 +1237,42 @@ pub async fn features(store: &dyn FeatureStore, prefix: &str) {
     let (written, ()) = tokio::join!(writing, reading);
     ok("batch write", written);
 
+    // Backfill marks: per version, read by any process; delete_key drops that version's.
+    assert!(
+        ok("no marks", store.backfilled_partitions(&f1).await).is_empty(),
+        "a version never marked must have no backfilled partitions"
+    );
+    for (key, partition) in [(&f1, 2), (&f1, 0), (&f1, 2), (&f2, 1), (&f2_1, 5)] {
+        ok("mark", store.mark_backfilled(key, partition).await);
+    }
+    assert_eq!(
+        ok("marks", store.backfilled_partitions(&f1).await),
+        BTreeSet::from([0, 2]),
+        "marks must read back once each, and per version"
+    );
+    assert_eq!(
+        ok("marks of f2", store.backfilled_partitions(&f2).await),
+        BTreeSet::from([1])
+    );
+
     // delete_key: that version, every customer; nothing else.
     ok("delete_key", store.delete_key(&f1).await);
+    assert!(
+        ok(
+            "marks after delete_key",
+            store.backfilled_partitions(&f1).await
+        )
+        .is_empty(),
+        "delete_key must drop the version's backfill marks"
+    );
+    assert_eq!(
+        ok(
+            "other marks after delete_key",
+            store.backfilled_partitions(&f2_1).await
+        ),
+        BTreeSet::from([5]),
+        "delete_key must keep other versions' marks (\"f\" is a prefix of \"f2\")"
+    );
     assert_eq!(
         ok(
             "read after delete_key",

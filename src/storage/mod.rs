@@ -25,6 +25,7 @@ pub mod kafka;
 #[cfg(feature = "redis")]
 pub mod redis;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -356,8 +357,14 @@ pub trait FeatureStore: Send + Sync {
     ) -> StorageResult<()>;
     /// Removes every state of the customer.
     async fn delete_customer(&self, customer: &CustomerId) -> StorageResult<()>;
-    /// Removes one feature version's state for every customer.
+    /// Removes one feature version's state for every customer, and its backfill marks.
     async fn delete_key(&self, key: &FeatureKey) -> StorageResult<()>;
+    /// The partitions of the event stream whose history `key`'s states were backfilled
+    /// from ([`FeatureStore::mark_backfilled`]), by any worker.
+    async fn backfilled_partitions(&self, key: &FeatureKey) -> StorageResult<BTreeSet<i32>>;
+    /// Records that `key`'s states now hold partition `partition`'s history: written after
+    /// the states, so a worker that reads the mark then reads them.
+    async fn mark_backfilled(&self, key: &FeatureKey, partition: i32) -> StorageResult<()>;
 }
 
 /// One change of segment membership.
@@ -724,6 +731,26 @@ pub trait EventStream: Send + Sync {
     /// How long workers remember an event id for one another ([`EventClaims`]); zero
     /// when they do not.
     fn dedup_window(&self) -> Duration;
+    /// The partitions of the events topic this process's consumer holds now (none before
+    /// it joined the workers' group, or in a process without one).
+    fn assigned_partitions(&self) -> BTreeSet<i32>;
+    /// Reads partition `partition` of the events topic from its first retained record to
+    /// its end as of the call: the events a new feature version is backfilled from. Each
+    /// carries its stream position; copies of an event read within the dedup window of
+    /// its first record are left out, as [`EventClaims`] leaves them out of the live
+    /// stream, and records that are not events are skipped.
+    async fn replay(&self, partition: i32) -> StorageResult<Replay>;
+}
+
+/// A partition's history being read ([`EventStream::replay`]).
+pub struct Replay {
+    /// The offset of the first record the topic still holds: records before it were
+    /// dropped by the topic's retention.
+    pub first: i64,
+    /// The offset after the last record read.
+    pub end: i64,
+    /// The events in offset order, a page at a time; an error ends the replay.
+    pub pages: tokio::sync::mpsc::Receiver<StorageResult<Vec<Event>>>,
 }
 
 /// The event stream `backends.events` names, if it names one; its outboxes live under

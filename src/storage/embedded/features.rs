@@ -4,7 +4,9 @@
 //! - `features`: (customer id, feature name, version `u32`) → the [`FeatureState`] in
 //!   its stored form (below); one customer's states are one key range (reads, erasure);
 //! - `feature_keys`: (feature name, version `u32`, customer id) → `()`: the same entries by
-//!   feature version, so dropping one version is a range scan, not a full scan.
+//!   feature version, so dropping one version is a range scan, not a full scan;
+//! - `feature_backfills`: (feature name, version `u32`, partition `i32`) → `()`: the
+//!   event-stream partitions whose history the version's states hold.
 //!
 //! Stored form: the byte [`BINARY_V1`], then postcard of [`StoredState`] (varints, the
 //! sums as little-endian `f64`, so they read back exactly): smaller than JSON, and no
@@ -12,6 +14,7 @@
 //! States written as JSON before (they start with `{`) still read, and are rewritten in
 //! the binary form when next written.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -88,10 +91,13 @@ pub(super) const FEATURES: TableDefinition<(&str, &str, u32), &[u8]> =
     TableDefinition::new("features");
 pub(super) const FEATURE_KEYS: TableDefinition<(&str, u32, &str), ()> =
     TableDefinition::new("feature_keys");
+const FEATURE_BACKFILLS: TableDefinition<(&str, u32, i32), ()> =
+    TableDefinition::new("feature_backfills");
 
 pub(super) fn create_tables(txn: &WriteTransaction) -> StorageResult<()> {
     txn.open_table(FEATURES).map_err(db_err)?;
     txn.open_table(FEATURE_KEYS).map_err(db_err)?;
+    txn.open_table(FEATURE_BACKFILLS).map_err(db_err)?;
     Ok(())
 }
 
@@ -254,6 +260,41 @@ impl FeatureStore for EmbeddedFeatures {
                         .remove((key.name.as_str(), key.version, customer.as_str()))
                         .map_err(db_err)?;
                 }
+                let mut marks = txn.open_table(FEATURE_BACKFILLS).map_err(db_err)?;
+                marks
+                    .retain_in(
+                        (key.name.as_str(), key.version, i32::MIN)
+                            ..=(key.name.as_str(), key.version, i32::MAX),
+                        |_, _| false,
+                    )
+                    .map_err(db_err)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn backfilled_partitions(&self, key: &FeatureKey) -> StorageResult<BTreeSet<i32>> {
+        self.store.read(|txn| {
+            let marks = txn.open_table(FEATURE_BACKFILLS).map_err(db_err)?;
+            marks
+                .range(
+                    (key.name.as_str(), key.version, i32::MIN)
+                        ..=(key.name.as_str(), key.version, i32::MAX),
+                )
+                .map_err(db_err)?
+                .map(|entry| Ok(entry.map_err(db_err)?.0.value().2))
+                .collect()
+        })
+    }
+
+    async fn mark_backfilled(&self, key: &FeatureKey, partition: i32) -> StorageResult<()> {
+        let key = key.clone();
+        self.store
+            .write(move |txn| {
+                let mut marks = txn.open_table(FEATURE_BACKFILLS).map_err(db_err)?;
+                marks
+                    .insert((key.name.as_str(), key.version, partition), ())
+                    .map_err(db_err)?;
                 Ok(())
             })
             .await

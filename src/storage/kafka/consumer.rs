@@ -5,7 +5,7 @@
 //! or, after a rebalance, to another, whose folds recognise them by the stream position
 //! each event carries from here ([`StreamPosition`]); nothing is applied twice.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +36,37 @@ pub(super) struct Batch {
     pub malformed: usize,
     /// (topic, partition) → offset of the next message to read.
     positions: BTreeMap<(String, i32), i64>,
+}
+
+/// Where the running group consumer is kept for [`GroupSlot::assigned`].
+#[derive(Clone, Default)]
+pub(super) struct GroupSlot(Arc<std::sync::Mutex<Option<Arc<StreamConsumer>>>>);
+
+impl GroupSlot {
+    fn set(&self, consumer: Option<Arc<StreamConsumer>>) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = consumer;
+    }
+
+    /// The partitions of `topic` the consumer holds now; none while it does not run.
+    pub fn assigned(&self, topic: &str) -> BTreeSet<i32> {
+        let consumer = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        consumer
+            .and_then(|c| c.assignment().ok())
+            .map(|list| {
+                list.elements_for_topic(topic)
+                    .iter()
+                    .map(|e| e.partition())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }
 
 pub(super) struct EventConsumer {
@@ -168,6 +199,7 @@ pub(super) async fn run(
     config: KafkaConfig,
     topic: String,
     sink: Arc<dyn EventSink>,
+    slot: GroupSlot,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -191,6 +223,7 @@ pub(super) async fn run(
         }
     };
     tracing::info!(topic = %topic, group = %config.group, "Consuming events");
+    slot.set(Some(consumer.consumer.clone()));
     loop {
         let batch = tokio::select! {
             b = consumer.next_batch() => b,
@@ -226,6 +259,7 @@ pub(super) async fn run(
             metrics.backend_error("events");
         }
     }
+    slot.set(None);
     consumer.close();
 }
 

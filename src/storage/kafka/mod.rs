@@ -6,6 +6,7 @@
 //! - `producer.rs`: the idempotent producer (`acks=all`, lz4) and topic creation;
 //! - `outbox.rs`: the durable local outboxes and the forwarders that empty them;
 //! - `consumer.rs`: the workers' consumer group on the events topic;
+//! - `replay.rs`: a partition of the events topic read from its start (backfills);
 //! - `tests.rs`: round trips, outages and crashes against a real broker.
 //!
 //! Topics (`<prefix>` from the URL, default `tailor.`): `<prefix>events` (the events as
@@ -21,9 +22,11 @@ pub mod config;
 mod consumer;
 mod outbox;
 mod producer;
+mod replay;
 #[cfg(test)]
 mod tests;
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,7 +40,7 @@ use self::outbox::{Outbox, Payload};
 use self::producer::ProducerSlot;
 use crate::decision::{Decision, Outcome};
 use crate::events::Event;
-use crate::storage::{EventLog, EventSink, EventStream, StorageError, StorageResult};
+use crate::storage::{EventLog, EventSink, EventStream, Replay, StorageError, StorageResult};
 use crate::telemetry::Metrics;
 
 /// The topics' suffixes, after the prefix.
@@ -52,6 +55,8 @@ pub struct KafkaStream {
     events: Arc<Outbox>,
     decisions: Arc<Outbox>,
     outcomes: Arc<Outbox>,
+    /// The workers' group consumer while it runs (its assignment).
+    group: consumer::GroupSlot,
 }
 
 impl KafkaStream {
@@ -73,6 +78,7 @@ impl KafkaStream {
             events,
             decisions,
             outcomes,
+            group: consumer::GroupSlot::default(),
         }))
     }
 
@@ -169,9 +175,18 @@ impl EventStream for KafkaStream {
             self.config.clone(),
             self.config.topic(EVENTS),
             sink,
+            self.group.clone(),
             metrics,
             shutdown,
         ))
+    }
+
+    fn assigned_partitions(&self) -> BTreeSet<i32> {
+        self.group.assigned(&self.config.topic(EVENTS))
+    }
+
+    async fn replay(&self, partition: i32) -> StorageResult<Replay> {
+        replay::replay(&self.config, self.config.topic(EVENTS), partition).await
     }
 
     fn dedup_window(&self) -> Duration {

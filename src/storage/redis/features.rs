@@ -9,7 +9,9 @@
 //! - `feature_customers:{<version>:<feature name>}`: a set of the customer ids that have
 //!   a state of that feature version, so dropping a version visits only them. It may
 //!   list customers whose state is already gone (harmless); it never misses one, because
-//!   a write adds to it before it writes the state.
+//!   a write adds to it before it writes the state;
+//! - `feature_backfilled:{<version>:<feature name>}`: a set of the event-stream
+//!   partitions whose history the version's states hold (added after the states).
 //!
 //! Fencing: a write of a state with a stream position is skipped where the stored state
 //! has a later one in the same partition, so a worker that stalled past its group session
@@ -117,6 +119,10 @@ impl RedisFeatures {
 
     fn index_key(&self, key: &FeatureKey) -> String {
         self.store.key("feature_customers", &field(key))
+    }
+
+    fn marks_key(&self, key: &FeatureKey) -> String {
+        self.store.key("feature_backfilled", &field(key))
     }
 }
 
@@ -305,7 +311,7 @@ impl FeatureStore for RedisFeatures {
         if skipped > 0 {
             tracing::warn!(
                 skipped,
-                "Feature states older than those stored were not written (a worker that lost its partitions wrote late)"
+                "Feature states older than those stored were not written (a worker that lost its partitions wrote late, or a backfill finished after the partition's owner folded later events)"
             );
         }
         Ok(())
@@ -358,7 +364,13 @@ impl FeatureStore for RedisFeatures {
                 })
                 .await?;
             if customers.is_empty() {
-                return Ok(());
+                let marks = self.marks_key(key);
+                return self
+                    .store
+                    .call("delete backfill marks", move |mut c| async move {
+                        c.del::<_, ()>(marks).await
+                    })
+                    .await;
             }
             try_join_all(customers.iter().map(|customer| {
                 let hash = self.customer_key(customer);
@@ -376,5 +388,23 @@ impl FeatureStore for RedisFeatures {
                 })
                 .await?;
         }
+    }
+
+    async fn backfilled_partitions(&self, key: &FeatureKey) -> StorageResult<BTreeSet<i32>> {
+        let marks = self.marks_key(key);
+        self.store
+            .call("read backfill marks", move |mut c| async move {
+                c.smembers(marks).await
+            })
+            .await
+    }
+
+    async fn mark_backfilled(&self, key: &FeatureKey, partition: i32) -> StorageResult<()> {
+        let marks = self.marks_key(key);
+        self.store
+            .call("mark backfill", move |mut c| async move {
+                c.sadd::<_, _, ()>(marks, partition).await
+            })
+            .await
     }
 }
