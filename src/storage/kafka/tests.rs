@@ -985,3 +985,92 @@ async fn a_partition_replays_from_its_start_without_copies() {
         "no consumer runs: no partitions held"
     );
 }
+
+/// A version defined after an erasure is backfilled from the events topic, which still
+/// holds the erased customer's events (until its retention drops them): the backfill
+/// leaves them out, as the live stream does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_from_the_topic_leaves_erased_customers_out() {
+    let Some(base) = shared_broker() else {
+        return;
+    };
+    let url = fresh(&base);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Engine::open(settings(dir.path(), &url))
+        .await
+        .expect("engine");
+    let tasks = Background::start_role(&engine, Role::All);
+    let views = |customer: &str, n: usize| -> Vec<Value> {
+        (0..n)
+            .map(|i| json!({"eventId": format!("{customer}-{i}"), "customerId": customer, "type": "page_view"}))
+            .collect()
+    };
+    let (kept, gone) = (
+        CustomerId::parse("c", "kept-c1").expect("id"),
+        CustomerId::parse("c", "gone-c1").expect("id"),
+    );
+    let mut events = views("kept-c1", 3);
+    events.extend(views("gone-c1", 2));
+    let report = engine.ingestor.ingest(events).await.expect("ingest");
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    let value = |customer: CustomerId, name: &'static str| {
+        let engine = engine.clone();
+        async move {
+            engine
+                .features
+                .read(&customer, Some(&[name.to_owned()]), "f", Utc::now())
+                .await
+                .expect("features")
+                .values[0]
+                .value
+        }
+    };
+    let deadline = Instant::now() + PATIENCE;
+    while value(kept.clone(), "page_views_30d").await != 3.0
+        || value(gone.clone(), "page_views_30d").await != 2.0
+    {
+        assert!(Instant::now() < deadline, "the events were not applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    engine.erase_customer(&gone).await.expect("erased");
+
+    engine
+        .features
+        .define(
+            "views_again",
+            json!({"kind": "count", "event_type": "page_view", "window": "30d"}),
+        )
+        .await
+        .expect("defined");
+    let stream = engine.stream.clone().expect("a stream");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let held = stream.assigned_partitions();
+        let unfilled = engine
+            .features
+            .unfilled(&engine.features.catalog(), &held)
+            .await
+            .expect("marks");
+        if held.len() == 3 && unfilled.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not backfilled: {held:?} held, {unfilled:?} left"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(value(kept.clone(), "views_again").await, 3.0);
+    let key = crate::features::FeatureKey::new("views_again", 1);
+    assert_eq!(
+        engine
+            .stores
+            .features
+            .read(&gone, std::slice::from_ref(&key))
+            .await
+            .expect("read"),
+        vec![None],
+        "the erased customer's events on the topic were folded"
+    );
+    tasks.stop().await;
+}
