@@ -28,6 +28,8 @@ use crate::storage::{EventStream, Stores};
 use crate::telemetry::Metrics;
 
 const BATCH: usize = 2048;
+/// Poll interval when nothing woke the processor (events appended by another process).
+const IDLE_POLL: Duration = Duration::from_millis(250);
 
 /// The customers of a batch whose events are not applied, and those without a profile.
 #[derive(Default)]
@@ -36,8 +38,6 @@ struct Admission {
     unconsented: BTreeSet<CustomerId>,
     missing: Vec<CustomerId>,
 }
-/// Poll interval when nothing woke the processor (events appended by another process).
-const IDLE_POLL: Duration = Duration::from_millis(250);
 
 pub struct Processor {
     stores: Stores,
