@@ -156,7 +156,7 @@ impl Engine {
             settings.features.clone(),
             Duration::from_millis(settings.timeouts.feature_read_ms),
             metrics.clone(),
-            stream.is_some(),
+            stream.clone(),
         )
         .await?;
         let segments = SegmentService::start(

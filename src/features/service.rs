@@ -18,7 +18,7 @@ use crate::customers::CustomerId;
 use crate::error::{Error, Result};
 use crate::events::StoredEvent;
 use crate::privacy::Profiles;
-use crate::storage::{DefinitionKind, StorageError, Stores};
+use crate::storage::{DefinitionKind, EventStream, StorageError, Stores};
 use crate::telemetry::Metrics;
 
 /// The consumer name under which the event processor commits its offset.
@@ -281,10 +281,11 @@ pub struct FeatureService {
     /// rest were not because the definition store was unreachable at start, and
     /// [`FeatureService::refresh`] defines them once it answers.
     builtins_defined: std::sync::atomic::AtomicUsize,
-    /// Events come from a partitioned stream (Kafka): a new version is backfilled
-    /// partition by partition from the stream's topic by the workers
-    /// ([`FeatureService::unfilled`]), not from this process's log when it is defined.
-    from_stream: bool,
+    /// The partitioned stream events come from (Kafka), if any: a new version is
+    /// backfilled partition by partition from its topic by the workers
+    /// ([`FeatureService::unfilled`]), not from this process's log when it is defined,
+    /// and is activated only once every partition is.
+    stream: Option<Arc<dyn EventStream>>,
     /// (version, partition) pairs known to be backfilled: by this process, or found
     /// marked in the feature store. A std lock: never held across an await.
     filled: parking_lot::Mutex<HashSet<(FeatureKey, i32)>>,
@@ -323,7 +324,7 @@ impl FeatureService {
         settings: FeatureSettings,
         read_deadline: Duration,
         metrics: Arc<Metrics>,
-        from_stream: bool,
+        stream: Option<Arc<dyn EventStream>>,
     ) -> Result<Arc<Self>> {
         let service = Arc::new(FeatureService {
             stores,
@@ -335,7 +336,7 @@ impl FeatureService {
             apply_lock: tokio::sync::Mutex::new(()),
             served: parking_lot::Mutex::new(HashMap::new()),
             builtins_defined: std::sync::atomic::AtomicUsize::new(0),
-            from_stream,
+            stream,
             filled: parking_lot::Mutex::default(),
         });
         service.define_pending_builtins(true).await?;
@@ -558,7 +559,7 @@ impl FeatureService {
             .definitions
             .put(DefinitionKind::Feature, name, stored)
             .await?;
-        if spec.is_stateful() && !self.from_stream {
+        if spec.is_stateful() && self.stream.is_none() {
             self.backfill(&FeatureKey::new(name, version), &spec)
                 .await?;
         }
@@ -591,7 +592,7 @@ impl FeatureService {
             .put_first(DefinitionKind::Feature, name, stored)
             .await?;
         if created {
-            if spec.is_stateful() && !self.from_stream {
+            if spec.is_stateful() && self.stream.is_none() {
                 self.backfill(&FeatureKey::new(name, 1), &spec).await?;
             }
             self.stores
@@ -861,6 +862,24 @@ impl FeatureService {
         let previous = entry.active;
         if previous == version {
             return Ok((entry.clone(), None));
+        }
+        if let Some(stream) = self.stream.as_ref().filter(|_| spec.is_stateful()) {
+            // Its values would be partial until then, and the health check would roll
+            // the version back for it.
+            let key = FeatureKey::new(name, version);
+            let partitions = stream.partitions().await?;
+            let done = self.stores.features.backfilled_partitions(&key).await?;
+            let left = (0..partitions).filter(|p| !done.contains(p)).count();
+            if left > 0 {
+                return Err(Error::invalid(
+                    "version",
+                    format!(
+                        "{key} is still being backfilled from the events topic ({left} of \
+                         {partitions} partitions to go): activate it once the workers have \
+                         replayed them"
+                    ),
+                ));
+            }
         }
         let old_spec = entry.versions.get(&previous).cloned();
         self.stores

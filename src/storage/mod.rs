@@ -740,6 +740,8 @@ pub trait EventStream: Send + Sync {
     /// its first record are left out, as [`EventClaims`] leaves them out of the live
     /// stream, and records that are not events are skipped.
     async fn replay(&self, partition: i32) -> StorageResult<Replay>;
+    /// How many partitions the events topic has now.
+    async fn partitions(&self) -> StorageResult<i32>;
 }
 
 /// A partition's history being read ([`EventStream::replay`]).

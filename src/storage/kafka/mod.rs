@@ -189,6 +189,10 @@ impl EventStream for KafkaStream {
         replay::replay(&self.config, self.config.topic(EVENTS), partition).await
     }
 
+    async fn partitions(&self) -> StorageResult<i32> {
+        replay::partitions(&self.config, self.config.topic(EVENTS)).await
+    }
+
     fn dedup_window(&self) -> Duration {
         Duration::from_secs(self.config.dedup_window_secs)
     }

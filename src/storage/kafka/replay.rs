@@ -85,6 +85,30 @@ pub(super) async fn replay(
     })
 }
 
+/// How many partitions `topic` has now.
+pub(super) async fn partitions(config: &KafkaConfig, topic: String) -> StorageResult<i32> {
+    let client = client_config(config);
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = client.create().map_err(|e| {
+            StorageError::Backend(format!("creating the Kafka metadata client: {e}"))
+        })?;
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), WATERMARKS_TIMEOUT)
+            .map_err(|e| {
+                StorageError::Unavailable(format!("reading the metadata of {topic}: {e}"))
+            })?;
+        metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .filter(|t| t.error().is_none())
+            .map(|t| t.partitions().len() as i32)
+            .ok_or_else(|| StorageError::Unavailable(format!("{topic} is not known to the broker")))
+    })
+    .await
+    .map_err(|e| StorageError::Backend(format!("metadata task failed: {e}")))?
+}
+
 struct Reader {
     topic: String,
     partition: i32,

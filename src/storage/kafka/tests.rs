@@ -988,7 +988,8 @@ async fn a_partition_replays_from_its_start_without_copies() {
 
 /// A version defined after an erasure is backfilled from the events topic, which still
 /// holds the erased customer's events (until its retention drops them): the backfill
-/// leaves them out, as the live stream does.
+/// leaves them out, as the live stream does. A later version is activated only once
+/// the workers have backfilled it in every partition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backfill_from_the_topic_leaves_erased_customers_out() {
     let Some(base) = shared_broker() else {
@@ -1072,5 +1073,44 @@ async fn a_backfill_from_the_topic_leaves_erased_customers_out() {
         vec![None],
         "the erased customer's events on the topic were folded"
     );
+
+    // A later version is activated only once every partition is backfilled into it:
+    // with no worker running, nothing backfills it, and activation says why.
+    tasks.stop().await;
+    let v2 = engine
+        .features
+        .define(
+            "views_again",
+            json!({"kind": "count", "event_type": "page_view", "window": "7d"}),
+        )
+        .await
+        .expect("defined");
+    assert_eq!(v2.versions.keys().max(), Some(&2));
+    let refused = engine
+        .features
+        .activate("views_again", 2)
+        .await
+        .expect_err("activation before the backfill");
+    assert!(
+        refused.to_string().contains("still being backfilled")
+            && refused.to_string().contains("3 of 3 partitions"),
+        "{refused}"
+    );
+    let tasks = Background::start_role(&engine, Role::All);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match engine.features.activate("views_again", 2).await {
+            Ok((entry, _)) => {
+                assert_eq!(entry.active, 2, "kept after its health check");
+                break;
+            }
+            Err(e) => assert!(
+                Instant::now() < deadline && e.to_string().contains("still being backfilled"),
+                "{e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(value(kept.clone(), "views_again").await, 3.0);
     tasks.stop().await;
 }
