@@ -19,7 +19,7 @@ use crate::error::Result;
 use crate::events::StoredEvent;
 use crate::features::service::PROCESSOR;
 use crate::features::service::{FeatureCatalog, HistoryStates};
-use crate::features::{FeatureKey, FeatureService};
+use crate::features::{FeatureKey, FeatureService, FeatureSpec};
 use crate::privacy::Profiles;
 use crate::rules::host::{self, event_map, CustomerData, CustomerView};
 use crate::rules::{RuleService, RuleSet};
@@ -252,7 +252,7 @@ impl Processor {
                     .fold_history(catalog, keys, &page, &mut states, now);
             }
             if replay.first > 0 {
-                self.warn_partial_history(catalog, keys, partition, replay.first, oldest, now);
+                warn_partial_history(catalog, keys, partition, replay.first, oldest, now);
             }
             let customers = states.len();
             self.features.store_history(partition, keys, states).await?;
@@ -269,40 +269,6 @@ impl Processor {
             );
         }
         Ok(pending.len())
-    }
-
-    /// Warns, per version whose window reaches back before the oldest event partition
-    /// `partition` still holds, that its history there is partial: the topic's
-    /// retention dropped the records before offset `first`.
-    fn warn_partial_history(
-        &self,
-        catalog: &FeatureCatalog,
-        keys: &[FeatureKey],
-        partition: i32,
-        first: i64,
-        oldest: Option<chrono::DateTime<Utc>>,
-        now: chrono::DateTime<Utc>,
-    ) {
-        for key in keys {
-            let reach = catalog
-                .get(&key.name)
-                .and_then(|e| e.versions.get(&key.version))
-                .map(|spec| spec.reach());
-            let partial = match (reach, oldest) {
-                (Some(Some(window)), Some(oldest)) => now - window < oldest,
-                (Some(_), _) => true,
-                (None, _) => false,
-            };
-            if partial {
-                tracing::warn!(
-                    feature = %key,
-                    partition,
-                    first_retained_offset = first,
-                    oldest_retained_event = ?oldest,
-                    "The events topic no longer holds this version's whole window (its retention dropped older records): the version counts only what it holds until the window has passed"
-                );
-            }
-        }
     }
 
     /// Takes the customers whose events batches skipped as erased since the last call.
@@ -557,5 +523,34 @@ impl Processor {
 
     pub fn applied(&self) -> u64 {
         *self.applied.borrow()
+    }
+}
+
+/// Warns, per version whose window reaches back before the oldest event partition
+/// `partition` still holds, that its history there is partial: the topic's retention
+/// dropped the records before offset `first`.
+fn warn_partial_history(
+    catalog: &FeatureCatalog,
+    keys: &[FeatureKey],
+    partition: i32,
+    first: i64,
+    oldest: Option<chrono::DateTime<Utc>>,
+    now: chrono::DateTime<Utc>,
+) {
+    for key in keys {
+        let partial = match (catalog.spec(key).map(FeatureSpec::reach), oldest) {
+            (Some(Some(window)), Some(oldest)) => now - window < oldest,
+            (Some(_), _) => true,
+            (None, _) => false,
+        };
+        if partial {
+            tracing::warn!(
+                feature = %key,
+                partition,
+                first_retained_offset = first,
+                oldest_retained_event = ?oldest,
+                "The events topic no longer holds this version's whole window (its retention dropped older records): the version counts only what it holds until the window has passed"
+            );
+        }
     }
 }

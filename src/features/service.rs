@@ -71,6 +71,11 @@ impl FeatureCatalog {
         self.entries.values()
     }
 
+    /// The definition of one version.
+    pub fn spec(&self, key: &FeatureKey) -> Option<&FeatureSpec> {
+        self.entries.get(&key.name)?.versions.get(&key.version)
+    }
+
     pub fn active_spec(&self, name: &str) -> Option<(u32, &FeatureSpec)> {
         let e = self.entries.get(name)?;
         e.versions.get(&e.active).map(|s| (e.active, s))
@@ -706,10 +711,7 @@ impl FeatureService {
     ) {
         let specs: Vec<(&FeatureKey, &FeatureSpec)> = keys
             .iter()
-            .filter_map(|key| {
-                let spec = catalog.get(&key.name)?.versions.get(&key.version)?;
-                Some((key, spec))
-            })
+            .filter_map(|key| Some((key, catalog.spec(key)?)))
             .collect();
         for stored in page {
             for (key, spec) in &specs {

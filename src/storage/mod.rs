@@ -749,7 +749,8 @@ pub struct Replay {
     /// The offset of the first record the topic still holds: records before it were
     /// dropped by the topic's retention.
     pub first: i64,
-    /// The offset after the last record read.
+    /// The partition's end when the replay began: the offset after the last record it
+    /// reads.
     pub end: i64,
     /// The events in offset order, a page at a time; an error ends the replay.
     pub pages: tokio::sync::mpsc::Receiver<StorageResult<Vec<Event>>>,

@@ -151,7 +151,9 @@ impl ProducerSlot {
     }
 }
 
-fn admin_client(config: &KafkaConfig) -> StorageResult<AdminClient<DefaultClientContext>> {
+pub(super) fn admin_client(
+    config: &KafkaConfig,
+) -> StorageResult<AdminClient<DefaultClientContext>> {
     client_config(config)
         .create()
         .map_err(|e| StorageError::Backend(format!("creating the Kafka admin client: {e}")))

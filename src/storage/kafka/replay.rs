@@ -16,7 +16,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use super::config::KafkaConfig;
-use super::producer::client_config;
+use super::producer::{admin_client, client_config};
 use crate::events::{Event, StreamPosition};
 use crate::storage::{Replay, StorageError, StorageResult};
 
@@ -87,12 +87,10 @@ pub(super) async fn replay(
 
 /// How many partitions `topic` has now.
 pub(super) async fn partitions(config: &KafkaConfig, topic: String) -> StorageResult<i32> {
-    let client = client_config(config);
+    let admin = admin_client(config)?;
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = client.create().map_err(|e| {
-            StorageError::Backend(format!("creating the Kafka metadata client: {e}"))
-        })?;
-        let metadata = consumer
+        let metadata = admin
+            .inner()
             .fetch_metadata(Some(&topic), WATERMARKS_TIMEOUT)
             .map_err(|e| {
                 StorageError::Unavailable(format!("reading the metadata of {topic}: {e}"))

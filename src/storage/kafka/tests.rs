@@ -750,6 +750,48 @@ async fn a_worker_killed_before_committing_resumes_without_double_counting() {
     api_tasks.stop().await;
 }
 
+/// The events topic of a configuration, written to directly: records as the forwarder
+/// writes them, or records it never would.
+struct RawEvents {
+    topic: String,
+    producer: FutureProducer,
+}
+
+impl RawEvents {
+    /// Creates the topic.
+    async fn open(config: &KafkaConfig) -> RawEvents {
+        let topic = config.topic(EVENTS);
+        super::producer::ensure_topics(config, std::slice::from_ref(&topic))
+            .await
+            .expect("topic");
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", config.bootstrap())
+            .create()
+            .expect("producer");
+        RawEvents { topic, producer }
+    }
+
+    /// Writes `payload` keyed by `key`, to `partition` when given; waits for delivery.
+    async fn send(&self, key: &str, partition: Option<i32>, payload: &[u8]) {
+        let mut record = FutureRecord::to(&self.topic).key(key).payload(payload);
+        record.partition = partition;
+        self.producer
+            .send(record, Duration::from_secs(5))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("delivered");
+    }
+}
+
+/// A page view as the forwarder stores it on the events topic.
+fn stored_event(id: &str, customer: &str) -> Vec<u8> {
+    serde_json::to_vec(
+        &json!({"event_id": id, "customer_id": customer, "type": "page_view",
+                               "timestamp": Utc::now().to_rfc3339(), "properties": {}}),
+    )
+    .expect("json")
+}
+
 /// A message that is not an event is skipped and counted; the events around it are
 /// applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -758,32 +800,14 @@ async fn a_malformed_message_is_skipped_and_counted() {
         return;
     };
     let url = fresh(&base);
-    let config = KafkaConfig::parse(&url).expect("url");
-    let topic = config.topic(EVENTS);
-    super::producer::ensure_topics(&config, std::slice::from_ref(&topic))
-        .await
-        .expect("topic");
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", config.bootstrap())
-        .create()
-        .expect("producer");
-    let good = |id: &str| {
-        serde_json::to_vec(
-            &json!({"event_id": id, "customer_id": "bad-c1", "type": "page_view",
-                                   "timestamp": Utc::now().to_rfc3339(), "properties": {}}),
-        )
-        .expect("json")
-    };
-    let payloads = [good("bad-1"), b"{not json".to_vec(), good("bad-2")];
+    let events = RawEvents::open(&KafkaConfig::parse(&url).expect("url")).await;
+    let payloads = [
+        stored_event("bad-1", "bad-c1"),
+        b"{not json".to_vec(),
+        stored_event("bad-2", "bad-c1"),
+    ];
     for payload in &payloads {
-        producer
-            .send(
-                FutureRecord::to(&topic).key("bad-c1").payload(payload),
-                Duration::from_secs(5),
-            )
-            .await
-            .map_err(|(e, _)| e)
-            .expect("delivered");
+        events.send("bad-c1", None, payload).await;
     }
 
     let dir = tempfile::tempdir().expect("tempdir");
@@ -907,21 +931,8 @@ async fn a_partition_replays_from_its_start_without_copies() {
     };
     let url = fresh(&base);
     let config = KafkaConfig::parse(&url).expect("url");
-    let topic = config.topic(EVENTS);
-    super::producer::ensure_topics(&config, std::slice::from_ref(&topic))
-        .await
-        .expect("topic");
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", config.bootstrap())
-        .create()
-        .expect("producer");
-    let event = |id: &str| {
-        serde_json::to_vec(
-            &json!({"event_id": id, "customer_id": "replay-c1", "type": "page_view",
-                    "timestamp": Utc::now().to_rfc3339(), "properties": {}}),
-        )
-        .expect("json")
-    };
+    let events = RawEvents::open(&config).await;
+    let event = |id: &str| stored_event(id, "replay-c1");
     // Offsets 0–7 of partition 1: e1–e5, a copy of e2, a record that is no event, e6.
     let mut records: Vec<(i32, Vec<u8>)> = ["e1", "e2", "e3", "e4", "e5", "e2"]
         .iter()
@@ -931,17 +942,7 @@ async fn a_partition_replays_from_its_start_without_copies() {
     records.push((1, event("e6")));
     records.push((0, event("elsewhere")));
     for (partition, payload) in &records {
-        producer
-            .send(
-                FutureRecord::to(&topic)
-                    .key("replay-c1")
-                    .partition(*partition)
-                    .payload(payload),
-                Duration::from_secs(5),
-            )
-            .await
-            .map_err(|(e, _)| e)
-            .expect("delivered");
+        events.send("replay-c1", Some(*partition), payload).await;
     }
     let stream = super::KafkaStream::open(config, tempfile::tempdir().expect("dir").path())
         .await
