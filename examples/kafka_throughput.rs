@@ -12,6 +12,10 @@
 //! event ids it reads there; append `&dedup_window_secs=0` to the broker URL to measure
 //! the same without the claims.
 //!
+//! With `PROFILES_REDIS=redis://…` too, profiles and their data keys live on that Redis
+//! (under one master key, written to a temporary file), so the engines share them, and
+//! the events topic's records are sealed per customer.
+//!
 //! Prints the ingest rate (acknowledged) and the end-to-end rate (first event ingested to
 //! last event applied by the worker), as JSON. Then defines a new feature on the worker
 //! and times its backfill from the events topic (every partition replayed from its start
@@ -28,8 +32,14 @@ use tailor::config::Settings;
 const CUSTOMERS: usize = 1_000;
 const PER_REQUEST: usize = 500;
 
-/// `redis`: where features and segments live, when not in the embedded store.
-fn settings(dir: &std::path::Path, events: &str, redis: Option<&str>) -> Settings {
+/// `redis`: where features and segments live, when not in the embedded store; `profiles`:
+/// where profiles and data keys live (Redis, with the master key in `key_file`).
+fn settings(
+    dir: &std::path::Path,
+    events: &str,
+    redis: Option<&str>,
+    profiles: Option<(&str, &std::path::Path)>,
+) -> Settings {
     let mut settings = Settings {
         data_dir: dir.to_path_buf(),
         ..Settings::default()
@@ -40,6 +50,10 @@ fn settings(dir: &std::path::Path, events: &str, redis: Option<&str>) -> Setting
     if let Some(redis) = redis {
         settings.backends.features = redis.to_owned();
         settings.backends.segments = redis.to_owned();
+    }
+    if let Some((redis, key_file)) = profiles {
+        settings.backends.profiles = redis.to_owned();
+        settings.encryption.key_file = key_file.display().to_string();
     }
     settings
 }
@@ -64,8 +78,26 @@ async fn main() -> anyhow::Result<()> {
     let redis = std::env::var("FEATURES_REDIS")
         .ok()
         .map(|r| format!("{r}?prefix=bench{id}:"));
-    let api = Engine::open(settings(api_dir.path(), &url, redis.as_deref())).await?;
-    let worker = Engine::open(settings(worker_dir.path(), &url, redis.as_deref())).await?;
+    let key_dir = tempfile::tempdir()?;
+    let key_file = key_dir.path().join("master.key");
+    let profiles = match std::env::var("PROFILES_REDIS") {
+        Ok(r) => {
+            let key: [u8; 32] = rand::random();
+            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+            std::fs::write(&key_file, hex)?;
+            Some(format!("{r}?prefix=bench{id}:"))
+        }
+        Err(_) => None,
+    };
+    let profiles = profiles.as_deref().map(|p| (p, key_file.as_path()));
+    let api = Engine::open(settings(api_dir.path(), &url, redis.as_deref(), profiles)).await?;
+    let worker = Engine::open(settings(
+        worker_dir.path(),
+        &url,
+        redis.as_deref(),
+        profiles,
+    ))
+    .await?;
     let api_tasks = Background::start_role(&api, Role::Api);
     let worker_tasks = Background::start_role(&worker, Role::Worker);
 
@@ -152,6 +184,7 @@ async fn main() -> anyhow::Result<()> {
             "events": total,
             "customers": CUSTOMERS,
             "features": if redis.is_some() { "redis" } else { "embedded" },
+            "profiles": if profiles.is_some() { "redis (events topic sealed)" } else { "embedded" },
             "broker_url": url,
             "events_per_request": PER_REQUEST,
             "ingest_seconds": ingested.as_secs_f64(),

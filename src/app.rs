@@ -150,6 +150,11 @@ impl Engine {
         let ring = KeyRing::load(&settings.encryption, &settings.data_dir)?;
         let profiles =
             Arc::new(Profiles::open(&stores, ring, &settings.encryption.sensitive_traits).await?);
+        // The events topic is sealed where every process reads the same data keys; with
+        // each process's keys its own, another process could not open its records.
+        if let (Some(stream), true) = (&stream, stores.shared.profiles) {
+            stream.seal_with(profiles.stream_seal());
+        }
         let features = FeatureService::start(
             stores.clone(),
             profiles.clone(),

@@ -652,7 +652,8 @@ async fn an_erasure_on_one_replica_reaches_every_process() {
 
 /// With `backends.profiles` on Redis too, the API replicas keep nothing of a customer's
 /// profile: one written through a replica is read, decrypted, and found by its email on
-/// the other; an erasure through one is seen by all at once; and a process catching up
+/// the other; events sent through one, sealed on the events topic, are counted by the
+/// worker; an erasure through one is seen by all at once; and a process catching up
 /// with the privacy journal late (erased, then consented again) leaves alone the profile
 /// the customer gave after consenting again. A process whose master key is its data
 /// directory's own refuses to start on shared profiles.
@@ -671,6 +672,16 @@ async fn profiles_on_redis_are_one_truth_for_every_process() {
         "b reads, decrypted, what a wrote: {export}"
     );
     assert_eq!(b.ids_by_email(" Erin@Example.com").await, json!(["erin"]));
+    // With the data keys shared, the events topic is sealed: what a sends, the worker
+    // opens and counts, and b serves.
+    assert_eq!(a.accepted(page_views("erin", "sealed", 3)).await, 3);
+    feature_is_exact(
+        &b,
+        "page_views_30d",
+        &BTreeMap::from([("erin".to_owned(), 3.0)]),
+        "erin's sealed events",
+    )
+    .await;
 
     // Erased through a: b holds no copy, so it is gone there at once.
     a.erase("erin").await;

@@ -8,8 +8,9 @@
 //! fields needs no data key.
 //!
 //! Erasure's part lives here too: [`Profiles::forget`] marks the customer erased (under
-//! a keyed hash of the id), deletes the profile and destroys the data key, so any copy
-//! of the sealed fields — in a backup, in free pages of the data file — is unreadable.
+//! a keyed hash of the id), deletes the profile and destroys the data keys, so any copy
+//! of the sealed fields — in a backup, in free pages of the data file — and of the
+//! customer's sealed records on the events topic is unreadable.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use serde_json::Value;
 
 use super::keys::KeyRing;
 use super::seal::{self, BlindIndex, DataKey, SealError};
+use super::stream::StreamSeal;
 use crate::customers::{Consent, Customer, CustomerId, Pii};
 use crate::storage::{
     DataKeyStore, KeyOwner, ProfileStore, StorageError, StorageResult, StoredProfile, Stores,
@@ -44,8 +46,10 @@ pub struct Profiles {
     store: Arc<dyn ProfileStore>,
     keys: Arc<dyn DataKeyStore>,
     ring: KeyRing,
-    index: BlindIndex,
+    index: Arc<BlindIndex>,
     sensitive: BTreeSet<String>,
+    /// The keys of the customers' records on the events topic.
+    stream: Arc<StreamSeal>,
 }
 
 impl std::fmt::Debug for Profiles {
@@ -79,18 +83,31 @@ impl Profiles {
         let key = data_key(stores.data_keys.as_ref(), &ring, &owner, true)
             .await?
             .ok_or_else(|| StorageError::Backend("blind-index key not created".into()))?;
+        let index = Arc::new(BlindIndex::new(key));
+        let stream = Arc::new(StreamSeal::new(
+            stores.data_keys.clone(),
+            ring.clone(),
+            index.clone(),
+        ));
         Ok(Profiles {
             store: stores.profiles.clone(),
             keys: stores.data_keys.clone(),
             ring,
-            index: BlindIndex::new(key),
+            index,
             sensitive: sensitive_traits.iter().cloned().collect(),
+            stream,
         })
     }
 
     /// The master keys in use.
     pub fn ring(&self) -> &KeyRing {
         &self.ring
+    }
+
+    /// What seals the customers' records on the events topic, under keys that
+    /// [`Profiles::forget`] destroys.
+    pub fn stream_seal(&self) -> Arc<StreamSeal> {
+        self.stream.clone()
     }
 
     /// `None`: no customer with this id.
@@ -199,15 +216,17 @@ impl Profiles {
     }
 
     /// Erasure's part here, in this order: the marker (so ingestion refuses the id from
-    /// now on), the profile and its index entry, then the data key (crypto-shredding:
-    /// what was sealed under it is unreadable everywhere). Returns whether a profile was
-    /// deleted. Safe to repeat after a failure.
+    /// now on), the profile and its index entry, then the data keys of the profile and of
+    /// the customer's records on the events topic (crypto-shredding: what was sealed
+    /// under them is unreadable everywhere). Returns whether a profile was deleted. Safe
+    /// to repeat after a failure.
     pub async fn forget(&self, id: &CustomerId, at: DateTime<Utc>) -> StorageResult<bool> {
         self.keys
             .mark_erased(&self.index.erasure_tag(id), at)
             .await?;
         let deleted = self.store.delete(id).await?;
         self.keys.destroy(&KeyOwner::Customer(id.clone())).await?;
+        self.stream.forget(id).await?;
         Ok(deleted)
     }
 

@@ -23,7 +23,7 @@ use zeroize::Zeroizing;
 
 use super::keys::{KeyRing, MasterKey, KEY_LEN};
 use crate::customers::CustomerId;
-use crate::storage::{KeyOwner, SealedField, WrappedKey};
+use crate::storage::{KeyOwner, SealedField, WrappedKey, SEALED_RECORD};
 
 const NONCE_LEN: usize = 12;
 
@@ -124,6 +124,42 @@ fn decrypt(
         .map_err(|_| SealError::Authentication)
 }
 
+fn record_aad(tag: &str) -> Vec<u8> {
+    [b"tailor:record:v1\0".as_slice(), tag.as_bytes()].concat()
+}
+
+/// The version byte after [`SEALED_RECORD`] in a sealed record.
+const RECORD_V1: u8 = 1;
+
+/// Seals one record of the events topic keyed by `tag`: [`SEALED_RECORD`], the version
+/// byte, the nonce, then the ciphertext, with the tag bound as associated data.
+pub fn seal_record(key: &DataKey, tag: &str, plaintext: &[u8]) -> Vec<u8> {
+    let (nonce, ciphertext) = encrypt(&key.cipher(), &record_aad(tag), plaintext);
+    let mut out = Vec::with_capacity(2 + nonce.len() + ciphertext.len());
+    out.extend_from_slice(&[SEALED_RECORD, RECORD_V1]);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&ciphertext);
+    out
+}
+
+/// Opens what [`seal_record`] sealed for the same tag.
+pub fn open_record(
+    key: &DataKey,
+    tag: &str,
+    value: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, SealError> {
+    let rest = match value {
+        [SEALED_RECORD, RECORD_V1, rest @ ..] => rest,
+        [SEALED_RECORD, ..] => return Err(SealError::Malformed("record version")),
+        _ => return Err(SealError::Malformed("not a sealed record")),
+    };
+    if rest.len() < NONCE_LEN {
+        return Err(SealError::Malformed("nonce length"));
+    }
+    let (nonce, ciphertext) = rest.split_at(NONCE_LEN);
+    decrypt(&key.cipher(), &record_aad(tag), nonce, ciphertext)
+}
+
 /// Seals one field of one customer.
 pub fn seal(key: &DataKey, customer: &CustomerId, field: &str, plaintext: &[u8]) -> SealedField {
     let (nonce, ciphertext) = encrypt(&key.cipher(), &field_aad(customer, field), plaintext);
@@ -214,6 +250,12 @@ impl BlindIndex {
     pub fn erasure_tag(&self, customer: &CustomerId) -> String {
         self.hash(b"tailor:erased:v1", customer.as_str().as_bytes())
     }
+
+    /// The key of a customer's records on the events topic, and the owner of the data
+    /// key they are sealed under.
+    pub fn stream_tag(&self, customer: &CustomerId) -> String {
+        self.hash(b"tailor:stream:v1", customer.as_str().as_bytes())
+    }
 }
 
 #[cfg(test)]
@@ -256,6 +298,41 @@ mod tests {
         );
         let again = seal(&key, &id("c1"), "email", b"ada@example.com");
         assert_ne!(again.nonce, sealed.nonce, "a fresh nonce per sealing");
+    }
+
+    #[test]
+    fn a_sealed_record_opens_only_under_its_tag() {
+        let key = DataKey::generate();
+        let value = seal_record(&key, "tag1", br#"{"customerId":"ada"}"#);
+        assert_eq!(&value[..2], &[SEALED_RECORD, RECORD_V1]);
+        assert!(!value.windows(3).any(|w| w == b"ada"));
+        assert_eq!(
+            open_record(&key, "tag1", &value).unwrap().as_slice(),
+            br#"{"customerId":"ada"}"#
+        );
+        assert_eq!(
+            open_record(&key, "tag2", &value).unwrap_err(),
+            SealError::Authentication,
+            "moved under another customer's tag"
+        );
+        assert_eq!(
+            open_record(&DataKey::generate(), "tag1", &value).unwrap_err(),
+            SealError::Authentication
+        );
+        assert_eq!(
+            open_record(&key, "tag1", &value[..10]).unwrap_err(),
+            SealError::Malformed("nonce length")
+        );
+        assert_eq!(
+            open_record(&key, "tag1", b"{}").unwrap_err(),
+            SealError::Malformed("not a sealed record")
+        );
+        let mut later = value.clone();
+        later[1] = 2;
+        assert_eq!(
+            open_record(&key, "tag1", &later).unwrap_err(),
+            SealError::Malformed("record version")
+        );
     }
 
     #[test]

@@ -393,6 +393,21 @@ pub async fn data_keys(store: &dyn DataKeyStore, prefix: &str) {
         ok("get customer", store.get(&customer_a).await),
         Some(k2.clone())
     );
+    // Nor do the owners of a customer's records on the events topic.
+    let stream = KeyOwner::Stream(format!("{prefix}a"));
+    let k4 = sample_wrapped("k4", 5);
+    ok("insert stream", store.insert(&stream, &k4).await);
+    assert_eq!(
+        ok(
+            "get many",
+            store
+                .get_many(&[stream.clone(), b.clone(), system.clone(), a.clone()])
+                .await
+        ),
+        vec![Some(k4.clone()), None, Some(k1.clone()), Some(k2.clone())],
+        "get_many must read each owner's key, in order"
+    );
+    assert!(ok("get many of none", store.get_many(&[]).await).is_empty());
 
     // List: ascending by encoded owner, paged.
     ok("insert b", store.insert(&b, &k1).await);
@@ -407,16 +422,18 @@ pub async fn data_keys(store: &dyn DataKeyStore, prefix: &str) {
     }
     let ours: Vec<(KeyOwner, WrappedKey)> = listed
         .into_iter()
-        .filter(|(o, _)| [&a, &b, &system].contains(&o))
+        .filter(|(o, _)| [&a, &b, &system, &stream].contains(&o))
         .collect();
     assert_eq!(
         ours,
         vec![
             (a.clone(), k2.clone()),
             (b.clone(), k1.clone()),
-            (system.clone(), k1.clone())
+            (system.clone(), k1.clone()),
+            (stream.clone(), k4.clone())
         ],
-        "list must return every key once, ascending by encoded owner (customers before system)"
+        "list must return every key once, ascending by encoded owner (customers, system, \
+         then stream owners)"
     );
     assert!(ok("list 0", store.list(None, 0).await).is_empty());
 
@@ -435,7 +452,7 @@ pub async fn data_keys(store: &dyn DataKeyStore, prefix: &str) {
         k3,
         "a destroyed owner may get a new key"
     );
-    for o in [&a, &b, &system] {
+    for o in [&a, &b, &system, &stream] {
         ok("cleanup", store.destroy(o).await);
     }
 

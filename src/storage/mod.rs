@@ -133,20 +133,24 @@ pub trait ProfileStore: Send + Sync {
     async fn find_by_email(&self, index: &str) -> StorageResult<Vec<CustomerId>>;
 }
 
-/// Whose data key a [`WrappedKey`] is: a customer's, or one of the engine's own secrets
-/// (the blind-index key). The two never collide.
+/// Whose data key a [`WrappedKey`] is: a customer's, a customer's records on the events
+/// topic (by the keyed-hash tag the records are keyed by, since a reader of the topic
+/// knows nothing else), or one of the engine's own secrets (the blind-index key). They
+/// never collide.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum KeyOwner {
     Customer(CustomerId),
+    Stream(String),
     System(String),
 }
 
 impl KeyOwner {
-    /// The owner as one string: `c:<customer id>` or `s:<name>`; also the associated
-    /// data that binds a wrapped key to its owner.
+    /// The owner as one string: `c:<customer id>`, `t:<tag>` or `s:<name>`; also the
+    /// associated data that binds a wrapped key to its owner.
     pub fn encode(&self) -> String {
         match self {
             KeyOwner::Customer(id) => format!("c:{id}"),
+            KeyOwner::Stream(tag) => format!("t:{tag}"),
             KeyOwner::System(name) => format!("s:{name}"),
         }
     }
@@ -155,6 +159,9 @@ impl KeyOwner {
     pub fn decode(raw: &str) -> Option<KeyOwner> {
         if let Some(id) = raw.strip_prefix("c:") {
             return CustomerId::parse("owner", id).ok().map(KeyOwner::Customer);
+        }
+        if let Some(tag) = raw.strip_prefix("t:") {
+            return Some(KeyOwner::Stream(tag.to_owned()));
         }
         raw.strip_prefix("s:")
             .map(|name| KeyOwner::System(name.to_owned()))
@@ -191,6 +198,15 @@ impl std::fmt::Debug for WrappedKey {
 pub trait DataKeyStore: Send + Sync {
     /// `None`: the owner has no key (never had one, or it was destroyed).
     async fn get(&self, owner: &KeyOwner) -> StorageResult<Option<WrappedKey>>;
+    /// [`DataKeyStore::get`] of each owner, in order: what sealing or opening a batch of
+    /// the events topic's records reads. A backend over the network reads them together.
+    async fn get_many(&self, owners: &[KeyOwner]) -> StorageResult<Vec<Option<WrappedKey>>> {
+        let mut out = Vec::with_capacity(owners.len());
+        for owner in owners {
+            out.push(self.get(owner).await?);
+        }
+        Ok(out)
+    }
     /// Stores `key` unless the owner already has one, atomically, and returns the key the
     /// owner has afterwards: concurrent creators all get the first one stored.
     async fn insert(&self, owner: &KeyOwner, key: &WrappedKey) -> StorageResult<WrappedKey>;
@@ -742,6 +758,47 @@ pub trait EventStream: Send + Sync {
     async fn replay(&self, partition: i32) -> StorageResult<Replay>;
     /// How many partitions the events topic has now.
     async fn partitions(&self) -> StorageResult<i32>;
+    /// Seals the events topic's records with `seal` from now on (records already on the
+    /// topic in the clear are still read). Called once, before the background tasks
+    /// start, by a process whose data keys every process of the deployment shares.
+    fn seal_with(&self, seal: Arc<dyn RecordSeal>);
+}
+
+/// The events topic's records sealed per customer, so that erasing a customer makes
+/// their records unreadable on the broker (crypto-shredding) long before its retention
+/// drops them, and the broker holds no customer id or event in the clear.
+///
+/// A sealed record's value starts with the byte [`SEALED_RECORD`] (an event's JSON never
+/// does); its key is an opaque tag of the customer, the same for all of their records.
+#[async_trait]
+pub trait RecordSeal: Send + Sync {
+    /// The record of each event, in order; `None` for an event whose customer is erased
+    /// (it is not sent: erasure covers what was accepted before it and not yet sent).
+    async fn seal(&self, events: &[&Event]) -> StorageResult<Vec<Option<SealedRecord>>>;
+    /// Opens each sealed record (key and value as read from the topic), in order. `Err`
+    /// only when the keys cannot be read now: the caller retries.
+    async fn open(&self, records: &[(&[u8], &[u8])]) -> StorageResult<Vec<Opened>>;
+}
+
+/// The first byte of a sealed record's value.
+pub const SEALED_RECORD: u8 = 0;
+
+/// One event sealed for the events topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedRecord {
+    /// The record key: the customer's opaque tag.
+    pub key: String,
+    pub value: Vec<u8>,
+}
+
+/// What a sealed record turned out to be.
+#[derive(Debug, Clone)]
+pub enum Opened {
+    Event(Event),
+    /// Its customer was erased: the key it was sealed under is destroyed.
+    Shredded,
+    /// Not a record this engine sealed (altered, truncated, keyed by another tag).
+    Malformed(String),
 }
 
 /// A partition's history being read ([`EventStream::replay`]).

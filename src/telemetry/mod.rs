@@ -54,6 +54,9 @@ pub struct Metrics {
     pub stream_events_applied: Counter<u64>,
     /// Copies of events another worker read first, dropped.
     pub stream_copies_dropped: Counter<u64>,
+    /// Sealed records of erased customers on the event stream (skipped: their key is
+    /// destroyed).
+    pub stream_records_shredded: Counter<u64>,
     pub rule_errors: Counter<u64>,
 }
 
@@ -161,6 +164,11 @@ impl Metrics {
                 "tailor_stream_copies_dropped_total",
                 "Second copies of events (sent again through another replica, or by an \
                  outbox) dropped because another worker read the event first",
+            ),
+            stream_records_shredded: counter(
+                "tailor_stream_records_shredded_total",
+                "Sealed records on the event stream whose customer was erased (their key is \
+                 destroyed), skipped",
             ),
             rule_errors: counter(
                 "tailor_rule_errors_total",

@@ -1,5 +1,5 @@
 //! The worker's consumer: a member of the workers' group on the events topic. Each batch
-//! goes to the [`EventSink`] (appended to the local log, idempotently, and applied), and
+//! is decoded (sealed records opened) and goes to the [`EventSink`] (appended to the local log, idempotently, and applied), and
 //! only then are the consumed positions committed, synchronously. A crash between the
 //! two redelivers the batch: to the same worker, whose log recognises the events by id,
 //! or, after a rebalance, to another, whose folds recognise them by the stream position
@@ -10,14 +10,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
 use super::config::KafkaConfig;
+use super::decode;
 use super::producer::{client_config, ensure_topics};
 use crate::events::{Event, StreamPosition};
-use crate::storage::{EventSink, StorageError, StorageResult};
+use crate::storage::{EventSink, Opened, RecordSeal, StorageError, StorageResult};
 use crate::telemetry::Metrics;
 
 /// Most messages per batch.
@@ -27,13 +28,17 @@ const LINGER: Duration = Duration::from_millis(20);
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Messages received together, decoded, with the positions to commit once they are
-/// applied.
+/// Messages received together, with the positions to commit once they are applied;
+/// decoded (sealed ones opened) by [`Batch::decode`].
 #[derive(Debug, Default)]
 pub(super) struct Batch {
+    /// The messages as received, until decoded.
+    messages: Vec<OwnedMessage>,
     pub events: Vec<Event>,
     /// Messages that did not decode as an event (skipped, committed with the rest).
     pub malformed: usize,
+    /// Sealed messages of erased customers (skipped, committed with the rest).
+    pub shredded: usize,
     /// (topic, partition) → offset of the next message to read.
     positions: BTreeMap<(String, i32), i64>,
 }
@@ -143,7 +148,40 @@ impl EventConsumer {
 
 impl Batch {
     fn len(&self) -> usize {
-        self.events.len() + self.malformed
+        self.messages.len()
+    }
+
+    /// Decodes the messages taken (opening sealed ones with `seal`) into `events`, each
+    /// stamped with its position, counting what is skipped. `Err`: the keys cannot be
+    /// read now; the messages stay for the next try.
+    pub async fn decode(&mut self, seal: Option<&dyn RecordSeal>) -> StorageResult<()> {
+        if self.messages.is_empty() {
+            return Ok(());
+        }
+        let records: Vec<_> = self
+            .messages
+            .iter()
+            .map(|m| (m.key(), m.payload()))
+            .collect();
+        let decoded = decode(seal, &records).await?;
+        for (message, decoded) in self.messages.iter().zip(decoded) {
+            match decoded {
+                Opened::Event(mut event) => {
+                    event.position = Some(StreamPosition {
+                        partition: message.partition(),
+                        offset: message.offset(),
+                    });
+                    self.events.push(event);
+                }
+                Opened::Shredded => self.shredded += 1,
+                Opened::Malformed(e) => {
+                    tracing::warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(), error = %e, "Skipping a malformed message");
+                    self.malformed += 1;
+                }
+            }
+        }
+        self.messages.clear();
+        Ok(())
     }
 
     /// Counts the batch's events in `tailor_stream_events_applied_total`, by partition.
@@ -163,33 +201,12 @@ impl Batch {
         }
     }
 
-    fn take<M: Message>(&mut self, message: &M) {
+    fn take(&mut self, message: &BorrowedMessage<'_>) {
         let position = (message.topic().to_owned(), message.partition());
         let next = message.offset() + 1;
         let entry = self.positions.entry(position).or_insert(next);
         *entry = (*entry).max(next);
-        match message.payload().map(Event::from_stored_json) {
-            Some(Ok(mut event)) => {
-                event.position = Some(StreamPosition {
-                    partition: message.partition(),
-                    offset: message.offset(),
-                });
-                self.events.push(event);
-            }
-            Some(Err(e)) => {
-                tracing::warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(), error = %e, "Skipping a malformed message");
-                self.malformed += 1;
-            }
-            None => {
-                tracing::warn!(
-                    topic = message.topic(),
-                    partition = message.partition(),
-                    offset = message.offset(),
-                    "Skipping a message without payload"
-                );
-                self.malformed += 1;
-            }
-        }
+        self.messages.push(message.detach());
     }
 }
 
@@ -198,6 +215,7 @@ impl Batch {
 pub(super) async fn run(
     config: KafkaConfig,
     topic: String,
+    seal: Option<Arc<dyn RecordSeal>>,
     sink: Arc<dyn EventSink>,
     slot: GroupSlot,
     metrics: Arc<Metrics>,
@@ -229,7 +247,7 @@ pub(super) async fn run(
             b = consumer.next_batch() => b,
             _ = shutdown.changed() => break,
         };
-        let batch = match batch {
+        let mut batch = match batch {
             Ok(b) => {
                 backoff = MIN_BACKOFF;
                 b
@@ -245,11 +263,16 @@ pub(super) async fn run(
                 continue;
             }
         };
+        if !apply(&*sink, &mut batch, seal.as_deref(), &metrics, &mut shutdown).await {
+            break;
+        }
         if batch.malformed > 0 {
             metrics.malformed_messages.add(batch.malformed as u64, &[]);
         }
-        if !apply(&*sink, &batch, &metrics, &mut shutdown).await {
-            break;
+        if batch.shredded > 0 {
+            metrics
+                .stream_records_shredded
+                .add(batch.shredded as u64, &[]);
         }
         batch.count_applied(&metrics);
         if let Err(e) = consumer.commit(&batch).await {
@@ -263,20 +286,26 @@ pub(super) async fn run(
     consumer.close();
 }
 
-/// Hands the batch to the sink until it succeeds; `false` if `shutdown` came first.
+/// Decodes the batch and hands its events to the sink until both succeed; `false` if
+/// `shutdown` came first.
 async fn apply(
     sink: &dyn EventSink,
-    batch: &Batch,
+    batch: &mut Batch,
+    seal: Option<&dyn RecordSeal>,
     metrics: &Metrics,
     shutdown: &mut watch::Receiver<bool>,
 ) -> bool {
-    if batch.events.is_empty() {
-        return true;
-    }
     let mut backoff = MIN_BACKOFF;
     loop {
+        let attempt = async {
+            batch.decode(seal).await?;
+            if batch.events.is_empty() {
+                return Ok(());
+            }
+            sink.apply(&batch.events).await
+        };
         let applied = tokio::select! {
-            r = sink.apply(&batch.events) => r,
+            r = attempt => r,
             _ = shutdown.changed() => return false,
         };
         match applied {

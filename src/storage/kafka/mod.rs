@@ -12,6 +12,9 @@
 //! Topics (`<prefix>` from the URL, default `tailor.`): `<prefix>events` (the events as
 //! stored, keyed by customer id so that one customer's events stay in one partition, in
 //! order), `<prefix>decisions` and `<prefix>outcomes` (their JSON, keyed by customer id).
+//! Where the data keys are shared (`backends.profiles`), the events topic's records are
+//! sealed ([`RecordSeal`]): keyed by an opaque tag of the customer, sent to the partition
+//! the customer id picks, and opened by [`decode`] on the way out.
 //!
 //! Delivery: ingestion acknowledges once an event is in the local events outbox
 //! (`<data_dir>/outbox/events/`, fsync); the forwarder delivers the outbox at least once,
@@ -40,7 +43,10 @@ use self::outbox::{Outbox, Payload};
 use self::producer::ProducerSlot;
 use crate::decision::{Decision, Outcome};
 use crate::events::Event;
-use crate::storage::{EventLog, EventSink, EventStream, Replay, StorageError, StorageResult};
+use crate::storage::{
+    EventLog, EventSink, EventStream, Opened, RecordSeal, Replay, StorageError, StorageResult,
+    SEALED_RECORD,
+};
 use crate::telemetry::Metrics;
 
 /// The topics' suffixes, after the prefix.
@@ -57,6 +63,8 @@ pub struct KafkaStream {
     outcomes: Arc<Outbox>,
     /// The workers' group consumer while it runs (its assignment).
     group: consumer::GroupSlot,
+    /// What seals the events topic's records, once [`EventStream::seal_with`] gave it.
+    seal: std::sync::OnceLock<Arc<dyn RecordSeal>>,
 }
 
 impl KafkaStream {
@@ -79,12 +87,56 @@ impl KafkaStream {
             decisions,
             outcomes,
             group: consumer::GroupSlot::default(),
+            seal: std::sync::OnceLock::new(),
         }))
     }
 
     pub fn config(&self) -> &KafkaConfig {
         &self.config
     }
+}
+
+/// A record as read from the events topic: its key and value, either possibly absent.
+pub(super) type RawRecord<'a> = (Option<&'a [u8]>, Option<&'a [u8]>);
+
+/// Decodes records of the events topic, in order: events stored in the
+/// clear as they are, sealed ones opened with `seal`. `Err` only when `seal` cannot
+/// read its keys now.
+pub(super) async fn decode(
+    seal: Option<&dyn RecordSeal>,
+    records: &[RawRecord<'_>],
+) -> StorageResult<Vec<Opened>> {
+    let mut out: Vec<Option<Opened>> = Vec::with_capacity(records.len());
+    let mut sealed: Vec<(&[u8], &[u8])> = Vec::new();
+    for (key, value) in records {
+        out.push(match (value, seal) {
+            (None, _) => Some(Opened::Malformed("a message without payload".into())),
+            (Some(value @ [SEALED_RECORD, ..]), Some(_)) => {
+                sealed.push((key.unwrap_or_default(), value));
+                None
+            }
+            (Some([SEALED_RECORD, ..]), None) => Some(Opened::Malformed(
+                "a sealed record, and this process cannot open it: the events topic is \
+                 sealed by processes whose data keys are shared (backends.profiles)"
+                    .into(),
+            )),
+            (Some(value), _) => Some(match Event::from_stored_json(value) {
+                Ok(event) => Opened::Event(event),
+                Err(e) => Opened::Malformed(e.to_string()),
+            }),
+        });
+    }
+    let mut opened = match seal {
+        Some(seal) if !sealed.is_empty() => seal.open(&sealed).await?.into_iter(),
+        _ => Vec::new().into_iter(),
+    };
+    Ok(out
+        .into_iter()
+        .map(|o| {
+            o.or_else(|| opened.next())
+                .unwrap_or_else(|| Opened::Malformed("a sealed record left unopened".into()))
+        })
+        .collect())
 }
 
 /// A decision or an outcome as an outbox record: `properties` carry its JSON.
@@ -152,17 +204,24 @@ impl EventStream for KafkaStream {
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
     ) -> Vec<JoinHandle<()>> {
-        [&self.events, &self.decisions, &self.outcomes]
-            .into_iter()
-            .map(|outbox| {
-                tokio::spawn(outbox.clone().forward(
-                    self.producers.clone(),
-                    self.config.clone(),
-                    metrics.clone(),
-                    shutdown.clone(),
-                ))
-            })
-            .collect()
+        // Only the events topic is sealed: the decisions and outcomes topics are read by
+        // other tools, and their retention bounds what they keep of an erased customer.
+        [
+            (&self.events, self.seal.get().cloned()),
+            (&self.decisions, None),
+            (&self.outcomes, None),
+        ]
+        .into_iter()
+        .map(|(outbox, seal)| {
+            tokio::spawn(outbox.clone().forward(
+                self.producers.clone(),
+                self.config.clone(),
+                seal,
+                metrics.clone(),
+                shutdown.clone(),
+            ))
+        })
+        .collect()
     }
 
     fn spawn_consumer(
@@ -174,6 +233,7 @@ impl EventStream for KafkaStream {
         tokio::spawn(consumer::run(
             self.config.clone(),
             self.config.topic(EVENTS),
+            self.seal.get().cloned(),
             sink,
             self.group.clone(),
             metrics,
@@ -186,11 +246,23 @@ impl EventStream for KafkaStream {
     }
 
     async fn replay(&self, partition: i32) -> StorageResult<Replay> {
-        replay::replay(&self.config, self.config.topic(EVENTS), partition).await
+        replay::replay(
+            &self.config,
+            self.config.topic(EVENTS),
+            partition,
+            self.seal.get().cloned(),
+        )
+        .await
     }
 
     async fn partitions(&self) -> StorageResult<i32> {
         replay::partitions(&self.config, self.config.topic(EVENTS)).await
+    }
+
+    fn seal_with(&self, seal: Arc<dyn RecordSeal>) {
+        if self.seal.set(seal).is_err() {
+            tracing::warn!("The events topic's seal was given twice; the first one stays");
+        }
     }
 
     fn dedup_window(&self) -> Duration {

@@ -22,11 +22,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 
 use super::config::KafkaConfig;
-use super::producer::{ensure_topics, prepare_topic, KafkaProducer, ProducerSlot};
-use crate::events::Event;
+use super::producer::{
+    ensure_topics, partition_for, prepare_topic, KafkaProducer, OutRecord, ProducerSlot,
+};
+use crate::events::{Event, StoredEvent};
 use crate::storage::embedded::events::EmbeddedEventLog;
 use crate::storage::embedded::EmbeddedStore;
-use crate::storage::{EventLog, StorageError, StorageResult};
+use crate::storage::{EventLog, RecordSeal, StorageError, StorageResult};
 use crate::telemetry::Metrics;
 
 /// The forwarder's consumer name in each outbox.
@@ -120,24 +122,34 @@ impl Outbox {
         &self,
         producer: &KafkaProducer,
         delivered: &mut Delivered,
+        sealing: Option<&mut Sealing>,
     ) -> StorageResult<usize> {
         let from = self.log.committed_offset(FORWARDER).await?;
         let batch = self.log.scan(from, BATCH).await?;
         let Some(last) = batch.last().map(|e| e.seq) else {
             return Ok(0);
         };
-        let records = batch
-            .iter()
-            .map(|stored| {
-                let event = &stored.event;
-                let payload = match self.payload {
-                    Payload::Event => serde_json::to_vec(event),
-                    Payload::Properties => serde_json::to_vec(&event.properties),
-                }
-                .map_err(|e| StorageError::Backend(format!("encoding a message: {e}")))?;
-                Ok((event.customer_id.as_str().to_owned(), payload))
-            })
-            .collect::<StorageResult<Vec<_>>>()?;
+        let records = match sealing {
+            Some(sealing) if self.payload == Payload::Event => {
+                sealing.records(producer, &self.topic, &batch).await?
+            }
+            _ => batch
+                .iter()
+                .map(|stored| {
+                    let event = &stored.event;
+                    let payload = match self.payload {
+                        Payload::Event => serde_json::to_vec(event),
+                        Payload::Properties => serde_json::to_vec(&event.properties),
+                    }
+                    .map_err(|e| StorageError::Backend(format!("encoding a message: {e}")))?;
+                    Ok(OutRecord {
+                        key: event.customer_id.as_str().to_owned(),
+                        payload,
+                        partition: None,
+                    })
+                })
+                .collect::<StorageResult<Vec<_>>>()?,
+        };
         producer.send_all(&self.topic, &records).await?;
         self.log.commit_offset(FORWARDER, last).await?;
         note_delivery(delivered, Instant::now(), last);
@@ -145,15 +157,21 @@ impl Outbox {
     }
 
     /// Forwards until `shutdown`, retrying with backoff while the broker fails. Stopping
-    /// mid-batch leaves the batch uncommitted: it is sent again on the next start.
+    /// mid-batch leaves the batch uncommitted: it is sent again on the next start. With
+    /// `seal`, the events outbox sends its events sealed.
     pub async fn forward(
         self: Arc<Self>,
         producers: Arc<ProducerSlot>,
         config: KafkaConfig,
+        seal: Option<Arc<dyn RecordSeal>>,
         metrics: Arc<Metrics>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut backoff = MIN_BACKOFF;
+        let mut sealing = seal.map(|seal| Sealing {
+            seal,
+            partitions: None,
+        });
         // What was delivered before this start is kept one window from now.
         let mut delivered = Delivered::new();
         match self.log.committed_offset(FORWARDER).await {
@@ -185,7 +203,7 @@ impl Outbox {
             }
             let producer = producers.get();
             let step = tokio::select! {
-                step = self.step(&producer, &mut delivered) => step,
+                step = self.step(&producer, &mut delivered, sealing.as_mut()) => step,
                 _ = shutdown.changed() => return,
             };
             match step {
@@ -222,6 +240,57 @@ impl Outbox {
                 }
             }
         }
+    }
+}
+
+/// How often the forwarder of sealed records reads the topic's partition count again.
+const PARTITIONS_TTL: Duration = Duration::from_secs(10);
+
+/// The events outbox's sealing: the seal, and the topic's partition count as last read.
+pub(super) struct Sealing {
+    seal: Arc<dyn RecordSeal>,
+    partitions: Option<(Instant, i32)>,
+}
+
+impl Sealing {
+    /// The batch's events sealed, each sent to the partition its customer id picks
+    /// ([`partition_for`]); events of customers erased meanwhile are left out.
+    async fn records(
+        &mut self,
+        producer: &KafkaProducer,
+        topic: &str,
+        batch: &[StoredEvent],
+    ) -> StorageResult<Vec<OutRecord>> {
+        let partitions = match self.partitions {
+            Some((at, n)) if at.elapsed() < PARTITIONS_TTL => n,
+            _ => {
+                let n = producer.partitions(topic).await?;
+                self.partitions = Some((Instant::now(), n));
+                n
+            }
+        };
+        let events: Vec<&Event> = batch.iter().map(|stored| &stored.event).collect();
+        let sealed = self.seal.seal(&events).await?;
+        let mut records = Vec::with_capacity(sealed.len());
+        let mut erased = 0;
+        for (event, sealed) in events.iter().zip(sealed) {
+            match sealed {
+                Some(sealed) => records.push(OutRecord {
+                    key: sealed.key,
+                    payload: sealed.value,
+                    partition: Some(partition_for(event.customer_id.as_str(), partitions)),
+                }),
+                None => erased += 1,
+            }
+        }
+        if erased > 0 {
+            tracing::info!(
+                topic,
+                events = erased,
+                "Not sending events of customers erased since they were accepted"
+            );
+        }
+        Ok(records)
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{Client, ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
@@ -40,6 +40,24 @@ pub(super) struct KafkaProducer {
     inner: FutureProducer,
 }
 
+/// One message to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct OutRecord {
+    pub key: String,
+    pub payload: Vec<u8>,
+    /// `None`: the partition librdkafka's partitioner picks for the key.
+    pub partition: Option<i32>,
+}
+
+/// The partition librdkafka's default partitioner (`consistent_random`) picks for a
+/// non-empty `key` among `partitions`: CRC-32 of the key, modulo the count. A sealed
+/// record is keyed by a tag but sent where its customer id would go, so a customer's
+/// records stay in the partition they were in before sealing.
+pub(super) fn partition_for(key: &str, partitions: i32) -> i32 {
+    let partitions = u32::try_from(partitions.max(1)).unwrap_or(1);
+    (crc32fast::hash(key.as_bytes()) % partitions) as i32
+}
+
 impl KafkaProducer {
     pub fn new(config: &KafkaConfig) -> StorageResult<Self> {
         let inner = client_config(config)
@@ -60,10 +78,13 @@ impl KafkaProducer {
     /// partition and never leaves a gap), then waits for every delivery report. `Err` if
     /// any record was not delivered; some others may have been, so the caller sends the
     /// whole batch again and consumers drop what they already have.
-    pub async fn send_all(&self, topic: &str, records: &[(String, Vec<u8>)]) -> StorageResult<()> {
+    pub async fn send_all(&self, topic: &str, records: &[OutRecord]) -> StorageResult<()> {
         let mut deliveries: Vec<DeliveryFuture> = Vec::with_capacity(records.len());
-        for (key, payload) in records {
-            let mut record = FutureRecord::to(topic).key(key).payload(payload);
+        for out in records {
+            let mut record = FutureRecord::to(topic).key(&out.key).payload(&out.payload);
+            if let Some(partition) = out.partition {
+                record = record.partition(partition);
+            }
             loop {
                 match self.inner.send_result(record) {
                     Ok(delivery) => {
@@ -92,6 +113,15 @@ impl KafkaProducer {
             failure.get_or_insert(error);
         }
         failure.map_or(Ok(()), Err)
+    }
+
+    /// How many partitions `topic` has, as the broker says now.
+    pub async fn partitions(&self, topic: &str) -> StorageResult<i32> {
+        let inner = self.inner.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || count_partitions(inner.client(), &topic))
+            .await
+            .map_err(|e| StorageError::Backend(format!("metadata task failed: {e}")))?
     }
 
     /// Waits for the queued messages to be delivered, at most `timeout`.
@@ -149,6 +179,23 @@ impl ProducerSlot {
         // Destroying a client may wait for its threads: not on the executor.
         tokio::task::spawn_blocking(move || drop(old));
     }
+}
+
+/// How many partitions `topic` has, as the broker tells `client` now (blocking).
+pub(super) fn count_partitions<C: ClientContext>(
+    client: &Client<C>,
+    topic: &str,
+) -> StorageResult<i32> {
+    let metadata = client
+        .fetch_metadata(Some(topic), ADMIN_TIMEOUT)
+        .map_err(|e| unavailable(&format!("reading the metadata of {topic}"), e))?;
+    metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| t.partitions().len() as i32)
+        .ok_or_else(|| unavailable(topic, "not known to the broker"))
 }
 
 pub(super) fn admin_client(

@@ -7,18 +7,20 @@
 //! [`EventStream::replay`]: crate::storage::EventStream::replay
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use super::config::KafkaConfig;
-use super::producer::{admin_client, client_config};
+use super::decode;
+use super::producer::{admin_client, client_config, count_partitions};
 use crate::events::{Event, StreamPosition};
-use crate::storage::{Replay, StorageError, StorageResult};
+use crate::storage::{Opened, RecordSeal, Replay, StorageError, StorageResult};
 
 /// Events per page handed to the reader.
 const PAGE: usize = 2048;
@@ -29,11 +31,13 @@ const STALL: Duration = Duration::from_secs(30);
 const WATERMARKS_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(200);
 
-/// Starts reading `partition` of `topic` from its first retained record to its end now.
+/// Starts reading `partition` of `topic` from its first retained record to its end now,
+/// opening sealed records with `seal`.
 pub(super) async fn replay(
     config: &KafkaConfig,
     topic: String,
     partition: i32,
+    seal: Option<Arc<dyn RecordSeal>>,
 ) -> StorageResult<Replay> {
     let client = client_config(config)
         .set("group.id", format!("{}.replay", config.group))
@@ -64,19 +68,28 @@ pub(super) async fn replay(
     };
     let (pages, rx) = mpsc::channel(AHEAD);
     if first < end {
+        let (raw, raw_rx) = mpsc::channel(AHEAD);
+        let reader_topic = topic.clone();
         tokio::task::spawn_blocking(move || {
             let mut reader = Reader {
-                topic,
+                topic: reader_topic,
                 partition,
                 end,
-                copies: Copies::new(window_ms),
                 page: Vec::with_capacity(PAGE),
-                pages,
+                pages: raw,
             };
             if let Err(e) = reader.read(&consumer, first) {
                 let _ = reader.pages.blocking_send(Err(e));
             }
         });
+        tokio::spawn(decode_pages(
+            topic,
+            partition,
+            seal,
+            Copies::new(window_ms),
+            raw_rx,
+            pages,
+        ));
     }
     Ok(Replay {
         first,
@@ -88,32 +101,18 @@ pub(super) async fn replay(
 /// How many partitions `topic` has now.
 pub(super) async fn partitions(config: &KafkaConfig, topic: String) -> StorageResult<i32> {
     let admin = admin_client(config)?;
-    tokio::task::spawn_blocking(move || {
-        let metadata = admin
-            .inner()
-            .fetch_metadata(Some(&topic), WATERMARKS_TIMEOUT)
-            .map_err(|e| {
-                StorageError::Unavailable(format!("reading the metadata of {topic}: {e}"))
-            })?;
-        metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic)
-            .filter(|t| t.error().is_none())
-            .map(|t| t.partitions().len() as i32)
-            .ok_or_else(|| StorageError::Unavailable(format!("{topic} is not known to the broker")))
-    })
-    .await
-    .map_err(|e| StorageError::Backend(format!("metadata task failed: {e}")))?
+    tokio::task::spawn_blocking(move || count_partitions(admin.inner(), &topic))
+        .await
+        .map_err(|e| StorageError::Backend(format!("metadata task failed: {e}")))?
 }
 
+/// Reads a partition's records, a page at a time, on a blocking thread.
 struct Reader {
     topic: String,
     partition: i32,
     end: i64,
-    copies: Copies,
-    page: Vec<Event>,
-    pages: mpsc::Sender<StorageResult<Vec<Event>>>,
+    page: Vec<OwnedMessage>,
+    pages: mpsc::Sender<StorageResult<Vec<OwnedMessage>>>,
 }
 
 impl Reader {
@@ -127,7 +126,6 @@ impl Reader {
         consumer.assign(&list).map_err(|e| {
             StorageError::Unavailable(format!("reading {topic} partition {partition}: {e}"))
         })?;
-        let (mut malformed, mut copies) = (0u64, 0u64);
         let mut last_heard = Instant::now();
         let mut last_error = None;
         let mut next = first;
@@ -139,26 +137,9 @@ impl Reader {
                     if message.offset() >= self.end {
                         break;
                     }
-                    match message.payload().map(Event::from_stored_json) {
-                        Some(Ok(mut event)) => {
-                            let written = match message.timestamp().to_millis() {
-                                Some(ms) => ms,
-                                None => event.timestamp.timestamp_millis(),
-                            };
-                            if self.copies.is_copy(&event.event_id, written) {
-                                copies += 1;
-                                continue;
-                            }
-                            event.position = Some(StreamPosition {
-                                partition,
-                                offset: message.offset(),
-                            });
-                            self.page.push(event);
-                            if self.page.len() == PAGE && !self.send() {
-                                return Ok(());
-                            }
-                        }
-                        Some(Err(_)) | None => malformed += 1,
+                    self.page.push(message.detach());
+                    if self.page.len() == PAGE && !self.send() {
+                        return Ok(());
                     }
                 }
                 // The partition's end now, at or after the end when the replay began
@@ -176,9 +157,6 @@ impl Reader {
                 )));
             }
         }
-        if malformed > 0 || copies > 0 {
-            tracing::info!(topic = %topic, partition, malformed, copies, "Replay skipped records that are not events, and copies of events");
-        }
         self.send();
         Ok(())
     }
@@ -190,6 +168,66 @@ impl Reader {
         }
         let page = std::mem::replace(&mut self.page, Vec::with_capacity(PAGE));
         self.pages.blocking_send(Ok(page)).is_ok()
+    }
+}
+
+/// Decodes the reader's pages into events (sealed records opened), each stamped with its
+/// position, leaving out copies, records that are not events and records of erased
+/// customers. Stops at the first error, which it passes on, or when the receiver is gone.
+async fn decode_pages(
+    topic: String,
+    partition: i32,
+    seal: Option<Arc<dyn RecordSeal>>,
+    mut copies: Copies,
+    mut raw: mpsc::Receiver<StorageResult<Vec<OwnedMessage>>>,
+    pages: mpsc::Sender<StorageResult<Vec<Event>>>,
+) {
+    let (mut malformed, mut copied, mut shredded) = (0u64, 0u64, 0u64);
+    while let Some(messages) = raw.recv().await {
+        let decoded = match messages {
+            Ok(messages) => {
+                let records: Vec<_> = messages.iter().map(|m| (m.key(), m.payload())).collect();
+                decode(seal.as_deref(), &records)
+                    .await
+                    .map(|decoded| (messages, decoded))
+            }
+            Err(e) => Err(e),
+        };
+        let (messages, decoded) = match decoded {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = pages.send(Err(e)).await;
+                return;
+            }
+        };
+        let mut page = Vec::with_capacity(messages.len());
+        for (message, decoded) in messages.iter().zip(decoded) {
+            match decoded {
+                Opened::Event(mut event) => {
+                    let written = match message.timestamp().to_millis() {
+                        Some(ms) => ms,
+                        None => event.timestamp.timestamp_millis(),
+                    };
+                    if copies.is_copy(&event.event_id, written) {
+                        copied += 1;
+                        continue;
+                    }
+                    event.position = Some(StreamPosition {
+                        partition,
+                        offset: message.offset(),
+                    });
+                    page.push(event);
+                }
+                Opened::Shredded => shredded += 1,
+                Opened::Malformed(_) => malformed += 1,
+            }
+        }
+        if !page.is_empty() && pages.send(Ok(page)).await.is_err() {
+            return;
+        }
+    }
+    if malformed > 0 || copied > 0 || shredded > 0 {
+        tracing::info!(topic = %topic, partition, malformed, copies = copied, erased = shredded, "Replay skipped records that are not events, copies of events and records of erased customers");
     }
 }
 

@@ -294,9 +294,12 @@ async fn until_forwarded(engine: &Engine) {
     }
 }
 
+/// A message as read by [`read_raw`]: partition, key and payload.
+type RawMessage = (i32, Vec<u8>, Vec<u8>);
+
 /// Reads `topic` from its beginning in a group of its own until `n` messages arrived;
-/// returns (key, payload) in the order each partition delivered them.
-async fn read_topic(url: &str, topic: &str, n: usize) -> Vec<(String, Value)> {
+/// returns them in the order each partition delivered them.
+async fn read_raw(url: &str, topic: &str, n: usize) -> Vec<RawMessage> {
     let config = KafkaConfig::parse(url).expect("valid URL");
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", config.bootstrap())
@@ -313,12 +316,27 @@ async fn read_topic(url: &str, topic: &str, n: usize) -> Vec<(String, Value)> {
             .await
             .unwrap_or_else(|_| panic!("only {} of {n} messages on {topic}", out.len()))
             .expect("a message");
-        let key = String::from_utf8(message.key().expect("a key").to_vec()).expect("utf-8 key");
-        let payload =
-            serde_json::from_slice(message.payload().expect("a payload")).expect("a JSON payload");
-        out.push((key, payload));
+        out.push((
+            message.partition(),
+            message.key().expect("a key").to_vec(),
+            message.payload().expect("a payload").to_vec(),
+        ));
     }
     out
+}
+
+/// [`read_raw`], each message as (key, JSON payload).
+async fn read_topic(url: &str, topic: &str, n: usize) -> Vec<(String, Value)> {
+    read_raw(url, topic, n)
+        .await
+        .into_iter()
+        .map(|(_, key, payload)| {
+            (
+                String::from_utf8(key).expect("utf-8 key"),
+                serde_json::from_slice(&payload).expect("a JSON payload"),
+            )
+        })
+        .collect()
 }
 
 /// Reads the events topic until `n` distinct event ids arrived; returns each event at its
@@ -713,10 +731,11 @@ async fn a_worker_killed_before_committing_resumes_without_double_counting() {
         let consumer = EventConsumer::subscribe(&config, &config.topic(EVENTS))
             .await
             .expect("consumer");
-        let batch = tokio::time::timeout(PATIENCE, consumer.next_batch())
+        let mut batch = tokio::time::timeout(PATIENCE, consumer.next_batch())
             .await
             .expect("a batch in time")
             .expect("a batch");
+        batch.decode(None).await.expect("decoded");
         assert!(!batch.events.is_empty());
         let half = batch.events.len().div_ceil(2);
         let sink = LocalApply::new(
@@ -1113,5 +1132,135 @@ async fn a_backfill_from_the_topic_leaves_erased_customers_out() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(value(kept.clone(), "views_again").await, 3.0);
+    tasks.stop().await;
+}
+
+/// With the data keys shared, the events topic holds each customer's events sealed: keyed
+/// by an opaque tag, with no id, type or property in the clear, in the partition the
+/// customer id picks (where a record keyed by the id goes too), and opened by the
+/// workers. An erasure destroys the key: a replay of the partition finds nothing of the
+/// customer's sealed records, while a record written in the clear before sealing began
+/// is still read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_events_topic_holds_sealed_records_that_erasure_shreds() {
+    let Some(base) = shared_broker() else {
+        return;
+    };
+    let url = fresh(&base);
+    let config = KafkaConfig::parse(&url).expect("url");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Engine::open(settings(dir.path(), &url))
+        .await
+        .expect("engine");
+    let stream = engine.stream.clone().expect("a stream");
+    // What the engine does where `backends.profiles` is shared.
+    stream.seal_with(engine.profiles.stream_seal());
+    let tasks = Background::start_role(&engine, Role::All);
+
+    let views = |customer: &str, n: usize| -> Vec<Value> {
+        (0..n)
+            .map(|i| {
+                json!({"eventId": format!("{customer}-{i}"), "customerId": customer,
+                       "type": "page_view", "properties": {"email": format!("{customer}@example.com")}})
+            })
+            .collect()
+    };
+    let mut events = views("ada-c1", 3);
+    events.extend(views("bob-c1", 2));
+    let report = engine.ingestor.ingest(events).await.expect("ingest");
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    // A record in the clear, keyed by the customer id, as before sealing.
+    let raw = RawEvents::open(&config).await;
+    raw.send("ada-c1", None, &stored_event("ada-legacy", "ada-c1"))
+        .await;
+
+    let (ada, bob) = (
+        CustomerId::parse("c", "ada-c1").expect("id"),
+        CustomerId::parse("c", "bob-c1").expect("id"),
+    );
+    let views_of = |customer: CustomerId| {
+        let engine = engine.clone();
+        async move {
+            engine
+                .features
+                .read(
+                    &customer,
+                    Some(&["page_views_30d".to_owned()]),
+                    "f",
+                    Utc::now(),
+                )
+                .await
+                .expect("features")
+                .values[0]
+                .value
+        }
+    };
+    let deadline = Instant::now() + PATIENCE;
+    while views_of(ada.clone()).await != 4.0 || views_of(bob.clone()).await != 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the sealed events were not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let messages = read_raw(&url, &config.topic(EVENTS), 6).await;
+    let plain = messages
+        .iter()
+        .find(|(_, key, _)| key.as_slice() == b"ada-c1")
+        .expect("the record in the clear");
+    let sealed: Vec<&RawMessage> = messages
+        .iter()
+        .filter(|(_, key, _)| key.as_slice() != b"ada-c1")
+        .collect();
+    assert_eq!(sealed.len(), 5);
+    let tag = |customer: &CustomerId| engine.profiles.stream_seal().tag(customer);
+    for (partition, key, value) in &sealed {
+        assert_eq!(value[0], crate::storage::SEALED_RECORD);
+        for clear in ["ada", "bob", "example.com", "page_view", "-c1"] {
+            let found = |b: &[u8]| b.windows(clear.len()).any(|w| w == clear.as_bytes());
+            assert!(
+                !found(key) && !found(value),
+                "{clear} in the clear on the broker"
+            );
+        }
+        let customer = if *key == tag(&ada).into_bytes() {
+            &ada
+        } else {
+            &bob
+        };
+        assert_eq!(*key, tag(customer).into_bytes());
+        assert_eq!(
+            *partition,
+            super::producer::partition_for(customer.as_str(), config.partitions),
+            "in the partition its customer id picks"
+        );
+    }
+    assert!(
+        sealed.iter().any(|(p, ..)| *p == plain.0),
+        "librdkafka keyed by the id picks the same partition"
+    );
+    assert_eq!(
+        plain.0,
+        super::producer::partition_for("ada-c1", config.partitions)
+    );
+
+    engine.erase_customer(&ada).await.expect("erased");
+    let mut replay = stream.replay(plain.0).await.expect("replay");
+    let mut read = Vec::new();
+    while let Some(page) = replay.pages.recv().await {
+        read.extend(page.expect("page").into_iter().map(|e| e.event_id));
+    }
+    read.sort();
+    let expected: Vec<String> =
+        if plain.0 == super::producer::partition_for("bob-c1", config.partitions) {
+            vec!["ada-legacy".into(), "bob-c1-0".into(), "bob-c1-1".into()]
+        } else {
+            vec!["ada-legacy".into()]
+        };
+    assert_eq!(
+        read, expected,
+        "the erased customer's sealed records no longer open; the one in the clear does"
+    );
     tasks.stop().await;
 }

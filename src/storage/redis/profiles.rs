@@ -475,6 +475,17 @@ impl DataKeyStore for RedisDataKeys {
         raw.map(|raw| decode_key(&owner, &raw)).transpose()
     }
 
+    async fn get_many(&self, owners: &[KeyOwner]) -> StorageResult<Vec<Option<WrappedKey>>> {
+        let owners: Vec<String> = owners.iter().map(KeyOwner::encode).collect();
+        let keys = owners.iter().map(|o| self.key_key(o)).collect();
+        read_all(&self.store, "read data keys", keys)
+            .await?
+            .into_iter()
+            .zip(&owners)
+            .map(|(raw, owner)| raw.map(|raw| decode_key(owner, &raw)).transpose())
+            .collect()
+    }
+
     async fn insert(&self, owner: &KeyOwner, key: &WrappedKey) -> StorageResult<WrappedKey> {
         let owner = owner.encode();
         let value = encode("data key", key)?;
