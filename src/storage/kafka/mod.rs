@@ -275,3 +275,70 @@ impl EventStream for KafkaStream {
         }
     }
 }
+
+#[cfg(test)]
+mod decode_tests {
+    use std::sync::Arc;
+
+    use serde_json::json;
+
+    use super::decode;
+    use crate::events::Event;
+    use crate::privacy::seal::{BlindIndex, DataKey};
+    use crate::privacy::stream::StreamSeal;
+    use crate::privacy::{KeyRing, MasterKey};
+    use crate::storage::embedded::EmbeddedStore;
+    use crate::storage::{Opened, RecordSeal};
+
+    fn event(id: &str, customer: &str) -> Event {
+        let stored = json!({"event_id": id, "customer_id": customer, "type": "page_view",
+                            "timestamp": "2026-01-01T00:00:00Z"});
+        Event::from_stored_json(stored.to_string().as_bytes()).expect("an event")
+    }
+
+    fn kinds(decoded: &[Opened]) -> Vec<String> {
+        decoded
+            .iter()
+            .map(|o| match o {
+                Opened::Event(e) => e.event_id.clone(),
+                Opened::Shredded => "shredded".into(),
+                Opened::Malformed(_) => "malformed".into(),
+            })
+            .collect()
+    }
+
+    /// Records in the clear and sealed ones come back in their order, whatever each
+    /// turned out to be; without a seal, sealed records are malformed, never guessed at.
+    #[tokio::test]
+    async fn records_decode_in_order_sealed_or_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = EmbeddedStore::open(dir.path()).unwrap().stores().data_keys;
+        let ring = KeyRing::new(MasterKey::generate("k1"), Vec::new()).unwrap();
+        let seal = StreamSeal::new(keys, ring, Arc::new(BlindIndex::new(DataKey::generate())));
+        let (b, c) = (event("b", "bob"), event("c", "cy"));
+        let sealed = seal.seal(&[&b, &c]).await.unwrap();
+        let [Some(b), Some(c)] = &sealed[..] else {
+            panic!("{sealed:?}")
+        };
+        seal.forget(&event("c", "cy").customer_id).await.unwrap();
+        let plain = serde_json::to_vec(&event("a", "ada")).unwrap();
+        let records = [
+            (Some(b"ada".as_slice()), Some(plain.as_slice())),
+            (Some(b.key.as_bytes()), Some(b.value.as_slice())),
+            (Some(b"x".as_slice()), Some(b"{not json".as_slice())),
+            (Some(c.key.as_bytes()), Some(c.value.as_slice())),
+            (None, None),
+            (Some(b"ada".as_slice()), Some(plain.as_slice())),
+        ];
+        let decoded = decode(Some(&seal), &records).await.unwrap();
+        assert_eq!(
+            kinds(&decoded),
+            ["a", "b", "malformed", "shredded", "malformed", "a"]
+        );
+        let decoded = decode(None, &records).await.unwrap();
+        assert_eq!(
+            kinds(&decoded),
+            ["a", "malformed", "malformed", "malformed", "malformed", "a"]
+        );
+    }
+}
