@@ -11,9 +11,14 @@
 //! that time. Records of a customer erased meanwhile are still left out everywhere they
 //! are read: ingestion, the workers and the replays check the erasure markers.
 //!
-//! Sealing reads the erasure markers after the keys: a key created here for a customer
-//! already erased is destroyed again and their events are not sent. An erasure that
-//! lands after that read destroys the key after the records were sealed under it.
+//! Sealing never sends a customer's events readable after their erasure. A key found
+//! (in memory or in the store) is one erasure has not destroyed yet, or has destroyed
+//! since, and then the records sealed under it do not open. Only a key that is missing
+//! may be missing because of an erasure, so for the keys this call creates the erasure
+//! markers are read after the creation: a customer found erased has their events left
+//! out and the new key destroyed again, and an erasure that lands after that read
+//! destroys the key the records were sealed under. Steady traffic therefore reads no
+//! markers here: the workers' admission reads them anyway.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -189,22 +194,26 @@ impl RecordSeal for StreamSeal {
         let keys = self
             .keys(customers.values().map(String::as_str).collect(), true)
             .await?;
-        // After the keys (see the module documentation).
-        let tags: Vec<String> = customers
-            .keys()
-            .map(|c| self.index.erasure_tag(c))
+        // Only a key created now may belong to a customer already erased (see the module
+        // documentation): their markers are read after the keys.
+        let created: Vec<&CustomerId> = customers
+            .iter()
+            .filter(|(_, tag)| keys.created.contains(*tag))
+            .map(|(c, _)| *c)
             .collect();
-        let erased: BTreeSet<&CustomerId> = customers
-            .keys()
-            .zip(self.keys.erased_many(&tags).await?)
-            .filter_map(|(c, at)| at.map(|_| *c))
-            .collect();
+        let markers: Vec<String> = created.iter().map(|c| self.index.erasure_tag(c)).collect();
+        let mut erased = BTreeSet::new();
+        if !markers.is_empty() {
+            for (customer, at) in created.iter().zip(self.keys.erased_many(&markers).await?) {
+                if at.is_some() {
+                    erased.insert(*customer);
+                }
+            }
+        }
         for customer in &erased {
             let tag = &customers[customer];
-            if keys.created.contains(tag) {
-                self.cache.remove(tag);
-                self.keys.destroy(&KeyOwner::Stream(tag.clone())).await?;
-            }
+            self.cache.remove(tag);
+            self.keys.destroy(&KeyOwner::Stream(tag.clone())).await?;
         }
         events
             .iter()
@@ -371,6 +380,30 @@ mod tests {
         assert!(again[0].is_none() && again[1].is_some());
         assert_eq!(
             keys.get(&KeyOwner::Stream(writer.tag(&ada))).await.unwrap(),
+            None
+        );
+
+        // Erased through another process while this one still holds the key in memory:
+        // what it seals meanwhile does not open, and no key is created again.
+        let cy = CustomerId::parse("c", "cy").unwrap();
+        writer.seal(&[&event("e6", "cy")]).await.unwrap();
+        reader.forget(&cy).await.unwrap();
+        keys.mark_erased(&index.erasure_tag(&cy), Utc::now())
+            .await
+            .unwrap();
+        let late: Vec<SealedRecord> = writer
+            .seal(&[&event("e7", "cy")])
+            .await
+            .unwrap()
+            .into_iter()
+            .flatten()
+            .collect();
+        assert!(matches!(
+            &open(&seal_over(keys.clone(), &ring, &index), &late).await[..],
+            [Opened::Shredded]
+        ));
+        assert_eq!(
+            keys.get(&KeyOwner::Stream(writer.tag(&cy))).await.unwrap(),
             None
         );
         assert_eq!(
