@@ -61,7 +61,8 @@ impl std::fmt::Debug for Profiles {
     }
 }
 
-fn sealing_error(what: impl std::fmt::Display, e: SealError) -> StorageError {
+/// What a failure to open or unwrap `what` is, as a storage error.
+pub(super) fn sealing_error(what: impl std::fmt::Display, e: SealError) -> StorageError {
     match e {
         SealError::UnknownMasterKey(id) => StorageError::Backend(format!(
             "{what}: wrapped under master key '{id}', which is not configured \

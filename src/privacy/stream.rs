@@ -29,6 +29,7 @@ use chrono::Utc;
 use futures::future::try_join_all;
 
 use super::keys::KeyRing;
+use super::profiles::sealing_error;
 use super::seal::{self, BlindIndex, DataKey};
 use crate::customers::CustomerId;
 use crate::events::Event;
@@ -102,14 +103,8 @@ impl StreamSeal {
         owner: &KeyOwner,
         wrapped: &crate::storage::WrappedKey,
     ) -> StorageResult<DataKey> {
-        seal::unwrap(&self.ring, owner, wrapped).map_err(|e| match e {
-            seal::SealError::UnknownMasterKey(id) => StorageError::Backend(format!(
-                "data key of {}: wrapped under master key '{id}', which is not configured \
-                 (encryption.previous_keys)",
-                owner.encode()
-            )),
-            other => StorageError::Corrupt(format!("data key of {}: {other}", owner.encode())),
-        })
+        seal::unwrap(&self.ring, owner, wrapped)
+            .map_err(|e| sealing_error(format!("data key of {}", owner.encode()), e))
     }
 
     /// The keys of `tags`, from memory or in one read of the store; those the store does

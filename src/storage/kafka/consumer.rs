@@ -1,6 +1,7 @@
 //! The worker's consumer: a member of the workers' group on the events topic. Each batch
-//! is decoded (sealed records opened) and goes to the [`EventSink`] (appended to the local log, idempotently, and applied), and
-//! only then are the consumed positions committed, synchronously. A crash between the
+//! is decoded (sealed records opened) and goes to the [`EventSink`] (appended to the
+//! local log, idempotently, and applied), and only then are the consumed positions
+//! committed, synchronously. A crash between the
 //! two redelivers the batch: to the same worker, whose log recognises the events by id,
 //! or, after a rebalance, to another, whose folds recognise them by the stream position
 //! each event carries from here ([`StreamPosition`]); nothing is applied twice.

@@ -181,6 +181,28 @@ fn sample_events(prefix: &str, customers: usize, n: usize, base: DateTime<Utc>) 
     events
 }
 
+/// `n` page views of `customer` as a client sends them (ids `<customer>-<i>`), each
+/// with `properties`.
+fn page_views(customer: &str, n: usize, properties: Value) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            json!({"eventId": format!("{customer}-{i}"), "customerId": customer,
+                   "type": "page_view", "properties": properties})
+        })
+        .collect()
+}
+
+/// The value of the feature `name` for `customer` on `engine` now.
+async fn feature_value(engine: &Engine, customer: &CustomerId, name: &str) -> f64 {
+    engine
+        .features
+        .read(customer, Some(&[name.to_owned()]), "f", Utc::now())
+        .await
+        .expect("features")
+        .values[0]
+        .value
+}
+
 fn customers_of(events: &[Value]) -> Vec<CustomerId> {
     let mut ids: Vec<String> = events
         .iter()
@@ -837,16 +859,7 @@ async fn a_malformed_message_is_skipped_and_counted() {
     let customer = CustomerId::parse("customerId", "bad-c1").expect("id");
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let read = worker
-            .features
-            .read(
-                &customer,
-                Some(&["page_views_30d".to_owned()]),
-                "f",
-                Utc::now(),
-            )
-            .await
-            .expect("features");
+        let value = feature_value(&worker, &customer, "page_views_30d").await;
         // The value may come first from the backfill of the built-in features, which
         // replays the partition; the consumer counts the malformed message as it
         // applies its batch.
@@ -854,13 +867,12 @@ async fn a_malformed_message_is_skipped_and_counted() {
             .metrics
             .render()
             .contains("tailor_stream_malformed_messages_total 1");
-        if read.values[0].value == 2.0 && counted {
+        if value == 2.0 && counted {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "the good events were not applied ({}), or the malformed message not counted: {}",
-            read.values[0].value,
+            "the good events were not applied ({value}), or the malformed message not counted: {}",
             worker.metrics.render()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1021,34 +1033,17 @@ async fn a_backfill_from_the_topic_leaves_erased_customers_out() {
         .await
         .expect("engine");
     let tasks = Background::start_role(&engine, Role::All);
-    let views = |customer: &str, n: usize| -> Vec<Value> {
-        (0..n)
-            .map(|i| json!({"eventId": format!("{customer}-{i}"), "customerId": customer, "type": "page_view"}))
-            .collect()
-    };
     let (kept, gone) = (
         CustomerId::parse("c", "kept-c1").expect("id"),
         CustomerId::parse("c", "gone-c1").expect("id"),
     );
-    let mut events = views("kept-c1", 3);
-    events.extend(views("gone-c1", 2));
+    let mut events = page_views("kept-c1", 3, json!({}));
+    events.extend(page_views("gone-c1", 2, json!({})));
     let report = engine.ingestor.ingest(events).await.expect("ingest");
     assert!(report.rejected.is_empty(), "{:?}", report.rejected);
-    let value = |customer: CustomerId, name: &'static str| {
-        let engine = engine.clone();
-        async move {
-            engine
-                .features
-                .read(&customer, Some(&[name.to_owned()]), "f", Utc::now())
-                .await
-                .expect("features")
-                .values[0]
-                .value
-        }
-    };
     let deadline = Instant::now() + PATIENCE;
-    while value(kept.clone(), "page_views_30d").await != 3.0
-        || value(gone.clone(), "page_views_30d").await != 2.0
+    while feature_value(&engine, &kept, "page_views_30d").await != 3.0
+        || feature_value(&engine, &gone, "page_views_30d").await != 2.0
     {
         assert!(Instant::now() < deadline, "the events were not applied");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1081,7 +1076,7 @@ async fn a_backfill_from_the_topic_leaves_erased_customers_out() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(value(kept.clone(), "views_again").await, 3.0);
+    assert_eq!(feature_value(&engine, &kept, "views_again").await, 3.0);
     let key = crate::features::FeatureKey::new("views_again", 1);
     assert_eq!(
         engine
@@ -1131,7 +1126,7 @@ async fn a_backfill_from_the_topic_leaves_erased_customers_out() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(value(kept.clone(), "views_again").await, 3.0);
+    assert_eq!(feature_value(&engine, &kept, "views_again").await, 3.0);
     tasks.stop().await;
 }
 
@@ -1157,16 +1152,9 @@ async fn the_events_topic_holds_sealed_records_that_erasure_shreds() {
     stream.seal_with(engine.profiles.stream_seal());
     let tasks = Background::start_role(&engine, Role::All);
 
-    let views = |customer: &str, n: usize| -> Vec<Value> {
-        (0..n)
-            .map(|i| {
-                json!({"eventId": format!("{customer}-{i}"), "customerId": customer,
-                       "type": "page_view", "properties": {"email": format!("{customer}@example.com")}})
-            })
-            .collect()
-    };
-    let mut events = views("ada-c1", 3);
-    events.extend(views("bob-c1", 2));
+    let email = |customer: &str| json!({"email": format!("{customer}@example.com")});
+    let mut events = page_views("ada-c1", 3, email("ada-c1"));
+    events.extend(page_views("bob-c1", 2, email("bob-c1")));
     let report = engine.ingestor.ingest(events).await.expect("ingest");
     assert!(report.rejected.is_empty(), "{:?}", report.rejected);
     // A record in the clear, keyed by the customer id, as before sealing.
@@ -1178,25 +1166,10 @@ async fn the_events_topic_holds_sealed_records_that_erasure_shreds() {
         CustomerId::parse("c", "ada-c1").expect("id"),
         CustomerId::parse("c", "bob-c1").expect("id"),
     );
-    let views_of = |customer: CustomerId| {
-        let engine = engine.clone();
-        async move {
-            engine
-                .features
-                .read(
-                    &customer,
-                    Some(&["page_views_30d".to_owned()]),
-                    "f",
-                    Utc::now(),
-                )
-                .await
-                .expect("features")
-                .values[0]
-                .value
-        }
-    };
     let deadline = Instant::now() + PATIENCE;
-    while views_of(ada.clone()).await != 4.0 || views_of(bob.clone()).await != 2.0 {
+    while feature_value(&engine, &ada, "page_views_30d").await != 4.0
+        || feature_value(&engine, &bob, "page_views_30d").await != 2.0
+    {
         assert!(
             Instant::now() < deadline,
             "the sealed events were not applied"
