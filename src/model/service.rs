@@ -124,28 +124,14 @@ impl ModelService {
         &self,
         store: &dyn BanditStore,
     ) -> crate::storage::StorageResult<()> {
-        let mut pending = self.scorer.take_pending();
-        let versions: Vec<String> = pending.keys().cloned().collect();
-        let mut failed = None;
-        for version in versions {
-            let reward = pending[&version];
+        let pending = self.scorer.pending_rewards();
+        for (version, reward) in pending {
             let delta = ArmStats {
                 trials: reward.decisions as f64,
                 reward: reward.reward,
             };
-            match store.add(ONLINE_REWARD_PLACEMENT, &version, delta).await {
-                Ok(()) => {
-                    pending.remove(&version);
-                }
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
-        self.scorer.restore_pending(pending);
-        if let Some(e) = failed {
-            return Err(e);
+            store.add(ONLINE_REWARD_PLACEMENT, &version, delta).await?;
+            self.scorer.mark_added(&version, reward);
         }
         self.load_online_rewards(store).await
     }
@@ -331,6 +317,7 @@ impl ModelService {
 mod tests {
     use super::*;
     use crate::model::registry::tests::registry_with;
+    use crate::model::serving::OnlineReward;
     use crate::storage::embedded::EmbeddedStore;
 
     fn live(_: &str) -> bool {
@@ -397,5 +384,96 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(again[0].trials, 60.0);
+    }
+
+    /// Reads `service`'s online reward of `v1` whenever the flush adds to the store.
+    struct Watching {
+        inner: Arc<dyn BanditStore>,
+        service: Arc<ModelService>,
+        seen: std::sync::Mutex<Vec<OnlineReward>>,
+    }
+
+    #[async_trait::async_trait]
+    impl BanditStore for Watching {
+        async fn add(
+            &self,
+            placement: &str,
+            arm: &str,
+            delta: ArmStats,
+        ) -> crate::storage::StorageResult<()> {
+            self.seen
+                .lock()
+                .unwrap()
+                .push(self.service.scorer().online_reward("v1"));
+            self.inner.add(placement, arm, delta).await?;
+            self.seen
+                .lock()
+                .unwrap()
+                .push(self.service.scorer().online_reward("v1"));
+            Ok(())
+        }
+        async fn get(
+            &self,
+            placement: &str,
+            arms: &[String],
+        ) -> crate::storage::StorageResult<Vec<ArmStats>> {
+            self.inner.get(placement, arms).await
+        }
+        async fn add_linear(
+            &self,
+            placement: &str,
+            arm: &str,
+            delta: &crate::bandit::linear::LinearStats,
+        ) -> crate::storage::StorageResult<()> {
+            self.inner.add_linear(placement, arm, delta).await
+        }
+        async fn get_linear(
+            &self,
+            placement: &str,
+            arms: &[String],
+            dims: usize,
+        ) -> crate::storage::StorageResult<Vec<crate::bandit::linear::LinearStats>> {
+            self.inner.get_linear(placement, arms, dims).await
+        }
+    }
+
+    /// A flush never hides what it is storing: the online reward a reader sees while
+    /// the addition is under way, and after it, is the whole count.
+    #[tokio::test]
+    async fn online_rewards_stay_whole_while_they_are_flushed() {
+        let (dir, registry) = registry_with(1);
+        registry.activate("v1", &live, "first").unwrap();
+        drop(registry);
+        let store_dir = tempfile::tempdir().unwrap();
+        let stores = EmbeddedStore::open(store_dir.path()).unwrap().stores();
+        let service = ModelService::open(dir.path(), &ModelConfig::default()).unwrap();
+        let watching = Watching {
+            inner: stores.bandit.clone(),
+            service: service.clone(),
+            seen: Default::default(),
+        };
+        service.scorer().record_decision("v1");
+        service.scorer().record_reward("v1", 1.0);
+        let whole = OnlineReward {
+            decisions: 1,
+            reward: 1.0,
+        };
+        service.flush_online_rewards(&watching).await.unwrap();
+        assert_eq!(*watching.seen.lock().unwrap(), vec![whole, whole]);
+        assert_eq!(service.scorer().online_reward("v1"), whole);
+        // Counted while the earlier count was added: both, once each, after the next.
+        service.scorer().record_decision("v1");
+        service.flush_online_rewards(&watching).await.unwrap();
+        let both = OnlineReward {
+            decisions: 2,
+            reward: 1.0,
+        };
+        assert_eq!(service.scorer().online_reward("v1"), both);
+        let stored = stores
+            .bandit
+            .get(ONLINE_REWARD_PLACEMENT, &["v1".into()])
+            .await
+            .unwrap();
+        assert_eq!((stored[0].trials, stored[0].reward), (2.0, 1.0));
     }
 }

@@ -169,18 +169,34 @@ impl std::ops::Add for OnlineReward {
     }
 }
 
+impl std::ops::Sub for OnlineReward {
+    type Output = OnlineReward;
+
+    fn sub(self, other: OnlineReward) -> OnlineReward {
+        OnlineReward {
+            decisions: self.decisions.saturating_sub(other.decisions),
+            reward: self.reward - other.reward,
+        }
+    }
+}
+
 /// Online rewards per version: the totals last read from the shared store (every
-/// replica's, across restarts) plus what this process counted since it last flushed.
+/// replica's, across restarts), what this process added to the store since that read,
+/// and what it counted and has not added yet. Counts move from `pending` to `added` in
+/// one step, and leave `added` only when totals read after the addition replace
+/// `stored`, so a flush never hides what it is storing.
 #[derive(Debug, Default)]
 struct RewardBook {
     stored: HashMap<String, OnlineReward>,
+    added: HashMap<String, OnlineReward>,
     pending: HashMap<String, OnlineReward>,
 }
 
 impl RewardBook {
     fn get(&self, version: &str) -> OnlineReward {
-        let stored = self.stored.get(version).copied().unwrap_or_default();
-        stored + self.pending.get(version).copied().unwrap_or_default()
+        let of =
+            |book: &HashMap<String, OnlineReward>| book.get(version).copied().unwrap_or_default();
+        of(&self.stored) + of(&self.added) + of(&self.pending)
     }
 }
 
@@ -352,26 +368,32 @@ impl Scorer {
         self.shared.rewards.lock().get(version)
     }
 
-    /// What this process counted since the last call, per version, to be added to the
-    /// shared totals; counted as pending no more. Give back what could not be stored with
-    /// [`Self::restore_pending`].
-    pub fn take_pending(&self) -> HashMap<String, OnlineReward> {
-        std::mem::take(&mut self.shared.rewards.lock().pending)
+    /// What this process counted and has not added to the shared totals yet, per
+    /// version. Counted until [`Self::mark_added`] says it was added.
+    pub fn pending_rewards(&self) -> HashMap<String, OnlineReward> {
+        self.shared.rewards.lock().pending.clone()
     }
 
-    /// Counts `pending` (taken, but not stored) as pending again.
-    pub fn restore_pending(&self, pending: HashMap<String, OnlineReward>) {
+    /// `reward`, taken from [`Self::pending_rewards`], was added to `version`'s shared
+    /// total: it is counted as added until totals read since replace the stored ones.
+    pub fn mark_added(&self, version: &str, reward: OnlineReward) {
         let mut book = self.shared.rewards.lock();
-        for (version, reward) in pending {
-            let entry = book.pending.entry(version).or_default();
-            *entry = *entry + reward;
+        if let Some(pending) = book.pending.get_mut(version) {
+            *pending = *pending - reward;
+            if pending.decisions == 0 && pending.reward.abs() < 1e-9 {
+                book.pending.remove(version);
+            }
         }
+        *book.added.entry(version.to_owned()).or_default() =
+            book.added.get(version).copied().unwrap_or_default() + reward;
     }
 
-    /// Replaces the stored totals of the versions given (read from the shared store).
+    /// Replaces the stored totals of the versions given, read from the shared store
+    /// after every addition [`Self::mark_added`] was told of: they hold those.
     pub fn set_stored(&self, totals: impl IntoIterator<Item = (String, OnlineReward)>) {
         let mut book = self.shared.rewards.lock();
         for (version, reward) in totals {
+            book.added.remove(&version);
             book.stored.insert(version, reward);
         }
         drop(book);
