@@ -285,11 +285,11 @@ impl SegmentService {
             let page = self.profiles.list(after.as_ref(), PAGE).await?;
             let Some(last) = page.last() else { break };
             after = Some(last.id.clone());
-            for customer in &page {
-                let facts = self
-                    .facts(&customer.id, Some(customer), &plan, &empty, now)
-                    .await?;
-                if failures.evaluate(def, &facts) {
+            let customers: Vec<(&CustomerId, Option<&Customer>)> =
+                page.iter().map(|c| (&c.id, Some(c))).collect();
+            let facts = self.facts_many(&customers, &plan, &empty, now).await?;
+            for (customer, facts) in page.iter().zip(&facts) {
+                if failures.evaluate(def, facts) {
                     wanted.insert(customer.id.clone());
                 }
             }
@@ -371,19 +371,23 @@ impl SegmentService {
         let now = Utc::now();
         let mut wanted = Vec::new();
         let mut failures = Failures::default();
-        for customer in customers {
-            let (defs, plan) = if changed.contains(customer) {
-                (&all, &all_plan)
-            } else {
-                (&by_event, &by_event_plan)
-            };
-            if defs.is_empty() {
+        // The customers whose traits changed are evaluated against every segment, the
+        // others against those their events can affect: one read of facts for each group.
+        let (with_changes, others): (Vec<&CustomerId>, Vec<&CustomerId>) =
+            customers.iter().partition(|c| changed.contains(*c));
+        for (group, defs, plan) in [
+            (with_changes, &all, &all_plan),
+            (others, &by_event, &by_event_plan),
+        ] {
+            if defs.is_empty() || group.is_empty() {
                 continue;
             }
-            let facts = self
-                .facts(customer, profiles.get(customer), plan, features, now)
-                .await?;
-            wanted.extend(membership(customer, defs, &facts, &mut failures));
+            let group: Vec<(&CustomerId, Option<&Customer>)> =
+                group.into_iter().map(|c| (c, profiles.get(c))).collect();
+            let facts = self.facts_many(&group, plan, features, now).await?;
+            for ((customer, _), facts) in group.iter().zip(&facts) {
+                wanted.extend(membership(customer, defs, facts, &mut failures));
+            }
         }
         failures.report(&self.metrics);
         self.apply(&wanted).await
@@ -434,63 +438,98 @@ impl SegmentService {
         }
     }
 
-    /// What `plan` says the conditions read of one customer. `profile`: the customer's
-    /// profile when the caller has it; otherwise it is read when a condition reads traits.
-    /// `batch`: feature states already loaded for the customer.
-    async fn facts(
+    /// What `plan` says the conditions read of each of `customers`, in order. Each comes
+    /// with its profile when the caller has it; otherwise profiles are read, together,
+    /// when a condition reads traits. `batch`: feature states already loaded for the
+    /// customers. Event counts of the named windows are read for all of them at once,
+    /// from the customer index alone; the events themselves only for a dynamic
+    /// condition.
+    async fn facts_many(
         &self,
-        id: &CustomerId,
-        profile: Option<&Customer>,
+        customers: &[(&CustomerId, Option<&Customer>)],
         plan: &FactsPlan,
         batch: &BatchStates,
         now: DateTime<Utc>,
-    ) -> Result<CustomerFacts> {
-        let traits = match profile {
-            Some(c) => c.traits.clone(),
-            None if plan.traits => self
-                .profiles
-                .get_without_pii(id)
-                .await?
-                .map(|c| c.traits)
-                .unwrap_or_default(),
-            None => Map::new(),
+    ) -> Result<Vec<CustomerFacts>> {
+        let unread: Vec<CustomerId> = if plan.traits {
+            customers
+                .iter()
+                .filter(|(_, profile)| profile.is_none())
+                .map(|(id, _)| (*id).clone())
+                .collect()
+        } else {
+            Vec::new()
         };
-        let features = match &plan.features {
-            Some(names) if names.is_empty() => HashMap::new(),
-            names => self
-                .features
-                .read_after_batch(batch, id, names.as_deref(), "features", now)
-                .await?
-                .values
+        let mut read: HashMap<CustomerId, Customer> = if unread.is_empty() {
+            HashMap::new()
+        } else {
+            let profiles = self.profiles.get_many_without_pii(&unread).await?;
+            unread
                 .into_iter()
-                .map(|v| (v.name, v.value))
-                .collect(),
+                .zip(profiles)
+                .filter_map(|(id, p)| p.map(|p| (id, p)))
+                .collect()
         };
-        let events = match plan.longest {
-            Some(longest) => {
-                self.stores
-                    .events
-                    .customer_events(id, now - longest.duration())
+        let windows: Vec<(String, Window)> = plan.windows.iter().cloned().collect();
+        let mut counted = if plan.dynamic || windows.is_empty() {
+            Vec::new()
+        } else {
+            let since: Vec<(String, DateTime<Utc>)> = windows
+                .iter()
+                .map(|(t, w)| (t.clone(), now - w.duration()))
+                .collect();
+            let ids: Vec<CustomerId> = customers.iter().map(|(id, _)| (*id).clone()).collect();
+            self.stores
+                .events
+                .count_customer_events(&ids, &since)
+                .await?
+        }
+        .into_iter();
+        let mut out = Vec::with_capacity(customers.len());
+        for (id, profile) in customers {
+            let traits = match profile {
+                Some(c) => c.traits.clone(),
+                None => read.remove(*id).map(|c| c.traits).unwrap_or_default(),
+            };
+            let features = match &plan.features {
+                Some(names) if names.is_empty() => HashMap::new(),
+                names => self
+                    .features
+                    .read_after_batch(batch, id, names.as_deref(), "features", now)
                     .await?
-            }
-            None => Vec::new(),
-        };
-        let counts = plan
-            .windows
-            .iter()
-            .map(|(ty, w)| {
-                let n = count_events(&events, ty, *w, now);
-                ((ty.clone(), *w), n)
-            })
-            .collect();
-        Ok(CustomerFacts(Arc::new(LoadedFacts {
-            traits,
-            features,
-            counts,
-            // Only a dynamic condition counts past the named pairs.
-            events: if plan.dynamic { events } else { Vec::new() },
-            now,
-        })))
+                    .values
+                    .into_iter()
+                    .map(|v| (v.name, v.value))
+                    .collect(),
+            };
+            let (counts, events) = match (plan.dynamic, plan.longest) {
+                // A dynamic condition may count any type and window: keep the events.
+                (true, Some(longest)) => {
+                    let events = self
+                        .stores
+                        .events
+                        .customer_events(id, now - longest.duration())
+                        .await?;
+                    let counts = windows
+                        .iter()
+                        .map(|(ty, w)| ((ty.clone(), *w), count_events(&events, ty, *w, now)))
+                        .collect();
+                    (counts, events)
+                }
+                _ => {
+                    let counts = counted.next().unwrap_or_default();
+                    (windows.iter().cloned().zip(counts).collect(), Vec::new())
+                }
+            };
+            out.push(CustomerFacts(Arc::new(LoadedFacts {
+                traits,
+                features,
+                counts,
+                events,
+                now,
+            })));
+        }
+        Ok(out)
     }
 }
 

@@ -740,7 +740,9 @@ pub async fn event_log(store: &dyn EventLog, prefix: &str) {
     );
 
     // Batch A: out-of-order timestamps, a duplicate within the batch, sub-millisecond gaps.
-    let a1 = sample_event(&eid("a1"), &c1, t + Duration::seconds(2), 1);
+    // The latest of c1's events is a purchase, the rest page views (counting by type).
+    let mut a1 = sample_event(&eid("a1"), &c1, t + Duration::seconds(2), 1);
+    a1.event_type = "purchase".into();
     let a2 = sample_event(&eid("a2"), &c1, t - Duration::nanoseconds(1), 2);
     let a1_again = sample_event(&eid("a1"), &c1, t + Duration::seconds(9), 99);
     let a3 = sample_event(&eid("a3"), &c10, t + Duration::seconds(1), 3);
@@ -918,6 +920,39 @@ pub async fn event_log(store: &dyn EventLog, prefix: &str) {
         "customer_events of an unknown customer must be empty"
     );
 
+    // Counts by type: timestamp > since (strictly), per customer and window, in order.
+    let windows = [
+        ("page_view", long_ago),
+        ("purchase", long_ago),
+        ("page_view", a4.timestamp),
+        ("purchase", a4.timestamp),
+        ("page_view", a5.timestamp),
+        ("cart", long_ago),
+    ]
+    .map(|(t, since)| (t.to_owned(), since));
+    assert_eq!(
+        ok(
+            "count_customer_events",
+            store
+                .count_customer_events(&[c1.clone(), c10.clone(), nobody.clone()], &windows)
+                .await
+        ),
+        vec![vec![5, 1, 0, 1, 2, 0], vec![1, 0, 0, 0, 0, 0], vec![0; 6]],
+        "count_customer_events must count each customer's events of the window's type \
+         strictly after `since`, to the nanosecond (b1 shares a4's timestamp), pre-1970 \
+         included, without mixing customers whose ids share a prefix"
+    );
+    assert_eq!(
+        ok(
+            "count_customer_events without windows",
+            store
+                .count_customer_events(&[c1.clone(), c10.clone()], &[])
+                .await
+        ),
+        vec![Vec::<u64>::new(), Vec::new()],
+        "no windows: one empty list per customer"
+    );
+
     // Erasure: removes the customer's events, keeps their dedup keys and last_seq.
     assert_eq!(
         ok("delete_customer", store.delete_customer(&c1).await),
@@ -931,6 +966,16 @@ pub async fn event_log(store: &dyn EventLog, prefix: &str) {
         )
         .is_empty(),
         "an erased customer must have no events"
+    );
+    assert_eq!(
+        ok(
+            "count_customer_events erased",
+            store
+                .count_customer_events(std::slice::from_ref(&c1), &windows)
+                .await
+        ),
+        vec![vec![0; 6]],
+        "an erased customer's events must not be counted"
     );
     assert_eq!(
         ok("scan after erasure", store.scan(start, 100).await),

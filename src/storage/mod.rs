@@ -328,6 +328,14 @@ pub trait EventLog: Send + Sync {
         customer: &CustomerId,
         since: DateTime<Utc>,
     ) -> StorageResult<Vec<StoredEvent>>;
+    /// For each customer, in order, one count per `(event type, since)` of `windows`, in
+    /// order: how many of the customer's events of that type have `timestamp > since`.
+    /// What segment conditions count, read without the events themselves.
+    async fn count_customer_events(
+        &self,
+        customers: &[CustomerId],
+        windows: &[(String, DateTime<Utc>)],
+    ) -> StorageResult<Vec<Vec<u64>>>;
     /// Highest sequence number ever assigned; 0 for an empty log.
     async fn last_seq(&self) -> StorageResult<u64>;
     /// Removes every event of the customer (erasure). Their dedup keys stay, so a replayed

@@ -4,12 +4,18 @@
 //! - `events`: seq (`u64`) → JSON of [`Event`]; seqs are assigned at append, 1, 2, 3, ...;
 //! - `event_ids`: event id (`&str`) → seq it was first stored at (the dedup set; kept
 //!   when the customer's events are erased);
-//! - `customer_events`: (customer id, timestamp seconds `i64`, sub-second nanos `u32`,
-//!   seq `u64`) → `()`: one customer's events in (timestamp, seq) order, exact to the
-//!   nanosecond;
+//! - `customer_event_types`: (customer id, timestamp seconds `i64`, sub-second nanos
+//!   `u32`, seq `u64`) → event type (`&str`): one customer's events in (timestamp, seq)
+//!   order, exact to the nanosecond, with what counting them by type needs, so that
+//!   segment conditions count a window without loading (and decoding) its events;
 //! - `event_meta`: `"last_seq"` → highest seq ever assigned (never decreases, so seqs are
 //!   not reused after an erasure);
 //! - `consumer_offsets`: consumer name (`&str`) → committed seq.
+//!
+//! Stores written before the index held the types have a `customer_events` table with
+//! the same keys and `()` values; opening one moves its entries into
+//! `customer_event_types`, each with its event's type, and drops it
+//! ([`migrate_customer_index`]).
 
 use std::collections::HashSet;
 use std::ops::Bound;
@@ -17,7 +23,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{ReadTransaction, ReadableTable, TableDefinition, TableHandle, WriteTransaction};
 
 use super::{db_err, decode, encode, EmbeddedStore};
 use crate::customers::CustomerId;
@@ -26,7 +32,10 @@ use crate::storage::{AppendOutcome, EventLog, StorageError, StorageResult};
 
 pub(super) const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 pub(super) const EVENT_IDS: TableDefinition<&str, u64> = TableDefinition::new("event_ids");
-pub(super) const CUSTOMER_EVENTS: TableDefinition<(&str, i64, u32, u64), ()> =
+pub(super) const CUSTOMER_EVENTS: TableDefinition<(&str, i64, u32, u64), &str> =
+    TableDefinition::new("customer_event_types");
+/// The customer index of stores written before it held the types.
+pub(super) const OLD_CUSTOMER_EVENTS: TableDefinition<(&str, i64, u32, u64), ()> =
     TableDefinition::new("customer_events");
 pub(super) const EVENT_META: TableDefinition<&str, u64> = TableDefinition::new("event_meta");
 pub(super) const CONSUMER_OFFSETS: TableDefinition<&str, u64> =
@@ -41,6 +50,52 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> StorageResult<()> {
     txn.open_table(CUSTOMER_EVENTS).map_err(db_err)?;
     txn.open_table(EVENT_META).map_err(db_err)?;
     txn.open_table(CONSUMER_OFFSETS).map_err(db_err)?;
+    migrate_customer_index(txn)
+}
+
+/// Moves the entries of an old `customer_events` table into `customer_event_types`, each
+/// with the type of the event it names, and drops the old table. An entry naming a
+/// missing event is dropped (readers reported it as corruption; erasure removes both);
+/// one naming an event that cannot be decoded is kept with an empty type (counted by no
+/// condition; reading the customer's events still reports it). Runs in the transaction
+/// that creates the tables, so a crash leaves either the old table or the move done.
+fn migrate_customer_index(txn: &WriteTransaction) -> StorageResult<()> {
+    let exists = txn
+        .list_tables()
+        .map_err(db_err)?
+        .any(|t| t.name() == OLD_CUSTOMER_EVENTS.name());
+    if !exists {
+        return Ok(());
+    }
+    /// The one field the move reads of a stored event.
+    #[derive(serde::Deserialize)]
+    struct TypeOnly {
+        #[serde(rename = "type")]
+        event_type: String,
+    }
+    let mut moved = 0u64;
+    {
+        let old = txn.open_table(OLD_CUSTOMER_EVENTS).map_err(db_err)?;
+        let log = txn.open_table(EVENTS).map_err(db_err)?;
+        let mut index = txn.open_table(CUSTOMER_EVENTS).map_err(db_err)?;
+        for entry in old.iter().map_err(db_err)? {
+            let (key, _) = entry.map_err(db_err)?;
+            let key = key.value();
+            let Some(value) = log.get(key.3).map_err(db_err)? else {
+                continue;
+            };
+            let event_type = serde_json::from_slice::<TypeOnly>(value.value())
+                .map(|e| e.event_type)
+                .unwrap_or_default();
+            index.insert(key, event_type.as_str()).map_err(db_err)?;
+            moved += 1;
+        }
+    }
+    txn.delete_table(OLD_CUSTOMER_EVENTS).map_err(db_err)?;
+    tracing::info!(
+        entries = moved,
+        "Moved the customer index of events into customer_event_types"
+    );
     Ok(())
 }
 
@@ -53,6 +108,7 @@ fn time_key(ts: DateTime<Utc>) -> (i64, u32) {
 struct Encoded {
     event_id: String,
     customer: String,
+    event_type: String,
     time: (i64, u32),
     value: Vec<u8>,
 }
@@ -138,6 +194,7 @@ impl EventLog for EmbeddedEventLog {
                 Ok(Encoded {
                     event_id: event.event_id.clone(),
                     customer: event.customer_id.as_str().to_owned(),
+                    event_type: event.event_type.clone(),
                     time: time_key(event.timestamp),
                     value: encode("event", event)?,
                 })
@@ -178,7 +235,7 @@ impl EventLog for EmbeddedEventLog {
                     index
                         .insert(
                             (event.customer.as_str(), event.time.0, event.time.1, seq),
-                            (),
+                            event.event_type.as_str(),
                         )
                         .map_err(db_err)?;
                 }
@@ -233,6 +290,45 @@ impl EventLog for EmbeddedEventLog {
                     seqs.push(key.value().3);
                 }
                 load_events(txn, &seqs)
+            })
+            .await
+    }
+
+    async fn count_customer_events(
+        &self,
+        customers: &[CustomerId],
+        windows: &[(String, DateTime<Utc>)],
+    ) -> StorageResult<Vec<Vec<u64>>> {
+        let Some(oldest) = windows.iter().map(|(_, since)| *since).min() else {
+            return Ok(vec![Vec::new(); customers.len()]);
+        };
+        let customers: Vec<String> = customers.iter().map(|c| c.as_str().to_owned()).collect();
+        let windows: Vec<(String, (i64, u32))> = windows
+            .iter()
+            .map(|(t, since)| (t.clone(), time_key(*since)))
+            .collect();
+        let (secs, nanos) = time_key(oldest);
+        self.store
+            .read_blocking(move |txn| {
+                let index = txn.open_table(CUSTOMER_EVENTS).map_err(db_err)?;
+                let mut out = Vec::with_capacity(customers.len());
+                for customer in &customers {
+                    let mut counts = vec![0u64; windows.len()];
+                    let lower = (customer.as_str(), secs, nanos, 0u64);
+                    let upper = (customer.as_str(), i64::MAX, u32::MAX, u64::MAX);
+                    for entry in index.range(lower..=upper).map_err(db_err)? {
+                        let (key, value) = entry.map_err(db_err)?;
+                        let (_, s, n, _) = key.value();
+                        let event_type = value.value();
+                        for ((t, since), count) in windows.iter().zip(&mut counts) {
+                            if t == event_type && (s, n) > *since {
+                                *count += 1;
+                            }
+                        }
+                    }
+                    out.push(counts);
+                }
+                Ok(out)
             })
             .await
     }

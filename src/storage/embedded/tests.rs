@@ -437,6 +437,101 @@ async fn an_old_customer_index_is_moved_into_the_impressions_on_open() {
     }
 }
 
+/// A store written before the customer index of events held the types has a
+/// `customer_events` table with `()` values. Opening it moves every entry into
+/// `customer_event_types` with its event's type (an entry naming a missing event is
+/// dropped; one naming an undecodable event is kept, counted by no condition), drops
+/// the old table, and counts and reads work as on a new store; opening again changes
+/// nothing.
+#[tokio::test]
+async fn an_old_customer_index_of_events_gains_the_types_on_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (c1, c2) = (customer_id("c1"), customer_id("c2"));
+    let t = base_time();
+    let view = sample_event("e1", &c1, t, 1);
+    let mut purchase = sample_event("e2", &c1, t + chrono::Duration::seconds(1), 2);
+    purchase.event_type = "purchase".into();
+    let key = |c: &str, e: &Event, seq: u64| {
+        (
+            c.to_owned(),
+            e.timestamp.timestamp(),
+            e.timestamp.timestamp_subsec_nanos(),
+            seq,
+        )
+    };
+    {
+        let db = redb::Database::create(dir.path().join(FILE_NAME)).expect("create");
+        let txn = db.begin_write().expect("begin");
+        {
+            let mut log = txn.open_table(events::EVENTS).expect("events");
+            for (seq, e) in [(1u64, &view), (2, &purchase)] {
+                let value = serde_json::to_vec(e).expect("encode");
+                log.insert(seq, value.as_slice()).expect("insert");
+            }
+            log.insert(3u64, b"not json".as_slice()).expect("insert");
+            let mut index = txn
+                .open_table(events::OLD_CUSTOMER_EVENTS)
+                .expect("old index");
+            let rows = [
+                key("c1", &view, 1),
+                key("c1", &purchase, 2),
+                key("c2", &view, 3),
+                // Names no event.
+                key("c2", &view, 4),
+            ];
+            for (c, secs, nanos, seq) in &rows {
+                index
+                    .insert((c.as_str(), *secs, *nanos, *seq), ())
+                    .expect("index");
+            }
+        }
+        txn.commit().expect("commit");
+    }
+    let windows = [
+        ("page_view".to_owned(), t - chrono::Duration::days(1)),
+        ("purchase".to_owned(), t - chrono::Duration::days(1)),
+        (String::new(), t - chrono::Duration::days(1)),
+    ];
+    for round in ["first open", "second open"] {
+        let store = open(dir.path());
+        let s = store.stores();
+        let of_c1 = s
+            .events
+            .customer_events(&c1, t - chrono::Duration::days(1))
+            .await
+            .expect("c1's events");
+        assert_eq!(
+            of_c1.into_iter().map(|e| e.event).collect::<Vec<_>>(),
+            [view.clone(), purchase.clone()],
+            "{round}: c1's events"
+        );
+        let counts = s
+            .events
+            .count_customer_events(&[c1.clone(), c2.clone()], &windows)
+            .await
+            .expect("counts");
+        assert_eq!(
+            counts,
+            [[1, 1, 0], [0, 0, 1]],
+            "{round}: the types came along; c2's undecodable event has none, its \
+             missing one is gone"
+        );
+        let tables: Vec<String> = store
+            .read(|txn| {
+                Ok(txn
+                    .list_tables()
+                    .map_err(super::db_err)?
+                    .map(|t| t.name().to_owned())
+                    .collect())
+            })
+            .expect("tables");
+        assert!(
+            !tables.iter().any(|t| t == "customer_events"),
+            "{round}: the old index is gone: {tables:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn queued_writes_finish_when_the_store_is_dropped() {
     let dir = tempfile::tempdir().expect("tempdir");
