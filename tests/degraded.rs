@@ -110,3 +110,69 @@ async fn a_slow_feature_backend_gives_degraded_decisions_within_the_deadline() {
         .render()
         .contains("tailor_degraded_decisions_total"));
 }
+
+/// Segment membership is never decided on default values: while the feature backend
+/// misses its deadline, a refresh of the segments that slide with time fails (and is
+/// tried again at the next), and the members stay members.
+#[tokio::test]
+async fn a_slow_feature_backend_leaves_segment_membership_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = Settings {
+        data_dir: dir.path().to_path_buf(),
+        ..Settings::default()
+    };
+    settings.rules.dir = String::new();
+    settings.timeouts.feature_read_ms = 20;
+    settings.timeouts.ingest_apply_ms = 0;
+    let mut stores = EmbeddedStore::open(dir.path()).unwrap().stores();
+    let slow = Arc::new(Slow {
+        inner: stores.features.clone(),
+        delay: parking_lot::Mutex::new(Duration::ZERO),
+    });
+    stores.features = slow.clone();
+    let engine = Engine::with_stores(settings, stores).await.unwrap();
+    engine
+        .features
+        .define(
+            "views_30d",
+            json!({"kind": "count", "event_type": "page_view", "window": "30d"}),
+        )
+        .await
+        .unwrap();
+    engine
+        .segments
+        .define(
+            "viewers",
+            &json!({"feature": "views_30d", "op": "gte", "value": 1}),
+            None,
+        )
+        .await
+        .unwrap();
+    let report = engine
+        .ingestor
+        .ingest(vec![json!({"customerId": "c1", "type": "page_view"})])
+        .await
+        .unwrap();
+    assert_eq!(report.accepted, 1);
+    while engine.processor.step().await.unwrap() > 0 {}
+    let c1 = CustomerId::parse("c", "c1").unwrap();
+    let member = || async {
+        engine
+            .stores
+            .segments
+            .contains("viewers", &c1)
+            .await
+            .unwrap()
+    };
+    assert!(member().await, "c1 viewed a page");
+    engine.segments.refresh_time_dependent().await.unwrap();
+    assert!(member().await, "still a member after a refresh");
+
+    *slow.delay.lock() = Duration::from_secs(5);
+    let refresh = engine.segments.refresh_time_dependent().await;
+    assert!(
+        refresh.as_ref().is_err_and(|e| e.is_unavailable()),
+        "{refresh:?}"
+    );
+    assert!(member().await, "not evicted on a default value");
+}

@@ -1015,11 +1015,16 @@ async fn a_batch_reads_the_states_it_folded_before_they_are_stored() {
         .fold(&features.catalog(), &batch, now, None)
         .await
         .unwrap();
-    let after = features
-        .read_after_batch(&states, &c1, Some(&views), "features", now)
+    // c2 had no events in the batch: read from the store, in the same read.
+    let c2 = tailor::customers::CustomerId::parse("id", "c2").unwrap();
+    let mut after = features
+        .read_after_batch(&states, &[&c1, &c2], Some(&views), "features", now)
         .await
         .unwrap();
-    assert_eq!(value(after)["page_views_30d"], 3.0);
+    assert_eq!(after.len(), 2);
+    assert!(!after[0].degraded && !after[1].degraded);
+    assert_eq!(value(after.remove(1))["page_views_30d"], 0.0);
+    assert_eq!(value(after.remove(0))["page_views_30d"], 3.0);
     let stored = features
         .read(&c1, Some(&views), "features", now)
         .await
@@ -1041,9 +1046,10 @@ async fn a_batch_reads_the_states_it_folded_before_they_are_stored() {
     let both = ["page_views_30d".to_owned(), "clicks_7d".to_owned()];
     let after = value(
         features
-            .read_after_batch(&states, &c1, Some(&both), "features", now)
+            .read_after_batch(&states, &[&c1], Some(&both), "features", now)
             .await
-            .unwrap(),
+            .unwrap()
+            .remove(0),
     );
     assert_eq!(
         (after["page_views_30d"], after["clicks_7d"]),
@@ -1051,7 +1057,7 @@ async fn a_batch_reads_the_states_it_folded_before_they_are_stored() {
         "{after:?}"
     );
     let err = features
-        .read_after_batch(&states, &c1, Some(&["nope".to_owned()]), "features", now)
+        .read_after_batch(&states, &[&c1], Some(&["nope".to_owned()]), "features", now)
         .await
         .expect_err("unknown feature");
     assert!(err.to_string().contains("features[0]"), "{err}");

@@ -473,49 +473,103 @@ impl FeatureService {
         }
     }
 
-    /// As [`FeatureService::read`], with the states that [`FeatureService::fold`] loaded
-    /// for `batch` taking the place of the store's: they are as new as the store's or
-    /// newer (their write may still be in flight). Keys the fold did not load (a catalog
-    /// changed since, say) are read from the store.
+    /// As [`FeatureService::read`] for each of `customers`, in order, with the states
+    /// that [`FeatureService::fold`] loaded for `batch` taking the place of the store's:
+    /// they are as new as the store's or newer (their write may still be in flight). Keys
+    /// the fold did not load (customers outside the batch, a catalog changed since) are
+    /// read from the store, for every customer in one read; past the read deadline, or
+    /// when the backend fails, those customers' values are their defaults and marked
+    /// degraded.
     pub async fn read_after_batch(
         &self,
         batch: &BatchStates,
-        customer: &CustomerId,
+        customers: &[&CustomerId],
         names: Option<&[String]>,
         field: &str,
         now: DateTime<Utc>,
-    ) -> Result<FeatureRead> {
-        let Some(loaded) = batch.customers.get(customer) else {
-            return self.read(customer, names, field, now).await;
-        };
+    ) -> Result<Vec<FeatureRead>> {
         let catalog = self.catalog();
         let wanted = wanted(&catalog, names, field)?;
         let keys = keys_of(&catalog, &wanted);
-        let unloaded: Vec<FeatureKey> = keys
+        let started = Instant::now();
+        // Per customer: what the batch loaded, and the keys to read from the store.
+        let plans: Vec<(Option<&LoadedStates>, Vec<FeatureKey>)> = customers
             .iter()
-            .filter(|k| !loaded.keys.contains(k))
-            .cloned()
+            .map(|c| {
+                let loaded = batch.customers.get(*c);
+                let unloaded = keys
+                    .iter()
+                    .filter(|k| loaded.is_none_or(|l| !l.keys.contains(k)))
+                    .cloned()
+                    .collect();
+                (loaded, unloaded)
+            })
             .collect();
-        if unloaded.is_empty() {
-            let values = self.evaluate(&catalog, &wanted, &loaded.states, now);
-            return Ok(FeatureRead {
-                values,
-                degraded: false,
+        let requests: Vec<(CustomerId, Vec<FeatureKey>)> = customers
+            .iter()
+            .zip(&plans)
+            .filter(|(_, (_, unloaded))| !unloaded.is_empty())
+            .map(|(c, (_, unloaded))| ((*c).clone(), unloaded.clone()))
+            .collect();
+        let (stored, degraded) = if requests.is_empty() {
+            (Vec::new(), false)
+        } else {
+            let read = self.read_states_many(&requests).await;
+            self.metrics
+                .feature_read_latency_ms
+                .record(started.elapsed().as_secs_f64() * 1e3, &[]);
+            read
+        };
+        let mut stored = stored.into_iter();
+        let mut out = Vec::with_capacity(customers.len());
+        for (loaded, unloaded) in plans {
+            let read_here = !unloaded.is_empty();
+            let mut states = if read_here {
+                present(unloaded, stored.next().unwrap_or_default())
+            } else {
+                HashMap::new()
+            };
+            if let Some(loaded) = loaded {
+                for key in keys.iter().filter(|k| loaded.keys.contains(k)) {
+                    if let Some(state) = loaded.states.get(key) {
+                        states.insert(key.clone(), state.clone());
+                    }
+                }
+            }
+            out.push(FeatureRead {
+                values: self.evaluate(&catalog, &wanted, &states, now),
+                degraded: read_here && degraded,
             });
         }
-        let started = Instant::now();
-        let (states, degraded) = self.read_states(customer, &unloaded).await;
-        let mut states = present(unloaded, states);
-        for key in keys.iter().filter(|k| loaded.keys.contains(k)) {
-            if let Some(state) = loaded.states.get(key) {
-                states.insert(key.clone(), state.clone());
+        Ok(out)
+    }
+
+    /// [`FeatureService::read_states`] for many customers in one store read.
+    async fn read_states_many(
+        &self,
+        requests: &[(CustomerId, Vec<FeatureKey>)],
+    ) -> (Vec<Vec<Option<FeatureState>>>, bool) {
+        let none = || {
+            requests
+                .iter()
+                .map(|(_, keys)| vec![None; keys.len()])
+                .collect()
+        };
+        match tokio::time::timeout(self.read_deadline, self.stores.features.read_many(requests))
+            .await
+        {
+            Ok(Ok(states)) => (states, false),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "Failed to read features; using defaults");
+                self.metrics.backend_error("features");
+                (none(), true)
+            }
+            Err(_) => {
+                tracing::warn!("Feature read missed its deadline; using defaults");
+                self.metrics.backend_error("features");
+                (none(), true)
             }
         }
-        let values = self.evaluate(&catalog, &wanted, &states, now);
-        self.metrics
-            .feature_read_latency_ms
-            .record(started.elapsed().as_secs_f64() * 1e3, &[]);
-        Ok(FeatureRead { values, degraded })
     }
 
     /// The values of `wanted` from `states`; counts the reads and compute errors.

@@ -485,22 +485,34 @@ impl SegmentService {
                 .await?
         }
         .into_iter();
+        let ids: Vec<&CustomerId> = customers.iter().map(|(id, _)| *id).collect();
+        let mut features = match &plan.features {
+            Some(names) if names.is_empty() => Vec::new(),
+            names => {
+                let read = self
+                    .features
+                    .read_after_batch(batch, &ids, names.as_deref(), "features", now)
+                    .await?;
+                // Membership decided on default values would be wrong: fail, and let
+                // the batch or the refresh be tried again.
+                if read.iter().any(|r| r.degraded) {
+                    return Err(Error::Storage(crate::storage::StorageError::Unavailable(
+                        "the feature backend did not answer: segments not evaluated".into(),
+                    )));
+                }
+                read
+            }
+        }
+        .into_iter();
         let mut out = Vec::with_capacity(customers.len());
         for (id, profile) in customers {
             let traits = match profile {
                 Some(c) => c.traits.clone(),
                 None => read.remove(*id).map(|c| c.traits).unwrap_or_default(),
             };
-            let features = match &plan.features {
-                Some(names) if names.is_empty() => HashMap::new(),
-                names => self
-                    .features
-                    .read_after_batch(batch, id, names.as_deref(), "features", now)
-                    .await?
-                    .values
-                    .into_iter()
-                    .map(|v| (v.name, v.value))
-                    .collect(),
+            let features = match features.next() {
+                Some(read) => read.values.into_iter().map(|v| (v.name, v.value)).collect(),
+                None => HashMap::new(),
             };
             let (counts, events) = match (plan.dynamic, plan.longest) {
                 // A dynamic condition may count any type and window: keep the events.
