@@ -51,22 +51,32 @@ impl FeatureStore for Slow {
     }
 }
 
-#[tokio::test]
-async fn a_slow_feature_backend_gives_degraded_decisions_within_the_deadline() {
-    let dir = tempfile::tempdir().unwrap();
+/// An engine on `dir` without rules, whose feature store is behind [`Slow`] (no delay
+/// yet) and whose feature reads give up after 20 ms; `tweak` changes the rest.
+async fn engine_with_slow_features(
+    dir: &std::path::Path,
+    tweak: impl FnOnce(&mut Settings),
+) -> (Arc<Engine>, Arc<Slow>) {
     let mut settings = Settings {
-        data_dir: dir.path().to_path_buf(),
+        data_dir: dir.to_path_buf(),
         ..Settings::default()
     };
     settings.rules.dir = String::new();
     settings.timeouts.feature_read_ms = 20;
-    let mut stores = EmbeddedStore::open(dir.path()).unwrap().stores();
+    tweak(&mut settings);
+    let mut stores = EmbeddedStore::open(dir).unwrap().stores();
     let slow = Arc::new(Slow {
         inner: stores.features.clone(),
         delay: parking_lot::Mutex::new(Duration::ZERO),
     });
     stores.features = slow.clone();
-    let engine = Engine::with_stores(settings, stores).await.unwrap();
+    (Engine::with_stores(settings, stores).await.unwrap(), slow)
+}
+
+#[tokio::test]
+async fn a_slow_feature_backend_gives_degraded_decisions_within_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, slow) = engine_with_slow_features(dir.path(), |_| {}).await;
     engine
         .upsert_content(
             serde_json::from_value(json!({"id": "x", "type": "banner", "placements": ["hero"]}))
@@ -117,20 +127,9 @@ async fn a_slow_feature_backend_gives_degraded_decisions_within_the_deadline() {
 #[tokio::test]
 async fn a_slow_feature_backend_leaves_segment_membership_as_it_was() {
     let dir = tempfile::tempdir().unwrap();
-    let mut settings = Settings {
-        data_dir: dir.path().to_path_buf(),
-        ..Settings::default()
-    };
-    settings.rules.dir = String::new();
-    settings.timeouts.feature_read_ms = 20;
-    settings.timeouts.ingest_apply_ms = 0;
-    let mut stores = EmbeddedStore::open(dir.path()).unwrap().stores();
-    let slow = Arc::new(Slow {
-        inner: stores.features.clone(),
-        delay: parking_lot::Mutex::new(Duration::ZERO),
-    });
-    stores.features = slow.clone();
-    let engine = Engine::with_stores(settings, stores).await.unwrap();
+    // No processor runs here: ingestion does not wait for one.
+    let (engine, slow) =
+        engine_with_slow_features(dir.path(), |s| s.timeouts.ingest_apply_ms = 0).await;
     engine
         .features
         .define(

@@ -477,9 +477,10 @@ impl FeatureService {
     /// that [`FeatureService::fold`] loaded for `batch` taking the place of the store's:
     /// they are as new as the store's or newer (their write may still be in flight). Keys
     /// the fold did not load (customers outside the batch, a catalog changed since) are
-    /// read from the store, for every customer in one read; past the read deadline, or
-    /// when the backend fails, those customers' values are their defaults and marked
-    /// degraded.
+    /// read from the store, for every customer in one read. Unlike `read`, never falls
+    /// back to defaults: past the read deadline, or when the backend fails, this is an
+    /// [`StorageError::Unavailable`] error (segment membership must not be decided on
+    /// default values; the caller tries again).
     pub async fn read_after_batch(
         &self,
         batch: &BatchStates,
@@ -487,7 +488,7 @@ impl FeatureService {
         names: Option<&[String]>,
         field: &str,
         now: DateTime<Utc>,
-    ) -> Result<Vec<FeatureRead>> {
+    ) -> Result<Vec<Vec<FeatureValue>>> {
         let catalog = self.catalog();
         let wanted = wanted(&catalog, names, field)?;
         let keys = keys_of(&catalog, &wanted);
@@ -511,10 +512,10 @@ impl FeatureService {
             .filter(|(_, (_, unloaded))| !unloaded.is_empty())
             .map(|(c, (_, unloaded))| ((*c).clone(), unloaded.clone()))
             .collect();
-        let (stored, degraded) = if requests.is_empty() {
-            (Vec::new(), false)
+        let stored = if requests.is_empty() {
+            Vec::new()
         } else {
-            let read = self.read_states_many(&requests).await;
+            let read = self.read_states_many(&requests).await?;
             self.metrics
                 .feature_read_latency_ms
                 .record(started.elapsed().as_secs_f64() * 1e3, &[]);
@@ -523,11 +524,10 @@ impl FeatureService {
         let mut stored = stored.into_iter();
         let mut out = Vec::with_capacity(customers.len());
         for (loaded, unloaded) in plans {
-            let read_here = !unloaded.is_empty();
-            let mut states = if read_here {
-                present(unloaded, stored.next().unwrap_or_default())
-            } else {
+            let mut states = if unloaded.is_empty() {
                 HashMap::new()
+            } else {
+                present(unloaded, stored.next().unwrap_or_default())
             };
             if let Some(loaded) = loaded {
                 for key in keys.iter().filter(|k| loaded.keys.contains(k)) {
@@ -536,40 +536,26 @@ impl FeatureService {
                     }
                 }
             }
-            out.push(FeatureRead {
-                values: self.evaluate(&catalog, &wanted, &states, now),
-                degraded: read_here && degraded,
-            });
+            out.push(self.evaluate(&catalog, &wanted, &states, now));
         }
         Ok(out)
     }
 
-    /// [`FeatureService::read_states`] for many customers in one store read.
+    /// The stored states of many customers' keys in one store read, within the read
+    /// deadline; past it, or when the backend fails, an `Unavailable` error.
     async fn read_states_many(
         &self,
         requests: &[(CustomerId, Vec<FeatureKey>)],
-    ) -> (Vec<Vec<Option<FeatureState>>>, bool) {
-        let none = || {
-            requests
-                .iter()
-                .map(|(_, keys)| vec![None; keys.len()])
-                .collect()
+    ) -> Result<Vec<Vec<Option<FeatureState>>>> {
+        let read =
+            tokio::time::timeout(self.read_deadline, self.stores.features.read_many(requests));
+        let failure = match read.await {
+            Ok(Ok(states)) => return Ok(states),
+            Ok(Err(e)) => format!("the feature backend failed: {e}"),
+            Err(_) => "the feature backend missed its read deadline".to_owned(),
         };
-        match tokio::time::timeout(self.read_deadline, self.stores.features.read_many(requests))
-            .await
-        {
-            Ok(Ok(states)) => (states, false),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "Failed to read features; using defaults");
-                self.metrics.backend_error("features");
-                (none(), true)
-            }
-            Err(_) => {
-                tracing::warn!("Feature read missed its deadline; using defaults");
-                self.metrics.backend_error("features");
-                (none(), true)
-            }
-        }
+        self.metrics.backend_error("features");
+        Err(StorageError::Unavailable(failure).into())
     }
 
     /// The values of `wanted` from `states`; counts the reads and compute errors.

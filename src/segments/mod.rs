@@ -470,6 +470,7 @@ impl SegmentService {
                 .filter_map(|(id, p)| p.map(|p| (id, p)))
                 .collect()
         };
+        let ids: Vec<&CustomerId> = customers.iter().map(|(id, _)| *id).collect();
         let windows: Vec<(String, Window)> = plan.windows.iter().cloned().collect();
         let mut counted = if plan.dynamic || windows.is_empty() {
             Vec::new()
@@ -478,29 +479,21 @@ impl SegmentService {
                 .iter()
                 .map(|(t, w)| (t.clone(), now - w.duration()))
                 .collect();
-            let ids: Vec<CustomerId> = customers.iter().map(|(id, _)| (*id).clone()).collect();
+            let owned: Vec<CustomerId> = ids.iter().map(|id| (*id).clone()).collect();
             self.stores
                 .events
-                .count_customer_events(&ids, &since)
+                .count_customer_events(&owned, &since)
                 .await?
         }
         .into_iter();
-        let ids: Vec<&CustomerId> = customers.iter().map(|(id, _)| *id).collect();
+        // A feature read that fails is an error here, never default values: membership
+        // decided on them would be wrong (the batch or the refresh is tried again).
         let mut features = match &plan.features {
             Some(names) if names.is_empty() => Vec::new(),
             names => {
-                let read = self
-                    .features
+                self.features
                     .read_after_batch(batch, &ids, names.as_deref(), "features", now)
-                    .await?;
-                // Membership decided on default values would be wrong: fail, and let
-                // the batch or the refresh be tried again.
-                if read.iter().any(|r| r.degraded) {
-                    return Err(Error::Storage(crate::storage::StorageError::Unavailable(
-                        "the feature backend did not answer: segments not evaluated".into(),
-                    )));
-                }
-                read
+                    .await?
             }
         }
         .into_iter();
@@ -510,10 +503,12 @@ impl SegmentService {
                 Some(c) => c.traits.clone(),
                 None => read.remove(*id).map(|c| c.traits).unwrap_or_default(),
             };
-            let features = match features.next() {
-                Some(read) => read.values.into_iter().map(|v| (v.name, v.value)).collect(),
-                None => HashMap::new(),
-            };
+            let features = features
+                .next()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|v| (v.name, v.value))
+                .collect();
             let (counts, events) = match (plan.dynamic, plan.longest) {
                 // A dynamic condition may count any type and window: keep the events.
                 (true, Some(longest)) => {

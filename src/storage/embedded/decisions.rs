@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use redb::{ReadableTable, TableDefinition, TableHandle, WriteTransaction};
 
-use super::{db_err, decode, encode, encode_checked, EmbeddedStore};
+use super::{db_err, decode, encode, encode_checked, has_table, EmbeddedStore};
 use crate::customers::CustomerId;
 use crate::decision::{Decision, Impression, Outcome};
 use crate::storage::{DecisionStore, StorageError, StorageResult};
@@ -53,11 +53,7 @@ const CUSTOMER_DECISIONS: TableDefinition<(&str, &str), ()> =
 /// to open. Runs in the transaction that creates the tables, so a crash leaves either
 /// both tables as they were or the move done.
 fn migrate_customer_index(txn: &WriteTransaction) -> StorageResult<()> {
-    let exists = txn
-        .list_tables()
-        .map_err(db_err)?
-        .any(|t| t.name() == CUSTOMER_DECISIONS.name());
-    if !exists {
+    if !has_table(txn, CUSTOMER_DECISIONS.name())? {
         return Ok(());
     }
     {

@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use redb::{ReadTransaction, ReadableTable, TableDefinition, TableHandle, WriteTransaction};
 
-use super::{db_err, decode, encode, EmbeddedStore};
+use super::{db_err, decode, encode, has_table, EmbeddedStore};
 use crate::customers::CustomerId;
 use crate::events::{Event, StoredEvent};
 use crate::storage::{AppendOutcome, EventLog, StorageError, StorageResult};
@@ -60,11 +60,7 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> StorageResult<()> {
 /// condition; reading the customer's events still reports it). Runs in the transaction
 /// that creates the tables, so a crash leaves either the old table or the move done.
 fn migrate_customer_index(txn: &WriteTransaction) -> StorageResult<()> {
-    let exists = txn
-        .list_tables()
-        .map_err(db_err)?
-        .any(|t| t.name() == OLD_CUSTOMER_EVENTS.name());
-    if !exists {
+    if !has_table(txn, OLD_CUSTOMER_EVENTS.name())? {
         return Ok(());
     }
     /// The one field the move reads of a stored event.

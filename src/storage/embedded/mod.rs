@@ -43,7 +43,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use redb::{Database, ReadTransaction, ReadableDatabase, WriteTransaction};
+use redb::{Database, ReadTransaction, ReadableDatabase, TableHandle, WriteTransaction};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -209,6 +209,11 @@ fn create_tables(db: &Database) -> StorageResult<()> {
     keys::create_tables(&txn)?;
     data_keys::create_tables(&txn)?;
     txn.commit().map_err(db_err)
+}
+
+/// Whether the store has a table named `name` (what a migration of an old table checks).
+pub(super) fn has_table(txn: &WriteTransaction, name: &str) -> StorageResult<bool> {
+    Ok(txn.list_tables().map_err(db_err)?.any(|t| t.name() == name))
 }
 
 /// Maps any redb error: detected corruption to [`StorageError::Corrupt`], the rest to

@@ -25,6 +25,19 @@ use crate::storage::{
     AppendOutcome, DefinitionKind, EventLog, MembershipChange, StorageError, StorageResult, Stores,
 };
 
+/// The names of the store's tables.
+fn table_names(store: &EmbeddedStore) -> Vec<String> {
+    store
+        .read(|txn| {
+            Ok(txn
+                .list_tables()
+                .map_err(super::db_err)?
+                .map(|t| t.name().to_owned())
+                .collect())
+        })
+        .expect("tables")
+}
+
 /// A scratch table for tests that drive the writer directly.
 const SCRATCH: TableDefinition<&str, u64> = TableDefinition::new("test_scratch");
 
@@ -421,15 +434,7 @@ async fn an_old_customer_index_is_moved_into_the_impressions_on_open() {
             [d2.items[0].item.id.as_str()],
             "{round}: only the row that had items counts"
         );
-        let tables: Vec<String> = store
-            .read(|txn| {
-                Ok(txn
-                    .list_tables()
-                    .map_err(super::db_err)?
-                    .map(|t| t.name().to_owned())
-                    .collect())
-            })
-            .expect("tables");
+        let tables = table_names(&store);
         assert!(
             !tables.iter().any(|t| t == "customer_decisions"),
             "{round}: the old index is gone: {tables:?}"
@@ -516,15 +521,7 @@ async fn an_old_customer_index_of_events_gains_the_types_on_open() {
             "{round}: the types came along; c2's undecodable event has none, its \
              missing one is gone"
         );
-        let tables: Vec<String> = store
-            .read(|txn| {
-                Ok(txn
-                    .list_tables()
-                    .map_err(super::db_err)?
-                    .map(|t| t.name().to_owned())
-                    .collect())
-            })
-            .expect("tables");
+        let tables = table_names(&store);
         assert!(
             !tables.iter().any(|t| t == "customer_events"),
             "{round}: the old index is gone: {tables:?}"
